@@ -1,0 +1,168 @@
+//! `wasmform up`: run the app's formation in the foreground until SIGINT or SIGTERM.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context as _, Result};
+
+use crate::app::{AppSpec, ByteSize, parse_duration};
+use crate::{Host, HostOptions, RestartPolicy};
+
+/// Start the formation described by a Procfile, serve HTTP, and stream every instance's output.
+#[derive(clap::Args, Debug)]
+pub struct UpCommand {
+    /// The Procfile; component paths in it are relative to its directory.
+    #[arg(short = 'f', long = "procfile", default_value = "Procfile")]
+    procfile: PathBuf,
+
+    /// Instances per process type, foreman style: `web=2,worker=1`, `all=0,web=1`.
+    /// Default: one of each type.
+    #[arg(short = 'm', long = "formation")]
+    formation: Option<String>,
+
+    /// HTTP port on 127.0.0.1; 0 picks a free one.
+    #[arg(short = 'p', long = "port", default_value_t = 5000, env = "PORT")]
+    port: u16,
+
+    /// Address to bind.
+    #[arg(long = "host", default_value = "127.0.0.1")]
+    host: String,
+
+    /// Memory limit of each instance (sum of its linear memories): `256MiB`, `1GiB`, or MiB.
+    #[arg(long = "memory", default_value = "256MiB", value_parser = parse_size)]
+    memory: ByteSize,
+
+    /// Longest time a guest may take to produce response headers before a 504.
+    #[arg(long = "request-timeout", default_value = "30s", value_parser = parse_duration)]
+    request_timeout: Duration,
+
+    /// How long in-flight requests get to finish at shutdown.
+    #[arg(long = "grace", default_value = "30s", value_parser = parse_duration)]
+    grace: Duration,
+
+    /// Requests that may wait for a busy type before getting 503.
+    #[arg(long = "queue", default_value_t = 1024)]
+    queue: usize,
+
+    /// Delay before the second restart of a crash-looping instance; it doubles each time, up
+    /// to 5 minutes. The first restart is immediate.
+    #[arg(long = "restart-delay", default_value = "1s", value_parser = parse_duration)]
+    restart_delay: Duration,
+
+    /// Instances that may exist at once; sizes the instance pool (default: the formation plus
+    /// room to scale, at least 1024).
+    #[arg(long = "max-instances")]
+    max_instances: Option<u32>,
+
+    /// Do not cache compiled components on disk.
+    #[arg(long = "no-cache")]
+    no_cache: bool,
+
+    /// Run `cargo build --release` in the Procfile's directory first (for the example guests).
+    #[arg(long = "build")]
+    build: bool,
+}
+
+fn parse_size(s: &str) -> Result<ByteSize, String> {
+    s.parse()
+}
+
+impl UpCommand {
+    /// Runs the formation until a signal arrives.
+    pub fn execute(self) -> Result<()> {
+        if self.build {
+            build(&self.procfile)?;
+        }
+        let app = AppSpec::from_procfile(&self.procfile)?;
+        let options = HostOptions {
+            formation: self.formation.clone(),
+            memory: self.memory,
+            request_timeout: self.request_timeout,
+            queue_limit: self.queue,
+            restart: RestartPolicy {
+                base: self.restart_delay,
+                ..RestartPolicy::default()
+            },
+            max_instances: self.max_instances,
+            cache: !self.no_cache,
+        };
+        // Validate and compile everything before binding the port (nothing listens on error).
+        let host = Host::new(app, options)?;
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .context("failed to start the async runtime")?;
+        runtime.block_on(self.serve(host))
+    }
+
+    async fn serve(&self, host: Host) -> Result<()> {
+        let addr = format!("{}:{}", self.host, self.port);
+        let listener = tokio::net::TcpListener::bind(&addr).await.with_context(|| {
+            format!("cannot listen on {addr}: is another server using the port? pick another with `-p PORT` (or `-p 0` for any free port)")
+        })?;
+        let running = host.start(listener).await?;
+        let mut signal = Signals::new()?;
+        let name = signal.next().await;
+        running.log(format!(
+            "{name} received: shutting down (grace {}; send it again to exit at once)",
+            crate::humanize(self.grace)
+        ));
+        tokio::spawn(async move {
+            let name = signal.next().await;
+            eprintln!("wasmform: second {name}: exiting now");
+            std::process::exit(130);
+        });
+        running.shutdown(self.grace).await;
+        Ok(())
+    }
+}
+
+/// SIGINT and SIGTERM, whichever comes first.
+struct Signals {
+    int: tokio::signal::unix::Signal,
+    term: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> Result<Self> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Self {
+            int: signal(SignalKind::interrupt()).context("failed to install the SIGINT handler")?,
+            term: signal(SignalKind::terminate())
+                .context("failed to install the SIGTERM handler")?,
+        })
+    }
+
+    async fn next(&mut self) -> &'static str {
+        tokio::select! {
+            _ = self.int.recv() => "SIGINT",
+            _ = self.term.recv() => "SIGTERM",
+        }
+    }
+}
+
+/// `--build`: builds the guests next to the Procfile with cargo.
+fn build(procfile: &std::path::Path) -> Result<()> {
+    let dir = procfile
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(std::path::Path::new("."));
+    eprintln!("wasmform: building guests in {}", dir.display());
+    let status =
+        std::process::Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+            .args(["build", "--release"])
+            .current_dir(dir)
+            .status()
+            .with_context(|| {
+                format!(
+                    "failed to run `cargo build --release` in `{}`",
+                    dir.display()
+                )
+            })?;
+    anyhow::ensure!(
+        status.success(),
+        "`cargo build --release` in `{}` failed ({status}); if the target is missing, run `rustup target add wasm32-wasip2`",
+        dir.display()
+    );
+    Ok(())
+}

@@ -1,0 +1,202 @@
+//! The formation: how many instances of each process type should run, and with how much memory.
+//!
+//! Pure data and parsing; no wasmtime, no async. The supervisor turns a [`Formation`] into
+//! running instances.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use crate::app::{AppSpec, ByteSize, ProcessName};
+
+/// The largest count accepted for one process type.
+pub const MAX_COUNT: u32 = 10_000;
+
+/// Desired state of one process type.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Scale {
+    /// Number of instances.
+    pub count: u32,
+    /// Memory limit of each instance (sum of its linear memories).
+    pub memory: ByteSize,
+}
+
+/// Desired state of every process type of an app.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Formation {
+    /// Keyed by type; every type of the app is present (count 0 if it should not run).
+    types: BTreeMap<ProcessName, Scale>,
+}
+
+impl Formation {
+    /// One instance of each type, `memory` each (foreman's default).
+    pub fn default_for(app: &AppSpec, memory: ByteSize) -> Self {
+        let types = app
+            .processes
+            .iter()
+            .map(|p| (p.name.clone(), Scale { count: 1, memory }))
+            .collect();
+        Self { types }
+    }
+
+    /// Applies foreman's `-m` syntax: `web=2,worker=1`, `all=0,web=1`. `all=N` sets every type
+    /// and the named types override it, whatever the order. The whole spec is rejected if any
+    /// part is invalid; `self` is then unchanged.
+    pub fn apply_spec(&mut self, spec: &str) -> Result<(), String> {
+        let known = || {
+            self.types
+                .keys()
+                .map(ProcessName::as_str)
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let mut all = None;
+        let mut named = Vec::new();
+        for part in spec.split([',', ' ']).filter(|s| !s.trim().is_empty()) {
+            let part = part.trim();
+            let Some((name, count)) = part.split_once('=') else {
+                return Err(format!(
+                    "invalid formation entry `{part}`: expected `TYPE=COUNT`, e.g. `web=2`"
+                ));
+            };
+            let name = name.trim();
+            if name.is_empty() {
+                return Err(format!(
+                    "invalid formation entry `{part}`: missing the process type before `=` (known types: {})",
+                    known()
+                ));
+            }
+            let count = parse_count(name, count.trim())?;
+            if name == "all" {
+                all = Some(count);
+                continue;
+            }
+            let Some((key, _)) = self.types.get_key_value(name) else {
+                return Err(format!(
+                    "unknown process type `{name}` in formation `{part}`: known types are {}",
+                    known()
+                ));
+            };
+            named.push((key.clone(), count));
+        }
+        if let Some(count) = all {
+            for scale in self.types.values_mut() {
+                scale.count = count;
+            }
+        }
+        for (name, count) in named {
+            self.types.get_mut(&name).expect("checked above").count = count;
+        }
+        Ok(())
+    }
+
+    /// The desired scale of `name`, if the type exists.
+    pub fn get(&self, name: &ProcessName) -> Option<Scale> {
+        self.types.get(name).copied()
+    }
+
+    /// Every type with its scale, in name order.
+    pub fn iter(&self) -> impl Iterator<Item = (&ProcessName, Scale)> {
+        self.types.iter().map(|(k, v)| (k, *v))
+    }
+
+    /// Total number of instances.
+    pub fn total(&self) -> u64 {
+        self.types.values().map(|s| u64::from(s.count)).sum()
+    }
+}
+
+impl fmt::Display for Formation {
+    /// Heroku's notation: `web=3, worker=2`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, (name, scale)) in self.types.iter().enumerate() {
+            if i > 0 {
+                f.write_str(", ")?;
+            }
+            write!(f, "{name}={}", scale.count)?;
+        }
+        Ok(())
+    }
+}
+
+fn parse_count(name: &str, count: &str) -> Result<u32, String> {
+    let shown = if name.is_empty() { "?" } else { name };
+    if count.is_empty() {
+        return Err(format!(
+            "missing count for `{shown}`: expected a whole number ≥ 0, e.g. `{shown}=2`"
+        ));
+    }
+    if !count.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(format!(
+            "invalid count `{count}` for `{shown}`: expected a whole number ≥ 0"
+        ));
+    }
+    match count.parse::<u32>() {
+        Ok(n) if n <= MAX_COUNT => Ok(n),
+        _ => Err(format!(
+            "count `{count}` for `{shown}` is too large: at most {MAX_COUNT} instances per type"
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::app::ProcessSpec;
+    use std::path::PathBuf;
+
+    fn app(names: &[&str]) -> AppSpec {
+        AppSpec {
+            dir: PathBuf::from("/"),
+            processes: names
+                .iter()
+                .map(|n| ProcessSpec {
+                    name: ProcessName::new(n).unwrap(),
+                    component: PathBuf::from(format!("/{n}.wasm")),
+                    args: vec![],
+                    origin: String::new(),
+                })
+                .collect(),
+        }
+    }
+
+    fn counts(f: &Formation) -> String {
+        f.to_string()
+    }
+
+    #[test]
+    fn foreman_syntax() {
+        let app = app(&["web", "worker", "clock"]);
+        let mut f = Formation::default_for(&app, ByteSize::mib(256));
+        assert_eq!(counts(&f), "clock=1, web=1, worker=1");
+        f.apply_spec("web=3,worker=0").unwrap();
+        assert_eq!(counts(&f), "clock=1, web=3, worker=0");
+        f.apply_spec("web=2,all=0").unwrap();
+        assert_eq!(counts(&f), "clock=0, web=2, worker=0");
+        assert_eq!(f.total(), 2);
+    }
+
+    #[test]
+    fn rejects_bad_specs_without_changing_anything() {
+        let app = app(&["web", "worker"]);
+        let mut f = Formation::default_for(&app, ByteSize::mib(256));
+        let before = f.clone();
+        for (spec, needle) in [
+            ("web=-1", "invalid count `-1` for `web`"),
+            ("web=abc", "invalid count `abc` for `web`"),
+            ("web=1.5", "invalid count `1.5` for `web`"),
+            ("web=", "missing count for `web`"),
+            ("=3", "missing the process type"),
+            ("web=99999999999", "too large"),
+            (
+                "wrk=2",
+                "unknown process type `wrk` in formation `wrk=2`: known types are web, worker",
+            ),
+            ("web=2,nope=1", "unknown process type `nope`"),
+            ("web", "expected `TYPE=COUNT`"),
+        ] {
+            let err = f.apply_spec(spec).unwrap_err();
+            assert!(err.contains(needle), "{spec}: {err}");
+            assert_eq!(f, before, "{spec} changed the formation");
+        }
+    }
+}

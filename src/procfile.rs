@@ -1,0 +1,145 @@
+//! Procfile parsing: `name: path/to/component.wasm [args…]` per line.
+//!
+//! Same rules as foreman: `#` comments and blank lines are ignored, names are
+//! `[A-Za-z0-9_-]+`. CRLF line endings and a UTF-8 byte-order mark are accepted. Arguments are
+//! split on whitespace; single or double quotes group words (`"hello world"`).
+
+use crate::app::ProcessName;
+
+/// One `name: command` line.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Entry {
+    /// The process type.
+    pub name: ProcessName,
+    /// The component path as written (relative to the Procfile's directory unless absolute).
+    pub component: String,
+    /// Guest arguments after the program name.
+    pub args: Vec<String>,
+    /// 1-based line number, for later error messages.
+    pub line: usize,
+}
+
+/// A parse error; the caller prefixes the file name.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Error {
+    /// 1-based line number.
+    pub line: usize,
+    /// What is wrong and how to fix it.
+    pub message: String,
+}
+
+/// Parses a whole Procfile.
+pub fn parse(text: &str) -> Result<Vec<Entry>, Error> {
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
+    let mut entries: Vec<Entry> = Vec::new();
+    for (index, raw) in text.lines().enumerate() {
+        let line = index + 1;
+        let err = |message: String| Error { line, message };
+        let content = raw.trim_end_matches('\r').trim();
+        if content.is_empty() || content.starts_with('#') {
+            continue;
+        }
+        let Some((name, command)) = content.split_once(':') else {
+            return Err(err(format!(
+                "expected `name: component.wasm [args…]`, found `{content}` (missing `:`)"
+            )));
+        };
+        let name = ProcessName::new(name.trim()).map_err(err)?;
+        let words = split_words(command).map_err(err)?;
+        let Some((component, args)) = words.split_first() else {
+            return Err(err(format!(
+                "process type `{name}` has an empty command: give the path of a `.wasm` component"
+            )));
+        };
+        if let Some(first) = entries.iter().find(|e| e.name == name) {
+            return Err(err(format!(
+                "duplicate process type `{name}` (first defined on line {})",
+                first.line
+            )));
+        }
+        entries.push(Entry {
+            name,
+            component: component.clone(),
+            args: args.to_vec(),
+            line,
+        });
+    }
+    if entries.is_empty() {
+        return Err(Error {
+            line: 1,
+            message: "no process types defined: add lines like `web: app.wasm`".to_string(),
+        });
+    }
+    Ok(entries)
+}
+
+/// Splits a command on whitespace, honouring single and double quotes.
+fn split_words(command: &str) -> Result<Vec<String>, String> {
+    let mut words = Vec::new();
+    let mut current: Option<String> = None;
+    let mut quote: Option<char> = None;
+    for c in command.chars() {
+        match (quote, c) {
+            (Some(q), c) if c == q => quote = None,
+            (Some(_), c) => current.get_or_insert_default().push(c),
+            (None, '"' | '\'') => {
+                quote = Some(c);
+                current.get_or_insert_default();
+            }
+            (None, c) if c.is_whitespace() => words.extend(current.take()),
+            (None, c) => current.get_or_insert_default().push(c),
+        }
+    }
+    if let Some(q) = quote {
+        return Err(format!("unterminated {q} quote in `{}`", command.trim()));
+    }
+    words.extend(current);
+    Ok(words)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_entries_comments_crlf_and_bom() {
+        let text = "\u{feff}# demo\r\nweb: hello.wasm\r\n\r\nworker:  ticker.wasm 500 'a b'\r\n";
+        let entries = parse(text).unwrap();
+        assert_eq!(entries.len(), 2);
+        assert_eq!(entries[0].name.as_str(), "web");
+        assert_eq!(entries[0].component, "hello.wasm");
+        assert_eq!(entries[0].line, 2);
+        assert_eq!(entries[1].args, vec!["500".to_string(), "a b".to_string()]);
+        assert_eq!(entries[1].line, 4);
+    }
+
+    #[test]
+    fn errors_name_the_line() {
+        let e = parse("web: a.wasm\nnonsense\n").unwrap_err();
+        assert_eq!(e.line, 2);
+        assert!(e.message.contains("missing `:`"), "{}", e.message);
+
+        let e = parse("web: a.wasm\nweb: b.wasm\n").unwrap_err();
+        assert_eq!(e.line, 2);
+        assert!(
+            e.message
+                .contains("duplicate process type `web` (first defined on line 1)")
+        );
+
+        let e = parse("web:   \n").unwrap_err();
+        assert!(e.message.contains("empty command"), "{}", e.message);
+
+        let e = parse("we/b: a.wasm\n").unwrap_err();
+        assert!(
+            e.message.contains("invalid process type name `we/b`"),
+            "{}",
+            e.message
+        );
+
+        let e = parse("web: a.wasm 'oops\n").unwrap_err();
+        assert!(e.message.contains("unterminated"), "{}", e.message);
+
+        let e = parse("# only comments\n\n").unwrap_err();
+        assert!(e.message.contains("no process types"), "{}", e.message);
+    }
+}

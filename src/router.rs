@@ -1,0 +1,180 @@
+//! Picks the instance for each request: round-robin over the instances that are up and free,
+//! with a bounded wait queue when all are busy.
+//!
+//! Free instances sit in a FIFO: a request takes the one that has been free longest, and an
+//! instance goes to the back when it finishes. For sequential traffic this is exact
+//! round-robin. When every instance is busy the request waits in a bounded queue and is handed
+//! the next instance that frees up; when the queue is full, or no instance is up at all, the
+//! request is refused at once (503), never left hanging. No wasmtime types here.
+
+use std::collections::VecDeque;
+use std::sync::Mutex;
+
+use tokio::sync::oneshot;
+
+/// Why no instance could be had.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Busy {
+    /// No instance of the type is up (scaled to 0, all crashed, or shutting down).
+    NoneUp,
+    /// Every instance is busy and the wait queue is full.
+    QueueFull,
+}
+
+/// The instances of one HTTP process type.
+pub struct Pool<T> {
+    inner: Mutex<Inner<T>>,
+    /// How many requests may wait for a free instance.
+    queue_limit: usize,
+}
+
+struct Inner<T> {
+    /// Instances up and free, longest-free first.
+    idle: VecDeque<T>,
+    /// Requests waiting for an instance, oldest first.
+    waiters: VecDeque<oneshot::Sender<T>>,
+    /// Instances that are up, free or busy. When it drops to 0 the waiters are refused.
+    up: usize,
+}
+
+impl<T> Pool<T> {
+    /// An empty pool letting `queue_limit` requests wait.
+    pub fn new(queue_limit: usize) -> Self {
+        Self {
+            inner: Mutex::new(Inner {
+                idle: VecDeque::new(),
+                waiters: VecDeque::new(),
+                up: 0,
+            }),
+            queue_limit,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner<T>> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Takes a free instance, waiting in the queue if all are busy.
+    pub async fn acquire(&self) -> Result<T, Busy> {
+        let rx = {
+            let mut inner = self.lock();
+            if let Some(instance) = inner.idle.pop_front() {
+                return Ok(instance);
+            }
+            if inner.up == 0 {
+                return Err(Busy::NoneUp);
+            }
+            // Forget waiters whose requests have gone away before judging the queue full.
+            inner.waiters.retain(|w| !w.is_closed());
+            if inner.waiters.len() >= self.queue_limit {
+                return Err(Busy::QueueFull);
+            }
+            let (tx, rx) = oneshot::channel();
+            inner.waiters.push_back(tx);
+            rx
+        };
+        rx.await.map_err(|_| Busy::NoneUp)
+    }
+
+    /// Adds a newly started instance.
+    pub fn add(&self, instance: T) {
+        self.lock().up += 1;
+        self.release(instance);
+    }
+
+    /// Returns an instance after a request: to the oldest waiter, else to the back of the
+    /// free list.
+    pub fn release(&self, mut instance: T) {
+        let mut inner = self.lock();
+        while let Some(waiter) = inner.waiters.pop_front() {
+            match waiter.send(instance) {
+                Ok(()) => return,
+                Err(back) => instance = back,
+            }
+        }
+        inner.idle.push_back(instance);
+    }
+
+    /// Records that a busy instance is gone for good (crashed, or stopped while busy).
+    pub fn gone(&self) {
+        let mut inner = self.lock();
+        inner.up = inner.up.saturating_sub(1);
+        if inner.up == 0 {
+            // Nothing will free up: refuse the waiters now instead of letting them hang.
+            inner.waiters.clear();
+        }
+    }
+
+    /// Removes every free instance matching `pred` and returns them; they count as gone.
+    pub fn take_idle(&self, mut pred: impl FnMut(&T) -> bool) -> Vec<T> {
+        let mut inner = self.lock();
+        let (taken, kept): (VecDeque<T>, VecDeque<T>) = inner.idle.drain(..).partition(|t| pred(t));
+        inner.idle = kept;
+        inner.up = inner.up.saturating_sub(taken.len());
+        if inner.up == 0 {
+            inner.waiters.clear();
+        }
+        taken.into()
+    }
+
+    /// Instances up (free or busy).
+    pub fn up(&self) -> usize {
+        self.lock().up
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn round_robin_for_sequential_requests() {
+        let pool = Pool::new(4);
+        for i in 1..=3 {
+            pool.add(i);
+        }
+        let mut order = Vec::new();
+        for _ in 0..6 {
+            let i = pool.acquire().await.unwrap();
+            order.push(i);
+            pool.release(i);
+        }
+        assert_eq!(order, [1, 2, 3, 1, 2, 3]);
+    }
+
+    #[tokio::test]
+    async fn waits_then_refuses_when_queue_full() {
+        let pool = std::sync::Arc::new(Pool::new(1));
+        pool.add(1);
+        let held = pool.acquire().await.unwrap();
+        let waiter = tokio::spawn({
+            let pool = pool.clone();
+            async move { pool.acquire().await }
+        });
+        tokio::task::yield_now().await;
+        while pool.lock().waiters.is_empty() {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(pool.acquire().await, Err(Busy::QueueFull));
+        pool.release(held);
+        assert_eq!(waiter.await.unwrap(), Ok(1));
+    }
+
+    #[tokio::test]
+    async fn nothing_up_is_refused_and_waiters_are_released() {
+        let pool = std::sync::Arc::new(Pool::<u32>::new(8));
+        assert_eq!(pool.acquire().await, Err(Busy::NoneUp));
+        pool.add(7);
+        let held = pool.acquire().await.unwrap();
+        let waiter = tokio::spawn({
+            let pool = pool.clone();
+            async move { pool.acquire().await }
+        });
+        while pool.lock().waiters.is_empty() {
+            tokio::task::yield_now().await;
+        }
+        drop(held);
+        pool.gone();
+        assert_eq!(waiter.await.unwrap(), Err(Busy::NoneUp));
+    }
+}

@@ -1,0 +1,109 @@
+//! Per-instance memory limit over the *sum* of an instance's linear memories.
+//!
+//! `StoreLimits` applies its limit to each memory separately; a component may have several, so
+//! the limit users set (`--memory 256MiB`) is enforced here over all of them, and the current use
+//! is kept for `ps`. Denials are recorded so a crash can be reported as "memory quota exceeded"
+//! instead of the `unreachable` trap the guest's allocator turns it into.
+
+use wasmtime::{ResourceLimiter, Result};
+
+/// The most table elements one table may hold (function references; guests need a few
+/// thousand at most).
+const MAX_TABLE_ELEMENTS: usize = 1 << 20;
+
+/// Tracks and caps one instance's memory.
+#[derive(Debug)]
+pub struct MemoryLimiter {
+    /// Cap on the sum of all linear memories, in bytes.
+    limit: usize,
+    /// Current sum of all linear memories, in bytes.
+    used: usize,
+    /// Growth granted by the last `memory_growing`, undone if the growth then fails.
+    last_grant: usize,
+    /// Set when a growth was refused because of the limit: the size asked for, in bytes.
+    denied: Option<usize>,
+}
+
+impl MemoryLimiter {
+    /// A limiter allowing `limit` bytes in total.
+    pub fn new(limit: usize) -> Self {
+        Self {
+            limit,
+            used: 0,
+            last_grant: 0,
+            denied: None,
+        }
+    }
+
+    /// Bytes in use over all memories.
+    pub fn used(&self) -> usize {
+        self.used
+    }
+
+    /// Total size the guest asked for when it was refused, if it ever was.
+    pub fn denied(&self) -> Option<usize> {
+        self.denied
+    }
+}
+
+impl ResourceLimiter for MemoryLimiter {
+    fn memory_growing(
+        &mut self,
+        current: usize,
+        desired: usize,
+        _max: Option<usize>,
+    ) -> Result<bool> {
+        let grow = desired.saturating_sub(current);
+        let total = self.used.saturating_add(grow);
+        if total > self.limit {
+            self.denied = Some(total);
+            self.last_grant = 0;
+            return Ok(false);
+        }
+        self.used = total;
+        self.last_grant = grow;
+        Ok(true)
+    }
+
+    fn memory_grow_failed(&mut self, _error: wasmtime::Error) -> Result<()> {
+        self.used -= std::mem::take(&mut self.last_grant);
+        Ok(())
+    }
+
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _max: Option<usize>,
+    ) -> Result<bool> {
+        Ok(desired <= MAX_TABLE_ELEMENTS)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PAGE: usize = 65536;
+
+    #[test]
+    fn sums_memories_and_records_denials() {
+        let mut l = MemoryLimiter::new(10 * PAGE);
+        assert!(l.memory_growing(0, 4 * PAGE, None).unwrap());
+        assert!(
+            l.memory_growing(0, 4 * PAGE, None).unwrap(),
+            "second memory"
+        );
+        assert_eq!(l.used(), 8 * PAGE);
+        assert!(
+            !l.memory_growing(4 * PAGE, 7 * PAGE, None).unwrap(),
+            "sum over the limit"
+        );
+        assert_eq!(l.denied(), Some(11 * PAGE));
+        assert_eq!(l.used(), 8 * PAGE);
+        assert!(l.memory_growing(4 * PAGE, 6 * PAGE, None).unwrap());
+        l.memory_grow_failed(wasmtime::format_err!("os said no"))
+            .unwrap();
+        assert_eq!(l.used(), 8 * PAGE, "failed growth is not counted");
+    }
+}

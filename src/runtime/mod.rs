@@ -1,0 +1,284 @@
+//! The one place that owns wasmtime: the [`Engine`], the [`Linker`], compiled components with
+//! their pre-instantiated templates, the epoch ticker, and the store data of an instance.
+//!
+//! Everything above this module (supervisor, router, CLI) talks about process types and
+//! instances, never about wasmtime types, except through [`crate::instance`].
+
+mod limiter;
+mod state;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use anyhow::{Context as _, Result, bail};
+use wasmtime::component::{Component, Linker};
+use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store};
+use wasmtime_wasi::p2::bindings::CommandPre;
+use wasmtime_wasi_http::p2::bindings::ProxyPre;
+
+use crate::app::{ByteSize, ProcessSpec};
+use crate::logs::LogSink;
+
+pub use self::limiter::MemoryLimiter;
+pub use self::state::InstanceState;
+
+/// How often the epoch advances. A running guest yields to the async runtime once per tick, so
+/// this is the longest a spinning guest holds a tokio worker thread.
+pub const EPOCH_TICK: Duration = Duration::from_millis(10);
+
+/// Export that makes a component an HTTP process.
+const HTTP_EXPORT: &str = "wasi:http/incoming-handler@0.2";
+/// Export that makes a component a background process.
+const RUN_EXPORT: &str = "wasi:cli/run@0.2";
+
+/// Engine-wide settings, fixed for the life of the host.
+#[derive(Clone, Debug)]
+pub struct EngineSettings {
+    /// How many instances may exist at once; sizes the pooling allocator.
+    pub max_instances: u32,
+    /// The largest per-instance memory limit of any type; sizes each memory slot, so that
+    /// address space is reserved from the formation rather than 4 GiB per slot.
+    pub max_memory: ByteSize,
+    /// Whether compiled components are cached on disk (wasmtime's cache directory).
+    pub cache: bool,
+}
+
+/// The engine, the linker shared by every process type, and the epoch ticker.
+pub struct Runtime {
+    engine: Engine,
+    linker: Linker<InstanceState>,
+    /// Stops the epoch thread when the runtime is dropped.
+    _epoch: EpochTicker,
+}
+
+/// What a component is, decided from its exports.
+pub enum Kind {
+    /// Exports `wasi:http/incoming-handler`: serves requests.
+    Http(ProxyPre<InstanceState>),
+    /// Exports `wasi:cli/run`: runs in the background.
+    Command(CommandPre<InstanceState>),
+}
+
+/// A process type's component, compiled and pre-instantiated: ready to stamp out instances.
+pub struct Compiled {
+    /// The pre-instantiated template.
+    pub kind: Kind,
+    /// Component file name, used as the guest's program name (`argv[0]`).
+    pub program: String,
+}
+
+impl Compiled {
+    /// `true` for HTTP components.
+    pub fn is_http(&self) -> bool {
+        matches!(self.kind, Kind::Http(_))
+    }
+}
+
+impl Runtime {
+    /// Creates the engine, sized for `settings`, and links WASI and WASI HTTP.
+    pub fn new(settings: &EngineSettings) -> Result<Self> {
+        let mut config = Config::new();
+        config.wasm_component_model(true);
+        config.epoch_interruption(true);
+
+        let max_memory = settings.max_memory.as_usize();
+        // Reserve only what the largest limit can use, plus the default guard. Bounds checks
+        // become explicit below 4 GiB; the reservation then scales with the formation.
+        config.memory_reservation(settings.max_memory.as_u64());
+        config.memory_reservation_for_growth(0);
+
+        let slots = settings.max_instances.max(1);
+        let mut pool = PoolingAllocationConfig::default();
+        pool.total_component_instances(slots)
+            // A Rust wasip2 component holds a few core instances and one or two memories.
+            .total_core_instances(slots.saturating_mul(8))
+            .total_memories(slots.saturating_mul(2))
+            .total_tables(slots.saturating_mul(4))
+            .total_stacks(slots)
+            .max_memory_size(max_memory)
+            .max_memories_per_component(4)
+            .max_tables_per_component(8)
+            .max_core_instances_per_component(32);
+        config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+
+        // Compiled code is cached on disk keyed by content and engine configuration, so a
+        // second `up` of an unchanged app does not recompile.
+        if settings.cache {
+            match wasmtime::Cache::new(wasmtime::CacheConfig::new()) {
+                Ok(cache) => {
+                    config.cache(Some(cache));
+                }
+                Err(e) => tracing::warn!(cause = %e, "compiled-code cache disabled"),
+            }
+        }
+
+        let engine = Engine::new(&config)
+            .map_err(anyhow::Error::from)
+            .context("failed to create the wasmtime engine")?;
+        let mut linker = Linker::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
+        wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)?;
+        let epoch = EpochTicker::start(engine.clone());
+        Ok(Self {
+            engine,
+            linker,
+            _epoch: epoch,
+        })
+    }
+
+    /// Reads, checks and compiles one process type's component and decides its kind.
+    ///
+    /// Blocking and CPU-heavy: call it off the async runtime.
+    pub fn compile(&self, spec: &ProcessSpec) -> Result<Compiled> {
+        let path = &spec.component;
+        let ctx = || {
+            format!(
+                "process type `{}` ({}): component `{}`",
+                spec.name,
+                spec.origin,
+                path.display()
+            )
+        };
+        let bytes = read_component(path).with_context(ctx)?;
+        let component = Component::new(&self.engine, &bytes)
+            .map_err(anyhow::Error::from)
+            .with_context(|| format!("{}: failed to compile (is the file complete?)", ctx()))?;
+
+        let ty = component.component_type();
+        let exports: Vec<String> = ty
+            .exports(&self.engine)
+            .map(|(n, _)| n.to_string())
+            .collect();
+        let has = |prefix: &str| exports.iter().any(|e| e.starts_with(prefix));
+
+        let pre = self.linker.instantiate_pre(&component).map_err(|e| {
+            anyhow::anyhow!(
+                "{}: imports something this host does not provide: {e}\n\
+                 wasmform provides the `wasi:cli/command` and `wasi:http/proxy` worlds of WASI 0.2",
+                ctx()
+            )
+        })?;
+        let kind = if has(HTTP_EXPORT) {
+            Kind::Http(
+                ProxyPre::new(pre)
+                    .map_err(anyhow::Error::from)
+                    .with_context(ctx)?,
+            )
+        } else if has(RUN_EXPORT) {
+            Kind::Command(
+                CommandPre::new(pre)
+                    .map_err(anyhow::Error::from)
+                    .with_context(ctx)?,
+            )
+        } else {
+            let found = if exports.is_empty() {
+                "it exports nothing".to_string()
+            } else {
+                format!("it exports {}", exports.join(", "))
+            };
+            bail!(
+                "{}: not a process: a component must export `wasi:http/incoming-handler` \
+                 (an HTTP process) or `wasi:cli/run` (a background process), but {found}",
+                ctx()
+            );
+        };
+        let program = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        Ok(Compiled { kind, program })
+    }
+
+    /// Creates the store for one instance: its own WASI context, memory limiter and output.
+    pub fn new_store(&self, setup: InstanceSetup<'_>) -> Store<InstanceState> {
+        let state = InstanceState::new(&setup);
+        let mut store = Store::new(&self.engine, state);
+        store.limiter(|state| &mut state.limiter);
+        // Yield to the async runtime at every epoch tick so a spinning guest never holds a
+        // tokio worker, and stays cancellable by timeouts and shutdown.
+        store.epoch_deadline_async_yield_and_update(1);
+        store
+    }
+}
+
+/// What an instance's store is built from.
+pub struct InstanceSetup<'a> {
+    /// `web.1`
+    pub instance: &'a str,
+    /// `web`
+    pub process: &'a str,
+    /// `argv[0]`, the component's file name.
+    pub program: &'a str,
+    /// Arguments after the program name.
+    pub args: &'a [String],
+    /// The HTTP port, given to guests as `PORT` like foreman does.
+    pub port: u16,
+    /// Memory limit over all of the instance's linear memories.
+    pub memory: ByteSize,
+    /// Where the guest's stdout goes.
+    pub stdout: LogSink,
+    /// Where the guest's stderr goes.
+    pub stderr: LogSink,
+}
+
+/// Reads a component file and checks that it is a component, with a helpful message if it is
+/// something else.
+fn read_component(path: &Path) -> Result<Vec<u8>> {
+    let bytes = match std::fs::read(path) {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            bail!(
+                "file not found: build it first (e.g. `cargo build --release --target wasm32-wasip2`) or fix the path"
+            )
+        }
+        Err(e) => return Err(e).context("failed to read the file"),
+    };
+    const MAGIC: &[u8] = b"\0asm";
+    const MODULE_VERSION: &[u8] = &[1, 0, 0, 0];
+    if bytes.is_empty() {
+        bail!("the file is empty: expected a WebAssembly component");
+    }
+    if bytes.len() < 8 || &bytes[..4] != MAGIC {
+        bail!(
+            "not a WebAssembly file (no `\\0asm` header): expected a component built for `wasm32-wasip2`"
+        );
+    }
+    if &bytes[4..8] == MODULE_VERSION {
+        bail!(
+            "this is a core WebAssembly module, not a component: build it for `wasm32-wasip2`, \
+             or wrap it with `wasm-tools component new`"
+        );
+    }
+    Ok(bytes)
+}
+
+/// Advances the engine's epoch every [`EPOCH_TICK`] on a thread of its own, as `wasmtime serve`
+/// does; the thread ends when this is dropped.
+struct EpochTicker {
+    stop: Arc<AtomicBool>,
+}
+
+impl EpochTicker {
+    fn start(engine: Engine) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        std::thread::Builder::new()
+            .name("wasmform-epoch".into())
+            .spawn(move || {
+                while !flag.load(Ordering::Relaxed) {
+                    std::thread::sleep(EPOCH_TICK);
+                    engine.increment_epoch();
+                }
+            })
+            .expect("failed to spawn the epoch thread");
+        Self { stop }
+    }
+}
+
+impl Drop for EpochTicker {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}

@@ -1,0 +1,153 @@
+//! Bad input is refused before anything listens, with a message naming what is wrong.
+
+use crate::support::{App, guest, run_fails};
+
+fn write_wat(app: &App, name: &str, wat: &str) {
+    std::fs::write(app.path(name), wat::parse_str(wat).unwrap()).unwrap();
+}
+
+#[test]
+fn missing_procfile() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("Procfile");
+    let out = run_fails(&["up", "-f", path.to_str().unwrap(), "-p", "0"]);
+    assert!(out.contains("no Procfile at"), "{out}");
+    assert!(out.contains("-f PATH"), "{out}");
+}
+
+#[test]
+fn malformed_procfile_lines_name_the_line() {
+    for (text, needle) in [
+        (
+            "web: a.wasm\nthis line has no colon\n",
+            "Procfile:2: expected `name: component.wasm [args…]`",
+        ),
+        (
+            "web: a.wasm\nweb: b.wasm\n",
+            "Procfile:2: duplicate process type `web` (first defined on line 1)",
+        ),
+        (
+            "\nweb:\n",
+            "Procfile:2: process type `web` has an empty command",
+        ),
+        (
+            "w eb: a.wasm\n",
+            "Procfile:1: invalid process type name `w eb`",
+        ),
+    ] {
+        let app = App::new(text);
+        let out = app.up_fails(&[]);
+        assert!(out.contains(needle), "{text:?}:\n{out}");
+    }
+}
+
+#[test]
+fn crlf_and_bom_are_accepted() {
+    let app = App::new("\u{feff}# comment\r\nweb: {guests}/hello.wasm\r\n");
+    let host = app.up(&[]);
+    assert_eq!(host.get("/").status, 200);
+}
+
+#[test]
+fn missing_empty_truncated_and_non_component_files() {
+    let app = App::new("web: nope.wasm\n");
+    let out = app.up_fails(&[]);
+    assert!(out.contains("process type `web`"), "{out}");
+    assert!(out.contains("nope.wasm"), "{out}");
+    assert!(out.contains("file not found"), "{out}");
+
+    let app = App::new("web: empty.wasm\n");
+    std::fs::write(app.path("empty.wasm"), b"").unwrap();
+    let out = app.up_fails(&[]);
+    assert!(
+        out.contains("empty.wasm` (") || out.contains("empty.wasm"),
+        "{out}"
+    );
+    assert!(out.contains("the file is empty"), "{out}");
+
+    let app = App::new("web: truncated.wasm\n");
+    let bytes = std::fs::read(guest("hello.wasm")).unwrap();
+    std::fs::write(app.path("truncated.wasm"), &bytes[..bytes.len() / 2]).unwrap();
+    let out = app.up_fails(&[]);
+    assert!(out.contains("truncated.wasm"), "{out}");
+    assert!(out.contains("failed to compile"), "{out}");
+
+    let app = App::new("web: random.wasm\n");
+    std::fs::write(app.path("random.wasm"), b"#!/bin/sh\necho not wasm\n").unwrap();
+    let out = app.up_fails(&[]);
+    assert!(out.contains("not a WebAssembly file"), "{out}");
+
+    let app = App::new("web: core.wasm\n");
+    write_wat(&app, "core.wasm", "(module)");
+    let out = app.up_fails(&[]);
+    assert!(
+        out.contains("core WebAssembly module, not a component"),
+        "{out}"
+    );
+}
+
+#[test]
+fn wrong_world_and_unsatisfied_imports() {
+    let app = App::new("web: {guests}/hello.wasm\nclock: nothing.wasm\n");
+    write_wat(&app, "nothing.wasm", "(component)");
+    let out = app.up_fails(&[]);
+    assert!(out.contains("process type `clock`"), "{out}");
+    assert!(
+        out.contains(
+            "must export `wasi:http/incoming-handler` (an HTTP process) or `wasi:cli/run`"
+        ),
+        "{out}"
+    );
+    assert!(out.contains("it exports nothing"), "{out}");
+
+    let app = App::new("web: imports.wasm\n");
+    write_wat(
+        &app,
+        "imports.wasm",
+        r#"(component (import "acme:nope/thing@1.0.0" (instance (export "f" (func)))))"#,
+    );
+    let out = app.up_fails(&[]);
+    assert!(
+        out.contains("imports something this host does not provide"),
+        "{out}"
+    );
+    assert!(out.contains("acme:nope/thing@1.0.0"), "{out}");
+}
+
+#[test]
+fn bad_formation_and_memory_values() {
+    let app = App::new("web: {guests}/hello.wasm\nworker: {guests}/ticker.wasm\n");
+    for (args, needle) in [
+        (
+            &["-m", "wrk=2"][..],
+            "unknown process type `wrk` in formation `wrk=2`: known types are web, worker",
+        ),
+        (&["-m", "web=-1"], "invalid count `-1` for `web`"),
+        (&["-m", "web=two"], "invalid count `two` for `web`"),
+        (&["--memory", "12XB"], "invalid memory size `12XB`"),
+        (&["--request-timeout", "soon"], "invalid duration `soon`"),
+    ] {
+        let out = app.up_fails(args);
+        assert!(out.contains(needle), "{args:?}:\n{out}");
+    }
+}
+
+#[test]
+fn port_in_use() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port().to_string();
+    let app = App::new("web: {guests}/hello.wasm\n");
+    let mut args = vec![
+        "up",
+        "-f",
+        app.procfile().to_str().unwrap().to_string().leak(),
+        "-p",
+    ];
+    args.push(port.as_str());
+    let out = run_fails(&args);
+    assert!(
+        out.contains(&format!("cannot listen on 127.0.0.1:{port}")),
+        "{out}"
+    );
+    assert!(out.contains("-p 0"), "{out}");
+}

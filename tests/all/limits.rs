@@ -1,0 +1,143 @@
+//! Misbehaving guests: memory bombs, panics, endless loops, exits. The host and the other
+//! instances keep going; the failing instance is replaced.
+
+use std::time::{Duration, Instant};
+
+use crate::support::{App, get};
+
+#[test]
+fn memory_bomb_is_502_and_the_instance_is_replaced() {
+    let app = App::new("web: {guests}/test_web.wasm\n");
+    let host = app.up(&["--memory", "32MiB"]);
+    assert_eq!(host.get("/alloc?mb=8").status, 200);
+    let rss_before = host.rss_kib();
+    for _ in 0..5 {
+        let response = host.get("/alloc?mb=64");
+        assert_eq!(response.status, 502, "{response:?}");
+        assert!(
+            response.body.contains("memory quota exceeded (32 MiB)"),
+            "{}",
+            response.body
+        );
+        // The replacement starts at once and serves.
+        host.wait_for("web.1 up", Duration::from_secs(30));
+        let ok = host.get("/whoami");
+        assert_eq!(ok.status, 200, "{ok:?}");
+    }
+    let out = host.wait_for(
+        "web.1 crashed: memory quota exceeded (32 MiB)",
+        Duration::from_secs(5),
+    );
+    assert!(out.contains("code=H13"), "{out}");
+    // Five crashed 32 MiB instances must not leave their memory behind.
+    let rss_after = host.rss_kib();
+    assert!(
+        rss_after < rss_before + 48 * 1024,
+        "host RSS grew from {rss_before} KiB to {rss_after} KiB"
+    );
+}
+
+#[test]
+fn panic_is_502_and_other_instances_keep_their_state() {
+    let app = App::new("web: {guests}/test_web.wasm\n");
+    let host = app.up(&["-m", "web=2"]);
+    // web.1 and web.2 count to 1 each.
+    assert_eq!(host.get("/count").body, "1\n");
+    assert_eq!(host.get("/count").body, "1\n");
+    let response = host.get("/panic");
+    assert_eq!(response.status, 502, "{response:?}");
+    assert!(response.body.contains("web.1 crashed"), "{}", response.body);
+    let out = host.wait_for("web.1 crashed: ", Duration::from_secs(10));
+    assert!(out.contains("test-web panic requested"), "{out}");
+    host.wait_for("web.1 up", Duration::from_secs(30));
+    // web.2 kept its counter; the fresh web.1 starts over.
+    let mut counts = vec![host.get("/count").body, host.get("/count").body];
+    counts.sort();
+    assert_eq!(counts, ["1\n", "2\n"]);
+}
+
+#[test]
+fn no_response_is_502_and_the_instance_is_kept() {
+    let app = App::new("web: {guests}/test_web.wasm\n");
+    let host = app.up(&[]);
+    assert_eq!(host.get("/count").body, "1\n");
+    let response = host.get("/no-response");
+    assert_eq!(response.status, 502, "{response:?}");
+    assert_eq!(
+        host.get("/count").body,
+        "2\n",
+        "same instance, state intact"
+    );
+}
+
+#[test]
+fn spinning_request_times_out_while_others_keep_answering() {
+    let app = App::new("web: {guests}/test_web.wasm\n");
+    let host = app.up(&["-m", "web=2", "--request-timeout", "2s"]);
+    let addr = host.addr();
+    let started = Instant::now();
+    let spin = std::thread::spawn(move || get(addr, "/spin?ms=60000"));
+    std::thread::sleep(Duration::from_millis(200));
+    let mut answered = 0;
+    while !spin.is_finished() && answered < 500 {
+        let response = host.get("/whoami");
+        assert_eq!(response.status, 200, "{response:?}");
+        answered += 1;
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let response = spin.join().unwrap();
+    let took = started.elapsed();
+    assert_eq!(response.status, 504, "{response:?}");
+    assert!(took < Duration::from_secs(30), "504 took {took:?}");
+    assert!(
+        answered > 5,
+        "the other instance answered only {answered} times"
+    );
+    host.wait_for(
+        "request timed out after 2 s; instance recycled",
+        Duration::from_secs(5),
+    );
+    host.wait_for("code=H12", Duration::from_secs(5));
+}
+
+#[test]
+fn spinning_worker_does_not_stall_web_and_sigterm_stops_it() {
+    let app = App::new("web: {guests}/hello.wasm\nworker: {guests}/test-worker.wasm spin\n");
+    let mut host = app.up(&["-m", "worker=2", "--grace", "5s"]);
+    host.wait_for("worker.2 | spinning", Duration::from_secs(30));
+    for _ in 0..50 {
+        assert_eq!(host.get("/").status, 200);
+    }
+    host.signal(libc::SIGTERM);
+    let status = host
+        .wait_exit(Duration::from_secs(15))
+        .expect("SIGTERM did not stop the host");
+    assert!(status.success(), "{status}");
+}
+
+#[test]
+fn exited_worker_is_restarted_with_backoff() {
+    let app = App::new("web: {guests}/hello.wasm\nworker: {guests}/test-worker.wasm exit 3\n");
+    let host = app.up(&["--restart-delay", "100ms"]);
+    host.wait_for(
+        "worker.1 exited with status 3; restarting now",
+        Duration::from_secs(30),
+    );
+    host.wait_for(
+        "worker.1 exited with status 3; restarting in 100.0 ms",
+        Duration::from_secs(30),
+    );
+    host.wait_for(
+        "worker.1 exited with status 3; restarting in 200.0 ms",
+        Duration::from_secs(30),
+    );
+    assert_eq!(host.get("/").status, 200);
+}
+
+#[test]
+fn panicking_worker_reports_its_trap() {
+    let app = App::new("worker: {guests}/test-worker.wasm panic\n");
+    let host = app.up(&[]);
+    let out = host.wait_for("worker.1 wasm trap", Duration::from_secs(30));
+    assert!(out.contains("test-worker panic requested"), "{out}");
+}

@@ -1,0 +1,7 @@
+//! Integration tests: real guests built from `guest-examples/`, the real `wasmform` binary,
+//! real HTTP over loopback. One test binary so wasmtime is linked once.
+
+mod bad_input;
+mod formation;
+mod limits;
+mod support;

@@ -1,0 +1,318 @@
+//! Test helpers: building the example guests once, running the real `wasmform` binary, and a
+//! minimal HTTP/1.1 client over loopback.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+/// The guest-examples workspace.
+pub fn guest_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("guest-examples")
+}
+
+/// Builds every example guest once per test run (own target dir) and returns the directory
+/// holding the `.wasm` files.
+pub fn guests() -> &'static Path {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    BUILT.get_or_init(|| {
+        let target = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/test-guests");
+        let output = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+            .args(["build", "--release", "--target", "wasm32-wasip2"])
+            .env("CARGO_TARGET_DIR", &target)
+            .current_dir(guest_dir())
+            .output()
+            .expect("failed to run cargo for the guests");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        if !output.status.success() {
+            if stderr.contains("wasm32-wasip2") && stderr.contains("target may not be installed") {
+                panic!("the wasm32-wasip2 target is missing: run `rustup target add wasm32-wasip2`\n{stderr}");
+            }
+            panic!("building the guests failed:\n{stderr}");
+        }
+        target.join("wasm32-wasip2/release")
+    })
+}
+
+/// Path of a built guest, e.g. `hello.wasm`.
+pub fn guest(file: &str) -> PathBuf {
+    guests().join(file)
+}
+
+/// A temporary app directory with a Procfile.
+pub struct App {
+    pub dir: tempfile::TempDir,
+}
+
+impl App {
+    /// Writes `procfile` (with `{guests}` replaced by the guests' directory).
+    pub fn new(procfile: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let text = procfile.replace("{guests}", &guests().display().to_string());
+        std::fs::write(dir.path().join("Procfile"), text).unwrap();
+        Self { dir }
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    pub fn procfile(&self) -> PathBuf {
+        self.path("Procfile")
+    }
+
+    /// Starts `wasmform up -f Procfile -p 0 <args>` and waits until it listens.
+    pub fn up(&self, args: &[&str]) -> Wasmform {
+        let mut all = vec!["up", "-f", self.procfile().to_str().unwrap(), "-p", "0"];
+        all.extend_from_slice(args);
+        let mut host = Wasmform::spawn(&all);
+        host.wait_listening();
+        host
+    }
+
+    /// Runs `wasmform up …` expecting it to fail; returns its combined output.
+    pub fn up_fails(&self, args: &[&str]) -> String {
+        let mut all = vec!["up", "-f", self.procfile().to_str().unwrap(), "-p", "0"];
+        all.extend_from_slice(args);
+        run_fails(&all)
+    }
+}
+
+/// Runs wasmform expecting a non-zero exit within 60 s; returns stdout + stderr.
+pub fn run_fails(args: &[&str]) -> String {
+    let mut host = Wasmform::spawn(args);
+    let status = host
+        .wait_exit(Duration::from_secs(60))
+        .expect("wasmform did not exit");
+    let out = host.output();
+    assert!(!status.success(), "expected failure, got {status}:\n{out}");
+    assert!(
+        !out.contains("listening on"),
+        "nothing may listen on bad input:\n{out}"
+    );
+    assert!(
+        !out.contains("panicked"),
+        "a panic is not an error message:\n{out}"
+    );
+    out
+}
+
+/// The real binary, killed on drop; its output is printed if the test fails.
+pub struct Wasmform {
+    child: Child,
+    output: Arc<(Mutex<String>, Condvar)>,
+    pub addr: Option<SocketAddr>,
+}
+
+impl Wasmform {
+    pub fn spawn(args: &[&str]) -> Self {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_wasmform"))
+            .args(args)
+            .env_remove("PORT")
+            .env("RUST_BACKTRACE", "0")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("failed to start wasmform");
+        let output = Arc::new((Mutex::new(String::new()), Condvar::new()));
+        for stream in [
+            Box::new(child.stdout.take().unwrap()) as Box<dyn Read + Send>,
+            Box::new(child.stderr.take().unwrap()),
+        ] {
+            let output = output.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stream).lines() {
+                    let Ok(line) = line else { break };
+                    let (text, cond) = &*output;
+                    let mut text = text.lock().unwrap();
+                    text.push_str(&line);
+                    text.push('\n');
+                    cond.notify_all();
+                }
+            });
+        }
+        Self {
+            child,
+            output,
+            addr: None,
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Everything printed so far.
+    pub fn output(&self) -> String {
+        self.output.0.lock().unwrap().clone()
+    }
+
+    /// Waits until the output contains `needle`; panics after `timeout`.
+    pub fn wait_for(&self, needle: &str, timeout: Duration) -> String {
+        self.wait_until(timeout, |out| out.contains(needle))
+            .unwrap_or_else(|| panic!("timed out waiting for `{needle}`"))
+    }
+
+    /// Waits until `pred` holds for the output.
+    pub fn wait_until(&self, timeout: Duration, pred: impl Fn(&str) -> bool) -> Option<String> {
+        let deadline = Instant::now() + timeout;
+        let (text, cond) = &*self.output;
+        let mut guard = text.lock().unwrap();
+        loop {
+            if pred(&guard) {
+                return Some(guard.clone());
+            }
+            let left = deadline.checked_duration_since(Instant::now())?;
+            guard = cond.wait_timeout(guard, left).unwrap().0;
+        }
+    }
+
+    fn wait_listening(&mut self) {
+        let out = self
+            .wait_until(Duration::from_secs(120), |out| {
+                out.contains("listening on http://") || out.contains("error:")
+            })
+            .expect("wasmform did not start listening within 120 s");
+        let Some(at) = out.find("listening on http://") else {
+            panic!("wasmform failed to start:\n{out}");
+        };
+        let rest = &out[at + "listening on http://".len()..];
+        let addr = rest.split_whitespace().next().unwrap();
+        self.addr = Some(addr.parse().unwrap());
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr.expect("not listening")
+    }
+
+    pub fn get(&self, path: &str) -> Response {
+        get(self.addr(), path)
+    }
+
+    pub fn signal(&self, signal: i32) {
+        unsafe {
+            libc::kill(self.child.id() as i32, signal);
+        }
+    }
+
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                // Let the reader threads catch the last lines.
+                std::thread::sleep(Duration::from_millis(100));
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Resident memory of the host process, in KiB.
+    pub fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
+        let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+        line.split_whitespace().nth(1).unwrap().parse().unwrap()
+    }
+}
+
+impl Drop for Wasmform {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!("---- wasmform output ----\n{}", self.output());
+        }
+    }
+}
+
+/// An HTTP response.
+#[derive(Debug)]
+pub struct Response {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+impl Response {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// `GET path` over a fresh connection, with a 60 s read timeout.
+pub fn get(addr: SocketAddr, path: &str) -> Response {
+    request(
+        addr,
+        &format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"),
+    )
+}
+
+/// Sends a raw request and reads the whole response.
+pub fn request(addr: SocketAddr, raw: &str) -> Response {
+    let mut stream = TcpStream::connect(addr).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    stream.write_all(raw.as_bytes()).unwrap();
+    let mut bytes = Vec::new();
+    stream.read_to_end(&mut bytes).expect("read response");
+    parse_response(&bytes)
+}
+
+fn parse_response(bytes: &[u8]) -> Response {
+    let text = String::from_utf8_lossy(bytes);
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .unwrap_or_else(|| panic!("no complete response in {text:?}"));
+    let mut lines = head.lines();
+    let status = lines
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(n, v)| (n.trim().to_string(), v.trim().to_string()))
+        .collect();
+    let chunked = headers
+        .iter()
+        .any(|(n, v)| n.eq_ignore_ascii_case("transfer-encoding") && v.contains("chunked"));
+    let body = if chunked {
+        dechunk(body)
+    } else {
+        body.to_string()
+    };
+    Response {
+        status,
+        headers,
+        body,
+    }
+}
+
+fn dechunk(mut body: &str) -> String {
+    let mut out = String::new();
+    loop {
+        let Some((size, rest)) = body.split_once("\r\n") else {
+            break;
+        };
+        let size = usize::from_str_radix(size.split(';').next().unwrap().trim(), 16).unwrap_or(0);
+        if size == 0 || rest.len() < size {
+            break;
+        }
+        out.push_str(&rest[..size]);
+        body = rest[size..].trim_start_matches("\r\n");
+    }
+    out
+}
