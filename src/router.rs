@@ -33,8 +33,9 @@ struct Inner<T> {
     idle: VecDeque<T>,
     /// Requests waiting for an instance, oldest first.
     waiters: VecDeque<oneshot::Sender<T>>,
-    /// Instances that are up, free or busy. When it drops to 0 the waiters are refused.
-    up: usize,
+    /// Instances that are up (free or busy) or being started to take a place in the pool.
+    /// While it is above 0 a request may wait; when it drops to 0 the waiters are refused.
+    live: usize,
 }
 
 impl<T> Pool<T> {
@@ -44,7 +45,7 @@ impl<T> Pool<T> {
             inner: Mutex::new(Inner {
                 idle: VecDeque::new(),
                 waiters: VecDeque::new(),
-                up: 0,
+                live: 0,
             }),
             queue_limit,
         }
@@ -61,7 +62,7 @@ impl<T> Pool<T> {
             if let Some(instance) = inner.idle.pop_front() {
                 return Ok(instance);
             }
-            if inner.up == 0 {
+            if inner.live == 0 {
                 return Err(Busy::NoneUp);
             }
             // Forget waiters whose requests have gone away before judging the queue full.
@@ -76,10 +77,11 @@ impl<T> Pool<T> {
         rx.await.map_err(|_| Busy::NoneUp)
     }
 
-    /// Adds a newly started instance.
-    pub fn add(&self, instance: T) {
-        self.lock().up += 1;
-        self.release(instance);
+    /// Announces an instance that is being started: requests may wait for it instead of being
+    /// refused. Followed by [`Pool::release`] with the instance, or [`Pool::gone`] if it
+    /// failed to start.
+    pub fn reserve(&self) {
+        self.lock().live += 1;
     }
 
     /// Returns an instance after a request: to the oldest waiter, else to the back of the
@@ -95,11 +97,12 @@ impl<T> Pool<T> {
         inner.idle.push_back(instance);
     }
 
-    /// Records that a busy instance is gone for good (crashed, or stopped while busy).
+    /// Records that a reserved instance is gone for good: it failed to start, or crashed and
+    /// will not be replaced right away.
     pub fn gone(&self) {
         let mut inner = self.lock();
-        inner.up = inner.up.saturating_sub(1);
-        if inner.up == 0 {
+        inner.live = inner.live.saturating_sub(1);
+        if inner.live == 0 {
             // Nothing will free up: refuse the waiters now instead of letting them hang.
             inner.waiters.clear();
         }
@@ -110,16 +113,16 @@ impl<T> Pool<T> {
         let mut inner = self.lock();
         let (taken, kept): (VecDeque<T>, VecDeque<T>) = inner.idle.drain(..).partition(|t| pred(t));
         inner.idle = kept;
-        inner.up = inner.up.saturating_sub(taken.len());
-        if inner.up == 0 {
+        inner.live = inner.live.saturating_sub(taken.len());
+        if inner.live == 0 {
             inner.waiters.clear();
         }
         taken.into()
     }
 
-    /// Instances up (free or busy).
-    pub fn up(&self) -> usize {
-        self.lock().up
+    /// Instances up or starting.
+    pub fn live(&self) -> usize {
+        self.lock().live
     }
 }
 
@@ -131,7 +134,8 @@ mod tests {
     async fn round_robin_for_sequential_requests() {
         let pool = Pool::new(4);
         for i in 1..=3 {
-            pool.add(i);
+            pool.reserve();
+            pool.release(i);
         }
         let mut order = Vec::new();
         for _ in 0..6 {
@@ -145,7 +149,8 @@ mod tests {
     #[tokio::test]
     async fn waits_then_refuses_when_queue_full() {
         let pool = std::sync::Arc::new(Pool::new(1));
-        pool.add(1);
+        pool.reserve();
+        pool.release(1);
         let held = pool.acquire().await.unwrap();
         let waiter = tokio::spawn({
             let pool = pool.clone();
@@ -164,7 +169,8 @@ mod tests {
     async fn nothing_up_is_refused_and_waiters_are_released() {
         let pool = std::sync::Arc::new(Pool::<u32>::new(8));
         assert_eq!(pool.acquire().await, Err(Busy::NoneUp));
-        pool.add(7);
+        pool.reserve();
+        pool.release(7);
         let held = pool.acquire().await.unwrap();
         let waiter = tokio::spawn({
             let pool = pool.clone();
@@ -173,7 +179,7 @@ mod tests {
         while pool.lock().waiters.is_empty() {
             tokio::task::yield_now().await;
         }
-        drop(held);
+        let _ = held;
         pool.gone();
         assert_eq!(waiter.await.unwrap(), Err(Busy::NoneUp));
     }

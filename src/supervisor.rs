@@ -1,6 +1,12 @@
 //! Keeps the formation running: one task per instance slot (`web.1`, `worker.2`…) starts its
-//! instance, waits for it to end, logs why, and starts a replacement after the restart
-//! backoff. Web instances are handed to their type's [`Pool`]; workers run in the slot task.
+//! instance, waits for it to end, logs why, and starts a replacement. Web instances are handed
+//! to their type's [`Pool`]; workers run in the slot task.
+//!
+//! Restart policy: a web instance that crashed *while handling a request* (trap, memory quota,
+//! timeout) is replaced at once, every time: the request failed, not the instance's start, and
+//! a fresh instance costs microseconds, so backing off would only turn one bad request into an
+//! outage of the type. Everything else — a worker whose `run` ended, an instance that failed to
+//! instantiate — follows the [`RestartPolicy`] backoff, so a crash loop costs no CPU.
 //!
 //! Every slot stops when the host's shutdown token is cancelled: an idle web instance is
 //! dropped, a worker's `run` future is dropped at its next epoch tick.
@@ -75,6 +81,14 @@ impl Backoff {
     }
 }
 
+/// How an incarnation ended, which decides the restart delay.
+enum Ended {
+    /// A web instance failed while handling a request: replaced at once.
+    Request(String),
+    /// A worker's `run` ended: restarted with backoff.
+    Process(String),
+}
+
 /// A process type as the supervisor runs it.
 pub struct ProcessType {
     /// From the app.
@@ -130,23 +144,44 @@ impl Supervisor {
     ) {
         let mut ready = Some(ready);
         let mut backoff = Backoff::new(self.restart);
+        // Whether this slot counts in its pool as up or starting. Requests may wait for the
+        // slot's instance while it does; it stays reserved across an immediate restart so a
+        // crash of the only instance makes requests wait for the replacement, not fail.
+        let mut reserved = false;
         loop {
             let started = Instant::now();
+            if let Some(pool) = process.pool.as_ref().filter(|_| !reserved) {
+                pool.reserve();
+                reserved = true;
+            }
             let ended = tokio::select! {
                 ended = self.run_once(process, name, &mut ready) => ended,
                 () = self.cancel.cancelled() => return,
             };
-            let reason = match ended {
-                Ok(reason) => reason,
+            let (reason, backoff_applies) = match ended {
+                Ok(Ended::Request(reason)) => (reason, false),
+                Ok(Ended::Process(reason)) => (reason, true),
                 Err(boot) => {
                     if let Some(ready) = ready.take() {
                         let _ = ready.send(Err(boot));
                         return;
                     }
-                    format!("failed to start: {boot}")
+                    (format!("failed to start: {boot}"), true)
                 }
             };
-            let delay = backoff.next(started.elapsed());
+            let delay = if backoff_applies {
+                backoff.next(started.elapsed())
+            } else {
+                Duration::ZERO
+            };
+            if let Some(pool) = process
+                .pool
+                .as_ref()
+                .filter(|_| reserved && !delay.is_zero())
+            {
+                pool.gone();
+                reserved = false;
+            }
             let when = if delay.is_zero() {
                 "restarting now".to_string()
             } else {
@@ -167,7 +202,7 @@ impl Supervisor {
         process: &ProcessType,
         name: &str,
         ready: &mut Option<oneshot::Sender<Result<(), String>>>,
-    ) -> Result<String, String> {
+    ) -> Result<Ended, String> {
         let setup = InstanceSetup {
             instance: name,
             process: process.spec.name.as_str(),
@@ -192,19 +227,16 @@ impl Supervisor {
                 let instance = WebInstance::start(&self.runtime, pre, setup, exit_tx)
                     .await
                     .map_err(|e| format!("{e:#}"))?;
-                pool.add(instance);
+                pool.release(instance);
                 mark_up(ready);
                 let ended = exit_rx.await;
-                if ended.is_ok() {
-                    pool.gone();
-                }
                 // The sender is dropped without a reason only when the pool dropped the instance
                 // (shutdown); the slot is being cancelled then and this value is never read.
-                ended.unwrap_or_else(|_| "stopped".to_string())
+                Ended::Request(ended.unwrap_or_else(|_| "stopped".to_string()))
             }
-            Kind::Command(pre) => {
-                instance::run_worker(&self.runtime, pre, setup, || mark_up(ready)).await?
-            }
+            Kind::Command(pre) => Ended::Process(
+                instance::run_worker(&self.runtime, pre, setup, || mark_up(ready)).await?,
+            ),
         };
         flush.0.flush();
         flush.1.flush();

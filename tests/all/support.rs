@@ -65,7 +65,8 @@ impl App {
 
     /// Starts `wasmform up -f Procfile -p 0 <args>` and waits until it listens.
     pub fn up(&self, args: &[&str]) -> Wasmform {
-        let mut all = vec!["up", "-f", self.procfile().to_str().unwrap(), "-p", "0"];
+        let procfile = self.procfile();
+        let mut all = vec!["up", "-f", procfile.to_str().unwrap(), "-p", "0"];
         all.extend_from_slice(args);
         let mut host = Wasmform::spawn(&all);
         host.wait_listening();
@@ -74,7 +75,8 @@ impl App {
 
     /// Runs `wasmform up …` expecting it to fail; returns its combined output.
     pub fn up_fails(&self, args: &[&str]) -> String {
-        let mut all = vec!["up", "-f", self.procfile().to_str().unwrap(), "-p", "0"];
+        let procfile = self.procfile();
+        let mut all = vec!["up", "-f", procfile.to_str().unwrap(), "-p", "0"];
         all.extend_from_slice(args);
         run_fails(&all)
     }

@@ -67,7 +67,7 @@ fn main() {
             say("sleeping");
             sleep_forever();
         }
-        ["env"] => {
+        ["env", ..] => {
             let mut vars: Vec<String> = std::env::vars().map(|(k, v)| format!("{k}={v}")).collect();
             vars.sort();
             for var in vars {
