@@ -95,3 +95,35 @@ fn sigterm_lets_in_flight_requests_finish_and_exits_zero() {
     // The listener is closed.
     assert!(std::net::TcpStream::connect(addr).is_err());
 }
+
+#[test]
+fn second_signal_exits_at_once() {
+    let app = App::new("web: {guests}/test_web.wasm\n");
+    let mut host = app.up(&["--grace", "60s"]);
+    let addr = host.addr();
+    // Held in flight: the first signal waits for it, the second does not.
+    let _slow =
+        std::thread::spawn(move || std::panic::catch_unwind(|| get(addr, "/sleep?ms=30000")));
+    std::thread::sleep(Duration::from_millis(300));
+    host.signal(libc::SIGINT);
+    host.wait_for("SIGINT received: shutting down", Duration::from_secs(10));
+    host.signal(libc::SIGINT);
+    let status = host
+        .wait_exit(Duration::from_secs(10))
+        .expect("second signal did not exit");
+    assert_eq!(status.code(), Some(130), "{status}");
+}
+
+#[test]
+fn components_built_for_older_wasi_releases_run() {
+    for (file, version) in [
+        ("compat_0_2_0.wasm", "0.2.0"),
+        ("compat_0_2_3.wasm", "0.2.3"),
+    ] {
+        let app = App::new(&format!("web: {{guests}}/{file}\n"));
+        let host = app.up(&[]);
+        let response = host.get("/");
+        assert_eq!(response.status, 200, "{response:?}");
+        assert_eq!(response.body, format!("compat {version} from web.1\n"));
+    }
+}

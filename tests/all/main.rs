@@ -5,3 +5,4 @@ mod bad_input;
 mod formation;
 mod limits;
 mod support;
+mod wit;

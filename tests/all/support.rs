@@ -305,10 +305,7 @@ fn parse_response(bytes: &[u8]) -> Response {
 
 fn dechunk(mut body: &str) -> String {
     let mut out = String::new();
-    loop {
-        let Some((size, rest)) = body.split_once("\r\n") else {
-            break;
-        };
+    while let Some((size, rest)) = body.split_once("\r\n") {
         let size = usize::from_str_radix(size.split(';').next().unwrap().trim(), 16).unwrap_or(0);
         if size == 0 || rest.len() < size {
             break;

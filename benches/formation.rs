@@ -1,0 +1,328 @@
+//! `cargo bench`: start-up time, idle memory per instance and HTTP throughput of the real
+//! `wasmform` binary serving the `hello` example guest, on loopback.
+//!
+//! Every figure comes from this run on this machine: the harness builds the guests, starts
+//! `wasmform up` with each formation, reads the start-up figures from its log and its RSS
+//! from /proc, and drives HTTP load with the bounded load generator below (64 keep-alive
+//! connections, fixed duration).
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use http_body_util::{BodyExt as _, Empty};
+use hyper::body::Bytes;
+
+const CONNECTIONS: usize = 64;
+const WARMUP: Duration = Duration::from_secs(1);
+const MEASURE: Duration = Duration::from_secs(5);
+
+fn main() {
+    // `cargo bench` passes `--bench`; a filter argument is not supported, so ignore the rest.
+    let guests = build_guests();
+    let hello = guests.join("hello.wasm");
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("Procfile"),
+        format!("web: {}\n", hello.display()),
+    )
+    .unwrap();
+    let procfile = dir.path().join("Procfile");
+
+    println!(
+        "wasmform benchmark: hello guest ({} KiB), {} CPUs",
+        std::fs::metadata(&hello).unwrap().len() / 1024,
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
+    println!();
+    println!("## start-up (spawn → `listening`; instantiation time as logged by wasmform)");
+    println!(
+        "{:<34} {:>12} {:>16} {:>14}",
+        "formation", "to listening", "instantiate all", "per instance"
+    );
+    let cold = Host::start(&procfile, &["-m", "web=1", "--no-cache"]);
+    println!(
+        "{:<34} {:>12} {:>16} {:>14}",
+        "web=1, cold (no compile cache)",
+        ms(cold.to_listening),
+        ms(cold.formation_up),
+        "-"
+    );
+    drop(cold);
+    for n in [1u32, 100, 1000] {
+        let host = Host::start(&procfile, &["-m", &format!("web={n}")]);
+        println!(
+            "{:<34} {:>12} {:>16} {:>14}",
+            format!("web={n}, warm (compile cache hit)"),
+            ms(host.to_listening),
+            ms(host.formation_up),
+            format!(
+                "{:.1} µs",
+                host.formation_up.as_secs_f64() * 1e6 / f64::from(n)
+            )
+        );
+    }
+
+    println!();
+    println!("## memory (host RSS; per instance = difference between web=1000 and web=1)");
+    let one = Host::start(&procfile, &["-m", "web=1"]);
+    let base = one.rss_kib();
+    get_many(one.port, 1);
+    let base_after = one.rss_kib();
+    drop(one);
+    let many = Host::start(&procfile, &["-m", "web=1000"]);
+    let idle = many.rss_kib();
+    // Sequential requests go round-robin: 1000 of them touch every instance once.
+    get_many(many.port, 1000);
+    let served = many.rss_kib();
+    drop(many);
+    println!("{:<34} {:>12}", "web=1 idle RSS", format!("{base} KiB"));
+    println!("{:<34} {:>12}", "web=1000 idle RSS", format!("{idle} KiB"));
+    println!(
+        "{:<34} {:>12}",
+        "per idle instance",
+        format!("{:.1} KiB", (idle as f64 - base as f64) / 999.0)
+    );
+    println!(
+        "{:<34} {:>12}",
+        "per instance after one request",
+        format!("{:.1} KiB", (served as f64 - base_after as f64) / 999.0)
+    );
+
+    println!();
+    println!(
+        "## HTTP throughput: GET /, {CONNECTIONS} keep-alive connections, {}s after {}s warm-up",
+        MEASURE.as_secs(),
+        WARMUP.as_secs()
+    );
+    println!(
+        "{:<34} {:>12} {:>10} {:>10} {:>8}",
+        "formation", "req/s", "p50", "p99", "errors"
+    );
+    for n in [1u32, 2] {
+        let host = Host::start(&procfile, &["-m", &format!("web={n}"), "--queue", "4096"]);
+        let load = load(host.port);
+        println!(
+            "{:<34} {:>12.0} {:>10} {:>10} {:>8}",
+            format!("web={n}"),
+            load.rps,
+            format!("{:.2} ms", load.p50.as_secs_f64() * 1e3),
+            format!("{:.2} ms", load.p99.as_secs_f64() * 1e3),
+            load.errors
+        );
+    }
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.1} ms", d.as_secs_f64() * 1e3)
+}
+
+/// Builds the example guests in release mode into the bench's own target dir.
+fn build_guests() -> PathBuf {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let target = root.join("target/bench-guests");
+    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .args(["build", "--release", "--quiet", "--target", "wasm32-wasip2"])
+        .env("CARGO_TARGET_DIR", &target)
+        .current_dir(root.join("guest-examples"))
+        .status()
+        .expect("failed to run cargo");
+    assert!(
+        status.success(),
+        "building the guests failed (is `wasm32-wasip2` installed? `rustup target add wasm32-wasip2`)"
+    );
+    target.join("wasm32-wasip2/release")
+}
+
+/// A running `wasmform up`, killed and waited for on drop.
+struct Host {
+    child: Child,
+    port: u16,
+    to_listening: Duration,
+    formation_up: Duration,
+}
+
+impl Host {
+    #[expect(clippy::zombie_processes, reason = "the child is waited for in `Drop`")]
+    fn start(procfile: &Path, args: &[&str]) -> Self {
+        let started = Instant::now();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_wasmform"))
+            .args(["up", "-f", procfile.to_str().unwrap(), "-p", "0"])
+            .args(args)
+            .env("RUST_BACKTRACE", "0")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("failed to start wasmform");
+        let (tx, rx) = mpsc::channel();
+        let stdout = child.stdout.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    // Keep draining so the host never blocks on a full pipe.
+                    continue;
+                }
+            }
+        });
+        let mut formation_up = None;
+        loop {
+            let line = rx
+                .recv_timeout(Duration::from_secs(120))
+                .expect("wasmform did not start");
+            if let Some(rest) = line.split(" up in ").nth(1) {
+                formation_up = Some(parse_human(rest.split(" (").next().unwrap()));
+            }
+            if let Some(addr) = line.split("listening on http://").nth(1) {
+                let port = addr.trim().rsplit(':').next().unwrap().parse().unwrap();
+                return Self {
+                    child,
+                    port,
+                    to_listening: started.elapsed(),
+                    formation_up: formation_up.expect("no `up in` line before `listening`"),
+                };
+            }
+        }
+    }
+
+    fn rss_kib(&self) -> u64 {
+        // Let the allocator settle after the last request.
+        std::thread::sleep(Duration::from_millis(300));
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+        line.split_whitespace().nth(1).unwrap().parse().unwrap()
+    }
+}
+
+impl Drop for Host {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Parses wasmform's `850 µs`, `12.3 ms`, `2 s`.
+fn parse_human(text: &str) -> Duration {
+    let (number, unit) = text.trim().split_once(' ').unwrap();
+    let number: f64 = number.parse().unwrap();
+    Duration::from_secs_f64(match unit {
+        "µs" => number / 1e6,
+        "ms" => number / 1e3,
+        "s" => number,
+        other => panic!("unknown unit {other}"),
+    })
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// `count` sequential requests over one keep-alive connection.
+fn get_many(port: u16, count: usize) {
+    runtime().block_on(async move {
+        let mut conn = Conn::open(port).await;
+        for _ in 0..count {
+            assert_eq!(conn.get().await, Some(200));
+        }
+    });
+}
+
+struct Load {
+    rps: f64,
+    p50: Duration,
+    p99: Duration,
+    errors: u64,
+}
+
+/// Drives `CONNECTIONS` keep-alive connections for `WARMUP` + `MEASURE`; every loop is
+/// bounded by the deadline.
+fn load(port: u16) -> Load {
+    runtime().block_on(async move {
+        let start = Instant::now();
+        let measure_from = start + WARMUP;
+        let deadline = measure_from + MEASURE;
+        let tasks: Vec<_> = (0..CONNECTIONS)
+            .map(|_| {
+                tokio::spawn(async move {
+                    let mut conn = Conn::open(port).await;
+                    let mut latencies = Vec::new();
+                    let mut errors = 0u64;
+                    loop {
+                        let sent = Instant::now();
+                        if sent >= deadline {
+                            break;
+                        }
+                        let ok = conn.get().await == Some(200);
+                        if sent >= measure_from {
+                            if ok {
+                                latencies.push(sent.elapsed());
+                            } else {
+                                errors += 1;
+                            }
+                        }
+                        if !ok {
+                            conn = Conn::open(port).await;
+                        }
+                    }
+                    (latencies, errors)
+                })
+            })
+            .collect();
+        let mut all = Vec::new();
+        let mut errors = 0;
+        for task in tasks {
+            let (latencies, e) = task.await.unwrap();
+            all.extend(latencies);
+            errors += e;
+        }
+        all.sort();
+        let pct = |p: f64| {
+            all.get(((all.len() as f64 * p) as usize).min(all.len().saturating_sub(1)))
+                .copied()
+                .unwrap_or_default()
+        };
+        Load {
+            rps: all.len() as f64 / MEASURE.as_secs_f64(),
+            p50: pct(0.50),
+            p99: pct(0.99),
+            errors,
+        }
+    })
+}
+
+/// One HTTP/1.1 keep-alive client connection.
+struct Conn {
+    sender: hyper::client::conn::http1::SendRequest<Empty<Bytes>>,
+}
+
+impl Conn {
+    async fn open(port: u16) -> Self {
+        let stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .unwrap();
+        stream.set_nodelay(true).unwrap();
+        let (sender, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                .await
+                .unwrap();
+        tokio::spawn(conn);
+        Self { sender }
+    }
+
+    async fn get(&mut self) -> Option<u16> {
+        let request = hyper::Request::get("/")
+            .header("host", "127.0.0.1")
+            .body(Empty::new())
+            .unwrap();
+        self.sender.ready().await.ok()?;
+        let response = self.sender.send_request(request).await.ok()?;
+        let status = response.status().as_u16();
+        response.into_body().collect().await.ok()?;
+        Some(status)
+    }
+}
