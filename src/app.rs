@@ -136,8 +136,10 @@ impl fmt::Display for ByteSize {
                 return write!(f, "{} {unit}", self.0 / size);
             }
         }
-        if self.0 >= 1 << 20 {
-            return write!(f, "{:.1} MiB", self.0 as f64 / (1 << 20) as f64);
+        for (size, unit) in UNITS {
+            if self.0 >= size {
+                return write!(f, "{:.1} {unit}", self.0 as f64 / size as f64);
+            }
         }
         write!(f, "{} B", self.0)
     }
@@ -259,6 +261,8 @@ mod tests {
                 .contains("at most 4GiB")
         );
         assert_eq!(ByteSize::mib(256).to_string(), "256 MiB");
+        assert_eq!(ByteSize::bytes(3 << 29).to_string(), "1.5 GiB");
+        assert_eq!(ByteSize::bytes(1_114_112 + 1).to_string(), "1.1 MiB");
     }
 
     #[test]

@@ -42,13 +42,7 @@ impl Formation {
     /// and the named types override it, whatever the order. The whole spec is rejected if any
     /// part is invalid; `self` is then unchanged.
     pub fn apply_spec(&mut self, spec: &str) -> Result<(), String> {
-        let known = || {
-            self.types
-                .keys()
-                .map(ProcessName::as_str)
-                .collect::<Vec<_>>()
-                .join(", ")
-        };
+        let known = || self.known();
         let mut all = None;
         let mut named = Vec::new();
         for part in spec.split([',', ' ']).filter(|s| !s.trim().is_empty()) {
@@ -87,6 +81,132 @@ impl Formation {
             self.types.get_mut(&name).expect("checked above").count = count;
         }
         Ok(())
+    }
+
+    /// Applies Heroku's `ps:scale` changes: `web=3`, `worker+1`, `clock-1`, `web=2:512MiB`,
+    /// several at once; only the named types change. `memory` (`--memory`) applies to every
+    /// named type without its own `:SIZE`. `max_memory` is the largest limit the host accepts.
+    /// Returns the new formation; on any invalid change nothing is returned and `self` is
+    /// unchanged.
+    pub fn with_changes(
+        &self,
+        changes: &[String],
+        memory: Option<ByteSize>,
+        max_memory: ByteSize,
+    ) -> Result<Self, String> {
+        if changes.is_empty() {
+            return Err(
+                "nothing to scale: give changes like `web=3`, `worker+1` or `clock=0`".into(),
+            );
+        }
+        let known = self.known();
+        let mut next = self.clone();
+        for change in changes
+            .iter()
+            .flat_map(|c| c.split([',', ' ']))
+            .filter(|c| !c.is_empty())
+        {
+            // Type names may contain `-`: prefer a known name followed by an operator, so that
+            // `my-worker-1` means "my-worker minus 1".
+            let known_split = self
+                .types
+                .keys()
+                .map(|k| k.as_str().len())
+                .filter(|&len| {
+                    change.len() > len
+                        && change.is_char_boundary(len)
+                        && self.types.contains_key(&change[..len])
+                        && matches!(change.as_bytes()[len], b'=' | b'+' | b'-')
+                })
+                .max();
+            let split = known_split
+                .or_else(|| change.find(['=', '+', '-']))
+                .ok_or_else(|| format!("invalid change `{change}`: expected `TYPE=N`, `TYPE+N` or `TYPE-N`, e.g. `web=3`"))?;
+            let (name, rest) = change.split_at(split);
+            let (op, value) = rest.split_at(1);
+            if name.is_empty() {
+                return Err(format!(
+                    "invalid change `{change}`: missing the process type before `{op}` (known types: {known})"
+                ));
+            }
+            let Some((key, current)) = next.types.get_key_value(name).map(|(k, v)| (k.clone(), *v))
+            else {
+                return Err(format!(
+                    "unknown process type `{name}` in `{change}`: known types are {known}"
+                ));
+            };
+            let (count, size) = match value.split_once(':') {
+                Some((count, size)) => {
+                    let size = size
+                        .parse::<ByteSize>()
+                        .map_err(|e| format!("`{change}`: {e}"))?;
+                    (count, Some(size))
+                }
+                None => (value, None),
+            };
+            let n = parse_count(name, count)?;
+            let count = match op {
+                "=" => n,
+                "+" => current
+                    .count
+                    .checked_add(n)
+                    .filter(|c| *c <= MAX_COUNT)
+                    .ok_or_else(|| {
+                        format!(
+                            "`{change}` would scale `{name}` to more than {MAX_COUNT} instances"
+                        )
+                    })?,
+                _ => current.count.checked_sub(n).ok_or_else(|| {
+                    format!(
+                        "`{change}` would scale `{name}` below 0 (it has {})",
+                        current.count
+                    )
+                })?,
+            };
+            let memory = size.or(memory).unwrap_or(current.memory);
+            if memory > max_memory {
+                return Err(format!(
+                    "memory {memory} for `{name}` is above this host's maximum of {max_memory}: restart `wasmform up` with a larger `--max-memory`"
+                ));
+            }
+            next.types.insert(key, Scale { count, memory });
+        }
+        Ok(next)
+    }
+
+    /// Sets one type's scale (used when restoring a stored formation).
+    pub fn set(&mut self, name: &ProcessName, scale: Scale) -> bool {
+        match self.types.get_mut(name) {
+            Some(slot) => {
+                *slot = scale;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Sets the memory of every type.
+    pub fn set_memory(&mut self, memory: ByteSize) {
+        for scale in self.types.values_mut() {
+            scale.memory = memory;
+        }
+    }
+
+    /// The known type names, comma separated, for error messages.
+    pub fn known(&self) -> String {
+        self.types
+            .keys()
+            .map(ProcessName::as_str)
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    /// Σ count × memory over all types, in bytes.
+    pub fn memory_total(&self) -> u64 {
+        self.types
+            .values()
+            .map(|s| u64::from(s.count) * s.memory.as_u64())
+            .sum()
     }
 
     /// The desired scale of `name`, if the type exists.
@@ -157,6 +277,79 @@ mod tests {
                 })
                 .collect(),
         }
+    }
+
+    fn scale(f: &Formation, changes: &[&str], memory: Option<&str>) -> Result<Formation, String> {
+        let changes: Vec<String> = changes.iter().map(|s| s.to_string()).collect();
+        f.with_changes(
+            &changes,
+            memory.map(|m| m.parse().unwrap()),
+            ByteSize::mib(1024),
+        )
+    }
+
+    #[test]
+    fn heroku_scale_syntax() {
+        let app = app(&["web", "worker", "clock"]);
+        let f = Formation::default_for(&app, ByteSize::mib(256));
+        let g = scale(&f, &["web=3", "worker+1", "clock=0"], None).unwrap();
+        assert_eq!(counts(&g), "clock=0, web=3, worker=2");
+        let g = scale(&g, &["web-2", "worker=1:512MiB"], None).unwrap();
+        assert_eq!(counts(&g), "clock=0, web=1, worker=1");
+        assert_eq!(
+            g.get(&ProcessName::new("worker").unwrap()).unwrap().memory,
+            ByteSize::mib(512)
+        );
+        assert_eq!(
+            g.get(&ProcessName::new("web").unwrap()).unwrap().memory,
+            ByteSize::mib(256)
+        );
+        let g = scale(&g, &["web=2"], Some("128MiB")).unwrap();
+        assert_eq!(
+            g.get(&ProcessName::new("web").unwrap()).unwrap().memory,
+            ByteSize::mib(128)
+        );
+        assert_eq!(
+            g.memory_total(),
+            2 * 128 * ByteSize::MIB + 512 * ByteSize::MIB
+        );
+    }
+
+    #[test]
+    fn heroku_scale_rejects_bad_changes() {
+        let app = app(&["web", "worker"]);
+        let f = Formation::default_for(&app, ByteSize::mib(256));
+        for (changes, needle) in [
+            (&["web=-1"][..], "invalid count `-1` for `web`"),
+            (&["web=abc"], "invalid count `abc` for `web`"),
+            (&["web="], "missing count for `web`"),
+            (&["=3"], "missing the process type"),
+            (&["web=1.5"], "invalid count `1.5` for `web`"),
+            (&["web=99999999999"], "too large"),
+            (
+                &["wrk=2"],
+                "unknown process type `wrk` in `wrk=2`: known types are web, worker",
+            ),
+            (&["web=2", "wrk=1"], "unknown process type `wrk`"),
+            (&["web-3"], "would scale `web` below 0 (it has 1)"),
+            (&["web"], "expected `TYPE=N`"),
+            (&["web+99999"], "more than 10000"),
+            (&["web=1:12XB"], "invalid memory size `12XB`"),
+            (&["web=1:2GiB"], "above this host's maximum of 1 GiB"),
+            (&[], "nothing to scale"),
+        ] {
+            let err = scale(&f, changes, None).unwrap_err();
+            assert!(err.contains(needle), "{changes:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn names_with_dashes() {
+        let app = app(&["my-worker", "web"]);
+        let f = Formation::default_for(&app, ByteSize::mib(256));
+        let g = scale(&f, &["my-worker+2"], None).unwrap();
+        let g = scale(&g, &["my-worker-1"], None).unwrap();
+        assert_eq!(counts(&g), "my-worker=2, web=1");
     }
 
     fn counts(f: &Formation) -> String {

@@ -2,6 +2,7 @@
 //! `wasi:cli/run`. Each owns its `Store`; a trapped instance is dropped, never entered again.
 
 use std::convert::Infallible;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -16,7 +17,7 @@ use wasmtime_wasi_http::p2::bindings::http::types::{ErrorCode, Scheme};
 use wasmtime_wasi_http::p2::bindings::{Proxy, ProxyPre};
 
 use crate::app::ByteSize;
-use crate::runtime::{InstanceSetup, InstanceState, Runtime};
+use crate::runtime::{Compiled, InstanceSetup, InstanceState, Kind, Runtime};
 
 /// Body of every response the host sends, from a guest or its own.
 pub type ResponseBody = wasmtime_wasi_http::p2::body::HyperOutgoingBody;
@@ -61,7 +62,18 @@ pub struct WebInstance {
     /// Requests this incarnation has served.
     pub served: u64,
     /// Tells the instance's supervisor slot why the instance ended; taken on the first crash.
+    /// Dropped unsent when the instance is dropped for another reason (its slot stopped).
     exit: Option<oneshot::Sender<String>>,
+    /// Set by the slot when it stops: the pool drops the instance instead of reusing it.
+    retired: Arc<AtomicBool>,
+    /// Requests served by the slot, for `ps`.
+    requests: Arc<AtomicU64>,
+}
+
+impl crate::router::Member for WebInstance {
+    fn is_retired(&self) -> bool {
+        self.retired.load(Ordering::Acquire)
+    }
 }
 
 impl WebInstance {
@@ -71,6 +83,8 @@ impl WebInstance {
         pre: &ProxyPre<InstanceState>,
         setup: InstanceSetup<'_>,
         exit: oneshot::Sender<String>,
+        retired: Arc<AtomicBool>,
+        requests: Arc<AtomicU64>,
     ) -> anyhow::Result<Self> {
         let name = Arc::from(setup.instance);
         let memory = setup.memory;
@@ -86,12 +100,14 @@ impl WebInstance {
             memory,
             served: 0,
             exit: Some(exit),
+            retired,
+            requests,
         })
     }
 
-    /// Bytes of linear memory in use.
-    pub fn memory_used(&self) -> usize {
-        self.store.data().limiter.used()
+    /// Whether its slot has stopped.
+    pub fn is_retired(&self) -> bool {
+        crate::router::Member::is_retired(self)
     }
 
     /// Handles one request, sending the response (or why there is none) on `reply` as soon as
@@ -104,6 +120,7 @@ impl WebInstance {
         timeout: Duration,
     ) -> Option<Self> {
         self.served += 1;
+        self.requests.fetch_add(1, Ordering::Relaxed);
         // The guest may set the response at any point of the call, or never: whoever comes
         // first (the outparam callback, or the end of the call) sends the reply.
         let reply = Arc::new(Mutex::new(Some(reply)));
@@ -191,6 +208,22 @@ pub async fn run_worker(
         Ok(Err(())) => "exited with status 1".to_string(),
         Err(e) => describe(&e, &store, memory),
     })
+}
+
+/// Instantiates `compiled` once and drops it: checks that the component starts with the
+/// limits in `setup` (e.g. a new memory limit) without running any of its exports.
+pub async fn probe(
+    runtime: &Runtime,
+    compiled: &Compiled,
+    setup: InstanceSetup<'_>,
+) -> Result<(), String> {
+    let memory = setup.memory;
+    let mut store = runtime.new_store(setup);
+    let result = match &compiled.kind {
+        Kind::Http(pre) => pre.instantiate_async(&mut store).await.map(drop),
+        Kind::Command(pre) => pre.instantiate_async(&mut store).await.map(drop),
+    };
+    result.map_err(|e| describe(&e, &store, memory))
 }
 
 /// Turns a guest failure into the reason users read in the log.

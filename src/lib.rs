@@ -49,6 +49,7 @@
 
 pub mod app;
 pub mod cli;
+pub mod control;
 pub mod formation;
 pub mod instance;
 pub mod logs;
@@ -56,17 +57,17 @@ pub mod procfile;
 pub mod proxy;
 pub mod router;
 pub mod runtime;
+pub mod state;
 pub mod supervisor;
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, bail};
 use tokio::net::TcpListener;
-use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 pub use crate::app::{AppSpec, ByteSize, ProcessName};
 pub use crate::formation::Formation;
@@ -76,15 +77,25 @@ use crate::logs::Logs;
 use crate::proxy::Router;
 use crate::router::Pool;
 use crate::runtime::{Compiled, EngineSettings, Runtime};
-use crate::supervisor::{ProcessType, Supervisor};
+use crate::state::StateDir;
+use crate::supervisor::{Limits, ProcessType, Supervisor, SupervisorConfig};
+
+/// Default memory limit per instance.
+pub const DEFAULT_MEMORY: ByteSize = ByteSize::mib(256);
 
 /// Settings of a host, as `wasmform up` takes them.
 #[derive(Clone, Debug)]
 pub struct HostOptions {
-    /// foreman's `-m`: `web=2,worker=1`, `all=0`. Default: one instance of each type.
+    /// foreman's `-m`: `web=2,worker=1`, `all=0`. Default: the stored formation, else one
+    /// instance of each type.
     pub formation: Option<String>,
-    /// Memory limit of each instance.
-    pub memory: ByteSize,
+    /// Memory limit of each instance of every type. Default: the stored limits, else 256 MiB.
+    pub memory: Option<ByteSize>,
+    /// Largest memory limit `scale` may set; sizes the engine's memory slots. Default: 1 GiB or
+    /// the formation's largest limit.
+    pub max_memory: Option<ByteSize>,
+    /// Memory budget for all instances. Default: the machine's (or cgroup's) memory.
+    pub capacity: Option<ByteSize>,
     /// Longest time for a guest to produce response headers (504 after).
     pub request_timeout: Duration,
     /// Requests that may wait for a free instance before 503.
@@ -96,18 +107,23 @@ pub struct HostOptions {
     pub max_instances: Option<u32>,
     /// Cache compiled components on disk.
     pub cache: bool,
+    /// State directory (persisted formation, control socket). `None`: neither.
+    pub state_dir: Option<PathBuf>,
 }
 
 impl Default for HostOptions {
     fn default() -> Self {
         Self {
             formation: None,
-            memory: ByteSize::mib(256),
+            memory: None,
+            max_memory: None,
+            capacity: None,
             request_timeout: Duration::from_secs(30),
             queue_limit: 1024,
             restart: RestartPolicy::default(),
             max_instances: None,
             cache: true,
+            state_dir: None,
         }
     }
 }
@@ -121,6 +137,10 @@ pub struct Host {
     /// Index into `processes` of the type HTTP is routed to.
     routed: Option<usize>,
     options: HostOptions,
+    limits: Limits,
+    state: Option<StateDir>,
+    /// Notes for the log once it exists (e.g. stored types no longer in the Procfile).
+    notes: Vec<String>,
     /// How long compiling took, for the start-up line.
     compile_time: Duration,
 }
@@ -128,13 +148,40 @@ pub struct Host {
 impl Host {
     /// Validates the formation, compiles every component (in parallel) and checks each one's
     /// world. Blocking: call it off the async runtime.
+    ///
+    /// The formation is, in order: one instance of each type at 256 MiB; the formation stored
+    /// in the state directory; `options.formation` and `options.memory`. The result is stored.
     pub fn new(app: AppSpec, options: HostOptions) -> Result<Self> {
-        let mut formation = Formation::default_for(&app, options.memory);
+        let mut formation = Formation::default_for(&app, DEFAULT_MEMORY);
+        let mut notes = Vec::new();
+        let state = options.state_dir.clone().map(StateDir::new);
+        if let Some(state) = &state
+            && let Some((stored, dropped)) = state.load_formation(&formation)?
+        {
+            formation = stored;
+            for name in dropped {
+                notes.push(format!(
+                    "stored formation names `{name}`, which the Procfile no longer defines: ignored"
+                ));
+            }
+        }
         if let Some(spec) = &options.formation {
             formation
                 .apply_spec(spec)
                 .map_err(|e| anyhow::anyhow!("{e}"))?;
         }
+        if let Some(memory) = options.memory {
+            formation.set_memory(memory);
+        }
+        let largest = formation
+            .iter()
+            .map(|(_, s)| s.memory)
+            .max()
+            .unwrap_or(DEFAULT_MEMORY);
+        let max_memory = options
+            .max_memory
+            .unwrap_or(ByteSize::mib(1024))
+            .max(largest);
         let max_instances = match options.max_instances {
             Some(n) => n,
             None => u32::try_from(formation.total() + 64)
@@ -147,9 +194,10 @@ impl Host {
                 formation.total()
             );
         }
+        let capacity = options.capacity.unwrap_or_else(system_memory);
         let runtime = Runtime::new(&EngineSettings {
             max_instances,
-            max_memory: options.memory,
+            max_memory,
             cache: options.cache,
         })?;
 
@@ -188,12 +236,24 @@ impl Host {
                 );
             }
         };
+        if let Some(state) = &state {
+            state.create()?;
+            state.store_formation(&formation)?;
+        }
         Ok(Self {
             formation,
             runtime: Arc::new(runtime),
             processes,
             routed,
+            limits: Limits {
+                capacity,
+                max_instances,
+                max_memory,
+                drain_timeout: options.request_timeout + Duration::from_secs(1),
+            },
             options,
+            state,
+            notes,
             compile_time,
         })
     }
@@ -204,68 +264,57 @@ impl Host {
     }
 
     /// Starts every instance of the formation, waits until all are up, then serves HTTP on
-    /// `listener`. An instance that cannot even be instantiated fails the start.
+    /// `listener` (and the control API on the state directory's socket, if there is one). An
+    /// instance that cannot even be instantiated fails the start.
     pub async fn start(self, listener: TcpListener) -> Result<RunningHost> {
         let started = Instant::now();
         let addr = listener
             .local_addr()
             .context("listener has no local address")?;
+        let control_listener = match &self.state {
+            Some(state) => Some(control::bind(state).await?),
+            None => None,
+        };
         let width = self
-            .formation
+            .processes
             .iter()
-            .map(|(name, scale)| name.as_str().len() + 1 + scale.count.max(1).to_string().len())
+            .map(|(spec, _)| spec.name.as_str().len() + 5)
             .max()
             .unwrap_or(0);
         let (logs, printer) = Logs::stdout(width);
-        let supervisor = Arc::new(Supervisor {
-            runtime: self.runtime.clone(),
-            logs: logs.clone(),
-            cancel: CancellationToken::new(),
-            tasks: TaskTracker::new(),
-            restart: self.options.restart,
-            port: addr.port(),
-        });
+        for note in &self.notes {
+            logs.host(note.clone());
+        }
 
-        let mut pending = Vec::new();
         let mut routed_pool = None;
+        let mut types = Vec::new();
         for (index, (spec, compiled)) in self.processes.iter().enumerate() {
-            let scale = self
-                .formation
-                .get(&spec.name)
-                .expect("every type has a scale");
             let pool = compiled
                 .is_http()
                 .then(|| Arc::new(Pool::new(self.options.queue_limit)));
             if Some(index) == self.routed {
                 routed_pool = pool.clone();
             }
-            let process = Arc::new(ProcessType {
+            types.push(Arc::new(ProcessType {
                 spec: spec.clone(),
                 compiled: compiled.clone(),
                 colour: index,
-                memory: scale.memory,
                 pool,
-            });
-            for n in 1..=scale.count {
-                let (tx, rx) = oneshot::channel();
-                supervisor.spawn_slot(&process, n, tx);
-                pending.push((format!("{}.{n}", spec.name), spec.clone(), rx));
-            }
+            }));
         }
-        for (name, spec, rx) in pending {
-            let failure = match rx.await {
-                Ok(Ok(())) => continue,
-                Ok(Err(e)) => e,
-                Err(_) => "its task ended unexpectedly".to_string(),
-            };
-            supervisor.cancel.cancel();
-            supervisor.tasks.close();
-            supervisor.tasks.wait().await;
-            bail!(
-                "process type `{}` ({}): instance {name} failed to start: {failure}",
-                spec.name,
-                spec.component.display()
-            );
+        let supervisor = Supervisor::new(SupervisorConfig {
+            runtime: self.runtime.clone(),
+            logs: logs.clone(),
+            restart: self.options.restart,
+            port: addr.port(),
+            limits: self.limits,
+            types,
+            formation: self.formation.clone(),
+            store: self.state.clone(),
+        });
+        if let Err(failure) = supervisor.start().await {
+            supervisor.shutdown(Duration::from_secs(5)).await;
+            bail!("{failure}");
         }
 
         let router = Arc::new(Router {
@@ -279,6 +328,15 @@ impl Host {
         });
         let stop_http = CancellationToken::new();
         let server = tokio::spawn(proxy::serve(listener, router, stop_http.clone()));
+        let control = control_listener.map(|(listener, path)| {
+            let task = tokio::spawn(control::serve(
+                listener,
+                supervisor.clone(),
+                logs.clone(),
+                stop_http.clone(),
+            ));
+            (task, path)
+        });
         logs.host(format!(
             "formation {} up in {} (compiled {} components in {})",
             self.formation,
@@ -286,16 +344,39 @@ impl Host {
             self.processes.len(),
             humanize(self.compile_time)
         ));
+        if let Some((_, path)) = &control {
+            logs.host(format!("control API on {}", path.display()));
+        }
         logs.host(format!("listening on http://{addr}"));
         Ok(RunningHost {
             addr,
             supervisor,
             stop_http,
             server,
+            control,
             printer,
             logs,
         })
     }
+}
+
+/// The machine's memory, or its cgroup's limit if lower: the default capacity.
+fn system_memory() -> ByteSize {
+    let cgroup = std::fs::read_to_string("/sys/fs/cgroup/memory.max")
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok());
+    let total = std::fs::read_to_string("/proc/meminfo").ok().and_then(|s| {
+        s.lines()
+            .find(|l| l.starts_with("MemTotal:"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|kib| kib.parse::<u64>().ok())
+            .map(|kib| kib * 1024)
+    });
+    let bytes = match (cgroup, total) {
+        (Some(c), Some(t)) => c.min(t),
+        (c, t) => c.or(t).unwrap_or(4 << 30),
+    };
+    ByteSize::bytes(bytes)
 }
 
 /// A started host. Dropping it without [`RunningHost::shutdown`] leaves tasks running until
@@ -303,9 +384,11 @@ impl Host {
 pub struct RunningHost {
     addr: SocketAddr,
     supervisor: Arc<Supervisor>,
-    /// Cancelled to stop accepting connections.
+    /// Cancelled to stop accepting connections (HTTP and control).
     stop_http: CancellationToken,
     server: tokio::task::JoinHandle<()>,
+    /// The control API task and its socket path, removed at shutdown.
+    control: Option<(tokio::task::JoinHandle<()>, PathBuf)>,
     printer: tokio::task::JoinHandle<()>,
     logs: Logs,
 }
@@ -331,13 +414,12 @@ impl RunningHost {
             tracing::warn!("grace period over; dropping the remaining connections");
             server.abort();
         }
-        self.supervisor.cancel.cancel();
-        self.supervisor.tasks.close();
+        if let Some((task, path)) = self.control {
+            task.abort();
+            let _ = std::fs::remove_file(path);
+        }
         let left = deadline.saturating_duration_since(Instant::now());
-        if tokio::time::timeout(left, self.supervisor.tasks.wait())
-            .await
-            .is_err()
-        {
+        if !self.supervisor.shutdown(left).await {
             tracing::warn!("some instances did not stop within the grace period");
         }
         self.logs.host("stopped");

@@ -6,7 +6,9 @@
 //! ```
 //!
 //! Guests write into a [`LogSink`]; complete lines go through a bounded channel to one printer
-//! task that owns stdout. When the channel is full (a guest floods its output faster than the
+//! task that owns stdout. The printer also keeps the last [`HISTORY`] lines for `wasmform logs`
+//! and broadcasts every line to followers (`logs -f`); a follower that falls behind skips
+//! lines and is told how many. When the channel is full (a guest floods its output faster than the
 //! terminal takes it) lines are dropped and counted, never buffered without bound, and the
 //! printer reports how many were lost. Control characters are escaped before they reach a
 //! terminal.
@@ -16,7 +18,9 @@ use std::io::{IsTerminal, Write as _};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use tokio::sync::mpsc;
+use std::collections::VecDeque;
+
+use tokio::sync::{broadcast, mpsc};
 
 /// How many lines may wait for the printer before new ones are dropped.
 const CHANNEL_CAPACITY: usize = 16 * 1024;
@@ -27,6 +31,45 @@ const MAX_LINE: usize = 16 * 1024;
 
 /// Name under which host events are logged.
 pub const HOST: &str = "wasmform";
+
+/// Name under which formation changes are logged, as Heroku's `app[api]`.
+pub const API: &str = "wasmform[api]";
+
+/// Lines kept for `wasmform logs`.
+pub const HISTORY: usize = 10_000;
+
+/// A printed line, as kept in the history and sent to followers.
+#[derive(Debug)]
+pub struct Record {
+    /// `HH:MM:SS`, local time.
+    pub time: String,
+    /// `web.1`, [`HOST`] or [`API`].
+    pub source: Arc<str>,
+    /// The text, control characters already escaped.
+    pub text: String,
+}
+
+impl Record {
+    /// `HH:MM:SS web.1 | text`, without padding or colour.
+    pub fn plain(&self) -> String {
+        format!("{} {} | {}", self.time, self.source, self.text)
+    }
+
+    /// Whether the line comes from `filter`: a type (`web`) or an instance (`web.1`).
+    pub fn matches(&self, filter: &str) -> bool {
+        let source = &*self.source;
+        source == filter
+            || source
+                .strip_prefix(filter)
+                .is_some_and(|rest| rest.starts_with('.'))
+    }
+}
+
+/// The history and the followers, shared between the printer and readers.
+struct Shared {
+    history: Mutex<VecDeque<Arc<Record>>>,
+    follow: broadcast::Sender<Arc<Record>>,
+}
 
 /// One line on its way to the printer.
 struct Line {
@@ -45,6 +88,7 @@ pub struct Logs {
     dropped: Arc<AtomicU64>,
     /// Width to which sources are padded so the `|` columns line up.
     width: usize,
+    shared: Arc<Shared>,
 }
 
 impl Logs {
@@ -53,18 +97,58 @@ impl Logs {
         let (tx, rx) = mpsc::channel(CHANNEL_CAPACITY);
         let dropped = Arc::new(AtomicU64::new(0));
         let colour = std::io::stdout().is_terminal();
-        let width = width.max(HOST.len());
-        let printer = tokio::spawn(print(rx, dropped.clone(), width, colour));
-        (Self { tx, dropped, width }, printer)
+        let width = width.max(API.len());
+        let shared = Arc::new(Shared {
+            history: Mutex::new(VecDeque::with_capacity(1024)),
+            follow: broadcast::channel(4096).0,
+        });
+        let printer = tokio::spawn(print(rx, dropped.clone(), width, colour, shared.clone()));
+        (
+            Self {
+                tx,
+                dropped,
+                width,
+                shared,
+            },
+            printer,
+        )
     }
 
     /// Logs a host event under the name `wasmform`.
     pub fn host(&self, text: impl Into<String>) {
+        self.event(HOST, text);
+    }
+
+    /// Logs an event under `source` (e.g. [`API`]).
+    pub fn event(&self, source: &str, text: impl Into<String>) {
         self.send(Line {
-            source: Arc::from(HOST),
+            source: Arc::from(source),
             colour: None,
             text: text.into(),
         });
+    }
+
+    /// The last `n` lines, oldest first, from `filter` (a type or instance) if given.
+    pub fn recent(&self, n: usize, filter: Option<&str>) -> Vec<Arc<Record>> {
+        let history = self
+            .shared
+            .history
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let mut lines: Vec<Arc<Record>> = history
+            .iter()
+            .rev()
+            .filter(|r| filter.is_none_or(|f| r.matches(f)))
+            .take(n)
+            .cloned()
+            .collect();
+        lines.reverse();
+        lines
+    }
+
+    /// Every line printed from now on.
+    pub fn follow(&self) -> broadcast::Receiver<Arc<Record>> {
+        self.shared.follow.subscribe()
     }
 
     /// A sink for one instance's stdout or stderr.
@@ -141,50 +225,65 @@ impl LogSink {
 /// ANSI colours cycled over process types, as foreman does.
 const COLOURS: [&str; 6] = ["36", "33", "32", "35", "34", "31"];
 
-async fn print(mut rx: mpsc::Receiver<Line>, dropped: Arc<AtomicU64>, width: usize, colour: bool) {
+async fn print(
+    mut rx: mpsc::Receiver<Line>,
+    dropped: Arc<AtomicU64>,
+    width: usize,
+    colour: bool,
+    shared: Arc<Shared>,
+) {
     let mut buf = String::new();
     let mut batch = Vec::with_capacity(256);
     while rx.recv_many(&mut batch, 256).await > 0 {
         buf.clear();
-        let now = jiff::Zoned::now();
-        let time = now.strftime("%H:%M:%S");
+        let time = jiff::Zoned::now().strftime("%H:%M:%S").to_string();
         let lost = dropped.swap(0, Ordering::Relaxed);
         if lost > 0 {
-            let line = Line {
-                source: Arc::from(HOST),
-                colour: None,
-                text: format!(
-                    "{lost} log lines dropped: output arrived faster than it could be written"
-                ),
-            };
-            format_line(&mut buf, &time, &line, width, colour);
+            batch.insert(
+                0,
+                Line {
+                    source: Arc::from(HOST),
+                    colour: None,
+                    text: format!(
+                        "{lost} log lines dropped: output arrived faster than it could be written"
+                    ),
+                },
+            );
         }
+        let mut history = shared.history.lock().unwrap_or_else(|e| e.into_inner());
         for line in batch.drain(..) {
-            format_line(&mut buf, &time, &line, width, colour);
+            let mut text = String::with_capacity(line.text.len());
+            neutralise(&mut text, &line.text);
+            let record = Arc::new(Record {
+                time: time.clone(),
+                source: line.source,
+                text,
+            });
+            format_line(&mut buf, &record, line.colour, width, colour);
+            if history.len() == HISTORY {
+                history.pop_front();
+            }
+            history.push_back(record.clone());
+            // No followers is the common case, not an error.
+            let _ = shared.follow.send(record);
         }
+        drop(history);
         let mut out = std::io::stdout().lock();
         // A closed stdout (e.g. `wasmform up | head`) must not take the host down.
         let _ = out.write_all(buf.as_bytes()).and_then(|()| out.flush());
     }
 }
 
-fn format_line(
-    buf: &mut String,
-    time: &impl std::fmt::Display,
-    line: &Line,
-    width: usize,
-    colour: bool,
-) {
-    let code = match line.colour {
-        Some(i) => COLOURS[i % COLOURS.len()],
-        None => "1",
-    };
+fn format_line(buf: &mut String, record: &Record, code: Option<usize>, width: usize, colour: bool) {
+    let time = &record.time;
+    let source = &record.source;
     if colour {
-        let _ = write!(buf, "\x1b[{code}m{time} {:<width$} |\x1b[0m ", line.source);
+        let code = code.map_or("1", |i| COLOURS[i % COLOURS.len()]);
+        let _ = write!(buf, "\x1b[{code}m{time} {source:<width$} |\x1b[0m ");
     } else {
-        let _ = write!(buf, "{time} {:<width$} | ", line.source);
+        let _ = write!(buf, "{time} {source:<width$} | ");
     }
-    neutralise(buf, &line.text);
+    buf.push_str(&record.text);
     buf.push('\n');
 }
 
@@ -204,6 +303,32 @@ fn neutralise(buf: &mut String, text: &str) {
 mod tests {
     use super::*;
 
+    fn test_logs(tx: mpsc::Sender<Line>) -> Logs {
+        Logs {
+            tx,
+            dropped: Arc::default(),
+            width: 8,
+            shared: Arc::new(Shared {
+                history: Mutex::default(),
+                follow: broadcast::channel(1).0,
+            }),
+        }
+    }
+
+    #[test]
+    fn record_filters() {
+        let record = Record {
+            time: "12:00:00".into(),
+            source: Arc::from("web.12"),
+            text: "hi".into(),
+        };
+        assert!(record.matches("web"));
+        assert!(record.matches("web.12"));
+        assert!(!record.matches("web.1"));
+        assert!(!record.matches("we"));
+        assert_eq!(record.plain(), "12:00:00 web.12 | hi");
+    }
+
     #[test]
     fn control_characters_are_escaped() {
         let mut buf = String::new();
@@ -214,11 +339,7 @@ mod tests {
     #[tokio::test]
     async fn sink_splits_lines_across_writes() {
         let (tx, mut rx) = mpsc::channel(16);
-        let logs = Logs {
-            tx,
-            dropped: Arc::default(),
-            width: 8,
-        };
+        let logs = test_logs(tx);
         let sink = logs.sink("web.1", 0);
         sink.write(b"hel");
         sink.write(b"lo\nwor");
@@ -234,11 +355,7 @@ mod tests {
     #[tokio::test]
     async fn full_channel_drops_and_counts() {
         let (tx, _rx) = mpsc::channel(1);
-        let logs = Logs {
-            tx,
-            dropped: Arc::default(),
-            width: 8,
-        };
+        let logs = test_logs(tx);
         for _ in 0..5 {
             logs.host("x");
         }

@@ -12,6 +12,12 @@ use std::sync::Mutex;
 
 use tokio::sync::oneshot;
 
+/// What the pool needs to know of its instances.
+pub trait Member {
+    /// A retired instance (its slot stopped) is dropped on release instead of reused.
+    fn is_retired(&self) -> bool;
+}
+
 /// Why no instance could be had.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Busy {
@@ -38,7 +44,7 @@ struct Inner<T> {
     live: usize,
 }
 
-impl<T> Pool<T> {
+impl<T: Member> Pool<T> {
     /// An empty pool letting `queue_limit` requests wait.
     pub fn new(queue_limit: usize) -> Self {
         Self {
@@ -87,6 +93,9 @@ impl<T> Pool<T> {
     /// Returns an instance after a request: to the oldest waiter, else to the back of the
     /// free list.
     pub fn release(&self, mut instance: T) {
+        if instance.is_retired() {
+            return;
+        }
         let mut inner = self.lock();
         while let Some(waiter) = inner.waiters.pop_front() {
             match waiter.send(instance) {
@@ -108,15 +117,12 @@ impl<T> Pool<T> {
         }
     }
 
-    /// Removes every free instance matching `pred` and returns them; they count as gone.
+    /// Removes every free instance matching `pred` and returns them. Their slots still
+    /// count as live until they call [`Pool::gone`].
     pub fn take_idle(&self, mut pred: impl FnMut(&T) -> bool) -> Vec<T> {
         let mut inner = self.lock();
         let (taken, kept): (VecDeque<T>, VecDeque<T>) = inner.idle.drain(..).partition(|t| pred(t));
         inner.idle = kept;
-        inner.live = inner.live.saturating_sub(taken.len());
-        if inner.live == 0 {
-            inner.waiters.clear();
-        }
         taken.into()
     }
 
@@ -129,6 +135,23 @@ impl<T> Pool<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    impl Member for u32 {
+        /// Odd numbers above 100 play retired instances.
+        fn is_retired(&self) -> bool {
+            *self > 100 && self % 2 == 1
+        }
+    }
+
+    #[tokio::test]
+    async fn retired_instances_are_not_reused() {
+        let pool = Pool::new(4);
+        pool.reserve();
+        pool.release(101);
+        pool.reserve();
+        pool.release(2);
+        assert_eq!(pool.acquire().await, Ok(2));
+    }
 
     #[tokio::test]
     async fn round_robin_for_sequential_requests() {

@@ -1,6 +1,16 @@
-//! Keeps the formation running: one task per instance slot (`web.1`, `worker.2`…) starts its
-//! instance, waits for it to end, logs why, and starts a replacement. Web instances are handed
-//! to their type's [`Pool`]; workers run in the slot task.
+//! Keeps the formation running and changes it live.
+//!
+//! The supervisor holds the *desired* formation and the *slots* that run it. A slot is one
+//! instance position (`web.1`, `worker.2`) with its own task: it starts the instance, waits for
+//! it to end, logs why, and starts a replacement. Web instances are handed to their type's
+//! [`Pool`]; workers run inside the slot task.
+//!
+//! [`Supervisor::reconcile`] compares desired and actual: surplus slots (highest index first) are
+//! stopped — a web slot drains: it leaves the rotation, finishes its request in flight, then
+//! ends —, missing ones are started as far as the memory budget (`capacity`) and the instance
+//! pool allow; the rest stay *pending* and start by themselves when a slot ends and frees room.
+//! Formation changes ([`Supervisor::scale`], [`Supervisor::restart`]) are serialized by one
+//! async lock, so concurrent commands apply in order.
 //!
 //! Restart policy: a web instance that crashed *while handling a request* (trap, memory quota,
 //! timeout) is replaced at once, every time: the request failed, not the instance's start, and
@@ -8,22 +18,29 @@
 //! outage of the type. Everything else — a worker whose `run` ended, an instance that failed to
 //! instantiate — follows the [`RestartPolicy`] backoff, so a crash loop costs no CPU.
 //!
-//! Every slot stops when the host's shutdown token is cancelled: an idle web instance is
-//! dropped, a worker's `run` future is dropped at its next epoch tick.
+//! A memory change or a restart is a rolling replacement: for each slot a new one with the
+//! same index starts, and only once it is up does the old one drain. A new memory limit is
+//! first tried on a throwaway instance, so a limit the component cannot start with is refused
+//! before anything changes.
 
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
 
+use serde::Serialize;
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::app::{ByteSize, ProcessSpec};
+use crate::app::{ByteSize, ProcessName, ProcessSpec};
+use crate::formation::{Formation, Scale};
 use crate::humanize;
 use crate::instance::{self, WebInstance};
-use crate::logs::Logs;
+use crate::logs::{API, Logs};
 use crate::router::Pool;
 use crate::runtime::{Compiled, InstanceSetup, Kind, Runtime};
+use crate::state::StateDir;
 
 /// How crashed instances are restarted: at once the first time, then after `base`, doubling
 /// up to `max`; the count resets once an instance has run for `reset_after`.
@@ -81,14 +98,6 @@ impl Backoff {
     }
 }
 
-/// How an incarnation ended, which decides the restart delay.
-enum Ended {
-    /// A web instance failed while handling a request: replaced at once.
-    Request(String),
-    /// A worker's `run` ended: restarted with backoff.
-    Process(String),
-}
-
 /// A process type as the supervisor runs it.
 pub struct ProcessType {
     /// From the app.
@@ -97,51 +106,391 @@ pub struct ProcessType {
     pub compiled: Arc<Compiled>,
     /// Colour index in the log.
     pub colour: usize,
-    /// Memory limit per instance.
-    pub memory: ByteSize,
     /// Where its web instances go; `None` for background processes.
     pub pool: Option<Arc<Pool<WebInstance>>>,
 }
 
-/// What every slot task shares.
+/// What a slot is doing, for `ps`.
+#[derive(Clone, Debug)]
+enum SlotState {
+    Starting,
+    Up,
+    Crashed { reason: String, restart_at: Instant },
+    Draining,
+}
+
+/// One instance position and its task.
+pub struct Slot {
+    process: ProcessName,
+    index: u32,
+    /// This slot's memory limit; a memory change replaces the slot.
+    memory: ByteSize,
+    /// Cancelled to stop the slot (drain, then end). A child of the host's shutdown token.
+    cancel: CancellationToken,
+    /// Set when the slot stops: its web instance must not go back to the pool.
+    retired: Arc<AtomicBool>,
+    status: Mutex<(SlotState, SystemTime)>,
+    /// Linear memory in use by the current instance, kept by its limiter.
+    memory_used: Arc<AtomicU64>,
+    /// Requests served over all incarnations.
+    requests: Arc<AtomicU64>,
+    /// Times the instance was replaced after ending.
+    restarts: AtomicU32,
+}
+
+impl Slot {
+    fn name(&self) -> String {
+        format!("{}.{}", self.process, self.index)
+    }
+
+    fn set(&self, state: SlotState) {
+        *self.status.lock().unwrap_or_else(|e| e.into_inner()) = (state, SystemTime::now());
+    }
+
+    /// Stops the slot: it leaves the pool, finishes what it is doing, and ends.
+    fn stop(&self) {
+        if !self.cancel.is_cancelled() {
+            self.retired.store(true, Ordering::Release);
+            self.set(SlotState::Draining);
+            self.cancel.cancel();
+        }
+    }
+
+    fn stopping(&self) -> bool {
+        self.cancel.is_cancelled()
+    }
+}
+
+/// Desired formation and live slots.
+struct State {
+    desired: Formation,
+    slots: Vec<Arc<Slot>>,
+}
+
+/// Why a formation change was refused; nothing changed.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    /// Bad input: names the value at fault.
+    #[error("{0}")]
+    Invalid(String),
+    /// The change could not be applied (e.g. instances with the new limit do not start).
+    #[error("{0}")]
+    Failed(String),
+}
+
+/// How a completed change went, for the command's output.
+#[derive(Debug, Serialize)]
+pub struct Outcome {
+    /// The whole formation after the change.
+    pub formation: Vec<TypeReport>,
+    /// Notes for the user (pending instances, failures of new instances).
+    pub notes: Vec<String>,
+}
+
+/// One type in `ps` and in command output.
+#[derive(Debug, Serialize)]
+pub struct TypeReport {
+    /// `web`
+    pub name: String,
+    /// `http` or `background`.
+    pub kind: &'static str,
+    /// Desired instances.
+    pub desired: u32,
+    /// Instances up.
+    pub running: u32,
+    /// Memory limit per instance, in bytes.
+    pub memory: u64,
+    /// Component file.
+    pub component: String,
+    /// SHA-256 of the component.
+    pub digest: String,
+}
+
+/// One instance in `ps`.
+#[derive(Debug, Serialize)]
+pub struct InstanceReport {
+    /// `web.1`
+    pub id: String,
+    /// `web`
+    #[serde(rename = "type")]
+    pub process: String,
+    /// `starting`, `up`, `crashed`, `draining`, `pending`.
+    pub state: &'static str,
+    /// Unix time of the last state change (absent for pending instances).
+    pub since: Option<f64>,
+    /// Crash reason or pending reason.
+    pub reason: Option<String>,
+    /// For crashed instances: milliseconds until the restart.
+    pub restart_in_ms: Option<u64>,
+    /// Linear memory in use, in bytes.
+    pub memory_used: u64,
+    /// Memory limit, in bytes.
+    pub memory_limit: u64,
+    /// Requests served.
+    pub requests: u64,
+    /// Restarts after crashes.
+    pub restarts: u32,
+}
+
+/// `ps`: every type and every instance, pending ones included.
+#[derive(Debug, Serialize)]
+pub struct PsReport {
+    /// Per type, in name order.
+    pub types: Vec<TypeReport>,
+    /// Per instance, grouped by type, by index.
+    pub instances: Vec<InstanceReport>,
+    /// The host's memory budget, in bytes.
+    pub capacity: u64,
+    /// Memory reserved by existing instances, in bytes.
+    pub reserved: u64,
+}
+
+/// Host-wide limits the supervisor enforces.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// Memory budget: Σ memory limits of existing instances stays within it.
+    pub capacity: ByteSize,
+    /// Instance pool size.
+    pub max_instances: u32,
+    /// Largest per-instance memory limit the engine was sized for.
+    pub max_memory: ByteSize,
+    /// How long a draining web instance may take to finish its request.
+    pub drain_timeout: Duration,
+}
+
+/// Runs the formation.
 pub struct Supervisor {
-    /// The engine and linker.
-    pub runtime: Arc<Runtime>,
-    /// The log stream for guest output and host events.
-    pub logs: Logs,
-    /// Cancelled at shutdown; every slot stops.
-    pub cancel: CancellationToken,
+    runtime: Arc<Runtime>,
+    logs: Logs,
+    /// Cancelled at shutdown; every slot's token is a child of it.
+    cancel: CancellationToken,
     /// Tracks slot tasks so shutdown can wait for them.
-    pub tasks: TaskTracker,
+    tasks: TaskTracker,
+    restart: RestartPolicy,
+    /// Given to guests as `PORT`.
+    port: u16,
+    limits: Limits,
+    types: BTreeMap<ProcessName, Arc<ProcessType>>,
+    state: Mutex<State>,
+    /// Serializes formation changes; held across a whole rolling replacement.
+    ops: tokio::sync::Mutex<()>,
+    /// Where the formation is persisted, if anywhere.
+    store: Option<StateDir>,
+}
+
+/// What [`Supervisor::new`] needs.
+pub struct SupervisorConfig {
+    /// Engine and linker.
+    pub runtime: Arc<Runtime>,
+    /// Log stream.
+    pub logs: Logs,
     /// Restart backoff.
     pub restart: RestartPolicy,
     /// Given to guests as `PORT`.
     pub port: u16,
+    /// Host-wide limits.
+    pub limits: Limits,
+    /// Process types.
+    pub types: Vec<Arc<ProcessType>>,
+    /// Initial desired formation.
+    pub formation: Formation,
+    /// Persistence.
+    pub store: Option<StateDir>,
 }
 
+type Ready = oneshot::Receiver<Result<(), String>>;
+
 impl Supervisor {
-    /// Starts instance `index` (1-based) of `process`. `ready` learns whether the first
-    /// instantiation succeeded: a failure there is a start-up error, not a crash to retry.
-    pub fn spawn_slot(
+    /// A supervisor with nothing started yet; call [`Supervisor::start`].
+    pub fn new(config: SupervisorConfig) -> Arc<Self> {
+        Arc::new(Self {
+            runtime: config.runtime,
+            logs: config.logs,
+            cancel: CancellationToken::new(),
+            tasks: TaskTracker::new(),
+            restart: config.restart,
+            port: config.port,
+            limits: config.limits,
+            types: config
+                .types
+                .into_iter()
+                .map(|t| (t.spec.name.clone(), t))
+                .collect(),
+            state: Mutex::new(State {
+                desired: config.formation,
+                slots: Vec::new(),
+            }),
+            ops: tokio::sync::Mutex::new(()),
+            store: config.store,
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Starts the desired formation and waits until every started instance is up. An instance
+    /// that cannot even be instantiated fails the start.
+    pub async fn start(self: &Arc<Self>) -> Result<(), String> {
+        let started = {
+            let mut state = self.lock();
+            self.reconcile(&mut state)
+        };
+        for (name, ready) in started {
+            let failure = match ready.await {
+                Ok(Ok(())) => continue,
+                Ok(Err(e)) => e,
+                Err(_) => "its task ended unexpectedly".to_string(),
+            };
+            return Err(format!("instance {name} failed to start: {failure}"));
+        }
+        for note in self.pending_notes(&self.lock()) {
+            self.logs.host(note);
+        }
+        Ok(())
+    }
+
+    /// Stops every slot and waits up to `timeout` for them to end.
+    pub async fn shutdown(&self, timeout: Duration) -> bool {
+        self.cancel.cancel();
+        self.tasks.close();
+        tokio::time::timeout(timeout, self.tasks.wait())
+            .await
+            .is_ok()
+    }
+
+    /// The desired formation.
+    pub fn desired(&self) -> Formation {
+        self.lock().desired.clone()
+    }
+
+    /// Brings slots in line with the desired formation; returns the started slots' readiness.
+    fn reconcile(self: &Arc<Self>, state: &mut State) -> Vec<(String, Ready)> {
+        let desired: Vec<(ProcessName, Scale)> =
+            state.desired.iter().map(|(n, s)| (n.clone(), s)).collect();
+        // Surplus first, so the room they free counts for the rest (once they have ended).
+        for (name, scale) in &desired {
+            for slot in &state.slots {
+                if slot.process == *name && !slot.stopping() && slot.index > scale.count {
+                    slot.stop();
+                }
+            }
+        }
+        let mut started = Vec::new();
+        for (name, scale) in &desired {
+            let Some(process) = self.types.get(name) else {
+                continue;
+            };
+            let active: BTreeSet<u32> = state
+                .slots
+                .iter()
+                .filter(|s| s.process == *name && !s.stopping())
+                .map(|s| s.index)
+                .collect();
+            for index in (1..=scale.count).filter(|i| !active.contains(i)) {
+                if self.room(state, scale.memory).is_err() {
+                    break;
+                }
+                let (slot, ready) = self.spawn_slot(state, process, index, scale.memory);
+                started.push((slot.name(), ready));
+            }
+        }
+        started
+    }
+
+    /// Whether one more instance of `memory` fits; the error says why not.
+    fn room(&self, state: &State, memory: ByteSize) -> Result<(), String> {
+        if state.slots.len() >= self.limits.max_instances as usize {
+            return Err(format!(
+                "the instance pool is full ({} instances; restart `wasmform up` with a larger `--max-instances`)",
+                self.limits.max_instances
+            ));
+        }
+        let reserved = reserved(state);
+        if reserved + memory.as_u64() > self.limits.capacity.as_u64() {
+            return Err(format!(
+                "capacity: needs {memory}, {} of {} in use",
+                ByteSize::bytes(reserved),
+                self.limits.capacity
+            ));
+        }
+        Ok(())
+    }
+
+    fn pending_notes(&self, state: &State) -> Vec<String> {
+        self.pending(state)
+            .into_iter()
+            .map(|(name, reason)| format!("{name} pending: {reason}"))
+            .collect()
+    }
+
+    /// Instances desired but not started, with the reason.
+    fn pending(&self, state: &State) -> Vec<(String, String)> {
+        let mut pending = Vec::new();
+        for (name, scale) in state.desired.iter() {
+            let active: BTreeSet<u32> = state
+                .slots
+                .iter()
+                .filter(|s| s.process == *name && !s.stopping())
+                .map(|s| s.index)
+                .collect();
+            for index in (1..=scale.count).filter(|i| !active.contains(i)) {
+                let reason = self
+                    .room(state, scale.memory)
+                    .err()
+                    .unwrap_or_else(|| "waiting for a stopping instance to end".to_string());
+                pending.push((format!("{name}.{index}"), reason));
+            }
+        }
+        pending
+    }
+
+    fn spawn_slot(
         self: &Arc<Self>,
+        state: &mut State,
         process: &Arc<ProcessType>,
         index: u32,
-        ready: oneshot::Sender<Result<(), String>>,
-    ) {
+        memory: ByteSize,
+    ) -> (Arc<Slot>, Ready) {
+        let slot = Arc::new(Slot {
+            process: process.spec.name.clone(),
+            index,
+            memory,
+            cancel: self.cancel.child_token(),
+            retired: Arc::default(),
+            status: Mutex::new((SlotState::Starting, SystemTime::now())),
+            memory_used: Arc::default(),
+            requests: Arc::default(),
+            restarts: AtomicU32::new(0),
+        });
+        state.slots.push(slot.clone());
+        let slot_for_caller = slot.clone();
+        let (tx, rx) = oneshot::channel();
         let this = self.clone();
         let process = process.clone();
         self.tasks.spawn(async move {
-            let name = format!("{}.{index}", process.spec.name);
-            this.run_slot(&process, &name, ready).await;
+            this.run_slot(&process, &slot, tx).await;
+            this.slot_ended(&slot);
         });
+        (slot_for_caller, rx)
+    }
+
+    /// Removes an ended slot and starts pending instances that now fit.
+    fn slot_ended(self: &Arc<Self>, slot: &Arc<Slot>) {
+        let mut state = self.lock();
+        state.slots.retain(|s| !Arc::ptr_eq(s, slot));
+        if !self.cancel.is_cancelled() {
+            drop(self.reconcile(&mut state));
+        }
     }
 
     async fn run_slot(
         &self,
         process: &ProcessType,
-        name: &str,
+        slot: &Slot,
         ready: oneshot::Sender<Result<(), String>>,
     ) {
+        let name = slot.name();
         let mut ready = Some(ready);
         let mut backoff = Backoff::new(self.restart);
         // Whether this slot counts in its pool as up or starting. Requests may wait for the
@@ -149,26 +498,31 @@ impl Supervisor {
         // crash of the only instance makes requests wait for the replacement, not fail.
         let mut reserved = false;
         loop {
+            if slot.stopping() {
+                break;
+            }
+            slot.set(SlotState::Starting);
             let started = Instant::now();
             if let Some(pool) = process.pool.as_ref().filter(|_| !reserved) {
                 pool.reserve();
                 reserved = true;
             }
-            let ended = tokio::select! {
-                ended = self.run_once(process, name, &mut ready) => ended,
-                () = self.cancel.cancelled() => return,
-            };
-            let (reason, backoff_applies) = match ended {
-                Ok(Ended::Request(reason)) => (reason, false),
-                Ok(Ended::Process(reason)) => (reason, true),
-                Err(boot) => {
-                    if let Some(ready) = ready.take() {
-                        let _ = ready.send(Err(boot));
-                        return;
+            let (reason, backoff_applies) =
+                match self.run_once(process, slot, &name, &mut ready).await {
+                    Ok(Ended::Stopped) => break,
+                    Ok(Ended::Request(reason)) => (reason, false),
+                    Ok(Ended::Process(reason)) => (reason, true),
+                    Err(boot) => {
+                        if let Some(ready) = ready.take() {
+                            let _ = ready.send(Err(boot.clone()));
+                        }
+                        (format!("failed to start: {boot}"), true)
                     }
-                    (format!("failed to start: {boot}"), true)
-                }
-            };
+                };
+            if slot.stopping() {
+                break;
+            }
+            slot.restarts.fetch_add(1, Ordering::Relaxed);
             let delay = if backoff_applies {
                 backoff.next(started.elapsed())
             } else {
@@ -188,18 +542,26 @@ impl Supervisor {
                 format!("restarting in {}", humanize(delay))
             };
             self.logs.host(format!("{name} {reason}; {when}"));
+            slot.set(SlotState::Crashed {
+                reason,
+                restart_at: Instant::now() + delay,
+            });
             tokio::select! {
                 () = tokio::time::sleep(delay) => {}
-                () = self.cancel.cancelled() => return,
+                () = slot.cancel.cancelled() => break,
             }
+        }
+        if let Some(pool) = process.pool.as_ref().filter(|_| reserved) {
+            pool.gone();
         }
     }
 
-    /// Runs one incarnation of an instance until it ends; `Ok` says why it ended, `Err` that it
+    /// Runs one incarnation of an instance until it ends or the slot stops; `Err` says it
     /// could not start.
     async fn run_once(
         &self,
         process: &ProcessType,
+        slot: &Slot,
         name: &str,
         ready: &mut Option<oneshot::Sender<Result<(), String>>>,
     ) -> Result<Ended, String> {
@@ -209,39 +571,368 @@ impl Supervisor {
             program: &process.compiled.program,
             args: &process.spec.args,
             port: self.port,
-            memory: process.memory,
+            memory: slot.memory,
+            memory_used: slot.memory_used.clone(),
             stdout: self.logs.sink(name, process.colour),
             stderr: self.logs.sink(name, process.colour),
         };
-        let flush = (setup.stdout.clone(), setup.stderr.clone());
-        let mark_up = |ready: &mut Option<oneshot::Sender<Result<(), String>>>| match ready.take() {
-            Some(ready) => {
-                let _ = ready.send(Ok(()));
+        let sinks = (setup.stdout.clone(), setup.stderr.clone());
+        let mark_up = |ready: &mut Option<oneshot::Sender<Result<(), String>>>| {
+            slot.set(SlotState::Up);
+            match ready.take() {
+                Some(ready) => {
+                    let _ = ready.send(Ok(()));
+                }
+                None => self.logs.host(format!("{name} up")),
             }
-            None => self.logs.host(format!("{name} up")),
         };
         let ended = match &process.compiled.kind {
             Kind::Http(pre) => {
                 let pool = process.pool.as_ref().expect("HTTP types have a pool");
-                let (exit_tx, exit_rx) = oneshot::channel();
-                let instance = WebInstance::start(&self.runtime, pre, setup, exit_tx)
-                    .await
-                    .map_err(|e| format!("{e:#}"))?;
+                let (exit_tx, mut exit_rx) = oneshot::channel();
+                let start = WebInstance::start(
+                    &self.runtime,
+                    pre,
+                    setup,
+                    exit_tx,
+                    slot.retired.clone(),
+                    slot.requests.clone(),
+                );
+                let instance = tokio::select! {
+                    instance = start => instance.map_err(|e| format!("{e:#}"))?,
+                    () = slot.cancel.cancelled() => return Ok(Ended::Stopped),
+                };
                 pool.release(instance);
                 mark_up(ready);
-                let ended = exit_rx.await;
-                // The sender is dropped without a reason only when the pool dropped the instance
-                // (shutdown); the slot is being cancelled then and this value is never read.
-                Ended::Request(ended.unwrap_or_else(|_| "stopped".to_string()))
+                tokio::select! {
+                    ended = &mut exit_rx => {
+                        // The sender is dropped without a reason only if the instance was
+                        // dropped by the pool, which happens only to a retired instance.
+                        ended.map_or(Ended::Stopped, Ended::Request)
+                    }
+                    () = slot.cancel.cancelled() => {
+                        // Drain: out of the rotation now; a request in flight finishes, then
+                        // the pool drops the retired instance and `exit_rx` resolves.
+                        drop(pool.take_idle(|i| i.is_retired()));
+                        let _ = tokio::time::timeout(self.limits.drain_timeout, exit_rx).await;
+                        Ended::Stopped
+                    }
+                }
             }
-            Kind::Command(pre) => Ended::Process(
-                instance::run_worker(&self.runtime, pre, setup, || mark_up(ready)).await?,
-            ),
+            Kind::Command(pre) => {
+                let run = instance::run_worker(&self.runtime, pre, setup, || mark_up(ready));
+                tokio::select! {
+                    ended = run => Ended::Process(ended?),
+                    () = slot.cancel.cancelled() => Ended::Stopped,
+                }
+            }
         };
-        flush.0.flush();
-        flush.1.flush();
+        sinks.0.flush();
+        sinks.1.flush();
         Ok(ended)
     }
+
+    /// Applies Heroku-style changes (`web=3`, `worker+1`, `web=2:512MiB`) and `--memory`.
+    /// Invalid input changes nothing. Returns once new instances are up (or failed) and any
+    /// rolling memory replacement is done.
+    pub async fn scale(
+        self: &Arc<Self>,
+        changes: &[String],
+        memory: Option<ByteSize>,
+    ) -> Result<Outcome, ControlError> {
+        let _op = self.ops.lock().await;
+        let current = self.desired();
+        let next = current
+            .with_changes(changes, memory, self.limits.max_memory)
+            .map_err(ControlError::Invalid)?;
+        // Try every new memory limit on a throwaway instance before changing anything.
+        for (name, scale) in next.iter() {
+            let old = current.get(name).expect("same types");
+            if scale.memory != old.memory {
+                self.probe(name, scale.memory).await.map_err(|e| {
+                    ControlError::Failed(format!(
+                        "`{name}` cannot run with {}: {e}; the formation is unchanged",
+                        scale.memory
+                    ))
+                })?;
+            }
+        }
+        if let Some(store) = &self.store {
+            store
+                .store_formation(&next)
+                .map_err(|e| ControlError::Failed(format!("{e:#}; the formation is unchanged")))?;
+        }
+        self.logs.event(API, format!("Scale to {next}"));
+        let started = {
+            let mut state = self.lock();
+            state.desired = next.clone();
+            self.reconcile(&mut state)
+        };
+        let mut notes = self.await_started(started).await;
+        // Rolling replacement of instances whose memory limit changed.
+        for (name, scale) in next.iter() {
+            let stale: Vec<Arc<Slot>> =
+                self.active_slots(|s| s.process == *name && s.memory != scale.memory);
+            for slot in stale {
+                if let Err(e) = self.replace(&slot, scale.memory).await {
+                    notes.push(e);
+                }
+            }
+        }
+        let state = self.lock();
+        notes.extend(self.pending_notes(&state));
+        Ok(Outcome {
+            formation: self.type_reports(&state),
+            notes,
+        })
+    }
+
+    /// Rolling restart of a type, an instance (`web.1`) or everything (`None`).
+    pub async fn restart(self: &Arc<Self>, target: Option<&str>) -> Result<Outcome, ControlError> {
+        let _op = self.ops.lock().await;
+        let slots = self.active_slots(|s| match target {
+            None => true,
+            Some(t) => s.process.as_str() == t || s.name() == t,
+        });
+        if slots.is_empty() {
+            let running: Vec<String> = self
+                .active_slots(|_| true)
+                .iter()
+                .map(|s| s.name())
+                .collect();
+            return Err(ControlError::Invalid(format!(
+                "nothing to restart: no running instance matches `{}` (running: {})",
+                target.unwrap_or("*"),
+                if running.is_empty() {
+                    "none".to_string()
+                } else {
+                    running.join(", ")
+                }
+            )));
+        }
+        self.logs.event(
+            API,
+            format!("Restart {}", target.unwrap_or("all instances")),
+        );
+        let mut notes = Vec::new();
+        for slot in slots {
+            if let Err(e) = self.replace(&slot, slot.memory).await {
+                notes.push(e);
+            }
+        }
+        Ok(Outcome {
+            formation: self.type_reports(&self.lock()),
+            notes,
+        })
+    }
+
+    fn active_slots(&self, pred: impl Fn(&Slot) -> bool) -> Vec<Arc<Slot>> {
+        let mut slots: Vec<Arc<Slot>> = self
+            .lock()
+            .slots
+            .iter()
+            .filter(|s| !s.stopping() && pred(s))
+            .cloned()
+            .collect();
+        slots.sort_by(|a, b| (&a.process, a.index).cmp(&(&b.process, b.index)));
+        slots
+    }
+
+    /// Starts a new slot beside `old` with `memory`; once it is up, `old` drains. If the new
+    /// one fails to start, it is stopped and `old` keeps running.
+    async fn replace(self: &Arc<Self>, old: &Arc<Slot>, memory: ByteSize) -> Result<(), String> {
+        let process = self
+            .types
+            .get(&old.process)
+            .expect("slots belong to known types");
+        let (new, ready) = {
+            let mut state = self.lock();
+            self.spawn_slot(&mut state, process, old.index, memory)
+        };
+        let name = new.name();
+        match ready.await {
+            Ok(Ok(())) => {
+                old.stop();
+                Ok(())
+            }
+            Ok(Err(e)) => {
+                new.stop();
+                Err(format!(
+                    "{name} could not be replaced, the old instance keeps running: {e}"
+                ))
+            }
+            Err(_) => {
+                new.stop();
+                Err(format!("{name} could not be replaced: its task ended"))
+            }
+        }
+    }
+
+    /// Waits (bounded) for freshly started slots; returns notes for those that failed.
+    async fn await_started(&self, started: Vec<(String, Ready)>) -> Vec<String> {
+        let mut notes = Vec::new();
+        for (name, ready) in started {
+            match tokio::time::timeout(Duration::from_secs(30), ready).await {
+                Ok(Ok(Ok(()))) => {}
+                Ok(Ok(Err(e))) => notes.push(format!("{name} failed to start: {e}")),
+                Ok(Err(_)) | Err(_) => notes.push(format!("{name} is still starting")),
+            }
+        }
+        notes
+    }
+
+    /// Instantiates `process` once with `memory` and drops it: does the limit suffice?
+    async fn probe(&self, process: &ProcessName, memory: ByteSize) -> Result<(), String> {
+        let process = self.types.get(process).expect("known type");
+        let name = format!("{}.probe", process.spec.name);
+        let sink = self.logs.sink(&name, process.colour);
+        let setup = InstanceSetup {
+            instance: &name,
+            process: process.spec.name.as_str(),
+            program: &process.compiled.program,
+            args: &process.spec.args,
+            port: self.port,
+            memory,
+            memory_used: Arc::default(),
+            stdout: sink.clone(),
+            stderr: sink,
+        };
+        instance::probe(&self.runtime, &process.compiled, setup).await
+    }
+
+    /// `ps`.
+    pub fn ps(&self) -> PsReport {
+        let state = self.lock();
+        let mut instances: Vec<InstanceReport> = state
+            .slots
+            .iter()
+            .map(|slot| {
+                let (status, since) = slot
+                    .status
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .clone();
+                let (state, reason, restart_in_ms) = match status {
+                    SlotState::Starting => ("starting", None, None),
+                    SlotState::Up => ("up", None, None),
+                    SlotState::Draining => ("draining", None, None),
+                    SlotState::Crashed { reason, restart_at } => (
+                        "crashed",
+                        Some(reason),
+                        Some(
+                            restart_at
+                                .saturating_duration_since(Instant::now())
+                                .as_millis() as u64,
+                        ),
+                    ),
+                };
+                InstanceReport {
+                    id: slot.name(),
+                    process: slot.process.to_string(),
+                    state,
+                    since: since
+                        .duration_since(SystemTime::UNIX_EPOCH)
+                        .ok()
+                        .map(|d| d.as_secs_f64()),
+                    reason,
+                    restart_in_ms,
+                    memory_used: slot.memory_used.load(Ordering::Relaxed),
+                    memory_limit: slot.memory.as_u64(),
+                    requests: slot.requests.load(Ordering::Relaxed),
+                    restarts: slot.restarts.load(Ordering::Relaxed),
+                }
+            })
+            .collect();
+        for (id, reason) in self.pending(&state) {
+            let process = id
+                .rsplit_once('.')
+                .map(|(p, _)| p.to_string())
+                .unwrap_or_default();
+            let memory = state
+                .desired
+                .iter()
+                .find(|(n, _)| n.as_str() == process)
+                .map(|(_, s)| s.memory.as_u64())
+                .unwrap_or(0);
+            instances.push(InstanceReport {
+                id,
+                process,
+                state: "pending",
+                since: None,
+                reason: Some(reason),
+                restart_in_ms: None,
+                memory_used: 0,
+                memory_limit: memory,
+                requests: 0,
+                restarts: 0,
+            });
+        }
+        instances.sort_by_key(|i| {
+            let (process, index) = i.id.rsplit_once('.').unwrap_or((&i.id, "0"));
+            (
+                process.to_string(),
+                index.parse::<u32>().unwrap_or(0),
+                i.state == "draining",
+            )
+        });
+        PsReport {
+            types: self.type_reports(&state),
+            instances,
+            capacity: self.limits.capacity.as_u64(),
+            reserved: reserved(&state),
+        }
+    }
+
+    fn type_reports(&self, state: &State) -> Vec<TypeReport> {
+        state
+            .desired
+            .iter()
+            .map(|(name, scale)| {
+                let process = &self.types[name];
+                let running = state
+                    .slots
+                    .iter()
+                    .filter(|s| s.process == *name && !s.stopping())
+                    .filter(|s| {
+                        matches!(
+                            s.status.lock().unwrap_or_else(|e| e.into_inner()).0,
+                            SlotState::Up
+                        )
+                    })
+                    .map(|s| s.index)
+                    .collect::<BTreeSet<u32>>()
+                    .len() as u32;
+                TypeReport {
+                    name: name.to_string(),
+                    kind: if process.compiled.is_http() {
+                        "http"
+                    } else {
+                        "background"
+                    },
+                    desired: scale.count,
+                    running,
+                    memory: scale.memory.as_u64(),
+                    component: process.spec.component.display().to_string(),
+                    digest: process.compiled.digest.clone(),
+                }
+            })
+            .collect()
+    }
+}
+
+/// Σ memory limits of existing slots (draining ones still hold theirs).
+fn reserved(state: &State) -> u64 {
+    state.slots.iter().map(|s| s.memory.as_u64()).sum()
+}
+
+/// How an incarnation ended, which decides the restart delay.
+enum Ended {
+    /// A web instance failed while handling a request: replaced at once.
+    Request(String),
+    /// A worker's `run` ended: restarted with backoff.
+    Process(String),
+    /// The slot was stopped.
+    Stopped,
 }
 
 #[cfg(test)]

@@ -1,5 +1,11 @@
 //! Command-line interface: one file per subcommand, each a clap struct with `execute`.
+//! `up` runs a host; the others are clients of a running host's control API.
 
+mod client;
+mod logs;
+mod ps;
+mod restart;
+mod scale;
 mod up;
 
 /// Runs a Procfile of WebAssembly components as a formation of isolated instances.
@@ -13,6 +19,10 @@ pub struct Cli {
 #[derive(clap::Subcommand, Debug)]
 enum Command {
     Up(up::UpCommand),
+    Scale(scale::ScaleCommand),
+    Ps(ps::PsCommand),
+    Logs(logs::LogsCommand),
+    Restart(restart::RestartCommand),
 }
 
 impl Cli {
@@ -20,6 +30,10 @@ impl Cli {
     pub fn execute(self) -> anyhow::Result<()> {
         match self.command {
             Command::Up(cmd) => cmd.execute(),
+            Command::Scale(cmd) => cmd.execute(),
+            Command::Ps(cmd) => cmd.execute(),
+            Command::Logs(cmd) => cmd.execute(),
+            Command::Restart(cmd) => cmd.execute(),
         }
     }
 }

@@ -6,6 +6,7 @@ use std::time::Duration;
 use anyhow::{Context as _, Result};
 
 use crate::app::{AppSpec, ByteSize, parse_duration};
+use crate::state::StateDir;
 use crate::{Host, HostOptions, RestartPolicy};
 
 /// Start the formation described by a Procfile, serve HTTP, and stream every instance's output.
@@ -29,8 +30,24 @@ pub struct UpCommand {
     host: String,
 
     /// Memory limit of each instance (sum of its linear memories): `256MiB`, `1GiB`, or MiB.
-    #[arg(long = "memory", default_value = "256MiB", value_parser = parse_size)]
-    memory: ByteSize,
+    /// Default: the stored formation's limits, else 256MiB.
+    #[arg(long = "memory", value_parser = parse_size)]
+    memory: Option<ByteSize>,
+
+    /// Largest memory limit `wasmform scale` may set later (sizes the instance pool's memory
+    /// slots). Default: 1GiB, or the largest limit in the formation.
+    #[arg(long = "max-memory", value_parser = parse_size)]
+    max_memory: Option<ByteSize>,
+
+    /// Memory budget of all instances together: a formation above it runs what fits and keeps
+    /// the rest pending. Default: the machine's (or cgroup's) memory.
+    #[arg(long = "capacity", value_parser = parse_capacity)]
+    capacity: Option<ByteSize>,
+
+    /// State directory: the persisted formation and the control socket.
+    /// Default: `.wasmform/` next to the Procfile.
+    #[arg(long = "state-dir")]
+    state_dir: Option<PathBuf>,
 
     /// Longest time a guest may take to produce response headers before a 504.
     #[arg(long = "request-timeout", default_value = "30s", value_parser = parse_duration)]
@@ -67,6 +84,24 @@ fn parse_size(s: &str) -> Result<ByteSize, String> {
     s.parse()
 }
 
+/// Capacities are not per-instance sizes: they may exceed 4 GiB.
+fn parse_capacity(s: &str) -> Result<ByteSize, String> {
+    match s.parse::<ByteSize>() {
+        Ok(size) => Ok(size),
+        Err(_) => {
+            let gib = s
+                .trim()
+                .strip_suffix("GiB")
+                .or_else(|| s.trim().strip_suffix('G'))
+                .and_then(|n| n.trim().parse::<u64>().ok())
+                .ok_or_else(|| {
+                    format!("invalid capacity `{s}`: expected e.g. `2GiB` or `512MiB`")
+                })?;
+            Ok(ByteSize::bytes(gib << 30))
+        }
+    }
+}
+
 impl UpCommand {
     /// Runs the formation until a signal arrives.
     pub fn execute(self) -> Result<()> {
@@ -74,9 +109,16 @@ impl UpCommand {
             build(&self.procfile)?;
         }
         let app = AppSpec::from_procfile(&self.procfile)?;
+        let state_dir = self
+            .state_dir
+            .clone()
+            .unwrap_or_else(|| StateDir::for_app(&app.dir).path().to_path_buf());
         let options = HostOptions {
             formation: self.formation.clone(),
             memory: self.memory,
+            max_memory: self.max_memory,
+            capacity: self.capacity,
+            state_dir: Some(state_dir),
             request_timeout: self.request_timeout,
             queue_limit: self.queue,
             restart: RestartPolicy {

@@ -5,6 +5,9 @@
 //! is kept for `ps`. Denials are recorded so a crash can be reported as "memory quota exceeded"
 //! instead of the `unreachable` trap the guest's allocator turns it into.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use wasmtime::{ResourceLimiter, Result};
 
 /// The most table elements one table may hold (function references; guests need a few
@@ -22,17 +25,25 @@ pub struct MemoryLimiter {
     last_grant: usize,
     /// Set when a growth was refused because of the limit: the size asked for, in bytes.
     denied: Option<usize>,
+    /// `used`, published for `ps` (the store itself is owned by whoever runs the instance).
+    gauge: Arc<AtomicU64>,
 }
 
 impl MemoryLimiter {
     /// A limiter allowing `limit` bytes in total.
-    pub fn new(limit: usize) -> Self {
+    pub fn new(limit: usize, gauge: Arc<AtomicU64>) -> Self {
+        gauge.store(0, Ordering::Relaxed);
         Self {
             limit,
             used: 0,
             last_grant: 0,
             denied: None,
+            gauge,
         }
+    }
+
+    fn publish(&self) {
+        self.gauge.store(self.used as u64, Ordering::Relaxed);
     }
 
     /// Bytes in use over all memories.
@@ -62,11 +73,13 @@ impl ResourceLimiter for MemoryLimiter {
         }
         self.used = total;
         self.last_grant = grow;
+        self.publish();
         Ok(true)
     }
 
     fn memory_grow_failed(&mut self, _error: wasmtime::Error) -> Result<()> {
         self.used -= std::mem::take(&mut self.last_grant);
+        self.publish();
         Ok(())
     }
 
@@ -88,7 +101,8 @@ mod tests {
 
     #[test]
     fn sums_memories_and_records_denials() {
-        let mut l = MemoryLimiter::new(10 * PAGE);
+        let gauge = Arc::new(AtomicU64::new(0));
+        let mut l = MemoryLimiter::new(10 * PAGE, gauge.clone());
         assert!(l.memory_growing(0, 4 * PAGE, None).unwrap());
         assert!(
             l.memory_growing(0, 4 * PAGE, None).unwrap(),
@@ -105,5 +119,6 @@ mod tests {
         l.memory_grow_failed(wasmtime::format_err!("os said no"))
             .unwrap();
         assert_eq!(l.used(), 8 * PAGE, "failed growth is not counted");
+        assert_eq!(gauge.load(Ordering::Relaxed), 8 * PAGE as u64);
     }
 }

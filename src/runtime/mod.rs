@@ -13,6 +13,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context as _, Result, bail};
+use sha2::Digest as _;
 use wasmtime::component::{Component, Linker};
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store};
 use wasmtime_wasi::p2::bindings::CommandPre;
@@ -67,6 +68,8 @@ pub struct Compiled {
     pub kind: Kind,
     /// Component file name, used as the guest's program name (`argv[0]`).
     pub program: String,
+    /// SHA-256 of the component file, hex.
+    pub digest: String,
 }
 
 impl Compiled {
@@ -188,7 +191,15 @@ impl Runtime {
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
-        Ok(Compiled { kind, program })
+        let digest = sha2::Sha256::digest(&bytes)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        Ok(Compiled {
+            kind,
+            program,
+            digest,
+        })
     }
 
     /// Creates the store for one instance: its own WASI context, memory limiter and output.
@@ -217,6 +228,8 @@ pub struct InstanceSetup<'a> {
     pub port: u16,
     /// Memory limit over all of the instance's linear memories.
     pub memory: ByteSize,
+    /// Kept up to date with the instance's memory use, for `ps`.
+    pub memory_used: Arc<std::sync::atomic::AtomicU64>,
     /// Where the guest's stdout goes.
     pub stdout: LogSink,
     /// Where the guest's stderr goes.

@@ -42,7 +42,7 @@ impl InstanceState {
             wasi: wasi.build(),
             http: WasiHttpCtx::new(),
             table: ResourceTable::new(),
-            limiter: MemoryLimiter::new(setup.memory.as_usize()),
+            limiter: MemoryLimiter::new(setup.memory.as_usize(), setup.memory_used.clone()),
             hooks: DenyOutbound,
         }
     }

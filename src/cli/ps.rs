@@ -1,0 +1,103 @@
+//! `wasmform ps`: the instances of the running app.
+
+use std::time::{Duration, SystemTime};
+
+use anyhow::Result;
+use hyper::Method;
+
+use super::client::{AppArgs, Client, block_on, size};
+
+/// List every instance, grouped by process type: state, since when, memory, requests, restarts.
+#[derive(clap::Args, Debug)]
+pub struct PsCommand {
+    /// Print the control API's JSON instead of the table.
+    #[arg(long)]
+    json: bool,
+
+    #[command(flatten)]
+    app: AppArgs,
+}
+
+impl PsCommand {
+    /// Fetches and prints the report.
+    pub fn execute(self) -> Result<()> {
+        let client = Client::new(&self.app)?;
+        let report = block_on(client.json(Method::GET, "/v1/ps", None))??;
+        if self.json {
+            println!("{}", serde_json::to_string_pretty(&report)?);
+            return Ok(());
+        }
+        let instances = report["instances"].as_array().cloned().unwrap_or_default();
+        for t in report["types"].as_array().into_iter().flatten() {
+            let name = t["name"].as_str().unwrap_or("?");
+            let digest = t["digest"].as_str().unwrap_or("");
+            let component = t["component"].as_str().unwrap_or("");
+            let file = component.rsplit('/').next().unwrap_or(component);
+            println!(
+                "=== {name} ({}): {}/{} up, {} each · {file} sha256:{}",
+                t["kind"].as_str().unwrap_or("?"),
+                t["running"],
+                t["desired"],
+                size(t["memory"].as_u64().unwrap_or(0)),
+                &digest[..digest.len().min(12)],
+            );
+            for i in instances.iter().filter(|i| i["type"] == name) {
+                println!("{}", instance_line(i));
+            }
+            println!();
+        }
+        println!(
+            "capacity: {} of {} reserved",
+            size(report["reserved"].as_u64().unwrap_or(0)),
+            size(report["capacity"].as_u64().unwrap_or(0))
+        );
+        Ok(())
+    }
+}
+
+fn instance_line(i: &serde_json::Value) -> String {
+    let id = i["id"].as_str().unwrap_or("?");
+    let state = i["state"].as_str().unwrap_or("?");
+    let mut detail = match state {
+        "pending" => i["reason"].as_str().unwrap_or_default().to_string(),
+        "crashed" => format!(
+            "restart in {}: {}",
+            crate::humanize(Duration::from_millis(
+                i["restart_in_ms"].as_u64().unwrap_or(0)
+            )),
+            i["reason"].as_str().unwrap_or_default()
+        ),
+        _ => String::new(),
+    };
+    if state != "pending" {
+        let since = i["since"].as_f64().map(ago).unwrap_or_default();
+        let stats = format!(
+            "{since:<14} {:>10} / {:<8} {:>6} req  {} restarts",
+            size(i["memory_used"].as_u64().unwrap_or(0)),
+            size(i["memory_limit"].as_u64().unwrap_or(0)),
+            i["requests"],
+            i["restarts"],
+        );
+        detail = if detail.is_empty() {
+            stats
+        } else {
+            format!("{stats}  {detail}")
+        };
+    }
+    format!("{id:<10} {state:<9} {detail}")
+}
+
+/// `2m ago` for a Unix time.
+fn ago(unix: f64) -> String {
+    let then = SystemTime::UNIX_EPOCH + Duration::from_secs_f64(unix);
+    let secs = SystemTime::now()
+        .duration_since(then)
+        .unwrap_or_default()
+        .as_secs();
+    match secs {
+        0..60 => format!("{secs}s ago"),
+        60..3600 => format!("{}m ago", secs / 60),
+        3600..86400 => format!("{}h ago", secs / 3600),
+        _ => format!("{}d ago", secs / 86400),
+    }
+}

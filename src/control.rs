@@ -1,0 +1,311 @@
+//! The local control API: HTTP + JSON on a Unix socket in the app's state directory. The CLI's
+//! `scale`, `ps`, `logs` and `restart` are clients of it, and `curl --unix-socket` works too;
+//! every route is documented in `docs/control-api.md`.
+//!
+//! The socket is created mode 0600 inside the 0700 state directory, so only the owner can reach
+//! it. A socket file left by a host that died is replaced; one that answers belongs to a live
+//! host, and a second `up` refuses to start. Mutations are serialized by the supervisor.
+
+use std::convert::Infallible;
+use std::os::unix::fs::{FileTypeExt as _, PermissionsExt as _};
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use anyhow::{Context as _, Result, bail};
+use bytes::Bytes;
+use http_body_util::{BodyExt as _, Full, Limited};
+use hyper::body::{Body, Frame, Incoming};
+use hyper::server::conn::http1;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use serde::Deserialize;
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::{broadcast, mpsc};
+use tokio_util::sync::CancellationToken;
+
+use crate::app::ByteSize;
+use crate::logs::Logs;
+use crate::state::StateDir;
+use crate::supervisor::{ControlError, Supervisor};
+
+/// Largest request body the API reads.
+const MAX_BODY: usize = 64 * 1024;
+
+/// Binds the control socket, replacing a stale one.
+pub async fn bind(state: &StateDir) -> Result<(UnixListener, PathBuf)> {
+    let path = state.socket();
+    match std::fs::symlink_metadata(&path) {
+        Ok(meta) if meta.file_type().is_symlink() => bail!(
+            "refusing to use the control socket `{}`: it is a symbolic link",
+            path.display()
+        ),
+        Ok(meta) if !meta.file_type().is_socket() => bail!(
+            "`{}` exists and is not a socket: move it away",
+            path.display()
+        ),
+        Ok(_) => {
+            if UnixStream::connect(&path).await.is_ok() {
+                bail!(
+                    "another wasmform host is already running for this app (its control socket `{}` answers): stop it first",
+                    path.display()
+                );
+            }
+            // Left behind by a host that did not shut down cleanly.
+            std::fs::remove_file(&path).with_context(|| {
+                format!("failed to remove the stale socket `{}`", path.display())
+            })?;
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("failed to inspect `{}`", path.display())),
+    }
+    let listener = UnixListener::bind(&path)
+        .with_context(|| format!("failed to create the control socket `{}`", path.display()))?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("failed to make `{}` private (0600)", path.display()))?;
+    Ok((listener, path))
+}
+
+/// Serves the API until `shutdown` is cancelled.
+pub async fn serve(
+    listener: UnixListener,
+    supervisor: Arc<Supervisor>,
+    logs: Logs,
+    shutdown: CancellationToken,
+) {
+    let api = Arc::new(Api { supervisor, logs });
+    loop {
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    tracing::warn!(cause = %e, "control accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = shutdown.cancelled() => return,
+        };
+        let api = api.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req| {
+                let api = api.clone();
+                async move { Ok::<_, Infallible>(api.handle(req).await) }
+            });
+            if let Err(e) = http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await
+            {
+                tracing::debug!(cause = %e, "control connection ended with an error");
+            }
+        });
+    }
+}
+
+type ApiBody = http_body_util::combinators::UnsyncBoxBody<Bytes, Infallible>;
+
+struct Api {
+    supervisor: Arc<Supervisor>,
+    logs: Logs,
+}
+
+/// `POST /v1/scale`
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ScaleRequest {
+    changes: Vec<String>,
+    #[serde(default)]
+    memory: Option<String>,
+}
+
+/// `POST /v1/restart`
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RestartRequest {
+    #[serde(default)]
+    target: Option<String>,
+}
+
+impl Api {
+    async fn handle(&self, req: Request<Incoming>) -> Response<ApiBody> {
+        let path = req.uri().path().to_string();
+        let query = req.uri().query().unwrap_or("").to_string();
+        match (req.method().clone(), path.as_str()) {
+            (Method::GET, "/v1/ps") => json(StatusCode::OK, &self.supervisor.ps()),
+            (Method::GET, "/v1/formation") => json(
+                StatusCode::OK,
+                &serde_json::json!({ "formation": self.supervisor.ps().types }),
+            ),
+            (Method::POST, "/v1/scale") => {
+                let request: ScaleRequest = match read_json(req).await {
+                    Ok(r) => r,
+                    Err(response) => return response,
+                };
+                let memory = match request
+                    .memory
+                    .as_deref()
+                    .map(str::parse::<ByteSize>)
+                    .transpose()
+                {
+                    Ok(m) => m,
+                    Err(e) => return error(StatusCode::BAD_REQUEST, &e),
+                };
+                outcome(self.supervisor.scale(&request.changes, memory).await)
+            }
+            (Method::POST, "/v1/restart") => {
+                let request: RestartRequest = match read_json(req).await {
+                    Ok(r) => r,
+                    Err(response) => return response,
+                };
+                outcome(self.supervisor.restart(request.target.as_deref()).await)
+            }
+            (Method::GET, "/v1/logs") => self.logs(&query),
+            (_, "/v1/ps" | "/v1/formation" | "/v1/scale" | "/v1/restart" | "/v1/logs") => error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method not allowed on this route",
+            ),
+            _ => error(
+                StatusCode::NOT_FOUND,
+                &format!("no such route `{path}`: see docs/control-api.md"),
+            ),
+        }
+    }
+
+    /// `GET /v1/logs?lines=N&ps=web&follow=true`: plain text, one line each.
+    fn logs(&self, query: &str) -> Response<ApiBody> {
+        let mut lines = 100usize;
+        let mut filter = None;
+        let mut follow = false;
+        for pair in query.split('&').filter(|p| !p.is_empty()) {
+            let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+            match key {
+                "lines" => match value.parse() {
+                    Ok(n) => lines = n,
+                    Err(_) => {
+                        return error(
+                            StatusCode::BAD_REQUEST,
+                            &format!("invalid `lines={value}`: expected a whole number"),
+                        );
+                    }
+                },
+                "ps" => filter = Some(value.to_string()),
+                "follow" => follow = matches!(value, "" | "1" | "true"),
+                _ => {
+                    return error(
+                        StatusCode::BAD_REQUEST,
+                        &format!("unknown parameter `{key}`"),
+                    );
+                }
+            }
+        }
+        // Subscribe before reading the history so no line falls between the two.
+        let live = follow.then(|| self.logs.follow());
+        let mut text = String::new();
+        for record in self.logs.recent(lines, filter.as_deref()) {
+            text.push_str(&record.plain());
+            text.push('\n');
+        }
+        let body = match live {
+            None => Full::new(Bytes::from(text)).boxed_unsync(),
+            Some(live) => {
+                let (tx, rx) = mpsc::channel(256);
+                tokio::spawn(forward(text, live, filter, tx));
+                ChannelBody(rx).boxed_unsync()
+            }
+        };
+        let mut response = Response::new(body);
+        response.headers_mut().insert(
+            hyper::header::CONTENT_TYPE,
+            hyper::header::HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
+        response
+    }
+}
+
+/// Streams the history, then every new matching line, until the client goes away.
+async fn forward(
+    history: String,
+    mut live: broadcast::Receiver<Arc<crate::logs::Record>>,
+    filter: Option<String>,
+    tx: mpsc::Sender<Bytes>,
+) {
+    if tx.send(Bytes::from(history)).await.is_err() {
+        return;
+    }
+    loop {
+        let line = match live.recv().await {
+            Ok(record) if filter.as_deref().is_none_or(|f| record.matches(f)) => {
+                format!("{}\n", record.plain())
+            }
+            Ok(_) => continue,
+            Err(broadcast::error::RecvError::Lagged(n)) => {
+                format!("wasmform: {n} lines skipped: this follower fell behind\n")
+            }
+            Err(broadcast::error::RecvError::Closed) => return,
+        };
+        if tx.send(Bytes::from(line)).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// A response body fed by a channel.
+struct ChannelBody(mpsc::Receiver<Bytes>);
+
+impl Body for ChannelBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        self.0.poll_recv(cx).map(|b| b.map(|b| Ok(Frame::data(b))))
+    }
+}
+
+async fn read_json<T: serde::de::DeserializeOwned>(
+    req: Request<Incoming>,
+) -> Result<T, Response<ApiBody>> {
+    let body = Limited::new(req.into_body(), MAX_BODY)
+        .collect()
+        .await
+        .map_err(|e| {
+            error(
+                StatusCode::BAD_REQUEST,
+                &format!("cannot read the request body: {e}"),
+            )
+        })?
+        .to_bytes();
+    serde_json::from_slice(&body).map_err(|e| {
+        error(
+            StatusCode::BAD_REQUEST,
+            &format!("invalid JSON request: {e}"),
+        )
+    })
+}
+
+fn outcome(result: Result<crate::supervisor::Outcome, ControlError>) -> Response<ApiBody> {
+    match result {
+        Ok(outcome) => json(StatusCode::OK, &outcome),
+        Err(e @ ControlError::Invalid(_)) => error(StatusCode::BAD_REQUEST, &e.to_string()),
+        Err(e @ ControlError::Failed(_)) => error(StatusCode::CONFLICT, &e.to_string()),
+    }
+}
+
+fn json(status: StatusCode, value: &impl serde::Serialize) -> Response<ApiBody> {
+    let mut body = serde_json::to_vec_pretty(value).expect("reports serialize");
+    body.push(b'\n');
+    let mut response = Response::new(Full::new(Bytes::from(body)).boxed_unsync());
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+fn error(status: StatusCode, message: &str) -> Response<ApiBody> {
+    json(status, &serde_json::json!({ "error": message }))
+}
