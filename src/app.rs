@@ -131,12 +131,11 @@ impl FromStr for ByteSize {
 impl fmt::Display for ByteSize {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         const UNITS: [(u64, &str); 3] = [(1 << 30, "GiB"), (1 << 20, "MiB"), (1 << 10, "KiB")];
+        // The largest unit that fits; whole numbers stay whole (`256 MiB`, `1.5 GiB`).
         for (size, unit) in UNITS {
             if self.0 >= size && self.0.is_multiple_of(size) {
                 return write!(f, "{} {unit}", self.0 / size);
             }
-        }
-        for (size, unit) in UNITS {
             if self.0 >= size {
                 return write!(f, "{:.1} {unit}", self.0 as f64 / size as f64);
             }
@@ -262,6 +261,7 @@ mod tests {
         );
         assert_eq!(ByteSize::mib(256).to_string(), "256 MiB");
         assert_eq!(ByteSize::bytes(3 << 29).to_string(), "1.5 GiB");
+        assert_eq!(ByteSize::bytes((3 << 29) + 4096).to_string(), "1.5 GiB");
         assert_eq!(ByteSize::bytes(1_114_112 + 1).to_string(), "1.1 MiB");
     }
 

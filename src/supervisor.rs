@@ -612,7 +612,10 @@ impl Supervisor {
                     }
                     () = slot.cancel.cancelled() => {
                         // Drain: out of the rotation now; a request in flight finishes, then
-                        // the pool drops the retired instance and `exit_rx` resolves.
+                        // the pool drops the retired instance and `exit_rx` resolves. (The
+                        // token may have been cancelled by host shutdown, not `Slot::stop`.)
+                        slot.retired.store(true, Ordering::Release);
+                        slot.set(SlotState::Draining);
                         drop(pool.take_idle(|i| i.is_retired()));
                         let _ = tokio::time::timeout(self.limits.drain_timeout, exit_rx).await;
                         Ended::Stopped

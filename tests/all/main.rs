@@ -2,6 +2,7 @@
 //! real HTTP over loopback. One test binary so wasmtime is linked once.
 
 mod bad_input;
+mod control;
 mod formation;
 mod limits;
 mod support;

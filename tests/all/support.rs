@@ -73,6 +73,75 @@ impl App {
         host
     }
 
+    /// Runs a client command (`scale`, `ps`…) against this app; returns (success, stdout, stderr).
+    pub fn cli(&self, args: &[&str]) -> Cli {
+        let output = Command::new(env!("CARGO_BIN_EXE_wasmform"))
+            .args(args)
+            .arg("--app")
+            .arg(self.dir.path())
+            .env("RUST_BACKTRACE", "0")
+            .output()
+            .expect("failed to run wasmform");
+        Cli {
+            ok: output.status.success(),
+            stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+        }
+    }
+
+    /// `wasmform ps --json`, parsed.
+    pub fn ps(&self) -> serde_json::Value {
+        let out = self.cli(&["ps", "--json"]);
+        assert!(out.ok, "ps failed: {}", out.stderr);
+        serde_json::from_str(&out.stdout).unwrap()
+    }
+
+    /// `(type, desired)` of the running formation, in name order.
+    pub fn formation(&self) -> Vec<(String, u64)> {
+        self.ps()["types"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| {
+                (
+                    t["name"].as_str().unwrap().to_string(),
+                    t["desired"].as_u64().unwrap(),
+                )
+            })
+            .collect()
+    }
+
+    /// Waits until every instance is up and each type runs exactly its desired count.
+    pub fn wait_settled(&self, timeout: Duration) -> serde_json::Value {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let ps = self.ps();
+            let settled = ps["instances"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|i| i["state"] == "up")
+                && ps["types"].as_array().unwrap().iter().all(|t| {
+                    let name = t["name"].as_str().unwrap();
+                    let live = ps["instances"]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .filter(|i| i["type"] == name)
+                        .count();
+                    t["running"] == t["desired"] && live as u64 == t["desired"].as_u64().unwrap()
+                });
+            if settled {
+                return ps;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "formation did not settle: {ps:#}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// Runs `wasmform up …` expecting it to fail; returns its combined output.
     pub fn up_fails(&self, args: &[&str]) -> String {
         let procfile = self.procfile();
@@ -80,6 +149,14 @@ impl App {
         all.extend_from_slice(args);
         run_fails(&all)
     }
+}
+
+/// A finished client command.
+#[derive(Debug)]
+pub struct Cli {
+    pub ok: bool,
+    pub stdout: String,
+    pub stderr: String,
 }
 
 /// Runs wasmform expecting a non-zero exit within 60 s; returns stdout + stderr.
@@ -128,6 +205,7 @@ impl Wasmform {
             std::thread::spawn(move || {
                 for line in BufReader::new(stream).lines() {
                     let Ok(line) = line else { break };
+                    let line = unpad(&line);
                     let (text, cond) = &*output;
                     let mut text = text.lock().unwrap();
                     text.push_str(&line);
@@ -230,6 +308,15 @@ impl Drop for Wasmform {
         if std::thread::panicking() {
             eprintln!("---- wasmform output ----\n{}", self.output());
         }
+    }
+}
+
+/// `12:00:00 web.1    | text` → `12:00:00 web.1 | text`: tests match lines without caring how
+/// wide the source column is.
+fn unpad(line: &str) -> String {
+    match line.find(" | ") {
+        Some(at) => format!("{} | {}", line[..at].trim_end(), &line[at + 3..]),
+        None => line.to_string(),
     }
 }
 

@@ -1,0 +1,576 @@
+//! Live formation control through the real binary: `scale`, `ps`, `logs`, `restart`, capacity,
+//! persistence, and bad input that must leave the formation unchanged.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use crate::support::{App, get};
+
+const WEB_AND_TICKER: &str = "web: {guests}/hello.wasm\nworker: {guests}/ticker.wasm 50\n";
+
+fn formation(pairs: &[(&str, u64)]) -> Vec<(String, u64)> {
+    pairs.iter().map(|(n, c)| (n.to_string(), *c)).collect()
+}
+
+/// The rows of a `PROCESS COUNT MEM` table, whitespace-normalised.
+fn table(stdout: &str) -> Vec<String> {
+    stdout
+        .lines()
+        .filter(|l| !l.starts_with("note:"))
+        .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
+        .collect()
+}
+
+#[test]
+fn scale_changes_the_running_formation() {
+    let app = App::new(WEB_AND_TICKER);
+    let host = app.up(&[]);
+    let out = app.cli(&["scale", "web=3", "worker+1"]);
+    assert!(out.ok, "{out:?}");
+    assert_eq!(
+        table(&out.stdout),
+        ["PROCESS COUNT MEM", "web 3 256 MiB", "worker 2 256 MiB"]
+    );
+    host.wait_for(
+        "wasmform[api] | Scale to web=3, worker=2",
+        Duration::from_secs(5),
+    );
+    host.wait_for("worker.2 | tick 2 from worker.2", Duration::from_secs(30));
+    let ps = app.wait_settled(Duration::from_secs(30));
+    let ids: Vec<&str> = ps["instances"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["web.1", "web.2", "web.3", "worker.1", "worker.2"]);
+    let mut answered = BTreeMap::new();
+    for _ in 0..30 {
+        let response = host.get("/");
+        assert_eq!(response.status, 200);
+        *answered
+            .entry(response.header("x-wasmform-instance").unwrap().to_string())
+            .or_insert(0) += 1;
+    }
+    assert_eq!(
+        answered.values().collect::<Vec<_>>(),
+        [&10, &10, &10],
+        "{answered:?}"
+    );
+
+    // Scale down: the highest numbers go; ps shows exactly what runs.
+    let out = app.cli(&["scale", "web-2", "worker=0"]);
+    assert!(out.ok, "{out:?}");
+    let ps = app.wait_settled(Duration::from_secs(30));
+    let ids: Vec<&str> = ps["instances"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["web.1"]);
+    assert_eq!(ps["instances"][0]["requests"], 10);
+    assert_eq!(host.get("/").status, 200);
+
+    // The human table names each instance with its state, memory and requests.
+    let out = app.cli(&["ps"]);
+    assert!(out.ok, "{out:?}");
+    assert!(
+        out.stdout
+            .contains("=== web (http): 1/1 up, 256 MiB each · hello.wasm sha256:"),
+        "{}",
+        out.stdout
+    );
+    assert!(
+        out.stdout.contains("=== worker (background): 0/0 up"),
+        "{}",
+        out.stdout
+    );
+    let line = out.stdout.lines().find(|l| l.starts_with("web.1")).unwrap();
+    assert!(
+        line.contains(" up ") && line.contains("/ 256 MiB") && line.contains("11 req"),
+        "{line}"
+    );
+}
+
+#[test]
+fn scale_down_finishes_requests_in_flight() {
+    let app = App::new("web: {guests}/test_web.wasm\n");
+    let host = app.up(&["-m", "web=3"]);
+    let addr = host.addr();
+    let slow: Vec<_> = (0..3)
+        .map(|_| std::thread::spawn(move || get(addr, "/sleep?ms=1500")))
+        .collect();
+    // Let each request reach an instance.
+    std::thread::sleep(Duration::from_millis(300));
+    let out = app.cli(&["scale", "web=1"]);
+    assert!(out.ok, "{out:?}");
+    for request in slow {
+        let response = request.join().unwrap();
+        assert_eq!(response.status, 200, "{response:?}");
+        assert_eq!(response.body, "slept 1500 ms\n");
+    }
+    let ps = app.wait_settled(Duration::from_secs(30));
+    assert_eq!(ps["instances"].as_array().unwrap().len(), 1);
+}
+
+#[test]
+fn bad_scale_input_is_rejected_and_changes_nothing() {
+    let app = App::new(WEB_AND_TICKER);
+    let _host = app.up(&["-m", "web=2"]);
+    let before = app.formation();
+    assert_eq!(before, formation(&[("web", 2), ("worker", 1)]));
+    for (args, needle) in [
+        (&["scale", "web=-1"][..], "invalid count `-1` for `web`"),
+        (&["scale", "web=abc"], "invalid count `abc` for `web`"),
+        (&["scale", "web="], "missing count for `web`"),
+        (
+            &["scale", "=3"],
+            "missing the process type before `=` (known types: web, worker)",
+        ),
+        (&["scale", "web=1.5"], "invalid count `1.5` for `web`"),
+        (&["scale", "web=99999999999"], "too large"),
+        (
+            &["scale", "wrk=2"],
+            "unknown process type `wrk` in `wrk=2`: known types are web, worker",
+        ),
+        (&["scale", "web=5", "wrk=1"], "unknown process type `wrk`"),
+        (&["scale", "web-3"], "would scale `web` below 0 (it has 2)"),
+        (
+            &["scale", "web=1", "--memory", "12XB"],
+            "invalid memory size `12XB`",
+        ),
+        (&["scale", "web=1:8GiB"], "at most 4GiB"),
+        (
+            &["scale", "web=1:2GiB"],
+            "above this host's maximum of 1 GiB",
+        ),
+        (
+            &["scale", "web=1:64KiB"],
+            "`web` cannot run with 64 KiB: memory quota exceeded (64 KiB); the formation is unchanged",
+        ),
+        (
+            &["restart", "nope"],
+            "nothing to restart: no running instance matches `nope`",
+        ),
+    ] {
+        let out = app.cli(args);
+        assert!(!out.ok, "{args:?} succeeded: {out:?}");
+        assert!(out.stderr.contains(needle), "{args:?}:\n{}", out.stderr);
+        assert_eq!(app.formation(), before, "{args:?} changed the formation");
+    }
+    let ps = app.wait_settled(Duration::from_secs(10));
+    for instance in ps["instances"].as_array().unwrap() {
+        assert_eq!(instance["memory_limit"], 256 << 20, "{instance}");
+    }
+}
+
+#[test]
+fn client_commands_without_a_host_say_how_to_start_one() {
+    let app = App::new(WEB_AND_TICKER);
+    for args in [&["ps"][..], &["scale", "web=2"], &["logs"], &["restart"]] {
+        let out = app.cli(args);
+        assert!(!out.ok);
+        assert!(
+            out.stderr.contains("no wasmform host is running for"),
+            "{args:?}: {}",
+            out.stderr
+        );
+        assert!(
+            out.stderr.contains("start one with `wasmform up`"),
+            "{}",
+            out.stderr
+        );
+    }
+}
+
+#[test]
+fn socket_is_private_and_other_users_are_refused() {
+    use std::os::unix::fs::PermissionsExt as _;
+    use std::os::unix::process::CommandExt as _;
+
+    let app = App::new(WEB_AND_TICKER);
+    let _host = app.up(&[]);
+    let state = app.path(".wasmform");
+    assert_eq!(
+        std::fs::metadata(&state).unwrap().permissions().mode() & 0o777,
+        0o700
+    );
+    let socket = state.join("control.sock");
+    assert_eq!(
+        std::fs::metadata(&socket).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    // Let another user reach the directory, so the socket's own mode is what refuses them.
+    std::fs::set_permissions(app.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o711)).unwrap();
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("not root: cannot run the client as another user; skipping that part");
+        return;
+    }
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_wasmform"))
+        .args(["ps", "--app"])
+        .arg(app.dir.path())
+        .uid(65534)
+        .gid(65534)
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("permission denied on the control socket"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn memory_change_is_a_rolling_replacement_without_failed_requests() {
+    let app = App::new("web: {guests}/test_web.wasm\n");
+    let host = app.up(&["-m", "web=2"]);
+    let addr = host.addr();
+    let stop = Arc::new(AtomicBool::new(false));
+    let failures = Arc::new(AtomicU64::new(0));
+    let traffic = {
+        let (stop, failures) = (stop.clone(), failures.clone());
+        std::thread::spawn(move || {
+            let mut sent = 0;
+            while !stop.load(Ordering::Relaxed) && sent < 5000 {
+                if get(addr, "/whoami").status != 200 {
+                    failures.fetch_add(1, Ordering::Relaxed);
+                }
+                sent += 1;
+            }
+            sent
+        })
+    };
+    let out = app.cli(&["scale", "web=2:64MiB"]);
+    assert!(out.ok, "{out:?}");
+    assert_eq!(table(&out.stdout), ["PROCESS COUNT MEM", "web 2 64 MiB"]);
+    let ps = app.wait_settled(Duration::from_secs(30));
+    stop.store(true, Ordering::Relaxed);
+    let sent = traffic.join().unwrap();
+    assert!(sent > 0);
+    assert_eq!(
+        failures.load(Ordering::Relaxed),
+        0,
+        "requests failed during the roll"
+    );
+    for instance in ps["instances"].as_array().unwrap() {
+        assert_eq!(instance["memory_limit"], 64 << 20, "{instance}");
+    }
+    // The new limit is enforced.
+    assert_eq!(host.get("/alloc?mb=100").status, 502);
+    host.wait_for(
+        "crashed: memory quota exceeded (64 MiB)",
+        Duration::from_secs(10),
+    );
+}
+
+#[test]
+fn capacity_keeps_extra_instances_pending_until_room_frees() {
+    let app = App::new(WEB_AND_TICKER);
+    let host = app.up(&["--capacity", "768MiB"]);
+    let out = app.cli(&["scale", "web=3"]);
+    assert!(out.ok, "{out:?}");
+    assert!(
+        out.stdout
+            .contains("note: web.3 pending: capacity: needs 256 MiB, 768 MiB of 768 MiB in use"),
+        "{}",
+        out.stdout
+    );
+    let ps = app.ps();
+    let web3 = ps["instances"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["id"] == "web.3")
+        .unwrap();
+    assert_eq!(web3["state"], "pending", "{web3}");
+    assert!(
+        web3["reason"].as_str().unwrap().starts_with("capacity:"),
+        "{web3}"
+    );
+    assert_eq!(
+        app.cli(&["ps"])
+            .stdout
+            .lines()
+            .filter(|l| l.contains("pending"))
+            .count(),
+        1
+    );
+    // Freeing room starts the pending instance by itself.
+    let out = app.cli(&["scale", "worker=0"]);
+    assert!(out.ok, "{out:?}");
+    let ps = app.wait_settled(Duration::from_secs(30));
+    let ids: Vec<&str> = ps["instances"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["web.1", "web.2", "web.3"]);
+    assert_eq!(host.get("/").status, 200);
+}
+
+#[test]
+fn formation_survives_a_restart_and_m_overrides_it() {
+    let app = App::new(WEB_AND_TICKER);
+    let mut host = app.up(&[]);
+    assert!(app.cli(&["scale", "web=2:128MiB", "worker=0"]).ok);
+    host.signal(libc::SIGTERM);
+    assert!(host.wait_exit(Duration::from_secs(20)).unwrap().success());
+    assert!(
+        !app.path(".wasmform/control.sock").exists(),
+        "socket removed at shutdown"
+    );
+
+    let mut host = app.up(&[]);
+    host.wait_for("formation web=2, worker=0 up", Duration::from_secs(5));
+    let ps = app.wait_settled(Duration::from_secs(10));
+    assert_eq!(ps["types"][0]["memory"], 128 << 20);
+    host.signal(libc::SIGKILL);
+    host.wait_exit(Duration::from_secs(10)).unwrap();
+
+    // A stale socket from the killed host is replaced; `-m` overrides and is stored in turn.
+    let mut host = app.up(&["-m", "worker=1"]);
+    host.wait_for("formation web=2, worker=1 up", Duration::from_secs(5));
+    host.signal(libc::SIGTERM);
+    host.wait_exit(Duration::from_secs(20)).unwrap();
+    let host = app.up(&[]);
+    host.wait_for("formation web=2, worker=1 up", Duration::from_secs(5));
+}
+
+#[test]
+fn second_host_for_the_same_app_is_refused() {
+    let app = App::new(WEB_AND_TICKER);
+    let _host = app.up(&[]);
+    let out = app.up_fails(&[]);
+    assert!(
+        out.contains("another wasmform host is already running for this app"),
+        "{out}"
+    );
+}
+
+#[test]
+fn corrupt_state_file_is_a_clear_error() {
+    let app = App::new(WEB_AND_TICKER);
+    std::fs::create_dir(app.path(".wasmform")).unwrap();
+    std::fs::write(
+        app.path(".wasmform/formation.json"),
+        "{\"version\": 1, \"types\": {",
+    )
+    .unwrap();
+    let out = app.up_fails(&[]);
+    assert!(out.contains("formation.json` is corrupt"), "{out}");
+    assert!(
+        out.contains("delete it to start from the Procfile's formation"),
+        "{out}"
+    );
+}
+
+#[test]
+fn logs_shows_recent_lines_and_follows() {
+    let app = App::new("web: {guests}/test_web.wasm\nworker: {guests}/ticker.wasm 50\n");
+    let host = app.up(&[]);
+    assert_eq!(host.get("/print?n=3").status, 200);
+    host.wait_for("web.1 | line 3 from web.1", Duration::from_secs(10));
+    let out = app.cli(&["logs", "--ps", "web", "-n", "2"]);
+    assert!(out.ok, "{out:?}");
+    let lines: Vec<&str> = out.stdout.lines().collect();
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    assert!(lines[0].ends_with("web.1 | line 2 from web.1"), "{lines:?}");
+    assert!(lines[1].ends_with("web.1 | line 3 from web.1"), "{lines:?}");
+
+    let mut follow = std::process::Command::new(env!("CARGO_BIN_EXE_wasmform"))
+        .args(["logs", "-f", "-n", "0", "--ps", "worker.1", "--app"])
+        .arg(app.dir.path())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = follow.stdout.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        use std::io::BufRead as _;
+        std::io::BufReader::new(stdout)
+            .lines()
+            .take(3)
+            .map(Result::unwrap)
+            .collect::<Vec<_>>()
+    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !reader.is_finished() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = follow.kill();
+    let _ = follow.wait();
+    let lines = reader.join().unwrap();
+    assert_eq!(lines.len(), 3, "{lines:?}");
+    assert!(
+        lines.iter().all(|l| l.contains("worker.1 | tick ")),
+        "{lines:?}"
+    );
+}
+
+#[test]
+fn restart_replaces_instances_one_at_a_time() {
+    let app = App::new("web: {guests}/test_web.wasm\n");
+    let host = app.up(&["-m", "web=2"]);
+    assert_eq!(host.get("/count").body, "1\n");
+    assert_eq!(host.get("/count").body, "1\n");
+    assert_eq!(host.get("/count").body, "2\n");
+    let out = app.cli(&["restart", "web"]);
+    assert!(out.ok, "{out:?}");
+    host.wait_for("wasmform[api] | Restart web", Duration::from_secs(5));
+    app.wait_settled(Duration::from_secs(30));
+    // Fresh instances: counters start over.
+    assert_eq!(host.get("/count").body, "1\n");
+    assert_eq!(host.get("/count").body, "1\n");
+    let out = app.cli(&["restart", "web.2"]);
+    assert!(out.ok, "{out:?}");
+    app.wait_settled(Duration::from_secs(30));
+}
+
+/// A small deterministic generator, so a failing storm can be replayed.
+struct Lcg(u64);
+
+impl Lcg {
+    fn next(&mut self, n: u64) -> u64 {
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (self.0 >> 33) % n
+    }
+}
+
+#[test]
+fn scale_storm_with_traffic_applies_every_change_in_order() {
+    let app = Arc::new(App::new(WEB_AND_TICKER));
+    let host = app.up(&["-m", "web=2"]);
+    let addr = host.addr();
+    let stop = Arc::new(AtomicBool::new(false));
+    let (sent, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let traffic = {
+        let (stop, sent, failed) = (stop.clone(), sent.clone(), failed.clone());
+        std::thread::spawn(move || {
+            // Bounded: stops when told, or after 20 000 requests.
+            while !stop.load(Ordering::Relaxed) && sent.load(Ordering::Relaxed) < 20_000 {
+                let response = get(addr, "/");
+                sent.fetch_add(1, Ordering::Relaxed);
+                if response.status != 200 {
+                    failed.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        })
+    };
+    let callers: Vec<_> = (0..8)
+        .map(|seed| {
+            let app = app.clone();
+            std::thread::spawn(move || {
+                let mut rng = Lcg(seed);
+                let mut answers = (0, 0);
+                for _ in 0..25 {
+                    // `web` never goes to 0, so every request must succeed.
+                    let change = match rng.next(8) {
+                        0 => "web=-1".to_string(),
+                        1 => "wrk=1".to_string(),
+                        2 => format!("worker-{}", rng.next(3)),
+                        3 => format!("worker+{}", rng.next(3)),
+                        4 => format!("web=abc worker={}", rng.next(3)),
+                        _ => format!("web={} worker={}", 1 + rng.next(6), rng.next(4)),
+                    };
+                    let args: Vec<&str> =
+                        std::iter::once("scale").chain(change.split(' ')).collect();
+                    let out = app.cli(&args);
+                    if out.ok {
+                        answers.0 += 1;
+                    } else {
+                        assert!(out.stderr.starts_with("error: "), "{change}: {out:?}");
+                        answers.1 += 1;
+                    }
+                }
+                answers
+            })
+        })
+        .collect();
+    let (mut accepted, mut rejected) = (0, 0);
+    for caller in callers {
+        let (a, r) = caller.join().unwrap();
+        accepted += a;
+        rejected += r;
+    }
+    assert_eq!(accepted + rejected, 200);
+    assert!(
+        accepted > 50 && rejected > 20,
+        "accepted {accepted}, rejected {rejected}"
+    );
+    let ps = app.wait_settled(Duration::from_secs(60));
+    stop.store(true, Ordering::Relaxed);
+    traffic.join().unwrap();
+    assert!(sent.load(Ordering::Relaxed) > 0);
+    assert_eq!(
+        failed.load(Ordering::Relaxed),
+        0,
+        "requests failed during the storm"
+    );
+
+    // The final formation is the last change the host accepted, and nothing leaked.
+    let out = host.output();
+    let last = out
+        .lines()
+        .rev()
+        .find_map(|l| l.split("wasmform[api] | Scale to ").nth(1))
+        .unwrap();
+    let running: Vec<String> = ps["types"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| format!("{}={}", t["name"].as_str().unwrap(), t["desired"]))
+        .collect();
+    assert_eq!(running.join(", "), last);
+    assert_eq!(
+        out.matches("wasmform[api] | Scale to ").count(),
+        accepted,
+        "every accepted change is logged once"
+    );
+}
+
+#[test]
+fn sigkill_during_a_scale_storm_keeps_the_last_accepted_formation() {
+    let app = Arc::new(App::new(WEB_AND_TICKER));
+    let mut host = app.up(&[]);
+    let caller = {
+        let app = app.clone();
+        std::thread::spawn(move || {
+            let mut rng = Lcg(42);
+            let (mut acked, mut attempting) = (None, None);
+            for _ in 0..10_000 {
+                let target = (1 + rng.next(5), rng.next(4));
+                attempting = Some(target);
+                let out = app.cli(&[
+                    "scale",
+                    &format!("web={}", target.0),
+                    &format!("worker={}", target.1),
+                ]);
+                if !out.ok {
+                    break;
+                }
+                acked = Some(target);
+            }
+            (acked, attempting)
+        })
+    };
+    std::thread::sleep(Duration::from_millis(1500));
+    host.signal(libc::SIGKILL);
+    host.wait_exit(Duration::from_secs(10)).unwrap();
+    let (acked, attempting) = caller.join().unwrap();
+    let acked = acked.expect("no scale call was acknowledged before the kill");
+    let _host = app.up(&[]);
+    let restored = app.formation();
+    let expected = |(web, worker): (u64, u64)| formation(&[("web", web), ("worker", worker)]);
+    assert!(
+        restored == expected(acked) || Some(restored.clone()) == attempting.map(expected),
+        "restored {restored:?}, last acknowledged {acked:?}, in flight {attempting:?}"
+    );
+}
