@@ -1,4 +1,4 @@
-//! `cargo bench`: start-up time, idle memory per instance and HTTP throughput of the real
+//! `cargo bench`: start-up time, idle memory per instance, live scaling and HTTP throughput of the real
 //! `wasmform` binary serving the `hello` example guest, on loopback.
 //!
 //! Every figure comes from this run on this machine: the harness builds the guests, starts
@@ -92,6 +92,28 @@ fn main() {
     );
 
     println!();
+    println!("## live scaling (`wasmform scale`, which answers once new instances are up)");
+    let host = Host::start(&procfile, &["-m", "web=1"]);
+    let up = scale(dir.path(), "web=1000");
+    let after_up = ps_counts(dir.path());
+    // Scale back down while requests flow: draining must not fail any of them.
+    let traffic = std::thread::spawn({
+        let port = host.port;
+        move || load_for(port, Duration::from_millis(1500))
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let down = scale(dir.path(), "web=1");
+    let (served, failed) = traffic.join().unwrap();
+    let after_down = ps_counts(dir.path());
+    drop(host);
+    println!("{:<34} {:>12} ({after_up} instances up after)", "web=1 → web=1000", ms(up));
+    println!(
+        "{:<34} {:>12} ({after_down} up after; {served} requests during, {failed} failed)",
+        "web=1000 → web=1, under load",
+        ms(down)
+    );
+
+    println!();
     println!(
         "## HTTP throughput: GET /, {CONNECTIONS} keep-alive connections, {}s after {}s warm-up",
         MEASURE.as_secs(),
@@ -113,6 +135,68 @@ fn main() {
             load.errors
         );
     }
+}
+
+/// Runs `wasmform scale CHANGE` for the app in `dir`; returns how long it took.
+fn scale(dir: &Path, change: &str) -> Duration {
+    let started = Instant::now();
+    let output = Command::new(env!("CARGO_BIN_EXE_wasmform"))
+        .args(["scale", change, "--app"])
+        .arg(dir)
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    started.elapsed()
+}
+
+/// Instances `up` according to `wasmform ps --json`, once the formation has settled.
+fn ps_counts(dir: &Path) -> usize {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let output = Command::new(env!("CARGO_BIN_EXE_wasmform"))
+            .args(["ps", "--json", "--app"])
+            .arg(dir)
+            .output()
+            .unwrap();
+        let ps: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+        let instances = ps["instances"].as_array().unwrap();
+        let up = instances.iter().filter(|i| i["state"] == "up").count();
+        if up == instances.len() || Instant::now() > deadline {
+            return up;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Sequential requests over 8 connections for `duration`; returns (served, failed).
+fn load_for(port: u16, duration: Duration) -> (u64, u64) {
+    runtime().block_on(async move {
+        let deadline = Instant::now() + duration;
+        let tasks: Vec<_> = (0..8)
+            .map(|_| {
+                tokio::spawn(async move {
+                    let mut conn = Conn::open(port).await;
+                    let (mut served, mut failed) = (0u64, 0u64);
+                    while Instant::now() < deadline {
+                        if conn.get().await == Some(200) {
+                            served += 1;
+                        } else {
+                            failed += 1;
+                            conn = Conn::open(port).await;
+                        }
+                    }
+                    (served, failed)
+                })
+            })
+            .collect();
+        let mut total = (0, 0);
+        for task in tasks {
+            let (s, f) = task.await.unwrap();
+            total.0 += s;
+            total.1 += f;
+        }
+        total
+    })
 }
 
 fn ms(d: Duration) -> String {
@@ -149,7 +233,9 @@ impl Host {
     fn start(procfile: &Path, args: &[&str]) -> Self {
         let started = Instant::now();
         let mut child = Command::new(env!("CARGO_BIN_EXE_wasmform"))
-            .args(["up", "-f", procfile.to_str().unwrap(), "-p", "0"])
+            // 1000 × 256 MiB limits exceed this machine's memory, which is the default
+            // capacity; hello uses ~1 MiB, so lift the budget rather than the limits.
+            .args(["up", "-f", procfile.to_str().unwrap(), "-p", "0", "--capacity", "1024GiB"])
             .args(args)
             .env("RUST_BACKTRACE", "0")
             .stdout(Stdio::piped())
