@@ -106,7 +106,11 @@ fn main() {
     let (served, failed) = traffic.join().unwrap();
     let after_down = ps_counts(dir.path());
     drop(host);
-    println!("{:<34} {:>12} ({after_up} instances up after)", "web=1 → web=1000", ms(up));
+    println!(
+        "{:<34} {:>12} ({after_up} instances up after)",
+        "web=1 → web=1000",
+        ms(up)
+    );
     println!(
         "{:<34} {:>12} ({after_down} up after; {served} requests during, {failed} failed)",
         "web=1000 → web=1, under load",
@@ -145,7 +149,11 @@ fn scale(dir: &Path, change: &str) -> Duration {
         .arg(dir)
         .output()
         .unwrap();
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     started.elapsed()
 }
 
@@ -235,7 +243,15 @@ impl Host {
         let mut child = Command::new(env!("CARGO_BIN_EXE_wasmform"))
             // 1000 × 256 MiB limits exceed this machine's memory, which is the default
             // capacity; hello uses ~1 MiB, so lift the budget rather than the limits.
-            .args(["up", "-f", procfile.to_str().unwrap(), "-p", "0", "--capacity", "1024GiB"])
+            .args([
+                "up",
+                "-f",
+                procfile.to_str().unwrap(),
+                "-p",
+                "0",
+                "--capacity",
+                "1024GiB",
+            ])
             .args(args)
             .env("RUST_BACKTRACE", "0")
             .stdout(Stdio::piped())

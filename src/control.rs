@@ -21,7 +21,7 @@ use hyper::server::conn::http1;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use serde::Deserialize;
-use tokio::net::{UnixListener, UnixStream};
+use tokio::net::UnixListener;
 use tokio::sync::{broadcast, mpsc};
 use tokio_util::sync::CancellationToken;
 
@@ -32,6 +32,18 @@ use crate::supervisor::{ControlError, Supervisor};
 
 /// Largest request body the API reads.
 const MAX_BODY: usize = 64 * 1024;
+
+/// Fails if a host answers on the app's control socket.
+pub fn ensure_no_live_host(state: &StateDir) -> Result<()> {
+    let path = state.socket();
+    if std::os::unix::net::UnixStream::connect(&path).is_ok() {
+        bail!(
+            "another wasmform host is already running for this app (its control socket `{}` answers): stop it first, or change it with `wasmform scale`",
+            path.display()
+        );
+    }
+    Ok(())
+}
 
 /// Binds the control socket, replacing a stale one.
 pub async fn bind(state: &StateDir) -> Result<(UnixListener, PathBuf)> {
@@ -46,12 +58,7 @@ pub async fn bind(state: &StateDir) -> Result<(UnixListener, PathBuf)> {
             path.display()
         ),
         Ok(_) => {
-            if UnixStream::connect(&path).await.is_ok() {
-                bail!(
-                    "another wasmform host is already running for this app (its control socket `{}` answers): stop it first",
-                    path.display()
-                );
-            }
+            ensure_no_live_host(state)?;
             // Left behind by a host that did not shut down cleanly.
             std::fs::remove_file(&path).with_context(|| {
                 format!("failed to remove the stale socket `{}`", path.display())

@@ -155,6 +155,10 @@ impl Host {
         let mut formation = Formation::default_for(&app, DEFAULT_MEMORY);
         let mut notes = Vec::new();
         let state = options.state_dir.clone().map(StateDir::new);
+        if let Some(state) = &state {
+            // Before anything is read or stored: a live host owns this state.
+            control::ensure_no_live_host(state)?;
+        }
         if let Some(state) = &state
             && let Some((stored, dropped)) = state.load_formation(&formation)?
         {

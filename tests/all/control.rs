@@ -343,14 +343,20 @@ fn formation_survives_a_restart_and_m_overrides_it() {
 }
 
 #[test]
-fn second_host_for_the_same_app_is_refused() {
+fn second_host_for_the_same_app_is_refused_and_changes_nothing() {
     let app = App::new(WEB_AND_TICKER);
     let _host = app.up(&[]);
-    let out = app.up_fails(&[]);
+    let stored = std::fs::read_to_string(app.path(".wasmform/formation.json")).unwrap();
+    let out = app.up_fails(&["-m", "web=5"]);
     assert!(
         out.contains("another wasmform host is already running for this app"),
         "{out}"
     );
+    assert_eq!(
+        std::fs::read_to_string(app.path(".wasmform/formation.json")).unwrap(),
+        stored
+    );
+    assert_eq!(app.formation(), formation(&[("web", 1), ("worker", 1)]));
 }
 
 #[test]

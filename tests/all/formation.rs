@@ -60,6 +60,29 @@ fn guests_see_only_the_formation_environment() {
 }
 
 #[test]
+fn busy_instances_queue_requests_up_to_the_bound_then_503() {
+    let app = App::new("web: {guests}/test_web.wasm\n");
+    let host = app.up(&["--queue", "1"]);
+    let addr = host.addr();
+    let busy = std::thread::spawn(move || get(addr, "/sleep?ms=2000"));
+    std::thread::sleep(Duration::from_millis(300));
+    let queued = std::thread::spawn(move || get(addr, "/whoami"));
+    std::thread::sleep(Duration::from_millis(300));
+    let refused = host.get("/whoami");
+    assert_eq!(refused.status, 503, "{refused:?}");
+    assert_eq!(refused.header("retry-after"), Some("1"));
+    assert!(
+        refused.body.contains("all `web` instances are busy"),
+        "{}",
+        refused.body
+    );
+    assert_eq!(busy.join().unwrap().status, 200);
+    let queued = queued.join().unwrap();
+    assert_eq!((queued.status, queued.body.as_str()), (200, "web.1\n"));
+    host.wait_for("at=error code=H11", Duration::from_secs(5));
+}
+
+#[test]
 fn no_instance_up_is_503_at_once() {
     let app = App::new("web: {guests}/hello.wasm\n");
     let host = app.up(&["-m", "web=0"]);
