@@ -19,7 +19,14 @@ const CONNECTIONS: usize = 64;
 const WARMUP: Duration = Duration::from_secs(1);
 const MEASURE: Duration = Duration::from_secs(5);
 
+/// Set in the environment of the bench re-executing itself as the native baseline server.
+const NATIVE_ENV: &str = "WASMFORM_BENCH_NATIVE_SERVER";
+
 fn main() {
+    if std::env::var_os(NATIVE_ENV).is_some() {
+        native_server();
+        return;
+    }
     // `cargo bench` passes `--bench`; a filter argument is not supported, so ignore the rest.
     let guests = build_guests();
     let hello = guests.join("hello.wasm");
@@ -124,21 +131,66 @@ fn main() {
         WARMUP.as_secs()
     );
     println!(
-        "{:<34} {:>12} {:>10} {:>10} {:>8}",
-        "formation", "req/s", "p50", "p99", "errors"
+        "{:<40} {:>10} {:>10} {:>10} {:>7} {:>9}",
+        "server", "req/s", "p50", "p99", "errors", "vs native"
     );
-    for n in [1u32, 2] {
+    let native = Server::native();
+    let baseline = load(native.port);
+    drop(native);
+    print_load("native hyper hello (baseline)", &baseline, &baseline);
+    for n in [1u32, 2, 64, 1000] {
         let host = Host::start(&procfile, &["-m", &format!("web={n}"), "--queue", "4096"]);
-        let load = load(host.port);
-        println!(
-            "{:<34} {:>12.0} {:>10} {:>10} {:>8}",
-            format!("web={n}"),
-            load.rps,
-            format!("{:.2} ms", load.p50.as_secs_f64() * 1e3),
-            format!("{:.2} ms", load.p99.as_secs_f64() * 1e3),
-            load.errors
+        print_load(&format!("wasmform web={n}"), &load(host.port), &baseline);
+    }
+    let spin_dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        spin_dir.path().join("Procfile"),
+        format!(
+            "web: {}\nworker: {} spin\n",
+            hello.display(),
+            guests.join("test-worker.wasm").display()
+        ),
+    )
+    .unwrap();
+    let spin_procfile = spin_dir.path().join("Procfile");
+    for workers in [0u32, 4] {
+        let host = Host::start(
+            &spin_procfile,
+            &["-m", &format!("web=2,worker={workers}"), "--queue", "4096"],
+        );
+        print_load(
+            &format!("wasmform web=2 + {workers} spinning workers"),
+            &load(host.port),
+            &baseline,
         );
     }
+    match which("wasmtime") {
+        Some(path) => println!(
+            "(a `wasmtime` binary is at {}; its rows are not implemented yet)",
+            path.display()
+        ),
+        None => println!("wasmtime serve rows skipped: no `wasmtime` binary on PATH"),
+    }
+}
+
+fn print_load(name: &str, load: &Load, baseline: &Load) {
+    println!(
+        "{:<40} {:>10.0} {:>10} {:>10} {:>7} {:>8.2}×",
+        name,
+        load.rps,
+        format!("{:.2} ms", load.p50.as_secs_f64() * 1e3),
+        format!("{:.2} ms", load.p99.as_secs_f64() * 1e3),
+        load.errors,
+        load.rps / baseline.rps
+    );
+}
+
+fn which(program: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH")?
+        .to_str()?
+        .split(':')
+        .map(|dir| Path::new(dir).join(program))
+        .find(|p| p.is_file())
 }
 
 /// Runs `wasmform scale CHANGE` for the app in `dir`; returns how long it took.
@@ -226,6 +278,75 @@ fn build_guests() -> PathBuf {
         "building the guests failed (is `wasm32-wasip2` installed? `rustup target add wasm32-wasip2`)"
     );
     target.join("wasm32-wasip2/release")
+}
+
+/// The baseline: a native hyper HTTP/1 server answering like `hello` (instance name, request
+/// counter, path), on a default multi-threaded tokio runtime — the same stack wasmform uses,
+/// without wasm.
+fn native_server() {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    runtime().block_on(async {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        println!("listening on http://{}", listener.local_addr().unwrap());
+        let counter = std::sync::Arc::new(AtomicU64::new(0));
+        loop {
+            let (stream, _) = listener.accept().await.unwrap();
+            stream.set_nodelay(true).unwrap();
+            let counter = counter.clone();
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(
+                    move |req: hyper::Request<hyper::body::Incoming>| {
+                        let n = counter.fetch_add(1, Ordering::Relaxed) + 1;
+                        let body = format!(
+                            "hello from native, request {n}, path {}\n",
+                            req.uri().path()
+                        );
+                        async move {
+                            Ok::<_, std::convert::Infallible>(
+                                hyper::Response::builder()
+                                    .header("content-type", "text/plain; charset=utf-8")
+                                    .body(http_body_util::Full::new(Bytes::from(body)))
+                                    .unwrap(),
+                            )
+                        }
+                    },
+                );
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+}
+
+/// The native baseline server, a copy of this bench binary, killed on drop.
+struct Server {
+    child: Child,
+    port: u16,
+}
+
+impl Server {
+    #[expect(clippy::zombie_processes, reason = "the child is waited for in `Drop`")]
+    fn native() -> Self {
+        let mut child = Command::new(std::env::current_exe().unwrap())
+            .env(NATIVE_ENV, "1")
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let port = line.trim().rsplit(':').next().unwrap().parse().unwrap();
+        Self { child, port }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 /// A running `wasmform up`, killed and waited for on drop.

@@ -306,7 +306,9 @@ impl Host {
                 pool,
             }));
         }
+        let background = background_runtime()?;
         let supervisor = Supervisor::new(SupervisorConfig {
+            background: background.handle().clone(),
             runtime: self.runtime.clone(),
             logs: logs.clone(),
             restart: self.options.restart,
@@ -355,6 +357,7 @@ impl Host {
         Ok(RunningHost {
             addr,
             supervisor,
+            background: BackgroundRuntime(Some(background)),
             stop_http,
             server,
             control,
@@ -362,6 +365,24 @@ impl Host {
             logs,
         })
     }
+}
+
+/// A runtime for background processes whose threads run at a lower priority (nice 10): the
+/// kernel then gives web instances the CPU they ask for, and CPU-bound workers the rest.
+fn background_runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .thread_name("wasmform-bg")
+        .on_thread_start(|| {
+            // SCHED_IDLE: these threads run only when no normal thread wants the CPU. On
+            // Linux, pid 0 means the calling thread. Failing to lower the priority only costs
+            // fairness, so it is not an error.
+            let param = libc::sched_param { sched_priority: 0 };
+            // SAFETY: `param` is a valid sched_param for the duration of the call.
+            let _ = unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) };
+        })
+        .enable_all()
+        .build()
+        .context("failed to start the background runtime")
 }
 
 /// The machine's memory, or its cgroup's limit if lower: the default capacity.
@@ -395,6 +416,20 @@ pub struct RunningHost {
     control: Option<(tokio::task::JoinHandle<()>, PathBuf)>,
     printer: tokio::task::JoinHandle<()>,
     logs: Logs,
+    /// The background processes' runtime; shut down after the supervisor.
+    background: BackgroundRuntime,
+}
+
+/// Owns the background runtime and shuts it down without blocking when dropped: a runtime may
+/// not be dropped the ordinary (blocking) way inside another one.
+struct BackgroundRuntime(Option<tokio::runtime::Runtime>);
+
+impl Drop for BackgroundRuntime {
+    fn drop(&mut self) {
+        if let Some(runtime) = self.0.take() {
+            runtime.shutdown_background();
+        }
+    }
 }
 
 impl RunningHost {
@@ -431,9 +466,10 @@ impl RunningHost {
             supervisor,
             logs,
             printer,
+            background,
             ..
         } = self;
-        drop((supervisor, logs));
+        drop((supervisor, logs, background));
         // Instances still parked in pools hold log sinks; give the printer a moment to drain.
         let _ = tokio::time::timeout(Duration::from_millis(500), printer).await;
     }

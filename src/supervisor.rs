@@ -276,6 +276,8 @@ pub struct Supervisor {
     ops: tokio::sync::Mutex<()>,
     /// Where the formation is persisted, if anywhere.
     store: Option<StateDir>,
+    /// Runtime for background processes (see [`SupervisorConfig::background`]).
+    background: tokio::runtime::Handle,
 }
 
 /// What [`Supervisor::new`] needs.
@@ -296,6 +298,9 @@ pub struct SupervisorConfig {
     pub formation: Formation,
     /// Persistence.
     pub store: Option<StateDir>,
+    /// Where background processes run: a runtime of low-priority threads, so CPU-bound
+    /// workers take what the web instances leave instead of stalling them.
+    pub background: tokio::runtime::Handle,
 }
 
 type Ready = oneshot::Receiver<Result<(), String>>;
@@ -322,6 +327,7 @@ impl Supervisor {
             }),
             ops: tokio::sync::Mutex::new(()),
             store: config.store,
+            background: config.background,
         })
     }
 
@@ -467,11 +473,17 @@ impl Supervisor {
         let slot_for_caller = slot.clone();
         let (tx, rx) = oneshot::channel();
         let this = self.clone();
+        let is_http = process.compiled.is_http();
         let process = process.clone();
-        self.tasks.spawn(async move {
+        let task = self.tasks.track_future(async move {
             this.run_slot(&process, &slot, tx).await;
             this.slot_ended(&slot);
         });
+        if is_http {
+            tokio::spawn(task);
+        } else {
+            self.background.spawn(task);
+        }
         (slot_for_caller, rx)
     }
 
