@@ -326,7 +326,6 @@ struct Server {
 }
 
 impl Server {
-    #[expect(clippy::zombie_processes, reason = "the child is waited for in `Drop`")]
     fn native() -> Self {
         let mut child = Command::new(std::env::current_exe().unwrap())
             .env(NATIVE_ENV, "1")

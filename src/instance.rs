@@ -68,6 +68,18 @@ pub struct WebInstance {
     retired: Arc<AtomicBool>,
     /// Requests served by the slot, for `ps`.
     requests: Arc<AtomicU64>,
+    /// True while a guest call is in progress: if the instance is dropped then (the request's
+    /// future was dropped because the client went away), its state is unknown and the slot must
+    /// replace it.
+    in_call: bool,
+}
+
+impl Drop for WebInstance {
+    fn drop(&mut self) {
+        if self.in_call {
+            self.end("request cancelled mid-call (the client went away); instance recycled");
+        }
+    }
 }
 
 impl crate::router::Member for WebInstance {
@@ -102,6 +114,7 @@ impl WebInstance {
             exit: Some(exit),
             retired,
             requests,
+            in_call: false,
         })
     }
 
@@ -148,12 +161,15 @@ impl WebInstance {
                 });
             match prepared {
                 Ok((req, out)) => {
+                    self.in_call = true;
                     let call = self.proxy.wasi_http_incoming_handler().call_handle(
                         &mut self.store,
                         req,
                         out,
                     );
-                    tokio::time::timeout(timeout, call).await
+                    let outcome = tokio::time::timeout(timeout, call).await;
+                    self.in_call = false;
+                    outcome
                 }
                 Err(e) => Ok(Err(e)),
             }
@@ -166,12 +182,12 @@ impl WebInstance {
             Ok(Err(e)) => {
                 let reason = describe(&e, &self.store, self.memory);
                 send(Reply::Failed(Failure::Crashed(reason.clone())));
-                self.crashed(format!("crashed: {reason}"));
+                self.end(&format!("crashed: {reason}"));
                 None
             }
             Err(_elapsed) => {
                 send(Reply::Failed(Failure::Timeout(timeout)));
-                self.crashed(format!(
+                self.end(&format!(
                     "request timed out after {}; instance recycled",
                     crate::humanize(timeout)
                 ));
@@ -180,10 +196,10 @@ impl WebInstance {
         }
     }
 
-    /// Ends this incarnation; its slot starts a replacement.
-    fn crashed(mut self, reason: String) {
+    /// Ends this incarnation (the caller drops it); its slot starts a replacement.
+    fn end(&mut self, reason: &str) {
         if let Some(exit) = self.exit.take() {
-            let _ = exit.send(reason);
+            let _ = exit.send(reason.to_string());
         }
     }
 }

@@ -120,17 +120,28 @@ impl Router {
             }
         };
         let name = instance.name.clone();
-        let (tx, rx) = oneshot::channel();
+        let (tx, mut rx) = oneshot::channel();
         let pool = pool.clone();
         let timeout = self.request_timeout;
-        // The guest call runs in its own task so that a client going away never cancels it
-        // halfway: the instance finishes (or times out) and goes back to the pool intact.
-        tokio::spawn(async move {
+        let mut call = Box::pin(async move {
             if let Some(instance) = instance.handle(req, tx, timeout).await {
                 pool.release(instance);
             }
         });
-        let (status, text) = match rx.await {
+        // The guest runs inline, in this connection's task: most handlers set the response and
+        // finish in one go, and a task per request would cost a cross-thread wake-up. If the
+        // response headers come while the guest is still writing the body, the rest of the
+        // call moves to a task of its own so the body can stream. If the client goes away
+        // mid-call, the instance is dropped mid-call and its slot replaces it.
+        let reply = tokio::select! {
+            biased;
+            reply = &mut rx => {
+                tokio::spawn(call);
+                reply
+            }
+            () = &mut call => rx.await,
+        };
+        let (status, text) = match reply {
             Ok(Reply::Response(response)) => return response,
             Ok(Reply::Failed(Failure::Timeout(after))) => {
                 error("H12", "Request timeout", &name, StatusCode::GATEWAY_TIMEOUT);

@@ -146,3 +146,24 @@ fn panicking_worker_reports_its_trap() {
     let out = host.wait_for("worker.1 wasm trap", Duration::from_secs(30));
     assert!(out.contains("test-worker panic requested"), "{out}");
 }
+
+#[test]
+fn client_going_away_mid_request_recycles_the_instance() {
+    use std::io::Write as _;
+
+    let app = App::new("web: {guests}/test_web.wasm\n");
+    let host = app.up(&[]);
+    assert_eq!(host.get("/count").body, "1\n");
+    let mut stream = std::net::TcpStream::connect(host.addr()).unwrap();
+    stream
+        .write_all(b"GET /sleep?ms=5000 HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    drop(stream);
+    host.wait_for(
+        "web.1 request cancelled mid-call (the client went away); instance recycled; restarting now",
+        Duration::from_secs(10),
+    );
+    // A fresh instance: its counter starts over.
+    assert_eq!(host.get("/count").body, "1\n");
+}
