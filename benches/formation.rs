@@ -72,6 +72,8 @@ fn main() {
         );
     }
 
+    large_component_rows();
+
     println!();
     println!("## memory (host RSS; per instance = difference between web=1000 and web=1)");
     let one = Host::start(&procfile, &["-m", "web=1"]);
@@ -79,7 +81,8 @@ fn main() {
     get_many(one.port, 1);
     let base_after = one.rss_kib();
     drop(one);
-    let many = Host::start(&procfile, &["-m", "web=1000"]);
+    // `--rotate 0`: sequential requests walk every instance, not only the warm ring.
+    let many = Host::start(&procfile, &["-m", "web=1000", "--rotate", "0"]);
     let idle = many.rss_kib();
     // Sequential requests go round-robin: 1000 of them touch every instance once.
     get_many(many.port, 1000);
@@ -191,6 +194,55 @@ fn which(program: &str) -> Option<PathBuf> {
         .split(':')
         .map(|dir| Path::new(dir).join(program))
         .find(|p| p.is_file())
+}
+
+/// Cold and warm start of a large component: the Python guest built with componentize-py
+/// (CPython inside, ~18 MB), when `componentize-py` is installed.
+fn large_component_rows() {
+    let Some(componentize) = which("componentize-py") else {
+        println!(
+            "large component rows skipped: `componentize-py` is not on PATH (`pip install componentize-py`)"
+        );
+        return;
+    };
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let dir = tempfile::tempdir().unwrap();
+    let wasm = dir.path().join("python-hello.wasm");
+    let status = Command::new(componentize)
+        .arg("-d")
+        .arg(root.join("wit"))
+        .args(["-w", "wasi:http/proxy@0.2.12", "componentize", "-p"])
+        .arg(root.join("guest-examples/python-hello"))
+        .arg("app")
+        .arg("-o")
+        .arg(&wasm)
+        .stdout(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success(), "componentize-py failed");
+    let size = std::fs::metadata(&wasm).unwrap().len();
+    std::fs::write(dir.path().join("Procfile"), "web: python-hello.wasm\n").unwrap();
+    let procfile = dir.path().join("Procfile");
+    let label = format!("python-hello ({:.1} MB), web=1", size as f64 / 1e6);
+    let cold = Host::start(&procfile, &["--no-cache"]);
+    println!(
+        "{:<34} {:>12} {:>16} {:>14}",
+        format!("{label}, cold"),
+        ms(cold.to_listening),
+        ms(cold.formation_up),
+        "-"
+    );
+    drop(cold);
+    // Fill the cache, then measure a warm start.
+    drop(Host::start(&procfile, &[]));
+    let warm = Host::start(&procfile, &[]);
+    println!(
+        "{:<34} {:>12} {:>16} {:>14}",
+        format!("{label}, warm"),
+        ms(warm.to_listening),
+        ms(warm.formation_up),
+        "-"
+    );
 }
 
 /// Runs `wasmform scale CHANGE` for the app in `dir`; returns how long it took.

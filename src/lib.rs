@@ -100,6 +100,8 @@ pub struct HostOptions {
     pub request_timeout: Duration,
     /// Requests that may wait for a free instance before 503.
     pub queue_limit: usize,
+    /// How many free instances of a type rotate round-robin (0: all); see [`router`].
+    pub rotate: usize,
     /// Restart backoff for crashed instances.
     pub restart: RestartPolicy,
     /// Instances that may exist at once (sizes the pooling allocator). Default: enough for the
@@ -120,6 +122,7 @@ impl Default for HostOptions {
             capacity: None,
             request_timeout: Duration::from_secs(30),
             queue_limit: 1024,
+            rotate: router::HOT,
             restart: RestartPolicy::default(),
             max_instances: None,
             cache: true,
@@ -293,9 +296,12 @@ impl Host {
         let mut routed_pool = None;
         let mut types = Vec::new();
         for (index, (spec, compiled)) in self.processes.iter().enumerate() {
-            let pool = compiled
-                .is_http()
-                .then(|| Arc::new(Pool::new(self.options.queue_limit)));
+            let pool = compiled.is_http().then(|| {
+                Arc::new(Pool::with_rotation(
+                    self.options.queue_limit,
+                    self.options.rotate,
+                ))
+            });
             if Some(index) == self.routed {
                 routed_pool = pool.clone();
             }

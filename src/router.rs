@@ -1,13 +1,14 @@
 //! Picks the instance for each request: round-robin over the instances that are up and free,
 //! with a bounded wait queue when all are busy.
 //!
-//! Free instances sit in a FIFO ring of at most [`HOT`] instances: a request takes the one that
-//! has been free longest, and an instance goes to the back when it finishes. Up to [`HOT`]
+//! Free instances sit in a FIFO ring of at most `rotate` instances (default [`HOT`]): a request takes the one that
+//! has been free longest, and an instance goes to the back when it finishes. Up to `rotate`
 //! instances, sequential traffic is exact round-robin. Free instances beyond that wait on a
 //! stack of spares and are used (most recently used first) only when the ring is empty. So with
 //! a thousand instances and 64 concurrent requests, traffic rotates over the ~100 instances
 //! whose memory is warm in the CPU caches instead of walking all thousand; the trade-off is
-//! that past [`HOT`] free instances the rotation is not over all of them. When every instance is busy the request waits in a bounded queue and is handed
+//! that past `rotate` free instances the rotation is not over all of them (`--rotate 0`
+//! rotates over every instance). When every instance is busy the request waits in a bounded queue and is handed
 //! the next instance that frees up; when the queue is full, or no instance is up at all, the
 //! request is refused at once (503), never left hanging. No wasmtime types here.
 
@@ -31,7 +32,7 @@ pub enum Busy {
     QueueFull,
 }
 
-/// How many free instances rotate round-robin; more wait as spares.
+/// How many free instances rotate round-robin by default; more wait as spares.
 pub const HOT: usize = 32;
 
 /// The instances of one HTTP process type.
@@ -39,6 +40,8 @@ pub struct Pool<T> {
     inner: Mutex<Inner<T>>,
     /// How many requests may wait for a free instance.
     queue_limit: usize,
+    /// How many free instances rotate round-robin; the rest wait as spares.
+    rotate: usize,
 }
 
 struct Inner<T> {
@@ -54,8 +57,13 @@ struct Inner<T> {
 }
 
 impl<T: Member> Pool<T> {
-    /// An empty pool letting `queue_limit` requests wait.
+    /// An empty pool letting `queue_limit` requests wait, rotating over [`HOT`] instances.
     pub fn new(queue_limit: usize) -> Self {
+        Self::with_rotation(queue_limit, HOT)
+    }
+
+    /// An empty pool rotating over at most `rotate` free instances (0: all of them).
+    pub fn with_rotation(queue_limit: usize, rotate: usize) -> Self {
         Self {
             inner: Mutex::new(Inner {
                 idle: VecDeque::new(),
@@ -64,6 +72,7 @@ impl<T: Member> Pool<T> {
                 live: 0,
             }),
             queue_limit,
+            rotate: if rotate == 0 { usize::MAX } else { rotate },
         }
     }
 
@@ -113,7 +122,7 @@ impl<T: Member> Pool<T> {
                 Err(back) => instance = back,
             }
         }
-        if inner.idle.len() < HOT {
+        if inner.idle.len() < self.rotate {
             inner.idle.push_back(instance);
         } else {
             inner.spare.push(instance);
@@ -135,11 +144,12 @@ impl<T: Member> Pool<T> {
     /// count as live until they call [`Pool::gone`].
     pub fn take_idle(&self, mut pred: impl FnMut(&T) -> bool) -> Vec<T> {
         let mut inner = self.lock();
+        let rotate = self.rotate;
         let inner = &mut *inner;
         let free = inner.idle.drain(..).chain(inner.spare.drain(..));
         let (taken, kept): (Vec<T>, Vec<T>) = free.partition(|t| pred(t));
         for instance in kept {
-            if inner.idle.len() < HOT {
+            if inner.idle.len() < rotate {
                 inner.idle.push_back(instance);
             } else {
                 inner.spare.push(instance);
@@ -214,6 +224,18 @@ mod tests {
         }
         held.sort();
         assert_eq!(held, (0..n).collect::<Vec<_>>());
+
+        // Rotation over every instance when asked.
+        let pool = Pool::with_rotation(4, 0);
+        for i in 0..n {
+            pool.reserve();
+            pool.release(i);
+        }
+        for i in 0..n {
+            let got = pool.acquire().await.unwrap();
+            assert_eq!(got, i);
+            pool.release(got);
+        }
     }
 
     #[tokio::test]
