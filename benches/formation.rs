@@ -423,6 +423,8 @@ impl Host {
                 "0",
                 "--capacity",
                 "1024GiB",
+                // One log line per request would measure the terminal, not the host.
+                "--no-router-log",
             ])
             .args(args)
             .env("RUST_BACKTRACE", "0")

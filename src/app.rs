@@ -217,17 +217,6 @@ impl AppSpec {
             .collect();
         Ok(Self { dir, processes })
     }
-
-    /// Looks a process type up by name.
-    pub fn process(&self, name: &str) -> Option<&ProcessSpec> {
-        self.processes.iter().find(|p| p.name.as_str() == name)
-    }
-
-    /// The declared type names, comma separated, for error messages.
-    pub fn type_list(&self) -> String {
-        let names: Vec<&str> = self.processes.iter().map(|p| p.name.as_str()).collect();
-        names.join(", ")
-    }
 }
 
 #[cfg(test)]

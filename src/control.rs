@@ -95,10 +95,27 @@ pub async fn serve(
             () = shutdown.cancelled() => return,
         };
         let api = api.clone();
+        // The socket's mode keeps other users out; checking the peer's uid as well covers a
+        // socket or directory whose permissions were loosened by hand.
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        let owner = unsafe { libc::geteuid() };
+        let peer = stream.peer_cred().ok().map(|c| c.uid());
+        let allowed = peer == Some(owner);
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req| {
                 let api = api.clone();
-                async move { Ok::<_, Infallible>(api.handle(req).await) }
+                async move {
+                    if !allowed {
+                        return Ok::<_, Infallible>(error(
+                            StatusCode::FORBIDDEN,
+                            &format!(
+                                "this host's control API belongs to uid {owner}; you are uid {}",
+                                peer.map_or("unknown".to_string(), |u| u.to_string())
+                            ),
+                        ));
+                    }
+                    Ok(api.handle(req).await)
+                }
             });
             if let Err(e) = http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), service)

@@ -201,14 +201,6 @@ impl Formation {
             .join(", ")
     }
 
-    /// Σ count × memory over all types, in bytes.
-    pub fn memory_total(&self) -> u64 {
-        self.types
-            .values()
-            .map(|s| u64::from(s.count) * s.memory.as_u64())
-            .sum()
-    }
-
     /// The desired scale of `name`, if the type exists.
     pub fn get(&self, name: &ProcessName) -> Option<Scale> {
         self.types.get(name).copied()
@@ -308,10 +300,6 @@ mod tests {
         assert_eq!(
             g.get(&ProcessName::new("web").unwrap()).unwrap().memory,
             ByteSize::mib(128)
-        );
-        assert_eq!(
-            g.memory_total(),
-            2 * 128 * ByteSize::MIB + 512 * ByteSize::MIB
         );
     }
 

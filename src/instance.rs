@@ -59,8 +59,6 @@ pub struct WebInstance {
     proxy: Proxy,
     /// Its memory limit, for crash messages.
     memory: ByteSize,
-    /// Requests this incarnation has served.
-    pub served: u64,
     /// Tells the instance's supervisor slot why the instance ended; taken on the first crash.
     /// Dropped unsent when the instance is dropped for another reason (its slot stopped).
     exit: Option<oneshot::Sender<String>>,
@@ -110,7 +108,6 @@ impl WebInstance {
             store,
             proxy,
             memory,
-            served: 0,
             exit: Some(exit),
             retired,
             requests,
@@ -118,21 +115,19 @@ impl WebInstance {
         })
     }
 
-    /// Whether its slot has stopped.
-    pub fn is_retired(&self) -> bool {
-        crate::router::Member::is_retired(self)
-    }
-
     /// Handles one request, sending the response (or why there is none) on `reply` as soon as
     /// it is known. Returns the instance if it is still sound; a crashed or timed-out instance
     /// is dropped here and its slot told why.
-    pub async fn handle(
+    pub async fn handle<B>(
         mut self,
-        request: hyper::Request<hyper::body::Incoming>,
+        request: hyper::Request<B>,
         reply: oneshot::Sender<Reply>,
         timeout: Duration,
-    ) -> Option<Self> {
-        self.served += 1;
+    ) -> Option<Self>
+    where
+        B: hyper::body::Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<wasmtime_wasi_http::Error>,
+    {
         self.requests.fetch_add(1, Ordering::Relaxed);
         // The guest may set the response at any point of the call, or never: whoever comes
         // first (the outparam callback, or the end of the call) sends the reply.

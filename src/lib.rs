@@ -102,6 +102,10 @@ pub struct HostOptions {
     pub queue_limit: usize,
     /// How many free instances of a type rotate round-robin (0: all); see [`router`].
     pub rotate: usize,
+    /// Limits of the HTTP front door.
+    pub http: proxy::HttpLimits,
+    /// One `at=info` log line per request, Heroku router style.
+    pub log_requests: bool,
     /// Restart backoff for crashed instances.
     pub restart: RestartPolicy,
     /// Instances that may exist at once (sizes the pooling allocator). Default: enough for the
@@ -123,6 +127,8 @@ impl Default for HostOptions {
             request_timeout: Duration::from_secs(30),
             queue_limit: 1024,
             rotate: router::HOT,
+            http: proxy::HttpLimits::default(),
+            log_requests: true,
             restart: RestartPolicy::default(),
             max_instances: None,
             cache: true,
@@ -337,6 +343,8 @@ impl Host {
                 .unwrap_or_default(),
             request_timeout: self.options.request_timeout,
             logs: logs.clone(),
+            limits: self.options.http,
+            log_requests: self.options.log_requests,
         });
         let stop_http = CancellationToken::new();
         let server = tokio::spawn(proxy::serve(listener, router, stop_http.clone()));

@@ -86,8 +86,6 @@ pub struct Logs {
     tx: mpsc::Sender<Line>,
     /// Lines dropped because the printer fell behind, reported and reset by the printer.
     dropped: Arc<AtomicU64>,
-    /// Width to which sources are padded so the `|` columns line up.
-    width: usize,
     shared: Arc<Shared>,
 }
 
@@ -107,7 +105,6 @@ impl Logs {
             Self {
                 tx,
                 dropped,
-                width,
                 shared,
             },
             printer,
@@ -159,11 +156,6 @@ impl Logs {
             colour,
             partial: Arc::new(Mutex::new(Vec::new())),
         }
-    }
-
-    /// The width sources are padded to.
-    pub fn width(&self) -> usize {
-        self.width
     }
 
     fn send(&self, line: Line) {
@@ -307,7 +299,6 @@ mod tests {
         Logs {
             tx,
             dropped: Arc::default(),
-            width: 8,
             shared: Arc::new(Shared {
                 history: Mutex::default(),
                 follow: broadcast::channel(1).0,

@@ -11,7 +11,9 @@ use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use http_body_util::{BodyExt as _, Limited};
 use hyper::body::Incoming;
+use hyper::header;
 use hyper::server::conn::http1;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -25,8 +27,35 @@ use crate::instance::{Failure, Reply, ResponseBody, WebInstance, text_body};
 use crate::logs::Logs;
 use crate::router::{Busy, Pool};
 
-/// How long a client may take to send its request headers.
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// Limits of the HTTP front door. Headers over the limits are refused by hyper (431, or 414
+/// for a long URI) before any guest runs.
+#[derive(Clone, Copy, Debug)]
+pub struct HttpLimits {
+    /// How long a client may take to send its request headers (also how long an idle
+    /// keep-alive connection stays open).
+    pub header_read_timeout: Duration,
+    /// Most header fields in a request.
+    pub max_headers: usize,
+    /// Largest request head (request line and headers), bytes.
+    pub max_head_bytes: usize,
+    /// Largest request body, bytes: a larger `Content-Length` gets 413 before the guest runs,
+    /// and a chunked body is cut off (an error for the guest) once it goes past it.
+    pub max_body: u64,
+    /// Most open client connections; past it, accepting waits for one to close.
+    pub max_connections: usize,
+}
+
+impl Default for HttpLimits {
+    fn default() -> Self {
+        Self {
+            header_read_timeout: Duration::from_secs(30),
+            max_headers: 100,
+            max_head_bytes: 64 * 1024,
+            max_body: 10 * 1024 * 1024,
+            max_connections: 10_000,
+        }
+    }
+}
 
 /// Routes requests to one process type's instances.
 pub struct Router {
@@ -38,16 +67,29 @@ pub struct Router {
     pub request_timeout: Duration,
     /// Where router errors are logged.
     pub logs: Logs,
+    /// Front-door limits.
+    pub limits: HttpLimits,
+    /// Log one `at=info` line per request (router errors are always logged).
+    pub log_requests: bool,
 }
 
 /// Serves HTTP on `listener` until `shutdown` is cancelled, then waits for in-flight requests.
 pub async fn serve(listener: TcpListener, router: Arc<Router>, shutdown: CancellationToken) {
     let graceful = GracefulShutdown::new();
+    let limits = router.limits;
     let mut builder = http1::Builder::new();
     builder
         .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT);
+        .header_read_timeout(limits.header_read_timeout)
+        .max_headers(limits.max_headers)
+        .max_buf_size(limits.max_head_bytes.max(8192));
+    let connections = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
     loop {
+        // A permit per connection, held until it closes: past the cap, accepting waits.
+        let permit = tokio::select! {
+            permit = connections.clone().acquire_owned() => permit.expect("never closed"),
+            () = shutdown.cancelled() => break,
+        };
         let stream = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => stream,
@@ -71,6 +113,7 @@ pub async fn serve(listener: TcpListener, router: Arc<Router>, shutdown: Cancell
             if let Err(e) = conn.await {
                 tracing::debug!(cause = %e, "connection ended with an error");
             }
+            drop(permit);
         });
     }
     drop(listener);
@@ -89,6 +132,23 @@ impl Router {
                 status.as_u16()
             ));
         };
+        let declared = req
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared.is_some_and(|len| len > self.limits.max_body) {
+            error(
+                "H25",
+                "Request body too large",
+                "-",
+                StatusCode::PAYLOAD_TOO_LARGE,
+            );
+            return plain(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("request body over {} bytes\n", self.limits.max_body),
+            );
+        }
         let Some(pool) = &self.pool else {
             error(
                 "H10",
@@ -120,6 +180,13 @@ impl Router {
             }
         };
         let name = instance.name.clone();
+        // Bodies sent chunked are cut off once they pass the limit: the guest sees a stream
+        // error instead of the host buffering without bound.
+        let max_body = self.limits.max_body;
+        let req = req.map(|body| {
+            Limited::new(body, usize::try_from(max_body).unwrap_or(usize::MAX))
+                .map_err(move |_| wasmtime_wasi_http::Error::HttpRequestBodySize(Some(max_body)))
+        });
         let (tx, mut rx) = oneshot::channel();
         let pool = pool.clone();
         let timeout = self.request_timeout;
@@ -142,7 +209,16 @@ impl Router {
             () = &mut call => rx.await,
         };
         let (status, text) = match reply {
-            Ok(Reply::Response(response)) => return response,
+            Ok(Reply::Response(response)) => {
+                if self.log_requests {
+                    self.logs.host(format!(
+                        "at=info method={method} path=\"{path}\" instance={name} service={}ms status={}",
+                        started.elapsed().as_millis(),
+                        response.status().as_u16()
+                    ));
+                }
+                return response;
+            }
             Ok(Reply::Failed(Failure::Timeout(after))) => {
                 error("H12", "Request timeout", &name, StatusCode::GATEWAY_TIMEOUT);
                 (

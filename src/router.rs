@@ -157,11 +157,6 @@ impl<T: Member> Pool<T> {
         }
         taken
     }
-
-    /// Instances up or starting.
-    pub fn live(&self) -> usize {
-        self.lock().live
-    }
 }
 
 #[cfg(test)]

@@ -38,7 +38,7 @@ use crate::formation::{Formation, Scale};
 use crate::humanize;
 use crate::instance::{self, WebInstance};
 use crate::logs::{API, Logs};
-use crate::router::Pool;
+use crate::router::{Member as _, Pool};
 use crate::runtime::{Compiled, InstanceSetup, Kind, Runtime};
 use crate::state::StateDir;
 

@@ -75,6 +75,9 @@ impl Client {
             .ok()
             .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_string))
             .unwrap_or_else(|| String::from_utf8_lossy(&bytes).into_owned());
+        if status == StatusCode::FORBIDDEN {
+            bail!("permission denied by the control API: {message}");
+        }
         if status == StatusCode::NOT_FOUND {
             bail!(
                 "the running host does not know this command ({message}): is it an older wasmform?"

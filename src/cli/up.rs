@@ -77,6 +77,27 @@ pub struct UpCommand {
     #[arg(long = "max-instances")]
     max_instances: Option<u32>,
 
+    /// Largest request body accepted (413 above it).
+    #[arg(long = "max-body", default_value = "10MiB", value_parser = parse_capacity)]
+    max_body: ByteSize,
+
+    /// Most header fields in a request (431 above it).
+    #[arg(long = "max-headers", default_value_t = 100)]
+    max_headers: usize,
+
+    /// How long a client may take to send request headers; also how long an idle keep-alive
+    /// connection stays open.
+    #[arg(long = "header-timeout", default_value = "30s", value_parser = parse_duration)]
+    header_timeout: Duration,
+
+    /// Most open client connections; past it, new ones wait to be accepted.
+    #[arg(long = "max-connections", default_value_t = 10_000)]
+    max_connections: usize,
+
+    /// Do not log a line per request (router errors are still logged).
+    #[arg(long = "no-router-log")]
+    no_router_log: bool,
+
     /// Do not cache compiled components on disk.
     #[arg(long = "no-cache")]
     no_cache: bool,
@@ -128,6 +149,14 @@ impl UpCommand {
             request_timeout: self.request_timeout,
             queue_limit: self.queue,
             rotate: self.rotate,
+            http: crate::proxy::HttpLimits {
+                header_read_timeout: self.header_timeout,
+                max_headers: self.max_headers,
+                max_body: self.max_body.as_u64(),
+                max_connections: self.max_connections.max(1),
+                ..crate::proxy::HttpLimits::default()
+            },
+            log_requests: !self.no_router_log,
             restart: RestartPolicy {
                 base: self.restart_delay,
                 ..RestartPolicy::default()

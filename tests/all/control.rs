@@ -223,6 +223,23 @@ fn socket_is_private_and_other_users_are_refused() {
         stderr.contains("permission denied on the control socket"),
         "{stderr}"
     );
+
+    // With the socket's mode loosened by hand, the host still checks who is calling.
+    std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_wasmform"))
+        .args(["scale", "web=3", "--app"])
+        .arg(app.dir.path())
+        .uid(65534)
+        .gid(65534)
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("permission denied by the control API: this host's control API belongs to uid 0; you are uid 65534"),
+        "{stderr}"
+    );
+    assert_eq!(app.formation(), formation(&[("web", 1), ("worker", 1)]));
 }
 
 #[test]

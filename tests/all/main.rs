@@ -4,6 +4,7 @@
 mod bad_input;
 mod control;
 mod formation;
+mod front_door;
 mod limits;
 mod support;
 mod wit;
