@@ -12,7 +12,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use http_body_util::{BodyExt as _, Limited};
-use hyper::body::Incoming;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use hyper::body::{Body, Frame, Incoming};
 use hyper::header;
 use hyper::server::conn::http1;
 use hyper::{Request, Response, StatusCode};
@@ -190,9 +194,14 @@ impl Router {
         let (tx, mut rx) = oneshot::channel();
         let pool = pool.clone();
         let timeout = self.request_timeout;
+        // Resolves to whether the call ended soundly (the instance went back to the pool).
         let mut call = Box::pin(async move {
-            if let Some(instance) = instance.handle(req, tx, timeout).await {
-                pool.release(instance);
+            match instance.handle(req, tx, timeout).await {
+                Some(instance) => {
+                    pool.release(instance);
+                    true
+                }
+                None => false,
             }
         });
         // The guest runs inline, in this connection's task: most handlers set the response and
@@ -200,16 +209,23 @@ impl Router {
         // response headers come while the guest is still writing the body, the rest of the
         // call moves to a task of its own so the body can stream. If the client goes away
         // mid-call, the instance is dropped mid-call and its slot replaces it.
-        let reply = tokio::select! {
+        let (reply, outcome) = tokio::select! {
             biased;
             reply = &mut rx => {
-                tokio::spawn(call);
-                reply
+                let (done_tx, done_rx) = oneshot::channel();
+                tokio::spawn(async move {
+                    let _ = done_tx.send(call.await);
+                });
+                (reply, Outcome::Later(done_rx))
             }
-            () = &mut call => rx.await,
+            sound = &mut call => (rx.await, Outcome::Known(sound)),
         };
         let (status, text) = match reply {
             Ok(Reply::Response(response)) => {
+                let response = match outcome {
+                    Outcome::Known(true) => response,
+                    outcome => response.map(|body| Guarded { body, outcome }.boxed_unsync()),
+                };
                 if self.log_requests {
                     self.logs.host(format!(
                         "at=info method={method} path=\"{path}\" instance={name} service={}ms status={}",
@@ -261,6 +277,49 @@ impl Router {
             }
         };
         plain(status, text)
+    }
+}
+
+/// How the guest call behind a response ended: known already, or reported when it ends.
+enum Outcome {
+    Known(bool),
+    Later(oneshot::Receiver<bool>),
+}
+
+/// A guest's response body that fails instead of ending if the guest call did not end soundly:
+/// a guest that traps while streaming would otherwise look like a complete response (wasi-http
+/// ends the body when the store goes away). The error makes hyper abort the connection.
+struct Guarded {
+    body: ResponseBody,
+    outcome: Outcome,
+}
+
+impl Body for Guarded {
+    type Data = Bytes;
+    type Error = wasmtime_wasi_http::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = &mut *self;
+        match Pin::new(&mut this.body).poll_frame(cx) {
+            Poll::Ready(None) => {}
+            other => return other,
+        }
+        let sound = match &mut this.outcome {
+            Outcome::Known(sound) => *sound,
+            Outcome::Later(rx) => match Pin::new(rx).poll(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(sound) => sound.unwrap_or(false),
+            },
+        };
+        this.outcome = Outcome::Known(true);
+        if sound {
+            Poll::Ready(None)
+        } else {
+            Poll::Ready(Some(Err(wasmtime_wasi_http::Error::HttpResponseIncomplete)))
+        }
     }
 }
 

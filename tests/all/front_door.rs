@@ -51,3 +51,30 @@ fn every_request_gets_a_router_log_line_unless_switched_off() {
     std::thread::sleep(Duration::from_millis(300));
     assert!(!host.output().contains("at=info"), "{}", host.output());
 }
+
+#[test]
+fn trap_after_the_body_started_aborts_the_connection() {
+    use std::io::{Read as _, Write as _};
+
+    let app = App::new("web: {guests}/test_web.wasm\n");
+    let host = app.up(&[]);
+    let mut stream = std::net::TcpStream::connect(host.addr()).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    stream
+        .write_all(b"GET /trap-after-headers HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let mut raw = Vec::new();
+    // Ends with EOF or a reset, possibly before hyper flushed anything: either way the client
+    // must not see a complete response.
+    let _ = stream.read_to_end(&mut raw);
+    let raw = String::from_utf8_lossy(&raw);
+    assert!(raw.is_empty() || raw.starts_with("HTTP/1.1 200"), "{raw}");
+    assert!(
+        !raw.ends_with("0\r\n\r\n"),
+        "a trapped stream must not look complete: {raw:?}"
+    );
+    host.wait_for("web.1 crashed: ", Duration::from_secs(10));
+    assert_eq!(host.get("/whoami").status, 200);
+}
