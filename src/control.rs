@@ -27,6 +27,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::app::ByteSize;
 use crate::logs::Logs;
+use crate::metrics::Metrics;
 use crate::state::StateDir;
 use crate::supervisor::{ControlError, Supervisor};
 
@@ -79,9 +80,14 @@ pub async fn serve(
     listener: UnixListener,
     supervisor: Arc<Supervisor>,
     logs: Logs,
+    metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) {
-    let api = Arc::new(Api { supervisor, logs });
+    let api = Arc::new(Api {
+        supervisor,
+        logs,
+        metrics,
+    });
     loop {
         let stream = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -132,6 +138,53 @@ type ApiBody = http_body_util::combinators::UnsyncBoxBody<Bytes, Infallible>;
 struct Api {
     supervisor: Arc<Supervisor>,
     logs: Logs,
+    metrics: Arc<Metrics>,
+}
+
+/// Serves only `GET /metrics` on a loopback TCP listener (`--metrics ADDR`) until `shutdown`.
+pub async fn serve_metrics(
+    listener: tokio::net::TcpListener,
+    supervisor: Arc<Supervisor>,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    tracing::warn!(cause = %e, "metrics accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = shutdown.cancelled() => return,
+        };
+        let (supervisor, metrics) = (supervisor.clone(), metrics.clone());
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+                let response = if req.method() == Method::GET && req.uri().path() == "/metrics" {
+                    exposition(&metrics, &supervisor)
+                } else {
+                    error(StatusCode::NOT_FOUND, "only GET /metrics is served here")
+                };
+                async move { Ok::<_, Infallible>(response) }
+            });
+            let _ = http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+fn exposition(metrics: &Metrics, supervisor: &Supervisor) -> Response<ApiBody> {
+    let text = metrics.render(&supervisor.ps(), &supervisor.queues());
+    let mut response = Response::new(Full::new(Bytes::from(text)).boxed_unsync());
+    response.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+    );
+    response
 }
 
 /// `POST /v1/scale`
@@ -185,6 +238,7 @@ impl Api {
                 outcome(self.supervisor.restart(request.target.as_deref()).await)
             }
             (Method::GET, "/v1/logs") => self.logs(&query),
+            (Method::GET, "/metrics") => exposition(&self.metrics, &self.supervisor),
             (_, "/v1/ps" | "/v1/formation" | "/v1/scale" | "/v1/restart" | "/v1/logs") => error(
                 StatusCode::METHOD_NOT_ALLOWED,
                 "method not allowed on this route",

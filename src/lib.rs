@@ -53,6 +53,7 @@ pub mod control;
 pub mod formation;
 pub mod instance;
 pub mod logs;
+pub mod metrics;
 pub mod procfile;
 pub mod proxy;
 pub mod router;
@@ -106,6 +107,8 @@ pub struct HostOptions {
     pub http: proxy::HttpLimits,
     /// One `at=info` log line per request, Heroku router style.
     pub log_requests: bool,
+    /// Also serve `/metrics` on this loopback TCP address.
+    pub metrics: Option<SocketAddr>,
     /// Restart backoff for crashed instances.
     pub restart: RestartPolicy,
     /// Instances that may exist at once (sizes the pooling allocator). Default: enough for the
@@ -129,6 +132,7 @@ impl Default for HostOptions {
             rotate: router::HOT,
             http: proxy::HttpLimits::default(),
             log_requests: true,
+            metrics: None,
             restart: RestartPolicy::default(),
             max_instances: None,
             cache: true,
@@ -152,6 +156,8 @@ pub struct Host {
     notes: Vec<String>,
     /// How long compiling took, for the start-up line.
     compile_time: Duration,
+    /// Per type, for the metrics.
+    compile_times: Vec<(String, Duration)>,
 }
 
 impl Host {
@@ -215,11 +221,16 @@ impl Host {
         })?;
 
         let started = Instant::now();
-        let compiled: Vec<Result<Compiled>> = std::thread::scope(|scope| {
+        let compiled: Vec<Result<(Compiled, Duration)>> = std::thread::scope(|scope| {
             let handles: Vec<_> = app
                 .processes
                 .iter()
-                .map(|spec| scope.spawn(|| runtime.compile(spec)))
+                .map(|spec| {
+                    scope.spawn(|| {
+                        let started = Instant::now();
+                        runtime.compile(spec).map(|c| (c, started.elapsed()))
+                    })
+                })
                 .collect();
             handles
                 .into_iter()
@@ -228,8 +239,11 @@ impl Host {
         });
         let compile_time = started.elapsed();
         let mut processes = Vec::new();
+        let mut compile_times = Vec::new();
         for (spec, compiled) in app.processes.into_iter().zip(compiled) {
-            processes.push((spec, Arc::new(compiled?)));
+            let (compiled, took) = compiled?;
+            compile_times.push((spec.name.to_string(), took));
+            processes.push((spec, Arc::new(compiled)));
         }
 
         let http: Vec<usize> = (0..processes.len())
@@ -268,6 +282,7 @@ impl Host {
             state,
             notes,
             compile_time,
+            compile_times,
         })
     }
 
@@ -295,6 +310,23 @@ impl Host {
             .max()
             .unwrap_or(0);
         let (logs, printer) = Logs::stdout(width);
+        let metrics = Arc::new(metrics::Metrics::new());
+        for (name, took) in &self.compile_times {
+            metrics.compiled(name, took.as_secs_f64());
+        }
+        let metrics_listener = match self.options.metrics {
+            Some(addr) => {
+                if !addr.ip().is_loopback() {
+                    bail!(
+                        "--metrics {addr}: metrics are served on loopback addresses only (e.g. 127.0.0.1:9090)"
+                    );
+                }
+                Some(TcpListener::bind(addr).await.with_context(|| {
+                    format!("cannot serve metrics on {addr}: is the port in use?")
+                })?)
+            }
+            None => None,
+        };
         for note in &self.notes {
             logs.host(note.clone());
         }
@@ -320,6 +352,7 @@ impl Host {
         }
         let background = background_runtime()?;
         let supervisor = Supervisor::new(SupervisorConfig {
+            metrics: metrics.clone(),
             background: background.handle().clone(),
             runtime: self.runtime.clone(),
             logs: logs.clone(),
@@ -345,6 +378,7 @@ impl Host {
             logs: logs.clone(),
             limits: self.options.http,
             log_requests: self.options.log_requests,
+            metrics: metrics.clone(),
         });
         let stop_http = CancellationToken::new();
         let server = tokio::spawn(proxy::serve(listener, router, stop_http.clone()));
@@ -353,6 +387,7 @@ impl Host {
                 listener,
                 supervisor.clone(),
                 logs.clone(),
+                metrics.clone(),
                 stop_http.clone(),
             ));
             (task, path)
@@ -366,6 +401,16 @@ impl Host {
         ));
         if let Some((_, path)) = &control {
             logs.host(format!("control API on {}", path.display()));
+        }
+        if let Some(listener) = metrics_listener {
+            let addr = listener.local_addr()?;
+            tokio::spawn(control::serve_metrics(
+                listener,
+                supervisor.clone(),
+                metrics.clone(),
+                stop_http.clone(),
+            ));
+            logs.host(format!("metrics on http://{addr}/metrics"));
         }
         logs.host(format!("listening on http://{addr}"));
         Ok(RunningHost {

@@ -75,6 +75,8 @@ pub struct Router {
     pub limits: HttpLimits,
     /// Log one `at=info` line per request (router errors are always logged).
     pub log_requests: bool,
+    /// Requests are counted and timed here.
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// Serves HTTP on `listener` until `shutdown` is cancelled, then waits for in-flight requests.
@@ -127,6 +129,16 @@ pub async fn serve(listener: TcpListener, router: Arc<Router>, shutdown: Cancell
 impl Router {
     async fn handle(&self, req: Request<Incoming>) -> Response<ResponseBody> {
         let started = Instant::now();
+        let response = self.route(req, started).await;
+        self.metrics.request(
+            &self.process,
+            response.status().as_u16(),
+            started.elapsed().as_secs_f64(),
+        );
+        response
+    }
+
+    async fn route(&self, req: Request<Incoming>, started: Instant) -> Response<ResponseBody> {
         let method = req.method().clone();
         let path = req.uri().path().to_string();
         let error = |code: &str, desc: &str, instance: &str, status: StatusCode| {

@@ -129,6 +129,15 @@ impl<T: Member> Pool<T> {
         }
     }
 
+    /// Requests waiting for an instance.
+    pub fn waiting(&self) -> usize {
+        self.lock()
+            .waiters
+            .iter()
+            .filter(|w| !w.is_closed())
+            .count()
+    }
+
     /// Records that a reserved instance is gone for good: it failed to start, or crashed and
     /// will not be replaced right away.
     pub fn gone(&self) {

@@ -278,6 +278,8 @@ pub struct Supervisor {
     store: Option<StateDir>,
     /// Runtime for background processes (see [`SupervisorConfig::background`]).
     background: tokio::runtime::Handle,
+    /// Restarts and instantiation times are counted here.
+    metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// What [`Supervisor::new`] needs.
@@ -301,6 +303,8 @@ pub struct SupervisorConfig {
     /// Where background processes run: a runtime of low-priority threads, so CPU-bound
     /// workers take what the web instances leave instead of stalling them.
     pub background: tokio::runtime::Handle,
+    /// Metrics.
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 type Ready = oneshot::Receiver<Result<(), String>>;
@@ -328,6 +332,7 @@ impl Supervisor {
             ops: tokio::sync::Mutex::new(()),
             store: config.store,
             background: config.background,
+            metrics: config.metrics,
         })
     }
 
@@ -554,6 +559,7 @@ impl Supervisor {
                 format!("restarting in {}", humanize(delay))
             };
             self.logs.host(format!("{name} {reason}; {when}"));
+            self.metrics.restart(process.spec.name.as_str(), &reason);
             slot.set(SlotState::Crashed {
                 reason,
                 restart_at: Instant::now() + delay,
@@ -589,7 +595,9 @@ impl Supervisor {
             stderr: self.logs.sink(name, process.colour),
         };
         let sinks = (setup.stdout.clone(), setup.stderr.clone());
+        let starting = Instant::now();
         let mark_up = |ready: &mut Option<oneshot::Sender<Result<(), String>>>| {
+            self.metrics.instantiated(starting.elapsed().as_secs_f64());
             slot.set(SlotState::Up);
             match ready.take() {
                 Some(ready) => {
@@ -813,6 +821,14 @@ impl Supervisor {
             stderr: sink,
         };
         instance::probe(&self.runtime, &process.compiled, setup).await
+    }
+
+    /// Requests waiting for an instance, per HTTP type.
+    pub fn queues(&self) -> Vec<(String, usize)> {
+        self.types
+            .iter()
+            .filter_map(|(name, t)| t.pool.as_ref().map(|p| (name.to_string(), p.waiting())))
+            .collect()
     }
 
     /// `ps`.

@@ -17,6 +17,10 @@ pub struct Cli {
 }
 
 #[derive(clap::Subcommand, Debug)]
+#[expect(
+    clippy::large_enum_variant,
+    reason = "parsed once per process; boxing would only obscure the clap definitions"
+)]
 enum Command {
     Up(up::UpCommand),
     Scale(scale::ScaleCommand),

@@ -94,6 +94,11 @@ pub struct UpCommand {
     #[arg(long = "max-connections", default_value_t = 10_000)]
     max_connections: usize,
 
+    /// Also serve Prometheus metrics at http://ADDR/metrics (loopback only), e.g.
+    /// `127.0.0.1:9090`. They are always at `/metrics` on the control socket.
+    #[arg(long = "metrics", value_name = "ADDR")]
+    metrics: Option<std::net::SocketAddr>,
+
     /// Do not log a line per request (router errors are still logged).
     #[arg(long = "no-router-log")]
     no_router_log: bool,
@@ -157,6 +162,7 @@ impl UpCommand {
                 ..crate::proxy::HttpLimits::default()
             },
             log_requests: !self.no_router_log,
+            metrics: self.metrics,
             restart: RestartPolicy {
                 base: self.restart_delay,
                 ..RestartPolicy::default()

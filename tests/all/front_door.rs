@@ -78,3 +78,82 @@ fn trap_after_the_body_started_aborts_the_connection() {
     host.wait_for("web.1 crashed: ", Duration::from_secs(10));
     assert_eq!(host.get("/whoami").status, 200);
 }
+
+#[test]
+fn metrics_on_loopback_and_the_control_socket() {
+    use std::io::{Read as _, Write as _};
+
+    let app = App::new("web: {guests}/test_web.wasm\n");
+    let host = app.up(&["-m", "web=2", "--metrics", "127.0.0.1:0"]);
+    for _ in 0..3 {
+        assert_eq!(host.get("/whoami").status, 200);
+    }
+    assert_eq!(host.get("/panic").status, 502);
+    host.wait_for("crashed: ", Duration::from_secs(10));
+    // The replacement is up again.
+    host.wait_until(Duration::from_secs(10), |out| {
+        out.contains("web.1 up\n") || out.contains("web.2 up\n")
+    })
+    .expect("the crashed instance was not replaced");
+    let out = host.wait_for("metrics on http://", Duration::from_secs(5));
+    let addr: std::net::SocketAddr = out
+        .split("metrics on http://")
+        .nth(1)
+        .unwrap()
+        .split('/')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let text = request(
+        addr,
+        "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .body;
+    for line in [
+        "wasmform_http_requests_total{type=\"web\",status=\"200\"} 3",
+        "wasmform_http_requests_total{type=\"web\",status=\"502\"} 1",
+        "wasmform_instance_restarts_total{type=\"web\",reason=\"trap\"} 1",
+        "wasmform_desired_instances{type=\"web\"} 2",
+        "wasmform_instances{type=\"web\",state=\"up\"} 2",
+        "wasmform_queued_requests{type=\"web\"} 0",
+    ] {
+        assert!(
+            text.lines().any(|l| l == line),
+            "missing `{line}` in:\n{text}"
+        );
+    }
+    for name in [
+        "wasmform_http_request_duration_seconds_bucket",
+        "wasmform_instantiate_seconds_count",
+        "wasmform_compile_seconds{type=\"web\"}",
+        "wasmform_instance_memory_bytes{type=\"web\",instance=\"web.1\"}",
+        "wasmform_capacity_bytes",
+    ] {
+        assert!(text.contains(name), "missing `{name}` in:\n{text}");
+    }
+
+    // The same exposition on the control socket.
+    let mut socket =
+        std::os::unix::net::UnixStream::connect(app.path(".wasmform/control.sock")).unwrap();
+    socket
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut raw = String::new();
+    socket.read_to_string(&mut raw).unwrap();
+    assert!(raw.starts_with("HTTP/1.1 200"), "{raw}");
+    assert!(
+        raw.contains("wasmform_desired_instances{type=\"web\"} 2"),
+        "{raw}"
+    );
+}
+
+#[test]
+fn metrics_refuse_non_loopback_addresses() {
+    let app = App::new("web: {guests}/hello.wasm\n");
+    let out = app.up_fails(&["--metrics", "0.0.0.0:0"]);
+    assert!(
+        out.contains("metrics are served on loopback addresses only"),
+        "{out}"
+    );
+}

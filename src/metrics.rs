@@ -1,0 +1,264 @@
+//! Prometheus metrics, in the text exposition format, served at `GET /metrics` on the control
+//! API and, with `--metrics ADDR`, on a loopback TCP address. Every metric is documented in
+//! `docs/metrics.md`.
+//!
+//! Events (requests, restarts, instantiations) are counted where they happen; the state of the
+//! formation (instances per state, memory, queue depth) is read from the supervisor at each
+//! scrape, so there is one source of truth for it.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use std::sync::atomic::AtomicU64;
+
+use crate::supervisor::PsReport;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TypeLabel {
+    r#type: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    r#type: String,
+    status: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RestartLabels {
+    r#type: String,
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StateLabels {
+    r#type: String,
+    state: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct InstanceLabels {
+    r#type: String,
+    instance: String,
+}
+
+fn latency_histogram() -> Histogram {
+    // 100 µs to ~52 s.
+    Histogram::new(exponential_buckets(0.0001, 2.0, 20))
+}
+
+/// All metrics of one host.
+pub struct Metrics {
+    registry: Registry,
+    requests: Family<RequestLabels, Counter>,
+    latency: Family<TypeLabel, Histogram, fn() -> Histogram>,
+    restarts: Family<RestartLabels, Counter>,
+    instantiate: Histogram,
+    compile: Family<TypeLabel, Gauge<f64, AtomicU64>>,
+    instances: Family<StateLabels, Gauge>,
+    desired: Family<TypeLabel, Gauge>,
+    running: Family<TypeLabel, Gauge>,
+    memory: Family<InstanceLabels, Gauge>,
+    queue: Family<TypeLabel, Gauge>,
+    capacity: Gauge,
+    reserved: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Registers every metric.
+    pub fn new() -> Self {
+        let mut registry = Registry::default();
+        let requests = Family::<RequestLabels, Counter>::default();
+        registry.register(
+            "wasmform_http_requests",
+            "HTTP requests answered, by process type and status",
+            requests.clone(),
+        );
+        let latency: Family<TypeLabel, Histogram, fn() -> Histogram> =
+            Family::new_with_constructor(latency_histogram);
+        registry.register(
+            "wasmform_http_request_duration_seconds",
+            "Time from a request's arrival to its response headers, by process type",
+            latency.clone(),
+        );
+        let restarts = Family::<RestartLabels, Counter>::default();
+        registry.register(
+            "wasmform_instance_restarts",
+            "Instances replaced after ending, by process type and reason (trap, memory, timeout, exit, cancelled, boot)",
+            restarts.clone(),
+        );
+        let instantiate = Histogram::new(exponential_buckets(0.00001, 2.0, 16));
+        registry.register(
+            "wasmform_instantiate_seconds",
+            "Time to instantiate an instance from its pre-instantiated template",
+            instantiate.clone(),
+        );
+        let compile = Family::<TypeLabel, Gauge<f64, AtomicU64>>::default();
+        registry.register(
+            "wasmform_compile_seconds",
+            "Time to compile (or load from the cache) each process type's component at start",
+            compile.clone(),
+        );
+        let instances = Family::<StateLabels, Gauge>::default();
+        registry.register(
+            "wasmform_instances",
+            "Instances by process type and state (starting, up, crashed, draining, pending)",
+            instances.clone(),
+        );
+        let desired = Family::<TypeLabel, Gauge>::default();
+        registry.register(
+            "wasmform_desired_instances",
+            "Desired instances per process type",
+            desired.clone(),
+        );
+        let running = Family::<TypeLabel, Gauge>::default();
+        registry.register(
+            "wasmform_running_instances",
+            "Instances up per process type",
+            running.clone(),
+        );
+        let memory = Family::<InstanceLabels, Gauge>::default();
+        registry.register(
+            "wasmform_instance_memory_bytes",
+            "Linear memory in use per instance",
+            memory.clone(),
+        );
+        let queue = Family::<TypeLabel, Gauge>::default();
+        registry.register(
+            "wasmform_queued_requests",
+            "Requests waiting for a free instance, per HTTP process type",
+            queue.clone(),
+        );
+        let capacity = Gauge::default();
+        registry.register(
+            "wasmform_capacity_bytes",
+            "The host's memory budget",
+            capacity.clone(),
+        );
+        let reserved = Gauge::default();
+        registry.register(
+            "wasmform_reserved_bytes",
+            "Memory limits of existing instances, summed",
+            reserved.clone(),
+        );
+        Self {
+            registry,
+            requests,
+            latency,
+            restarts,
+            instantiate,
+            compile,
+            instances,
+            desired,
+            running,
+            memory,
+            queue,
+            capacity,
+            reserved,
+        }
+    }
+
+    /// Counts one answered request.
+    pub fn request(&self, process: &str, status: u16, seconds: f64) {
+        let r#type = process.to_string();
+        self.requests
+            .get_or_create(&RequestLabels {
+                r#type: r#type.clone(),
+                status,
+            })
+            .inc();
+        self.latency
+            .get_or_create(&TypeLabel { r#type })
+            .observe(seconds);
+    }
+
+    /// Counts one restart; `reason` is the logged reason, classified.
+    pub fn restart(&self, process: &str, reason: &str) {
+        let reason = if reason.contains("memory quota") {
+            "memory"
+        } else if reason.contains("timed out") {
+            "timeout"
+        } else if reason.contains("exited with status") {
+            "exit"
+        } else if reason.contains("cancelled") {
+            "cancelled"
+        } else if reason.starts_with("failed to start") {
+            "boot"
+        } else {
+            "trap"
+        };
+        self.restarts
+            .get_or_create(&RestartLabels {
+                r#type: process.to_string(),
+                reason,
+            })
+            .inc();
+    }
+
+    /// Records one instantiation.
+    pub fn instantiated(&self, seconds: f64) {
+        self.instantiate.observe(seconds);
+    }
+
+    /// Records a type's compile time.
+    pub fn compiled(&self, process: &str, seconds: f64) {
+        self.compile
+            .get_or_create(&TypeLabel {
+                r#type: process.to_string(),
+            })
+            .set(seconds);
+    }
+
+    /// The exposition text, with the formation's state as of `ps` and `queues`.
+    pub fn render(&self, ps: &PsReport, queues: &[(String, usize)]) -> String {
+        self.instances.clear();
+        self.memory.clear();
+        for t in &ps.types {
+            let label = TypeLabel {
+                r#type: t.name.clone(),
+            };
+            self.desired.get_or_create(&label).set(i64::from(t.desired));
+            self.running.get_or_create(&label).set(i64::from(t.running));
+        }
+        for i in &ps.instances {
+            self.instances
+                .get_or_create(&StateLabels {
+                    r#type: i.process.clone(),
+                    state: i.state,
+                })
+                .inc();
+            if i.state != "pending" {
+                self.memory
+                    .get_or_create(&InstanceLabels {
+                        r#type: i.process.clone(),
+                        instance: i.id.clone(),
+                    })
+                    .set(i64::try_from(i.memory_used).unwrap_or(i64::MAX));
+            }
+        }
+        for (name, depth) in queues {
+            self.queue
+                .get_or_create(&TypeLabel {
+                    r#type: name.clone(),
+                })
+                .set(i64::try_from(*depth).unwrap_or(i64::MAX));
+        }
+        self.capacity
+            .set(i64::try_from(ps.capacity).unwrap_or(i64::MAX));
+        self.reserved
+            .set(i64::try_from(ps.reserved).unwrap_or(i64::MAX));
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &self.registry)
+            .expect("writing to a String cannot fail");
+        text
+    }
+}
