@@ -597,3 +597,13 @@ fn sigkill_during_a_scale_storm_keeps_the_last_accepted_formation() {
         "restored {restored:?}, last acknowledged {acked:?}, in flight {attempting:?}"
     );
 }
+
+#[test]
+fn symlinked_control_socket_is_refused() {
+    let app = App::new(WEB_AND_TICKER);
+    std::fs::create_dir(app.path(".wasmform")).unwrap();
+    std::os::unix::fs::symlink("/tmp/elsewhere.sock", app.path(".wasmform/control.sock")).unwrap();
+    let out = app.up_fails(&[]);
+    assert!(out.contains("refusing to use the control socket"), "{out}");
+    assert!(out.contains("it is a symbolic link"), "{out}");
+}

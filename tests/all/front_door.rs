@@ -157,3 +157,64 @@ fn metrics_refuse_non_loopback_addresses() {
         "{out}"
     );
 }
+
+#[test]
+fn malformed_requests_get_400_and_nothing_can_be_smuggled() {
+    let app = App::new("web: {guests}/test_web.wasm\n");
+    let host = app.up(&[]);
+    let addr = host.addr();
+    for raw in [
+        // Conflicting Content-Lengths.
+        "POST /count HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nContent-Length: 5\r\n\r\nabcde",
+        // Invalid bytes in a header name.
+        "GET /count HTTP/1.1\r\nHost: x\r\nBad Header: 1\r\n\r\n",
+        // Not HTTP at all.
+        "HELLO\r\n\r\n",
+    ] {
+        let response = request(addr, raw);
+        assert_eq!(response.status, 400, "{raw:?}: {response:?}");
+    }
+    // None of those reached the guest.
+    assert_eq!(host.get("/count").body, "1\n");
+
+    // Content-Length with Transfer-Encoding, the classic smuggling vector: hyper frames the
+    // request by Transfer-Encoding (RFC 9112 §6.3), drops the Content-Length and closes the
+    // connection after the response, so the request hidden behind it is never read.
+    let response = request(
+        addr,
+        "POST /count HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /count HTTP/1.1\r\nHost: x\r\n\r\n",
+    );
+    assert_eq!(response.header("connection"), Some("close"), "{response:?}");
+    assert_eq!(response.body, "2\n", "one response only");
+    assert_eq!(host.get("/count").body, "3\n", "the smuggled GET never ran");
+}
+
+#[test]
+fn pipelined_requests_are_answered_in_order() {
+    use std::io::{Read as _, Write as _};
+
+    let app = App::new("web: {guests}/test_web.wasm\n");
+    let host = app.up(&[]);
+    let mut stream = std::net::TcpStream::connect(host.addr()).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let pipeline: String = (1..=3)
+        .map(|i| {
+            let close = if i == 3 { "Connection: close\r\n" } else { "" };
+            format!(
+                "GET /status?code={} HTTP/1.1\r\nHost: x\r\n{close}\r\n",
+                200 + i
+            )
+        })
+        .collect();
+    stream.write_all(pipeline.as_bytes()).unwrap();
+    let mut raw = String::new();
+    stream.read_to_string(&mut raw).unwrap();
+    let statuses: Vec<&str> = raw
+        .lines()
+        .filter(|l| l.starts_with("HTTP/1.1 "))
+        .map(|l| &l[9..12])
+        .collect();
+    assert_eq!(statuses, ["201", "202", "203"], "{raw}");
+}
