@@ -76,18 +76,7 @@ pub async fn bind(state: &StateDir) -> Result<(UnixListener, PathBuf)> {
 }
 
 /// Serves the API until `shutdown` is cancelled.
-pub async fn serve(
-    listener: UnixListener,
-    supervisor: Arc<Supervisor>,
-    logs: Logs,
-    metrics: Arc<Metrics>,
-    shutdown: CancellationToken,
-) {
-    let api = Arc::new(Api {
-        supervisor,
-        logs,
-        metrics,
-    });
+pub async fn serve(listener: UnixListener, api: Arc<Api>, shutdown: CancellationToken) {
     loop {
         let stream = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -135,10 +124,155 @@ pub async fn serve(
 
 type ApiBody = http_body_util::combinators::UnsyncBoxBody<Bytes, Infallible>;
 
-struct Api {
+/// The routes, shared by the Unix socket and the optional TCP listener.
+pub struct Api {
     supervisor: Arc<Supervisor>,
     logs: Logs,
     metrics: Arc<Metrics>,
+}
+
+impl Api {
+    /// The API over a running supervisor.
+    pub fn new(supervisor: Arc<Supervisor>, logs: Logs, metrics: Arc<Metrics>) -> Arc<Self> {
+        Arc::new(Self {
+            supervisor,
+            logs,
+            metrics,
+        })
+    }
+}
+
+/// Settings of the optional TCP control listener (`--control-tcp`).
+#[derive(Clone, Debug)]
+pub struct TcpControl {
+    /// Where to listen; anything but loopback needs `public`.
+    pub addr: std::net::SocketAddr,
+    /// File holding the bearer token; must not be readable by group or others.
+    pub token_file: PathBuf,
+    /// Allow a non-loopback address.
+    pub public: bool,
+    /// The Host header clients must send; default: the bound `ip:port`.
+    pub host: Option<String>,
+}
+
+/// What every TCP control request must present.
+struct TcpAuth {
+    token: String,
+    host: String,
+}
+
+/// Checks the TCP control settings, reads the token and binds the listener.
+pub async fn bind_tcp(control: &TcpControl) -> Result<(tokio::net::TcpListener, String, String)> {
+    if !control.addr.ip().is_loopback() && !control.public {
+        bail!(
+            "--control-tcp {}: not a loopback address; the control API can steer this host, so exposing it needs `--control-public` (and a firewall)",
+            control.addr
+        );
+    }
+    let path = &control.token_file;
+    let meta = std::fs::metadata(path)
+        .with_context(|| format!("cannot read the control token file `{}`", path.display()))?;
+    if meta.permissions().mode() & 0o077 != 0 {
+        bail!(
+            "the control token file `{}` is readable by other users (mode {:o}): `chmod 600` it",
+            path.display(),
+            meta.permissions().mode() & 0o777
+        );
+    }
+    let token = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read the control token file `{}`", path.display()))?
+        .trim()
+        .to_string();
+    if token.len() < 16 {
+        bail!(
+            "the control token in `{}` is too short: use at least 16 characters (e.g. `openssl rand -hex 32`)",
+            path.display()
+        );
+    }
+    let listener = tokio::net::TcpListener::bind(control.addr)
+        .await
+        .with_context(|| format!("cannot listen on {} for the control API", control.addr))?;
+    let host = match &control.host {
+        Some(host) => host.clone(),
+        None => listener.local_addr()?.to_string(),
+    };
+    Ok((listener, token, host))
+}
+
+/// Serves the API on TCP: every request needs `Authorization: Bearer TOKEN` (401 otherwise)
+/// and the configured `Host` (403 otherwise, against DNS rebinding). No CORS headers are ever
+/// sent, so browsers cannot call it cross-origin.
+pub async fn serve_tcp(
+    listener: tokio::net::TcpListener,
+    api: Arc<Api>,
+    token: String,
+    host: String,
+    shutdown: CancellationToken,
+) {
+    let auth = Arc::new(TcpAuth { token, host });
+    loop {
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    tracing::warn!(cause = %e, "control accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = shutdown.cancelled() => return,
+        };
+        let (api, auth) = (api.clone(), auth.clone());
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+                let (api, auth) = (api.clone(), auth.clone());
+                async move {
+                    let presented = req
+                        .headers()
+                        .get(hyper::header::AUTHORIZATION)
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(|v| v.strip_prefix("Bearer "))
+                        .unwrap_or("");
+                    if !constant_time_eq(presented.as_bytes(), auth.token.as_bytes()) {
+                        let mut response = error(
+                            StatusCode::UNAUTHORIZED,
+                            "missing or wrong bearer token: send `Authorization: Bearer TOKEN`",
+                        );
+                        response.headers_mut().insert(
+                            hyper::header::WWW_AUTHENTICATE,
+                            hyper::header::HeaderValue::from_static("Bearer"),
+                        );
+                        return Ok::<_, Infallible>(response);
+                    }
+                    let host = req
+                        .headers()
+                        .get(hyper::header::HOST)
+                        .and_then(|v| v.to_str().ok());
+                    if host != Some(auth.host.as_str()) {
+                        return Ok(error(
+                            StatusCode::FORBIDDEN,
+                            &format!(
+                                "wrong Host header: this control API answers to `{}`",
+                                auth.host
+                            ),
+                        ));
+                    }
+                    Ok(api.handle(req).await)
+                }
+            });
+            let _ = http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+/// Compares two secrets in time independent of where they differ.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// Serves only `GET /metrics` on a loopback TCP listener (`--metrics ADDR`) until `shutdown`.

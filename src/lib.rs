@@ -109,6 +109,8 @@ pub struct HostOptions {
     pub log_requests: bool,
     /// Also serve `/metrics` on this loopback TCP address.
     pub metrics: Option<SocketAddr>,
+    /// Also serve the control API on TCP, with a bearer token.
+    pub control_tcp: Option<control::TcpControl>,
     /// Restart backoff for crashed instances.
     pub restart: RestartPolicy,
     /// Instances that may exist at once (sizes the pooling allocator). Default: enough for the
@@ -133,6 +135,7 @@ impl Default for HostOptions {
             http: proxy::HttpLimits::default(),
             log_requests: true,
             metrics: None,
+            control_tcp: None,
             restart: RestartPolicy::default(),
             max_instances: None,
             cache: true,
@@ -314,6 +317,10 @@ impl Host {
         for (name, took) in &self.compile_times {
             metrics.compiled(name, took.as_secs_f64());
         }
+        let control_tcp = match &self.options.control_tcp {
+            Some(control) => Some(control::bind_tcp(control).await?),
+            None => None,
+        };
         let metrics_listener = match self.options.metrics {
             Some(addr) => {
                 if !addr.ip().is_loopback() {
@@ -382,16 +389,24 @@ impl Host {
         });
         let stop_http = CancellationToken::new();
         let server = tokio::spawn(proxy::serve(listener, router, stop_http.clone()));
+        let api = control::Api::new(supervisor.clone(), logs.clone(), metrics.clone());
         let control = control_listener.map(|(listener, path)| {
-            let task = tokio::spawn(control::serve(
-                listener,
-                supervisor.clone(),
-                logs.clone(),
-                metrics.clone(),
-                stop_http.clone(),
-            ));
+            let task = tokio::spawn(control::serve(listener, api.clone(), stop_http.clone()));
             (task, path)
         });
+        if let Some((listener, token, host)) = control_tcp {
+            let addr = listener.local_addr()?;
+            tokio::spawn(control::serve_tcp(
+                listener,
+                api.clone(),
+                token,
+                host,
+                stop_http.clone(),
+            ));
+            logs.host(format!(
+                "control API on http://{addr} (bearer token required)"
+            ));
+        }
         logs.host(format!(
             "formation {} up in {} (compiled {} components in {})",
             self.formation,

@@ -99,6 +99,27 @@ pub struct UpCommand {
     #[arg(long = "metrics", value_name = "ADDR")]
     metrics: Option<std::net::SocketAddr>,
 
+    /// Also serve the control API on this TCP address (for edge nodes managed remotely).
+    /// Requests need `Authorization: Bearer TOKEN` with the token from `--control-token-file`.
+    #[arg(
+        long = "control-tcp",
+        value_name = "ADDR",
+        requires = "control_token_file"
+    )]
+    control_tcp: Option<std::net::SocketAddr>,
+
+    /// File holding the control API's bearer token (mode 0600, at least 16 characters).
+    #[arg(long = "control-token-file", value_name = "PATH")]
+    control_token_file: Option<PathBuf>,
+
+    /// Allow `--control-tcp` on a non-loopback address.
+    #[arg(long = "control-public")]
+    control_public: bool,
+
+    /// The Host header TCP control clients must send (default: the bound `ip:port`).
+    #[arg(long = "control-host", value_name = "HOST")]
+    control_host: Option<String>,
+
     /// Do not log a line per request (router errors are still logged).
     #[arg(long = "no-router-log")]
     no_router_log: bool,
@@ -163,6 +184,12 @@ impl UpCommand {
             },
             log_requests: !self.no_router_log,
             metrics: self.metrics,
+            control_tcp: self.control_tcp.map(|addr| crate::control::TcpControl {
+                addr,
+                token_file: self.control_token_file.clone().unwrap_or_default(),
+                public: self.control_public,
+                host: self.control_host.clone(),
+            }),
             restart: RestartPolicy {
                 base: self.restart_delay,
                 ..RestartPolicy::default()

@@ -607,3 +607,101 @@ fn symlinked_control_socket_is_refused() {
     assert!(out.contains("refusing to use the control socket"), "{out}");
     assert!(out.contains("it is a symbolic link"), "{out}");
 }
+
+fn token_file(app: &App, mode: u32) -> std::path::PathBuf {
+    use std::os::unix::fs::PermissionsExt as _;
+    let path = app.path("control.token");
+    std::fs::write(&path, "0123456789abcdef0123456789abcdef\n").unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+    path
+}
+
+#[test]
+fn tcp_control_needs_the_token_and_the_host() {
+    use crate::support::request;
+
+    let app = App::new(WEB_AND_TICKER);
+    let token = token_file(&app, 0o600);
+    let host = app.up(&[
+        "--control-tcp",
+        "127.0.0.1:0",
+        "--control-token-file",
+        token.to_str().unwrap(),
+    ]);
+    let out = host.wait_for("(bearer token required)", Duration::from_secs(5));
+    let addr: std::net::SocketAddr = out
+        .split("control API on http://")
+        .nth(1)
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let call = |auth: &str, host_header: &str, method: &str, path: &str, body: &str| {
+        request(
+            addr,
+            &format!(
+                "{method} {path} HTTP/1.1\r\nHost: {host_header}\r\n{auth}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            ),
+        )
+    };
+    let good = "Authorization: Bearer 0123456789abcdef0123456789abcdef\r\n";
+    let me = addr.to_string();
+
+    let response = call("", &me, "GET", "/v1/ps", "");
+    assert_eq!(response.status, 401, "{response:?}");
+    assert_eq!(response.header("www-authenticate"), Some("Bearer"));
+    let response = call(
+        "Authorization: Bearer 0123456789abcdef0123456789abcdeX\r\n",
+        &me,
+        "GET",
+        "/v1/ps",
+        "",
+    );
+    assert_eq!(response.status, 401, "{response:?}");
+    let response = call(good, "evil.example:80", "GET", "/v1/ps", "");
+    assert_eq!(response.status, 403, "{response:?}");
+    assert!(
+        response.body.contains("wrong Host header"),
+        "{}",
+        response.body
+    );
+
+    let response = call(good, &me, "POST", "/v1/scale", r#"{"changes": ["web=2"]}"#);
+    assert_eq!(response.status, 200, "{response:?}");
+    assert!(
+        response
+            .headers
+            .iter()
+            .all(|(n, _)| !n.to_ascii_lowercase().starts_with("access-control"))
+    );
+    assert_eq!(app.formation(), formation(&[("web", 2), ("worker", 1)]));
+}
+
+#[test]
+fn tcp_control_refuses_public_addresses_and_loose_token_files() {
+    let app = App::new(WEB_AND_TICKER);
+    let token = token_file(&app, 0o600);
+    let out = app.up_fails(&[
+        "--control-tcp",
+        "0.0.0.0:0",
+        "--control-token-file",
+        token.to_str().unwrap(),
+    ]);
+    assert!(out.contains("not a loopback address"), "{out}");
+    assert!(out.contains("--control-public"), "{out}");
+
+    let loose = token_file(&app, 0o644);
+    let out = app.up_fails(&[
+        "--control-tcp",
+        "127.0.0.1:0",
+        "--control-token-file",
+        loose.to_str().unwrap(),
+    ]);
+    assert!(
+        out.contains("is readable by other users (mode 644): `chmod 600` it"),
+        "{out}"
+    );
+}
