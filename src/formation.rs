@@ -332,6 +332,28 @@ mod tests {
         }
     }
 
+    proptest::proptest! {
+        /// Any `-m` spec or scale change is applied or rejected whole; never a panic.
+        #[test]
+        fn arbitrary_changes_never_panic_or_half_apply(spec in "\\PC{0,40}", change in "[a-z=+:0-9MiBG .,-]{0,24}") {
+            let app = app(&["web", "worker"]);
+            let f = Formation::default_for(&app, ByteSize::mib(256));
+            let mut g = f.clone();
+            if g.apply_spec(&spec).is_err() {
+                proptest::prop_assert_eq!(&g, &f);
+            }
+            let _ = f.with_changes(&[change], None, ByteSize::mib(1024));
+        }
+
+        #[test]
+        fn sizes_and_durations_never_panic(text in "\\PC{0,24}", number in "[0-9.]{0,12}[a-zA-Z]{0,4}") {
+            for input in [&text, &number] {
+                let _ = input.parse::<ByteSize>();
+                let _ = crate::app::parse_duration(input);
+            }
+        }
+    }
+
     #[test]
     fn names_with_dashes() {
         let app = app(&["my-worker", "web"]);

@@ -118,6 +118,8 @@ pub struct HostOptions {
     pub max_instances: Option<u32>,
     /// Cache compiled components on disk.
     pub cache: bool,
+    /// Largest component file accepted.
+    pub max_component_size: ByteSize,
     /// State directory (persisted formation, control socket). `None`: neither.
     pub state_dir: Option<PathBuf>,
 }
@@ -139,6 +141,7 @@ impl Default for HostOptions {
             restart: RestartPolicy::default(),
             max_instances: None,
             cache: true,
+            max_component_size: ByteSize::mib(512),
             state_dir: None,
         }
     }
@@ -221,6 +224,7 @@ impl Host {
             max_instances,
             max_memory,
             cache: options.cache,
+            max_component_size: options.max_component_size,
         })?;
 
         let started = Instant::now();

@@ -113,6 +113,19 @@ mod tests {
         assert_eq!(entries[1].line, 4);
     }
 
+    proptest::proptest! {
+        /// Any input parses or is rejected with a line inside the text; never a panic.
+        #[test]
+        fn never_panics_and_errors_point_into_the_text(text in "\\PC{0,200}", lines in proptest::collection::vec("[a-z:# '\"\\r\t\u{feff}-]{0,20}", 0..8)) {
+            for input in [text, lines.join("\n")] {
+                if let Err(e) = parse(&input) {
+                    proptest::prop_assert!(e.line >= 1 && e.line <= input.lines().count().max(1), "{e:?} for {input:?}");
+                    proptest::prop_assert!(!e.message.is_empty());
+                }
+            }
+        }
+    }
+
     #[test]
     fn errors_name_the_line() {
         let e = parse("web: a.wasm\nnonsense\n").unwrap_err();

@@ -124,6 +124,10 @@ pub struct UpCommand {
     #[arg(long = "no-router-log")]
     no_router_log: bool,
 
+    /// Largest component file accepted.
+    #[arg(long = "max-component-size", default_value = "512MiB", value_parser = parse_size)]
+    max_component_size: ByteSize,
+
     /// Do not cache compiled components on disk.
     #[arg(long = "no-cache")]
     no_cache: bool,
@@ -196,6 +200,7 @@ impl UpCommand {
             },
             max_instances: self.max_instances,
             cache: !self.no_cache,
+            max_component_size: self.max_component_size,
         };
         // Validate and compile everything before binding the port (nothing listens on error).
         let host = Host::new(app, options)?;

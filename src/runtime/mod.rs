@@ -44,12 +44,16 @@ pub struct EngineSettings {
     pub max_memory: ByteSize,
     /// Whether compiled components are cached on disk (wasmtime's cache directory).
     pub cache: bool,
+    /// Largest component file accepted.
+    pub max_component_size: ByteSize,
 }
 
 /// The engine, the linker shared by every process type, and the epoch ticker.
 pub struct Runtime {
     engine: Engine,
     linker: Linker<InstanceState>,
+    /// Largest component file accepted.
+    max_component_size: ByteSize,
     /// Stops the epoch thread when the runtime is dropped.
     _epoch: EpochTicker,
 }
@@ -127,6 +131,7 @@ impl Runtime {
         Ok(Self {
             engine,
             linker,
+            max_component_size: settings.max_component_size,
             _epoch: epoch,
         })
     }
@@ -144,7 +149,7 @@ impl Runtime {
                 path.display()
             )
         };
-        let bytes = read_component(path).with_context(ctx)?;
+        let bytes = read_component(path, self.max_component_size).with_context(ctx)?;
         let component = Component::new(&self.engine, &bytes)
             .map_err(anyhow::Error::from)
             .with_context(|| format!("{}: failed to compile (is the file complete?)", ctx()))?;
@@ -238,7 +243,15 @@ pub struct InstanceSetup<'a> {
 
 /// Reads a component file and checks that it is a component, with a helpful message if it is
 /// something else.
-fn read_component(path: &Path) -> Result<Vec<u8>> {
+fn read_component(path: &Path, max_size: ByteSize) -> Result<Vec<u8>> {
+    if let Ok(meta) = std::fs::metadata(path)
+        && meta.len() > max_size.as_u64()
+    {
+        bail!(
+            "the file is {}, above the limit of {max_size}: raise `--max-component-size` if it is meant to be this big",
+            ByteSize::bytes(meta.len())
+        );
+    }
     let bytes = match std::fs::read(path) {
         Ok(bytes) => bytes,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {

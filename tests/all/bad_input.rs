@@ -77,6 +77,19 @@ fn missing_empty_truncated_and_non_component_files() {
     let out = app.up_fails(&[]);
     assert!(out.contains("not a WebAssembly file"), "{out}");
 
+    let app = App::new("web: huge.wasm\n");
+    // Sparse: no disk is spent, the size is what counts.
+    std::fs::File::create(app.path("huge.wasm"))
+        .unwrap()
+        .set_len(300 << 20)
+        .unwrap();
+    let out = app.up_fails(&["--max-component-size", "256MiB"]);
+    assert!(out.contains("process type `web`"), "{out}");
+    assert!(
+        out.contains("the file is 300 MiB, above the limit of 256 MiB"),
+        "{out}"
+    );
+
     let app = App::new("web: core.wasm\n");
     write_wat(&app, "core.wasm", "(module)");
     let out = app.up_fails(&[]);

@@ -218,3 +218,35 @@ fn pipelined_requests_are_answered_in_order() {
         .collect();
     assert_eq!(statuses, ["201", "202", "203"], "{raw}");
 }
+
+#[test]
+fn slow_headers_are_cut_off_and_normal_clients_are_unaffected() {
+    use std::io::{Read as _, Write as _};
+
+    let app = App::new("web: {guests}/hello.wasm\n");
+    let host = app.up(&["--header-timeout", "1s"]);
+    let mut slow = std::net::TcpStream::connect(host.addr()).unwrap();
+    slow.write_all(b"GET / HTTP/1.1\r\nHost").unwrap();
+    // Normal clients are served while the slow one dawdles.
+    for _ in 0..5 {
+        assert_eq!(host.get("/").status, 200);
+    }
+    // The server hangs up on the slow client (a read would block forever otherwise; the
+    // 20 s read timeout only bounds the test).
+    slow.set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let mut rest = Vec::new();
+    let outcome = slow.read_to_end(&mut rest);
+    assert!(
+        outcome.is_ok()
+            || outcome
+                .as_ref()
+                .is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionReset),
+        "the slow connection was not closed: {outcome:?}"
+    );
+    let rest = String::from_utf8_lossy(&rest);
+    assert!(
+        rest.is_empty() || rest.starts_with("HTTP/1.1 408"),
+        "{rest}"
+    );
+}
