@@ -100,7 +100,12 @@ impl Logs {
             history: Mutex::new(VecDeque::with_capacity(1024)),
             follow: broadcast::channel(4096).0,
         });
-        let printer = tokio::spawn(print(rx, dropped.clone(), width, colour, shared.clone()));
+        // On a blocking thread: a terminal or pipe that stops reading blocks the printer, never
+        // a runtime worker; the channel then fills and new lines are dropped and counted.
+        let printer = {
+            let (dropped, shared) = (dropped.clone(), shared.clone());
+            tokio::task::spawn_blocking(move || print(rx, dropped, width, colour, shared))
+        };
         (
             Self {
                 tx,
@@ -217,7 +222,7 @@ impl LogSink {
 /// ANSI colours cycled over process types, as foreman does.
 const COLOURS: [&str; 6] = ["36", "33", "32", "35", "34", "31"];
 
-async fn print(
+fn print(
     mut rx: mpsc::Receiver<Line>,
     dropped: Arc<AtomicU64>,
     width: usize,
@@ -226,7 +231,14 @@ async fn print(
 ) {
     let mut buf = String::new();
     let mut batch = Vec::with_capacity(256);
-    while rx.recv_many(&mut batch, 256).await > 0 {
+    while let Some(first) = rx.blocking_recv() {
+        batch.push(first);
+        while batch.len() < 256 {
+            match rx.try_recv() {
+                Ok(line) => batch.push(line),
+                Err(_) => break,
+            }
+        }
         buf.clear();
         let time = jiff::Zoned::now().strftime("%H:%M:%S").to_string();
         let lost = dropped.swap(0, Ordering::Relaxed);

@@ -208,7 +208,11 @@ impl UpCommand {
             .enable_all()
             .build()
             .context("failed to start the async runtime")?;
-        runtime.block_on(self.serve(host))
+        let result = runtime.block_on(self.serve(host));
+        // Do not wait for the log printer if stdout stopped reading: it runs on a blocking
+        // thread, which a plain drop of the runtime would wait for.
+        runtime.shutdown_timeout(Duration::from_secs(1));
+        result
     }
 
     async fn serve(&self, host: Host) -> Result<()> {

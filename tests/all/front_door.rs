@@ -133,6 +133,30 @@ fn metrics_on_loopback_and_the_control_socket() {
         assert!(text.contains(name), "missing `{name}` in:\n{text}");
     }
 
+    // The numbers match `ps`.
+    let ps = app.ps();
+    let text = request(
+        addr,
+        "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .body;
+    for instance in ps["instances"].as_array().unwrap() {
+        let line = format!(
+            "wasmform_instance_memory_bytes{{type=\"web\",instance=\"{}\"}} {}",
+            instance["id"].as_str().unwrap(),
+            instance["memory_used"]
+        );
+        assert!(
+            text.lines().any(|l| l == line),
+            "missing `{line}` in:\n{text}"
+        );
+    }
+    let running = ps["types"][0]["running"].as_u64().unwrap();
+    assert!(
+        text.lines()
+            .any(|l| l == format!("wasmform_running_instances{{type=\"web\"}} {running}"))
+    );
+
     // The same exposition on the control socket.
     let mut socket =
         std::os::unix::net::UnixStream::connect(app.path(".wasmform/control.sock")).unwrap();
@@ -249,4 +273,103 @@ fn slow_headers_are_cut_off_and_normal_clients_are_unaffected() {
         rest.is_empty() || rest.starts_with("HTTP/1.1 408"),
         "{rest}"
     );
+}
+
+#[test]
+fn a_guest_flooding_its_output_loses_lines_not_host_memory() {
+    let app = App::new("web: {guests}/test_web.wasm\n");
+    let host = app.up(&["--no-router-log"]);
+    let before = host.rss_kib();
+    // The terminal stops reading (the pipe fills up) while the guest prints 100 000 lines:
+    // the host keeps serving, holds at most its bounded buffer, and drops the rest.
+    host.pause_output(true);
+    assert_eq!(host.get("/print?n=100000").status, 200);
+    assert_eq!(
+        host.get("/whoami").status,
+        200,
+        "a blocked terminal does not block requests"
+    );
+    let during = host.rss_kib();
+    host.pause_output(false);
+    assert_eq!(host.get("/whoami").status, 200);
+    let out = host.wait_for(
+        "log lines dropped: output arrived faster than it could be written",
+        Duration::from_secs(60),
+    );
+    assert!(
+        out.contains("line 1 from web.1"),
+        "the first lines are printed"
+    );
+    assert!(
+        during < before + 64 * 1024,
+        "host RSS grew from {before} KiB to {during} KiB"
+    );
+}
+
+#[test]
+fn thousands_of_connections_queue_to_the_bound_then_get_503_and_the_host_recovers() {
+    let app = App::new("web: {guests}/test_web.wasm\n");
+    let host = app.up(&["-m", "web=4", "--queue", "40", "--no-router-log"]);
+    let addr = host.addr();
+    let before = host.rss_kib();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let statuses: Vec<u16> = runtime.block_on(async move {
+        let tasks: Vec<_> = (0..5000)
+            .map(|_| {
+                tokio::spawn(async move {
+                    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+                    let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
+                    stream
+                        .write_all(
+                            b"GET /sleep?ms=500 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+                        )
+                        .await
+                        .ok()?;
+                    let mut raw = Vec::new();
+                    tokio::time::timeout(Duration::from_secs(60), stream.read_to_end(&mut raw))
+                        .await
+                        .ok()?
+                        .ok()?;
+                    String::from_utf8_lossy(&raw)
+                        .get(9..12)?
+                        .parse::<u16>()
+                        .ok()
+                })
+            })
+            .collect();
+        let mut statuses = Vec::new();
+        for task in tasks {
+            statuses.push(task.await.unwrap().unwrap_or(0));
+        }
+        statuses
+    });
+    let ok = statuses.iter().filter(|s| **s == 200).count();
+    let refused = statuses.iter().filter(|s| **s == 503).count();
+    assert_eq!(
+        ok + refused,
+        5000,
+        "every connection got 200 or 503: {:?}",
+        {
+            let mut other: Vec<_> = statuses
+                .iter()
+                .filter(|s| **s != 200 && **s != 503)
+                .collect();
+            other.dedup();
+            other
+        }
+    );
+    // At least the busy instances and the queue were served; everything else was refused.
+    assert!(ok >= 44, "only {ok} requests were served");
+    assert!(refused > 0);
+    let after = host.rss_kib();
+    assert!(
+        after < before + 256 * 1024,
+        "host RSS grew from {before} KiB to {after} KiB"
+    );
+    // Recovery: the load is gone, requests are served again.
+    assert_eq!(host.get("/whoami").status, 200);
+    host.wait_for("at=error code=H11", Duration::from_secs(5));
 }

@@ -181,6 +181,8 @@ pub fn run_fails(args: &[&str]) -> String {
 /// The real binary, killed on drop; its output is printed if the test fails.
 pub struct Wasmform {
     child: Child,
+    /// While set, the output pipes are not read (a terminal that stopped reading).
+    paused: Arc<std::sync::atomic::AtomicBool>,
     output: Arc<(Mutex<String>, Condvar)>,
     pub addr: Option<SocketAddr>,
 }
@@ -197,13 +199,18 @@ impl Wasmform {
             .spawn()
             .expect("failed to start wasmform");
         let output = Arc::new((Mutex::new(String::new()), Condvar::new()));
+        let paused = Arc::new(std::sync::atomic::AtomicBool::new(false));
         for stream in [
             Box::new(child.stdout.take().unwrap()) as Box<dyn Read + Send>,
             Box::new(child.stderr.take().unwrap()),
         ] {
             let output = output.clone();
+            let paused = paused.clone();
             std::thread::spawn(move || {
                 for line in BufReader::new(stream).lines() {
+                    while paused.load(std::sync::atomic::Ordering::Relaxed) {
+                        std::thread::sleep(Duration::from_millis(10));
+                    }
                     let Ok(line) = line else { break };
                     let line = unpad(&line);
                     let (text, cond) = &*output;
@@ -216,9 +223,16 @@ impl Wasmform {
         }
         Self {
             child,
+            paused,
             output,
             addr: None,
         }
+    }
+
+    /// Stops (or resumes) reading the host's output, so its pipe fills up.
+    pub fn pause_output(&self, paused: bool) {
+        self.paused
+            .store(paused, std::sync::atomic::Ordering::Relaxed);
     }
 
     pub fn pid(&self) -> u32 {
