@@ -255,7 +255,11 @@ impl Router {
                 )
             }
             Ok(Reply::Failed(Failure::Crashed(reason))) => {
-                error("H13", "Instance crashed", &name, StatusCode::BAD_GATEWAY);
+                if reason.starts_with("memory quota exceeded") {
+                    error("R14", "Memory quota exceeded", &name, StatusCode::BAD_GATEWAY);
+                } else {
+                    error("H13", "Instance crashed", &name, StatusCode::BAD_GATEWAY);
+                }
                 (
                     StatusCode::BAD_GATEWAY,
                     format!("{name} crashed: {reason}\n"),
