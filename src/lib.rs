@@ -31,9 +31,11 @@
 //! ```text
 //! Procfile ─► procfile ─► app::AppSpec ─► Host::new (formation, compile) ─► Host::start
 //!                                                    │
-//!   supervisor: one task per slot, restart backoff ──┤── web instances ─► router::Pool ◄── proxy (hyper)
-//!                                                    └── workers (wasi:cli/run)
-//!   guest stdout/stderr and host events ─► logs ─► stdout
+//!   CLI scale/ps/logs ─► control ─► supervisor: desired formation, one task per slot,
+//!                                   restart backoff, capacity, rolling replacement
+//!                                                    ├── web instances ─► router::Pool ◄── proxy (hyper)
+//!                                                    └── workers (wasi:cli/run, idle-priority runtime)
+//!   guest stdout/stderr and host events ─► logs ─► stdout, history, followers
 //! ```
 //!
 //! - [`procfile`]: Procfile parsing, errors with line numbers.
@@ -44,8 +46,13 @@
 //! - [`instance`]: one web instance or worker run.
 //! - [`supervisor`]: slots, restarts with backoff.
 //! - [`router`]: round-robin over free instances with a bounded queue; no wasmtime types.
-//! - [`proxy`]: the hyper server and status mapping.
-//! - [`logs`]: the foreman-style log stream.
+//! - [`proxy`]: the hyper server, front-door limits and status mapping.
+//! - [`logs`]: the foreman-style log stream, its history and followers.
+//! - [`control`]: the control API (Unix socket, optional TCP with a token) that `scale`, `ps`,
+//!   `logs` and `restart` talk to.
+//! - [`state`]: the state directory: the persisted formation and the control socket.
+//! - [`metrics`]: Prometheus metrics.
+//! - [`cli`]: one file per subcommand.
 
 pub mod app;
 pub mod cli;

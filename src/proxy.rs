@@ -256,7 +256,12 @@ impl Router {
             }
             Ok(Reply::Failed(Failure::Crashed(reason))) => {
                 if reason.starts_with("memory quota exceeded") {
-                    error("R14", "Memory quota exceeded", &name, StatusCode::BAD_GATEWAY);
+                    error(
+                        "R14",
+                        "Memory quota exceeded",
+                        &name,
+                        StatusCode::BAD_GATEWAY,
+                    );
                 } else {
                     error("H13", "Instance crashed", &name, StatusCode::BAD_GATEWAY);
                 }

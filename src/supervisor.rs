@@ -5,7 +5,7 @@
 //! it to end, logs why, and starts a replacement. Web instances are handed to their type's
 //! [`Pool`]; workers run inside the slot task.
 //!
-//! [`Supervisor::reconcile`] compares desired and actual: surplus slots (highest index first) are
+//! `Supervisor::reconcile` compares desired and actual: surplus slots (highest index first) are
 //! stopped — a web slot drains: it leaves the rotation, finishes its request in flight, then
 //! ends —, missing ones are started as far as the memory budget (`capacity`) and the instance
 //! pool allow; the rest stay *pending* and start by themselves when a slot ends and frees room.

@@ -27,7 +27,10 @@ fn memory_bomb_is_502_and_the_instance_is_replaced() {
         "web.1 crashed: memory quota exceeded (32 MiB)",
         Duration::from_secs(5),
     );
-    assert!(out.contains("code=R14 desc=\"Memory quota exceeded\""), "{out}");
+    assert!(
+        out.contains("code=R14 desc=\"Memory quota exceeded\""),
+        "{out}"
+    );
     // Five crashed 32 MiB instances must not leave their memory behind.
     let rss_after = host.rss_kib();
     assert!(
