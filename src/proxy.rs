@@ -221,6 +221,13 @@ impl Router {
         // response headers come while the guest is still writing the body, the rest of the
         // call moves to a task of its own so the body can stream. If the client goes away
         // mid-call, the instance is dropped mid-call and its slot replaces it.
+        // Logs H27 if this future is dropped before the guest answered: the client went away.
+        let mut interrupted = ClientGone {
+            logs: &self.logs,
+            line: Some(format!(
+                "at=error code=H27 desc=\"Client request interrupted\" method={method} path=\"{path}\" instance={name} status=499"
+            )),
+        };
         let (reply, outcome) = tokio::select! {
             biased;
             reply = &mut rx => {
@@ -232,11 +239,23 @@ impl Router {
             }
             sound = &mut call => (rx.await, Outcome::Known(sound)),
         };
+        interrupted.line = None;
         let (status, text) = match reply {
             Ok(Reply::Response(response)) => {
+                let sent = response.status().as_u16();
                 let response = match outcome {
                     Outcome::Known(true) => response,
-                    outcome => response.map(|body| Guarded { body, outcome }.boxed_unsync()),
+                    outcome => response.map(|body| {
+                        Guarded {
+                            body,
+                            outcome,
+                            logs: self.logs.clone(),
+                            line: format!(
+                                "at=error code=H18 desc=\"Response aborted\" method={method} path=\"{path}\" instance={name} status={sent}"
+                            ),
+                        }
+                        .boxed_unsync()
+                    }),
                 };
                 if self.log_requests {
                     self.logs.host(format!(
@@ -313,6 +332,23 @@ enum Outcome {
 struct Guarded {
     body: ResponseBody,
     outcome: Outcome,
+    /// Logged when the body is aborted.
+    logs: Logs,
+    line: String,
+}
+
+/// Logs its line when dropped, unless the line was taken.
+struct ClientGone<'a> {
+    logs: &'a Logs,
+    line: Option<String>,
+}
+
+impl Drop for ClientGone<'_> {
+    fn drop(&mut self) {
+        if let Some(line) = self.line.take() {
+            self.logs.host(line);
+        }
+    }
 }
 
 impl Body for Guarded {
@@ -339,6 +375,7 @@ impl Body for Guarded {
         if sound {
             Poll::Ready(None)
         } else {
+            this.logs.host(std::mem::take(&mut this.line));
             Poll::Ready(Some(Err(wasmtime_wasi_http::Error::HttpResponseIncomplete)))
         }
     }

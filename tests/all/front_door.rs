@@ -76,6 +76,10 @@ fn trap_after_the_body_started_aborts_the_connection() {
         "a trapped stream must not look complete: {raw:?}"
     );
     host.wait_for("web.1 crashed: ", Duration::from_secs(10));
+    host.wait_for(
+        "at=error code=H18 desc=\"Response aborted\" method=GET path=\"/trap-after-headers\" instance=web.1 status=200",
+        Duration::from_secs(10),
+    );
     assert_eq!(host.get("/whoami").status, 200);
 }
 

@@ -167,6 +167,10 @@ fn client_going_away_mid_request_recycles_the_instance() {
         "web.1 request cancelled mid-call (the client went away); instance recycled; restarting now",
         Duration::from_secs(10),
     );
+    host.wait_for(
+        "at=error code=H27 desc=\"Client request interrupted\" method=GET path=\"/sleep\" instance=web.1",
+        Duration::from_secs(10),
+    );
     // A fresh instance: its counter starts over.
     assert_eq!(host.get("/count").body, "1\n");
 }
