@@ -47,6 +47,8 @@ pub struct HttpLimits {
     pub max_body: u64,
     /// Most open client connections; past it, accepting waits for one to close.
     pub max_connections: usize,
+    /// How long a request body may stall while the guest reads it before the answer is 408.
+    pub body_idle_timeout: Duration,
 }
 
 impl Default for HttpLimits {
@@ -57,6 +59,7 @@ impl Default for HttpLimits {
             max_head_bytes: 64 * 1024,
             max_body: 10 * 1024 * 1024,
             max_connections: 10_000,
+            body_idle_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -199,9 +202,15 @@ impl Router {
         // Bodies sent chunked are cut off once they pass the limit: the guest sees a stream
         // error instead of the host buffering without bound.
         let max_body = self.limits.max_body;
-        let req = req.map(|body| {
-            Limited::new(body, usize::try_from(max_body).unwrap_or(usize::MAX))
-                .map_err(move |_| wasmtime_wasi_http::Error::HttpRequestBodySize(Some(max_body)))
+        // A body that stops arriving while the guest waits for it is answered 408 (see below).
+        let (idle_tx, mut idle_rx) = oneshot::channel();
+        let body_timeout = self.limits.body_idle_timeout;
+        let req = req.map(|body| IdleBody {
+            body: Limited::new(body, usize::try_from(max_body).unwrap_or(usize::MAX))
+                .map_err(move |_| wasmtime_wasi_http::Error::HttpRequestBodySize(Some(max_body))),
+            timeout: body_timeout,
+            sleep: None,
+            fired: Some(idle_tx),
         });
         let (tx, mut rx) = oneshot::channel();
         let pool = pool.clone();
@@ -236,6 +245,24 @@ impl Router {
                     let _ = done_tx.send(call.await);
                 });
                 (reply, Outcome::Later(done_rx))
+            }
+            Ok(()) = &mut idle_rx => {
+                // The client stopped sending its body: answer for it and let the guest, which
+                // now sees a read error, finish on its own.
+                interrupted.line = None;
+                tokio::spawn(call);
+                error("H28", "Request body idle", &name, StatusCode::REQUEST_TIMEOUT);
+                let mut response = plain(
+                    StatusCode::REQUEST_TIMEOUT,
+                    format!(
+                        "request body stalled for {}\n",
+                        humanize(self.limits.body_idle_timeout)
+                    ),
+                );
+                response
+                    .headers_mut()
+                    .insert(header::CONNECTION, header::HeaderValue::from_static("close"));
+                return response;
             }
             sound = &mut call => (rx.await, Outcome::Known(sound)),
         };
@@ -317,6 +344,58 @@ impl Router {
             }
         };
         plain(status, text)
+    }
+}
+
+/// A request body that fails with a timeout if no data arrives for `timeout` while it is being
+/// read, and says so on `fired`. The clock runs only while the guest waits for data, so time
+/// spent queued or computing never counts.
+struct IdleBody<B> {
+    body: B,
+    timeout: Duration,
+    /// Armed when a read finds no data; disarmed when data comes.
+    sleep: Option<Pin<Box<tokio::time::Sleep>>>,
+    fired: Option<oneshot::Sender<()>>,
+}
+
+impl<B> Body for IdleBody<B>
+where
+    B: Body<Data = Bytes, Error = wasmtime_wasi_http::Error> + Unpin,
+{
+    type Data = Bytes;
+    type Error = wasmtime_wasi_http::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = &mut *self;
+        match Pin::new(&mut this.body).poll_frame(cx) {
+            Poll::Pending => {}
+            ready => {
+                this.sleep = None;
+                return ready;
+            }
+        }
+        let timeout = this.timeout;
+        let sleep = this
+            .sleep
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
+        if sleep.as_mut().poll(cx).is_pending() {
+            return Poll::Pending;
+        }
+        if let Some(fired) = this.fired.take() {
+            let _ = fired.send(());
+        }
+        Poll::Ready(Some(Err(wasmtime_wasi_http::Error::ConnectionReadTimeout)))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
     }
 }
 

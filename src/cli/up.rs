@@ -90,6 +90,10 @@ pub struct UpCommand {
     #[arg(long = "header-timeout", default_value = "30s", value_parser = parse_duration)]
     header_timeout: Duration,
 
+    /// How long a request body may stall while the guest reads it (408 after).
+    #[arg(long = "body-timeout", default_value = "30s", value_parser = parse_duration)]
+    body_timeout: Duration,
+
     /// Most open client connections; past it, new ones wait to be accepted.
     #[arg(long = "max-connections", default_value_t = 10_000)]
     max_connections: usize,
@@ -184,6 +188,7 @@ impl UpCommand {
                 max_headers: self.max_headers,
                 max_body: self.max_body.as_u64(),
                 max_connections: self.max_connections.max(1),
+                body_idle_timeout: self.body_timeout,
                 ..crate::proxy::HttpLimits::default()
             },
             log_requests: !self.no_router_log,

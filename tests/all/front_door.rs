@@ -377,3 +377,36 @@ fn thousands_of_connections_queue_to_the_bound_then_get_503_and_the_host_recover
     assert_eq!(host.get("/whoami").status, 200);
     host.wait_for("at=error code=H11", Duration::from_secs(5));
 }
+
+#[test]
+fn a_stalled_request_body_gets_408() {
+    use std::io::{Read as _, Write as _};
+
+    let app = App::new("web: {guests}/test_web.wasm\n");
+    let host = app.up(&["--body-timeout", "1s"]);
+    let mut stream = std::net::TcpStream::connect(host.addr()).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    // Promise 100 bytes, send 10, then nothing.
+    stream
+        .write_all(b"POST /consume HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n0123456789")
+        .unwrap();
+    let mut raw = String::new();
+    let _ = stream.read_to_string(&mut raw);
+    assert!(raw.starts_with("HTTP/1.1 408"), "{raw:?}");
+    assert!(raw.contains("request body stalled for 1 s"), "{raw:?}");
+    host.wait_for(
+        "at=error code=H28 desc=\"Request body idle\"",
+        Duration::from_secs(10),
+    );
+    // Complete bodies are read as usual.
+    let response = request(
+        host.addr(),
+        "POST /consume HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello",
+    );
+    assert_eq!(
+        (response.status, response.body.as_str()),
+        (200, "consumed 5 bytes\n")
+    );
+}

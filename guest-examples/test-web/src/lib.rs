@@ -37,6 +37,7 @@ impl wasip2::exports::http::incoming_handler::Guest for TestWeb {
         // Routes that need the request body or misuse the response protocol.
         match path {
             "/echo" => return echo(&request, response_out),
+            "/consume" => return consume(&request, response_out),
             // Dropping the outparam unset: the host must notice no response came.
             "/no-response" => return,
             "/trap-after-headers" => trap_after_headers(response_out),
@@ -226,6 +227,30 @@ fn echo(request: &IncomingRequest, response_out: ResponseOutparam) {
     // Child resources go before their parents.
     drop(in_stream);
     drop(IncomingBody::finish(in_body));
+    finish(out_stream, out_body);
+}
+
+/// Reads the whole request body before answering, so the host can still answer for it.
+fn consume(request: &IncomingRequest, response_out: ResponseOutparam) {
+    let in_body = request.consume().expect("request body consumed once");
+    let in_stream = in_body.stream().expect("request stream taken once");
+    let mut total = 0usize;
+    let outcome = loop {
+        match in_stream.blocking_read(64 * 1024) {
+            Ok(chunk) => total += chunk.len(),
+            Err(StreamError::Closed) => break Ok(()),
+            Err(StreamError::LastOperationFailed(e)) => break Err(e.to_debug_string()),
+        }
+    };
+    drop(in_stream);
+    drop(IncomingBody::finish(in_body));
+    let (status, text) = match outcome {
+        Ok(()) => (200, format!("consumed {total} bytes\n")),
+        Err(e) => (400, format!("body read failed after {total} bytes: {e}\n")),
+    };
+    let out_body = send_head(response_out, status, "text/plain; charset=utf-8");
+    let out_stream = out_body.write().expect("body stream taken once");
+    write_all(&out_stream, text.as_bytes());
     finish(out_stream, out_body);
 }
 
