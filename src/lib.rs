@@ -127,6 +127,8 @@ pub struct HostOptions {
     pub cache: bool,
     /// Largest component file accepted.
     pub max_component_size: ByteSize,
+    /// Longest a component may take to compile at start.
+    pub compile_timeout: Duration,
     /// State directory (persisted formation, control socket). `None`: neither.
     pub state_dir: Option<PathBuf>,
 }
@@ -149,6 +151,7 @@ impl Default for HostOptions {
             max_instances: None,
             cache: true,
             max_component_size: ByteSize::mib(512),
+            compile_timeout: Duration::from_secs(300),
             state_dir: None,
         }
     }
@@ -235,22 +238,41 @@ impl Host {
         })?;
 
         let started = Instant::now();
-        let compiled: Vec<Result<(Compiled, Duration)>> = std::thread::scope(|scope| {
-            let handles: Vec<_> = app
-                .processes
-                .iter()
-                .map(|spec| {
-                    scope.spawn(|| {
-                        let started = Instant::now();
-                        runtime.compile(spec).map(|c| (c, started.elapsed()))
-                    })
-                })
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| h.join().expect("compile thread panicked"))
-                .collect()
-        });
+        // One thread per component; a compile that outlives `compile_timeout` is refused (its
+        // thread is abandoned: wasmtime cannot cancel a compile, and the host is not starting).
+        let runtime = Arc::new(runtime);
+        let deadline = started + options.compile_timeout;
+        let pending: Vec<_> = app
+            .processes
+            .iter()
+            .map(|spec| {
+                let (tx, rx) = std::sync::mpsc::channel();
+                let (runtime, spec) = (runtime.clone(), spec.clone());
+                std::thread::spawn(move || {
+                    let started = Instant::now();
+                    let _ = tx.send(runtime.compile(&spec).map(|c| (c, started.elapsed())));
+                });
+                rx
+            })
+            .collect();
+        let mut compiled: Vec<Result<(Compiled, Duration)>> = Vec::new();
+        for (spec, rx) in app.processes.iter().zip(pending) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            compiled.push(match rx.recv_timeout(left) {
+                Ok(result) => result,
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => Err(anyhow::anyhow!(
+                    "process type `{}` ({}): component `{}` took longer than {} to compile: \
+                     raise `--compile-timeout` if it is meant to be this big",
+                    spec.name,
+                    spec.origin,
+                    spec.component.display(),
+                    humanize(options.compile_timeout)
+                )),
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                    bail!("the compile thread for `{}` panicked", spec.name)
+                }
+            });
+        }
         let compile_time = started.elapsed();
         let mut processes = Vec::new();
         let mut compile_times = Vec::new();
@@ -283,7 +305,7 @@ impl Host {
         }
         Ok(Self {
             formation,
-            runtime: Arc::new(runtime),
+            runtime,
             processes,
             routed,
             limits: Limits {

@@ -132,6 +132,10 @@ pub struct UpCommand {
     #[arg(long = "max-component-size", default_value = "512MiB", value_parser = parse_size)]
     max_component_size: ByteSize,
 
+    /// Longest a component may take to compile before `up` gives up on it.
+    #[arg(long = "compile-timeout", default_value = "5m", value_parser = parse_duration)]
+    compile_timeout: Duration,
+
     /// Do not cache compiled components on disk.
     #[arg(long = "no-cache")]
     no_cache: bool,
@@ -206,6 +210,7 @@ impl UpCommand {
             max_instances: self.max_instances,
             cache: !self.no_cache,
             max_component_size: self.max_component_size,
+            compile_timeout: self.compile_timeout,
         };
         // Validate and compile everything before binding the port (nothing listens on error).
         let host = Host::new(app, options)?;

@@ -90,6 +90,16 @@ fn missing_empty_truncated_and_non_component_files() {
         "{out}"
     );
 
+    // A compile that takes too long is refused (hello takes far more than 1 ms to compile
+    // without the cache).
+    let app = App::new("web: {guests}/hello.wasm\n");
+    let out = app.up_fails(&["--no-cache", "--compile-timeout", "1ms"]);
+    assert!(out.contains("process type `web`"), "{out}");
+    assert!(
+        out.contains("took longer than 1.0 ms to compile: raise `--compile-timeout`"),
+        "{out}"
+    );
+
     let app = App::new("web: core.wasm\n");
     write_wat(&app, "core.wasm", "(module)");
     let out = app.up_fails(&[]);
