@@ -28,6 +28,7 @@ use tokio_util::sync::CancellationToken;
 use crate::app::ByteSize;
 use crate::logs::Logs;
 use crate::metrics::Metrics;
+use crate::proxy::next_connection;
 use crate::state::StateDir;
 use crate::supervisor::{ControlError, Supervisor};
 
@@ -77,18 +78,9 @@ pub async fn bind(state: &StateDir) -> Result<(UnixListener, PathBuf)> {
 
 /// Serves the API until `shutdown` is cancelled.
 pub async fn serve(listener: UnixListener, api: Arc<Api>, shutdown: CancellationToken) {
-    loop {
-        let stream = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
-                Err(e) => {
-                    tracing::warn!(cause = %e, "control accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            () = shutdown.cancelled() => return,
-        };
+    let listener = &listener;
+    let accept = || async move { listener.accept().await.map(|(stream, _)| stream) };
+    while let Some(stream) = next_connection(accept, &shutdown).await {
         let api = api.clone();
         // The socket's mode keeps other users out; checking the peer's uid as well covers a
         // socket or directory whose permissions were loosened by hand.
@@ -210,18 +202,9 @@ pub async fn serve_tcp(
     shutdown: CancellationToken,
 ) {
     let auth = Arc::new(TcpAuth { token, host });
-    loop {
-        let stream = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
-                Err(e) => {
-                    tracing::warn!(cause = %e, "control accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            () = shutdown.cancelled() => return,
-        };
+    let listener = &listener;
+    let accept = || async move { listener.accept().await.map(|(stream, _)| stream) };
+    while let Some(stream) = next_connection(accept, &shutdown).await {
         let (api, auth) = (api.clone(), auth.clone());
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req: Request<Incoming>| {
@@ -282,18 +265,9 @@ pub async fn serve_metrics(
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) {
-    loop {
-        let stream = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
-                Err(e) => {
-                    tracing::warn!(cause = %e, "metrics accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            () = shutdown.cancelled() => return,
-        };
+    let listener = &listener;
+    let accept = || async move { listener.accept().await.map(|(stream, _)| stream) };
+    while let Some(stream) = next_connection(accept, &shutdown).await {
         let (supervisor, metrics) = (supervisor.clone(), metrics.clone());
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req: Request<Incoming>| {

@@ -99,17 +99,10 @@ pub async fn serve(listener: TcpListener, router: Arc<Router>, shutdown: Cancell
             permit = connections.clone().acquire_owned() => permit.expect("never closed"),
             () = shutdown.cancelled() => break,
         };
-        let stream = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
-                Err(e) => {
-                    // Out of file descriptors and the like: back off instead of spinning.
-                    tracing::warn!(cause = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            () = shutdown.cancelled() => break,
+        let listener = &listener;
+        let accept = || async move { listener.accept().await.map(|(stream, _)| stream) };
+        let Some(stream) = next_connection(accept, &shutdown).await else {
+            break;
         };
         let _ = stream.set_nodelay(true);
         let router = router.clone();
@@ -127,6 +120,29 @@ pub async fn serve(listener: TcpListener, router: Arc<Router>, shutdown: Cancell
     }
     drop(listener);
     graceful.shutdown().await;
+}
+
+/// The next accepted connection, or `None` once `shutdown` is cancelled. A failed accept (out
+/// of file descriptors, say) is logged and retried after a short pause instead of spinning.
+pub(crate) async fn next_connection<S, F>(
+    accept: impl Fn() -> F,
+    shutdown: &CancellationToken,
+) -> Option<S>
+where
+    F: Future<Output = std::io::Result<S>>,
+{
+    loop {
+        tokio::select! {
+            accepted = accept() => match accepted {
+                Ok(stream) => return Some(stream),
+                Err(e) => {
+                    tracing::warn!(cause = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+            () = shutdown.cancelled() => return None,
+        }
+    }
 }
 
 impl Router {

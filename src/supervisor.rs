@@ -392,13 +392,7 @@ impl Supervisor {
             let Some(process) = self.types.get(name) else {
                 continue;
             };
-            let active: BTreeSet<u32> = state
-                .slots
-                .iter()
-                .filter(|s| s.process == *name && !s.stopping())
-                .map(|s| s.index)
-                .collect();
-            for index in (1..=scale.count).filter(|i| !active.contains(i)) {
+            for index in missing(state, name, scale.count) {
                 if self.room(state, scale.memory).is_err() {
                     break;
                 }
@@ -439,13 +433,7 @@ impl Supervisor {
     fn pending(&self, state: &State) -> Vec<(String, String)> {
         let mut pending = Vec::new();
         for (name, scale) in state.desired.iter() {
-            let active: BTreeSet<u32> = state
-                .slots
-                .iter()
-                .filter(|s| s.process == *name && !s.stopping())
-                .map(|s| s.index)
-                .collect();
-            for index in (1..=scale.count).filter(|i| !active.contains(i)) {
+            for index in missing(state, name, scale.count) {
                 let reason = self
                     .room(state, scale.memory)
                     .err()
@@ -949,6 +937,17 @@ impl Supervisor {
             })
             .collect()
     }
+}
+
+/// Indices in `1..=count` that no running (not stopping) slot of `name` holds.
+fn missing(state: &State, name: &ProcessName, count: u32) -> Vec<u32> {
+    let active: BTreeSet<u32> = state
+        .slots
+        .iter()
+        .filter(|s| s.process == *name && !s.stopping())
+        .map(|s| s.index)
+        .collect();
+    (1..=count).filter(|i| !active.contains(i)).collect()
 }
 
 /// Σ memory limits of existing slots (draining ones still hold theirs).
