@@ -249,9 +249,10 @@ impl Router {
         // Logs H27 if this future is dropped before the guest answered: the client went away.
         let mut interrupted = ClientGone {
             logs: &self.logs,
-            line: Some(format!(
-                "at=error code=H27 desc=\"Client request interrupted\" method={method} path=\"{path}\" instance={name} status=499"
-            )),
+            method: &method,
+            path: &path,
+            instance: &name,
+            armed: true,
         };
         let (reply, outcome) = tokio::select! {
             biased;
@@ -265,7 +266,7 @@ impl Router {
             Ok(()) = &mut idle_rx => {
                 // The client stopped sending its body: answer for it and let the guest, which
                 // now sees a read error, finish on its own.
-                interrupted.line = None;
+                interrupted.armed = false;
                 tokio::spawn(call);
                 error("H28", "Request body idle", &name, StatusCode::REQUEST_TIMEOUT);
                 let mut response = plain(
@@ -282,7 +283,7 @@ impl Router {
             }
             sound = &mut call => (rx.await, Outcome::Known(sound)),
         };
-        interrupted.line = None;
+        interrupted.armed = false;
         let (status, text) = match reply {
             Ok(Reply::Response(response)) => {
                 let sent = response.status().as_u16();
@@ -432,16 +433,28 @@ struct Guarded {
     line: String,
 }
 
-/// Logs its line when dropped, unless the line was taken.
+/// Logs H27 when dropped while armed: the request's future went away before the guest
+/// answered. The line is only formatted then, not on every request.
 struct ClientGone<'a> {
     logs: &'a Logs,
-    line: Option<String>,
+    method: &'a hyper::Method,
+    path: &'a str,
+    instance: &'a str,
+    armed: bool,
 }
 
 impl Drop for ClientGone<'_> {
     fn drop(&mut self) {
-        if let Some(line) = self.line.take() {
-            self.logs.host(line);
+        if self.armed {
+            let Self {
+                method,
+                path,
+                instance,
+                ..
+            } = self;
+            self.logs.host(format!(
+                "at=error code=H27 desc=\"Client request interrupted\" method={method} path=\"{path}\" instance={instance} status=499"
+            ));
         }
     }
 }
