@@ -408,17 +408,18 @@ impl Host {
             bail!("{failure}");
         }
 
+        let routed_name = self
+            .routed
+            .map(|i| self.processes[i].0.name.to_string())
+            .unwrap_or_default();
         let router = Arc::new(Router {
             pool: routed_pool,
-            process: self
-                .routed
-                .map(|i| self.processes[i].0.name.to_string())
-                .unwrap_or_default(),
+            process: routed_name.clone(),
             request_timeout: self.options.request_timeout,
             logs: logs.clone(),
             limits: self.options.http,
             log_requests: self.options.log_requests,
-            metrics: metrics.clone(),
+            metrics: metrics.http(&routed_name),
         });
         let stop_http = CancellationToken::new();
         let server = tokio::spawn(proxy::serve(listener, router, stop_http.clone()));

@@ -12,6 +12,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
+use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 
 use crate::supervisor::PsReport;
@@ -23,7 +24,8 @@ struct TypeLabel {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RequestLabels {
-    r#type: String,
+    /// Shared, so counting a request clones a pointer instead of allocating a string.
+    r#type: Arc<String>,
     status: u16,
 }
 
@@ -48,6 +50,26 @@ struct InstanceLabels {
 fn latency_histogram() -> Histogram {
     // 100 µs to ~52 s.
     Histogram::new(exponential_buckets(0.0001, 2.0, 20))
+}
+
+/// Request counters and latency of one HTTP process type.
+pub struct HttpMetrics {
+    process: Arc<String>,
+    requests: Family<RequestLabels, Counter>,
+    latency: Histogram,
+}
+
+impl HttpMetrics {
+    /// Counts one answered request.
+    pub fn request(&self, status: u16, seconds: f64) {
+        self.requests
+            .get_or_create(&RequestLabels {
+                r#type: self.process.clone(),
+                status,
+            })
+            .inc();
+        self.latency.observe(seconds);
+    }
 }
 
 /// All metrics of one host.
@@ -167,18 +189,16 @@ impl Metrics {
         }
     }
 
-    /// Counts one answered request.
-    pub fn request(&self, process: &str, status: u16, seconds: f64) {
-        let r#type = process.to_string();
-        self.requests
-            .get_or_create(&RequestLabels {
-                r#type: r#type.clone(),
-                status,
-            })
-            .inc();
-        self.latency
-            .get_or_create(&TypeLabel { r#type })
-            .observe(seconds);
+    /// The request metrics of one HTTP process type, resolved once so the request path
+    /// neither allocates label strings nor looks the histogram up.
+    pub fn http(&self, process: &str) -> HttpMetrics {
+        HttpMetrics {
+            process: Arc::new(process.to_string()),
+            requests: self.requests.clone(),
+            latency: self.latency.get_or_create_owned(&TypeLabel {
+                r#type: process.to_string(),
+            }),
+        }
     }
 
     /// Counts one restart; `reason` is the logged reason, classified.

@@ -79,7 +79,7 @@ pub struct Router {
     /// Log one `at=info` line per request (router errors are always logged).
     pub log_requests: bool,
     /// Requests are counted and timed here.
-    pub metrics: Arc<crate::metrics::Metrics>,
+    pub metrics: crate::metrics::HttpMetrics,
 }
 
 /// Serves HTTP on `listener` until `shutdown` is cancelled, then waits for in-flight requests.
@@ -149,11 +149,8 @@ impl Router {
     async fn handle(&self, req: Request<Incoming>) -> Response<ResponseBody> {
         let started = Instant::now();
         let response = self.route(req, started).await;
-        self.metrics.request(
-            &self.process,
-            response.status().as_u16(),
-            started.elapsed().as_secs_f64(),
-        );
+        self.metrics
+            .request(response.status().as_u16(), started.elapsed().as_secs_f64());
         response
     }
 
