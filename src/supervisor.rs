@@ -363,7 +363,16 @@ impl Supervisor {
 
     /// Stops every slot and waits up to `timeout` for them to end.
     pub async fn shutdown(&self, timeout: Duration) -> bool {
-        self.cancel.cancel();
+        {
+            // Under the state lock, so no reconcile can start a slot in between: every slot
+            // stops the way a scale-down stops it (out of the pool first), then the host token
+            // keeps slots that end from reconciling.
+            let state = self.lock();
+            for slot in &state.slots {
+                slot.stop();
+            }
+            self.cancel.cancel();
+        }
         self.tasks.close();
         tokio::time::timeout(timeout, self.tasks.wait())
             .await
@@ -619,11 +628,9 @@ impl Supervisor {
                         ended.map_or(Ended::Stopped, Ended::Request)
                     }
                     () = slot.cancel.cancelled() => {
-                        // Drain: out of the rotation now; a request in flight finishes, then
-                        // the pool drops the retired instance and `exit_rx` resolves. (The
-                        // token may have been cancelled by host shutdown, not `Slot::stop`.)
-                        slot.retired.store(true, Ordering::Release);
-                        slot.set(SlotState::Draining);
+                        // Drain (`Slot::stop` retired the instance): out of the rotation now;
+                        // a request in flight finishes, then the pool drops the retired
+                        // instance and `exit_rx` resolves.
                         drop(pool.take_idle(|i| i.is_retired()));
                         let _ = tokio::time::timeout(self.limits.drain_timeout, exit_rx).await;
                         Ended::Stopped
