@@ -628,16 +628,8 @@ fn tcp_control_needs_the_token_and_the_host() {
         "--control-token-file",
         token.to_str().unwrap(),
     ]);
-    let out = host.wait_for("(bearer token required)", Duration::from_secs(5));
-    let addr: std::net::SocketAddr = out
-        .split("control API on http://")
-        .nth(1)
-        .unwrap()
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap();
+    host.wait_for("(bearer token required)", Duration::from_secs(5));
+    let addr = host.logged_addr("control API on");
     let call = |auth: &str, host_header: &str, method: &str, path: &str, body: &str| {
         request(
             addr,

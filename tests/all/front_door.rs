@@ -99,16 +99,7 @@ fn metrics_on_loopback_and_the_control_socket() {
         out.contains("web.1 up\n") || out.contains("web.2 up\n")
     })
     .expect("the crashed instance was not replaced");
-    let out = host.wait_for("metrics on http://", Duration::from_secs(5));
-    let addr: std::net::SocketAddr = out
-        .split("metrics on http://")
-        .nth(1)
-        .unwrap()
-        .split('/')
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let addr = host.logged_addr("metrics on");
     let text = request(
         addr,
         "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",

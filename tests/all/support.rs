@@ -270,12 +270,21 @@ impl Wasmform {
                 out.contains("listening on http://") || out.contains("error:")
             })
             .expect("wasmform did not start listening within 120 s");
-        let Some(at) = out.find("listening on http://") else {
+        if !out.contains("listening on http://") {
             panic!("wasmform failed to start:\n{out}");
-        };
-        let rest = &out[at + "listening on http://".len()..];
-        let addr = rest.split_whitespace().next().unwrap();
-        self.addr = Some(addr.parse().unwrap());
+        }
+        self.addr = Some(self.logged_addr("listening on"));
+    }
+
+    /// The address in the first logged `{what} http://ADDR…` line, waiting for it.
+    pub fn logged_addr(&self, what: &str) -> SocketAddr {
+        let prefix = format!("{what} http://");
+        let out = self.wait_for(&prefix, Duration::from_secs(30));
+        let rest = &out[out.find(&prefix).unwrap() + prefix.len()..];
+        let end = rest
+            .find(|c: char| c.is_whitespace() || c == '/')
+            .unwrap_or(rest.len());
+        rest[..end].parse().unwrap()
     }
 
     pub fn addr(&self) -> SocketAddr {
