@@ -4,18 +4,30 @@
 //! Also home of the small validated value types shared by the CLI, the Procfile parser and the
 //! formation: [`ProcessName`], [`ByteSize`] and [`parse_duration`].
 
+use std::collections::BTreeMap;
 use std::fmt;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
 
 use anyhow::{Context as _, Result};
+use serde::{Deserialize, Serialize};
 
-use crate::procfile;
+use crate::{manifest, procfile};
 
 /// A process type name such as `web` or `worker`: `[A-Za-z0-9_-]+`, as foreman accepts.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String")]
 pub struct ProcessName(String);
+
+impl TryFrom<String> for ProcessName {
+    type Error = String;
+
+    fn try_from(name: String) -> Result<Self, String> {
+        Self::new(&name)
+    }
+}
 
 impl ProcessName {
     /// Validates `name`; the error says which characters are allowed.
@@ -57,7 +69,8 @@ impl fmt::Display for ProcessName {
 /// (`--memory 512`, as Heroku and Convox take it).
 ///
 /// `K`/`M`/`G`, `KiB`/`MiB`/`GiB` are binary units; `KB`/`MB`/`GB` are decimal, as in SI.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
 pub struct ByteSize(u64);
 
 impl ByteSize {
@@ -163,8 +176,55 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     Duration::try_from_secs_f64(seconds).map_err(|_| bad())
 }
 
-/// One process type of the app, resolved: absolute component path, guest arguments.
-#[derive(Clone, Debug)]
+/// Parses a host-wide size (`--capacity`, `capacity =`), which unlike a per-instance limit may
+/// exceed 4 GiB.
+pub fn parse_capacity(s: &str) -> Result<ByteSize, String> {
+    match s.parse::<ByteSize>() {
+        Ok(size) => Ok(size),
+        Err(_) => {
+            let gib = s
+                .trim()
+                .strip_suffix("GiB")
+                .or_else(|| s.trim().strip_suffix('G'))
+                .and_then(|n| n.trim().parse::<u64>().ok())
+                .ok_or_else(|| {
+                    format!("invalid capacity `{s}`: expected e.g. `2GiB` or `512MiB`")
+                })?;
+            Ok(ByteSize::bytes(gib << 30))
+        }
+    }
+}
+
+/// When an instance that ended is started again (`restart =` in the manifest).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RestartMode {
+    /// Always (the default, as on Heroku).
+    #[default]
+    Always,
+    /// Only if it failed: a worker whose `run` returned success stays exited.
+    OnFailure,
+    /// Never: an instance that ended stays exited until a restart, scale or deploy.
+    Never,
+}
+
+/// A resolved health check (see `docs/manifest.md`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HealthCheck {
+    /// Path requested with GET; 2xx and 3xx pass.
+    pub path: String,
+    /// Time between checks of a running instance.
+    pub interval: Duration,
+    /// Longest a check may take.
+    pub timeout: Duration,
+    /// How long a new instance has to pass its first check.
+    pub grace: Duration,
+    /// Failed checks in a row that restart an instance.
+    pub threshold: u32,
+}
+
+/// One process type of the app, resolved: absolute component path, guest arguments, settings.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ProcessSpec {
     /// The type's name, e.g. `web`.
     pub name: ProcessName,
@@ -174,49 +234,407 @@ pub struct ProcessSpec {
     pub args: Vec<String>,
     /// Where the type was declared (`Procfile:3`), for error messages.
     pub origin: String,
+    /// Instances when the type first runs (manifest `count`); `None`: one.
+    pub count: Option<u32>,
+    /// Memory limit per instance (manifest `memory`); `None`: the host's default.
+    pub memory: Option<ByteSize>,
+    /// At most one instance ever, even during restarts and deploys.
+    pub singleton: bool,
+    /// When an instance that ended starts again.
+    pub restart: RestartMode,
+    /// Longest time for response headers; `None`: the host's `--request-timeout`.
+    pub request_timeout: Option<Duration>,
+    /// Recycle a web instance after this many requests.
+    pub max_requests: Option<u64>,
+    /// The guest's environment: `.env`, then `[env]`, then the type's `env`.
+    pub env: BTreeMap<String, String>,
+    /// Readiness and liveness check of a web instance.
+    pub health: Option<HealthCheck>,
+    /// Hosts outgoing HTTP may reach (`host`, `host:port`, or `*`); empty: none.
+    pub allowed_outbound_hosts: Vec<String>,
+}
+
+impl ProcessSpec {
+    /// A type from a Procfile line, with every setting at its default.
+    pub fn new(name: ProcessName, component: PathBuf, args: Vec<String>, origin: String) -> Self {
+        Self {
+            name,
+            component,
+            args,
+            origin,
+            count: None,
+            memory: None,
+            singleton: false,
+            restart: RestartMode::Always,
+            request_timeout: None,
+            max_requests: None,
+            env: BTreeMap::new(),
+            health: None,
+            allowed_outbound_hosts: Vec::new(),
+        }
+    }
+
+    /// Whether `other` runs the same way given the same component bytes: everything but where
+    /// it was declared and where its file is (the digest compares the code).
+    pub fn same_settings(&self, other: &Self) -> bool {
+        let strip = |s: &Self| Self {
+            origin: String::new(),
+            component: PathBuf::new(),
+            count: None,
+            memory: None,
+            ..s.clone()
+        };
+        strip(self) == strip(other)
+    }
+}
+
+/// An extra HTTP listener (`[[services]]`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Service {
+    /// Where it listens.
+    pub listen: SocketAddr,
+    /// The HTTP process type it routes to.
+    pub process: ProcessName,
+    /// `wasmform.toml:12`, for error messages.
+    pub origin: String,
 }
 
 /// The whole application as the runtime sees it.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct AppSpec {
-    /// Directory the Procfile lives in; relative paths were resolved against it.
+    /// Directory the Procfile or manifest lives in; relative paths were resolved against it.
     pub dir: PathBuf,
-    /// Process types in declaration order.
+    /// Process types in declaration order (Procfile first, then manifest-only types by name).
     pub processes: Vec<ProcessSpec>,
+    /// Memory budget from the manifest.
+    pub capacity: Option<ByteSize>,
+    /// `[build] command`.
+    pub build: Option<String>,
+    /// Extra HTTP listeners.
+    pub services: Vec<Service>,
+    /// The configuration files read (Procfile, manifest, env file), for `up --watch`.
+    pub sources: Vec<PathBuf>,
 }
 
 impl AppSpec {
-    /// Reads and resolves a Procfile.
+    /// An app of `processes` in `dir` with no app-wide settings.
+    pub fn new(dir: PathBuf, processes: Vec<ProcessSpec>) -> Self {
+        Self {
+            dir,
+            processes,
+            capacity: None,
+            build: None,
+            services: Vec::new(),
+            sources: Vec::new(),
+        }
+    }
+
+    /// Reads and resolves a Procfile (see [`AppSpec::load`]).
     pub fn from_procfile(path: &Path) -> Result<Self> {
-        let text = match std::fs::read_to_string(path) {
-            Ok(text) => text,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => anyhow::bail!(
-                "no Procfile at `{}`: create one with lines like `web: app.wasm`, or pass `-f PATH`",
-                path.display()
-            ),
-            Err(e) => {
-                return Err(e).with_context(|| format!("failed to read `{}`", path.display()));
-            }
-        };
-        let entries = procfile::parse(&text)
-            .map_err(|e| anyhow::anyhow!("{}:{}: {}", path.display(), e.line, e.message))?;
+        Self::load(path)
+    }
+
+    /// Reads the app at `path`: a Procfile (and `wasmform.toml` beside it, if there is one),
+    /// or a `wasmform.toml` (and a Procfile beside it, if there is one). If `path` is a
+    /// Procfile that does not exist, a `wasmform.toml` beside it is used alone. The `.env`
+    /// file beside them (or the manifest's `env_file`) is loaded, as foreman does.
+    pub fn load(path: &Path) -> Result<Self> {
         let dir = path
             .parent()
             .filter(|p| !p.as_os_str().is_empty())
             .unwrap_or(Path::new("."));
         let dir = std::path::absolute(dir)
             .with_context(|| format!("failed to resolve `{}`", dir.display()))?;
-        let processes = entries
-            .into_iter()
-            .map(|entry| ProcessSpec {
-                component: dir.join(&entry.component),
-                args: entry.args,
-                origin: format!("{}:{}", path.display(), entry.line),
-                name: entry.name,
-            })
-            .collect();
-        Ok(Self { dir, processes })
+        let is_manifest = path.extension().is_some_and(|e| e == "toml");
+        let (procfile, manifest) = if is_manifest {
+            let procfile = dir.join("Procfile");
+            (
+                procfile.exists().then_some(procfile),
+                Some(path.to_path_buf()),
+            )
+        } else {
+            let manifest = dir.join(manifest::FILE_NAME);
+            if path.exists() {
+                (
+                    Some(path.to_path_buf()),
+                    manifest.exists().then_some(manifest),
+                )
+            } else if manifest.exists() {
+                (None, Some(manifest))
+            } else {
+                anyhow::bail!(
+                    "no Procfile at `{}` (and no `{}` beside it): create one with lines like `web: app.wasm`, or pass `-f PATH`",
+                    path.display(),
+                    manifest::FILE_NAME
+                );
+            }
+        };
+        let mut sources = Vec::new();
+        let mut processes = Vec::new();
+        if let Some(path) = &procfile {
+            let text = read(path)?;
+            sources.push(path.clone());
+            let entries = procfile::parse(&text)
+                .map_err(|e| anyhow::anyhow!("{}:{}: {}", path.display(), e.line, e.message))?;
+            processes.extend(entries.into_iter().map(|entry| {
+                ProcessSpec::new(
+                    entry.name,
+                    dir.join(&entry.component),
+                    entry.args,
+                    format!("{}:{}", path.display(), entry.line),
+                )
+            }));
+        }
+        let mut app = Self {
+            dir: dir.clone(),
+            processes,
+            capacity: None,
+            build: None,
+            services: Vec::new(),
+            sources,
+        };
+        let mut env = BTreeMap::new();
+        match &manifest {
+            Some(path) => app.apply_manifest(path, &mut env)?,
+            None => {
+                let dotenv = dir.join(".env");
+                if dotenv.exists() {
+                    env = load_env_file(&dotenv)?;
+                    app.sources.push(dotenv);
+                }
+                for process in &mut app.processes {
+                    process.env = env.clone();
+                }
+            }
+        }
+        Ok(app)
     }
+
+    /// Merges `wasmform.toml` into the Procfile's types (see `docs/manifest.md`).
+    fn apply_manifest(&mut self, path: &Path, env: &mut BTreeMap<String, String>) -> Result<()> {
+        let text = read(path)?;
+        self.sources.push(path.to_path_buf());
+        let raw = manifest::parse(&text, path)?;
+        let at = |span: std::ops::Range<usize>| {
+            let (line, column) = manifest::position(&text, span.start);
+            format!("{}:{line}:{column}", path.display())
+        };
+        let env_file = match &raw.env_file {
+            Some(file) => Some((self.dir.join(file.get_ref()), Some(at(file.span())))),
+            None => {
+                let default = self.dir.join(".env");
+                default.exists().then_some((default, None))
+            }
+        };
+        if let Some((file, origin)) = env_file {
+            if !file.exists() {
+                anyhow::bail!(
+                    "{}: env_file `{}` does not exist: create it or remove the key",
+                    origin.unwrap_or_default(),
+                    file.display()
+                );
+            }
+            *env = load_env_file(&file)?;
+            self.sources.push(file);
+        }
+        env.extend(raw.env.into_iter().map(|(k, v)| (k, v.0)));
+        self.capacity = raw.capacity.map(|c| c.0);
+        self.build = raw.build.map(|b| b.command);
+        for process in &mut self.processes {
+            process.env = env.clone();
+        }
+        for (name, settings) in raw.processes {
+            let origin = match manifest::find_process(&text, &name) {
+                Some(offset) => at(offset..offset),
+                None => path.display().to_string(),
+            };
+            let name = ProcessName::new(&name)
+                .map_err(|e| anyhow::anyhow!("{origin}: processes.{name}: {e}"))?;
+            let key = format!("processes.{name}");
+            let existing = self.processes.iter().position(|p| p.name == name);
+            let index = match (&settings.command, existing) {
+                (Some(command), Some(i)) => anyhow::bail!(
+                    "{}: {key}.command: process type `{name}` already has a command in {}: keep one of the two",
+                    at(command.span()),
+                    self.processes[i].origin
+                ),
+                (None, Some(i)) => i,
+                (Some(command), None) => {
+                    let words = procfile::split_words(command.get_ref()).map_err(|e| {
+                        anyhow::anyhow!("{}: {key}.command: {e}", at(command.span()))
+                    })?;
+                    let Some((component, args)) = words.split_first() else {
+                        anyhow::bail!(
+                            "{}: {key}.command: empty command: give the path of a `.wasm` component",
+                            at(command.span())
+                        );
+                    };
+                    self.processes.push(ProcessSpec::new(
+                        name.clone(),
+                        self.dir.join(component),
+                        args.to_vec(),
+                        origin.clone(),
+                    ));
+                    self.processes.len() - 1
+                }
+                (None, None) => anyhow::bail!(
+                    "{origin}: {key}: process type `{name}` has no command: add `command = \"{name}.wasm\"` or a Procfile line `{name}: {name}.wasm`"
+                ),
+            };
+            let spec = &mut self.processes[index];
+            spec.env = env.clone();
+            spec.env
+                .extend(settings.env.into_iter().map(|(k, v)| (k, v.0)));
+            let singleton = settings.singleton;
+            if let Some(count) = &settings.count {
+                if singleton && *count.get_ref() > 1 {
+                    anyhow::bail!(
+                        "{}: {key}.count: `{name}` is a singleton, so it runs at most 1 instance (duplicate scheduled work otherwise): set `count = 1` or drop `singleton`",
+                        at(count.span())
+                    );
+                }
+                if *count.get_ref() > crate::formation::MAX_COUNT {
+                    anyhow::bail!(
+                        "{}: {key}.count: {} is above the maximum of {}",
+                        at(count.span()),
+                        count.get_ref(),
+                        crate::formation::MAX_COUNT
+                    );
+                }
+                spec.count = Some(*count.get_ref());
+            }
+            spec.singleton = singleton;
+            spec.memory = settings.memory.map(|m| m.0);
+            spec.restart = settings.restart.unwrap_or_default();
+            spec.request_timeout = settings.request_timeout.map(|d| d.0);
+            if settings.max_requests == Some(0) {
+                anyhow::bail!(
+                    "{origin}: {key}.max_requests: must be at least 1 (leave it out to never recycle)"
+                );
+            }
+            spec.max_requests = settings.max_requests;
+            if let Some(health) = &settings.health {
+                spec.health = Some(
+                    manifest::Manifest::health(health)
+                        .map_err(|e| anyhow::anyhow!("{origin}: {key}.health: {e}"))?,
+                );
+            }
+            spec.allowed_outbound_hosts = settings
+                .allowed_outbound_hosts
+                .iter()
+                .map(|host| {
+                    check_outbound_host(host.get_ref()).map_err(|e| {
+                        anyhow::anyhow!("{}: {key}.allowed_outbound_hosts: {e}", at(host.span()))
+                    })
+                })
+                .collect::<Result<_>>()?;
+            spec.origin = if spec.origin.ends_with(".toml") || existing.is_none() {
+                origin
+            } else {
+                spec.origin.clone()
+            };
+        }
+        for service in &raw.services {
+            let origin = at(service.span());
+            let service = service.get_ref();
+            let listen = manifest::listen_address(&service.listen)
+                .map_err(|e| anyhow::anyhow!("{origin}: services.listen: {e}"))?;
+            let [process] = service.processes.as_slice() else {
+                anyhow::bail!(
+                    "{origin}: services.processes: a service routes to exactly one HTTP process type, e.g. `processes = [\"admin\"]` (found {})",
+                    service.processes.len()
+                );
+            };
+            let Some(spec) = self.processes.iter().find(|p| p.name.as_str() == process) else {
+                anyhow::bail!(
+                    "{origin}: services.processes: unknown process type `{process}` (known: {})",
+                    self.processes
+                        .iter()
+                        .map(|p| p.name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                );
+            };
+            if let Some(other) = self.services.iter().find(|s| s.listen == listen) {
+                anyhow::bail!(
+                    "{origin}: services.listen: {listen} is already used by the service at {}",
+                    other.origin
+                );
+            }
+            self.services.push(Service {
+                listen,
+                process: spec.name.clone(),
+                origin,
+            });
+        }
+        if self.processes.is_empty() {
+            anyhow::bail!(
+                "{}: no process types defined: add `[processes.web]` with `command = \"app.wasm\"`",
+                path.display()
+            );
+        }
+        Ok(())
+    }
+
+    /// Finds a type.
+    pub fn process(&self, name: &str) -> Option<&ProcessSpec> {
+        self.processes.iter().find(|p| p.name.as_str() == name)
+    }
+}
+
+/// `host`, `host:port`, `*.domain` or `*`; a scheme is accepted and dropped. No paths.
+fn check_outbound_host(host: &str) -> Result<String> {
+    let bare = host
+        .strip_prefix("http://")
+        .or_else(|| host.strip_prefix("https://"))
+        .unwrap_or(host)
+        .trim_end_matches('/');
+    if bare == "*" {
+        return Ok(bare.to_string());
+    }
+    let (wildcard, rest) = match bare.strip_prefix("*.") {
+        Some(rest) => ("*.", rest),
+        None => ("", bare),
+    };
+    match rest.parse::<http::uri::Authority>() {
+        Ok(authority) if !rest.is_empty() && !rest.contains(['@', '*']) => {
+            Ok(format!("{wildcard}{authority}"))
+        }
+        _ => anyhow::bail!(
+            "`{host}` is not a host: write `example.com`, `example.com:8080`, `*.example.com`, `127.0.0.1:3000` or `*`"
+        ),
+    }
+}
+
+fn read(path: &Path) -> Result<String> {
+    std::fs::read_to_string(path).with_context(|| format!("failed to read `{}`", path.display()))
+}
+
+/// Loads a `.env` file the way foreman and `heroku local` do: `KEY=value` lines, `#` comments,
+/// optional `export`, quotes.
+fn load_env_file(path: &Path) -> Result<BTreeMap<String, String>> {
+    let mut env = BTreeMap::new();
+    let iter = dotenvy::from_path_iter(path)
+        .with_context(|| format!("failed to read `{}`", path.display()))?;
+    for item in iter {
+        let (key, value) = item.map_err(|e| match e {
+            dotenvy::Error::LineParse(line, index) => {
+                let text = std::fs::read_to_string(path).unwrap_or_default();
+                let number = text
+                    .lines()
+                    .position(|l| l.contains(line.trim()))
+                    .map_or(0, |n| n + 1);
+                anyhow::anyhow!(
+                    "{}:{number}: cannot parse `{}` at character {index}: expected `KEY=value`",
+                    path.display(),
+                    line.trim()
+                )
+            }
+            other => anyhow::anyhow!("{}: {other}", path.display()),
+        })?;
+        env.insert(key, value);
+    }
+    Ok(env)
 }
 
 #[cfg(test)]

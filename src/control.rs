@@ -26,6 +26,7 @@ use tokio::sync::{broadcast, mpsc};
 use tokio_util::sync::CancellationToken;
 
 use crate::app::ByteSize;
+use crate::deploy::Deployer;
 use crate::logs::Logs;
 use crate::metrics::Metrics;
 use crate::proxy::next_connection;
@@ -121,15 +122,22 @@ pub struct Api {
     supervisor: Arc<Supervisor>,
     logs: Logs,
     metrics: Arc<Metrics>,
+    deployer: Arc<Deployer>,
 }
 
 impl Api {
     /// The API over a running supervisor.
-    pub fn new(supervisor: Arc<Supervisor>, logs: Logs, metrics: Arc<Metrics>) -> Arc<Self> {
+    pub fn new(
+        supervisor: Arc<Supervisor>,
+        logs: Logs,
+        metrics: Arc<Metrics>,
+        deployer: Arc<Deployer>,
+    ) -> Arc<Self> {
         Arc::new(Self {
             supervisor,
             logs,
             metrics,
+            deployer,
         })
     }
 }
@@ -304,6 +312,19 @@ struct ScaleRequest {
     memory: Option<String>,
 }
 
+/// `POST /v1/deploy`
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DeployRequest {}
+
+/// `POST /v1/rollback`
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RollbackRequest {
+    /// `3` or `"v3"`.
+    version: serde_json::Value,
+}
+
 /// `POST /v1/restart`
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -345,9 +366,44 @@ impl Api {
                 };
                 outcome(self.supervisor.restart(request.target.as_deref()).await)
             }
+            (Method::POST, "/v1/deploy") => {
+                if let Err(response) = read_json::<DeployRequest>(req).await {
+                    return response;
+                }
+                outcome(self.deployer.deploy().await)
+            }
+            (Method::POST, "/v1/rollback") => {
+                let request: RollbackRequest = match read_json(req).await {
+                    Ok(r) => r,
+                    Err(response) => return response,
+                };
+                let version = match &request.version {
+                    serde_json::Value::Number(n) => n.as_u64(),
+                    serde_json::Value::String(s) => s.trim_start_matches('v').parse().ok(),
+                    _ => None,
+                };
+                match version.and_then(|v| u32::try_from(v).ok()) {
+                    Some(version) => outcome(self.deployer.rollback(version).await),
+                    None => error(
+                        StatusCode::BAD_REQUEST,
+                        &format!(
+                            "invalid release `{}`: expected a release such as `v3` (see `wasmform releases`)",
+                            request.version
+                        ),
+                    ),
+                }
+            }
+            (Method::GET, "/v1/releases") => json(
+                StatusCode::OK,
+                &serde_json::json!({ "releases": self.deployer.releases().await }),
+            ),
             (Method::GET, "/v1/logs") => self.logs(&query),
             (Method::GET, "/metrics") => exposition(&self.metrics, &self.supervisor),
-            (_, "/v1/ps" | "/v1/formation" | "/v1/scale" | "/v1/restart" | "/v1/logs") => error(
+            (
+                _,
+                "/v1/ps" | "/v1/formation" | "/v1/scale" | "/v1/restart" | "/v1/logs"
+                | "/v1/deploy" | "/v1/rollback" | "/v1/releases",
+            ) => error(
                 StatusCode::METHOD_NOT_ALLOWED,
                 "method not allowed on this route",
             ),
@@ -472,7 +528,7 @@ async fn read_json<T: serde::de::DeserializeOwned>(
     })
 }
 
-fn outcome(result: Result<crate::supervisor::Outcome, ControlError>) -> Response<ApiBody> {
+fn outcome(result: Result<impl serde::Serialize, ControlError>) -> Response<ApiBody> {
     match result {
         Ok(outcome) => json(StatusCode::OK, &outcome),
         Err(e @ ControlError::Invalid(_)) => error(StatusCode::BAD_REQUEST, &e.to_string()),

@@ -28,12 +28,19 @@ pub struct Formation {
 }
 
 impl Formation {
-    /// One instance of each type, `memory` each (foreman's default).
+    /// Each type's manifest `count` and `memory`, else one instance with `memory` (foreman's
+    /// default).
     pub fn default_for(app: &AppSpec, memory: ByteSize) -> Self {
         let types = app
             .processes
             .iter()
-            .map(|p| (p.name.clone(), Scale { count: 1, memory }))
+            .map(|p| {
+                let scale = Scale {
+                    count: p.count.unwrap_or(1),
+                    memory: p.memory.unwrap_or(memory),
+                };
+                (p.name.clone(), scale)
+            })
             .collect();
         Self { types }
     }
@@ -185,6 +192,16 @@ impl Formation {
         }
     }
 
+    /// Adds a type that a deploy brought, or replaces its scale.
+    pub fn insert(&mut self, name: ProcessName, scale: Scale) {
+        self.types.insert(name, scale);
+    }
+
+    /// Drops a type that a deploy removed.
+    pub fn remove(&mut self, name: &ProcessName) {
+        self.types.remove(name);
+    }
+
     /// Sets the memory of every type.
     pub fn set_memory(&mut self, memory: ByteSize) {
         for scale in self.types.values_mut() {
@@ -257,18 +274,20 @@ mod tests {
     use std::path::PathBuf;
 
     fn app(names: &[&str]) -> AppSpec {
-        AppSpec {
-            dir: PathBuf::from("/"),
-            processes: names
+        AppSpec::new(
+            PathBuf::from("/"),
+            names
                 .iter()
-                .map(|n| ProcessSpec {
-                    name: ProcessName::new(n).unwrap(),
-                    component: PathBuf::from(format!("/{n}.wasm")),
-                    args: vec![],
-                    origin: String::new(),
+                .map(|n| {
+                    ProcessSpec::new(
+                        ProcessName::new(n).unwrap(),
+                        PathBuf::from(format!("/{n}.wasm")),
+                        vec![],
+                        String::new(),
+                    )
                 })
                 .collect(),
-        }
+        )
     }
 
     fn scale(f: &Formation, changes: &[&str], memory: Option<&str>) -> Result<Formation, String> {

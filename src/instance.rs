@@ -50,6 +50,24 @@ pub enum Failure {
     Guest(ErrorCode),
 }
 
+/// Why a web instance ended, sent to its slot.
+#[derive(Debug)]
+pub enum Exit {
+    /// It failed (trap, memory quota, timeout, cancelled mid-call): replaced at once.
+    Crashed(String),
+    /// It served its `max_requests`: replaced at once, not counted as a crash.
+    Recycled(String),
+}
+
+/// Per-type settings of a web instance.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct WebSettings {
+    /// Longest time for response headers; `None`: the router's.
+    pub request_timeout: Option<Duration>,
+    /// Recycle after this many requests.
+    pub max_requests: Option<u64>,
+}
+
 /// A live web instance, owned by whoever is using it: the router's idle list, or the task
 /// handling one request.
 pub struct WebInstance {
@@ -61,11 +79,15 @@ pub struct WebInstance {
     memory: ByteSize,
     /// Tells the instance's supervisor slot why the instance ended; taken on the first crash.
     /// Dropped unsent when the instance is dropped for another reason (its slot stopped).
-    exit: Option<oneshot::Sender<String>>,
+    exit: Option<oneshot::Sender<Exit>>,
     /// Set by the slot when it stops: the pool drops the instance instead of reusing it.
     retired: Arc<AtomicBool>,
     /// Requests served by the slot, for `ps`.
     requests: Arc<AtomicU64>,
+    /// Requests served by this incarnation, for `max_requests`.
+    served: u64,
+    /// The type's request timeout and recycling.
+    settings: WebSettings,
     /// True while a guest call is in progress: if the instance is dropped then (the request's
     /// future was dropped because the client went away), its state is unknown and the slot must
     /// replace it.
@@ -75,7 +97,9 @@ pub struct WebInstance {
 impl Drop for WebInstance {
     fn drop(&mut self) {
         if self.in_call {
-            self.end("request cancelled mid-call (the client went away); instance recycled");
+            self.end(Exit::Crashed(
+                "request cancelled mid-call (the client went away); instance recycled".into(),
+            ));
         }
     }
 }
@@ -92,9 +116,10 @@ impl WebInstance {
         runtime: &Runtime,
         pre: &ProxyPre<InstanceState>,
         setup: InstanceSetup<'_>,
-        exit: oneshot::Sender<String>,
+        exit: oneshot::Sender<Exit>,
         retired: Arc<AtomicBool>,
         requests: Arc<AtomicU64>,
+        settings: WebSettings,
     ) -> anyhow::Result<Self> {
         let name = Arc::from(setup.instance);
         let memory = setup.memory;
@@ -111,8 +136,58 @@ impl WebInstance {
             exit: Some(exit),
             retired,
             requests,
+            served: 0,
+            settings,
             in_call: false,
         })
+    }
+
+    /// Whether this instance was started by the slot that owns `retired`.
+    pub fn belongs_to(&self, retired: &Arc<AtomicBool>) -> bool {
+        Arc::ptr_eq(&self.retired, retired)
+    }
+
+    /// Runs the type's health check on this instance: GET `path`, which must answer 2xx or
+    /// 3xx within `timeout`. Returns the instance if it is still sound, and the verdict.
+    pub async fn check(self, path: &str, timeout: Duration) -> (Option<Self>, Result<(), String>) {
+        let request = hyper::Request::get(path)
+            .header(hyper::header::HOST, "localhost")
+            .header(hyper::header::USER_AGENT, "wasmform-health-check")
+            .body(
+                http_body_util::Empty::<Bytes>::new()
+                    .map_err(|never: Infallible| -> wasmtime_wasi_http::Error { match never {} }),
+            )
+            .expect("a valid request");
+        let (tx, rx) = oneshot::channel();
+        let call = self.call(request, tx, timeout);
+        let verdict = async {
+            match rx.await {
+                // Dropping the body: the guest sees a closed stream if it is still writing.
+                Ok(Reply::Response(response)) => {
+                    let status = response.status();
+                    if status.is_success() || status.is_redirection() {
+                        Ok(())
+                    } else {
+                        Err(format!("GET {path} answered {}", status.as_u16()))
+                    }
+                }
+                Ok(Reply::Failed(Failure::Timeout(_))) => Err(format!(
+                    "GET {path} got no answer within {}",
+                    crate::humanize(timeout)
+                )),
+                Ok(Reply::Failed(Failure::Crashed(reason))) => {
+                    Err(format!("GET {path} crashed the instance: {reason}"))
+                }
+                Ok(Reply::Failed(Failure::NoResponse)) => {
+                    Err(format!("GET {path} got no response"))
+                }
+                Ok(Reply::Failed(Failure::Guest(code))) => {
+                    Err(format!("GET {path} failed: {code:?}"))
+                }
+                Err(_) => Err(format!("GET {path} got no response")),
+            }
+        };
+        tokio::join!(call, verdict)
     }
 
     /// Handles one request, sending the response (or why there is none) on `reply` as soon as
@@ -129,6 +204,32 @@ impl WebInstance {
         B::Error: Into<wasmtime_wasi_http::Error>,
     {
         self.requests.fetch_add(1, Ordering::Relaxed);
+        self.served += 1;
+        let timeout = self.settings.request_timeout.unwrap_or(timeout);
+        let instance = self.call(request, reply, timeout).await?;
+        match instance.settings.max_requests {
+            Some(max) if instance.served >= max => {
+                let mut instance = instance;
+                instance.end(Exit::Recycled(format!(
+                    "served {max} requests (max_requests); recycled"
+                )));
+                None
+            }
+            _ => Some(instance),
+        }
+    }
+
+    /// One guest call, not counted as a request.
+    async fn call<B>(
+        mut self,
+        request: hyper::Request<B>,
+        reply: oneshot::Sender<Reply>,
+        timeout: Duration,
+    ) -> Option<Self>
+    where
+        B: hyper::body::Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<wasmtime_wasi_http::Error>,
+    {
         // The guest may set the response at any point of the call, or never: whoever comes
         // first (the outparam callback, or the end of the call) sends the reply.
         let reply = Arc::new(Mutex::new(Some(reply)));
@@ -177,24 +278,24 @@ impl WebInstance {
             Ok(Err(e)) => {
                 let reason = describe(&e, &self.store, self.memory);
                 send(Reply::Failed(Failure::Crashed(reason.clone())));
-                self.end(&format!("crashed: {reason}"));
+                self.end(Exit::Crashed(format!("crashed: {reason}")));
                 None
             }
             Err(_elapsed) => {
                 send(Reply::Failed(Failure::Timeout(timeout)));
-                self.end(&format!(
+                self.end(Exit::Crashed(format!(
                     "request timed out after {}; instance recycled",
                     crate::humanize(timeout)
-                ));
+                )));
                 None
             }
         }
     }
 
     /// Ends this incarnation (the caller drops it); its slot starts a replacement.
-    fn end(&mut self, reason: &str) {
+    fn end(&mut self, reason: Exit) {
         if let Some(exit) = self.exit.take() {
-            let _ = exit.send(reason.to_string());
+            let _ = exit.send(reason);
         }
     }
 }
@@ -206,7 +307,7 @@ pub async fn run_worker(
     pre: &CommandPre<InstanceState>,
     setup: InstanceSetup<'_>,
     started: impl FnOnce(),
-) -> Result<String, String> {
+) -> Result<(String, bool), String> {
     let memory = setup.memory;
     let mut store = runtime.new_store(setup);
     let command = pre
@@ -215,9 +316,12 @@ pub async fn run_worker(
         .map_err(|e| describe(&e, &store, memory))?;
     started();
     Ok(match command.wasi_cli_run().call_run(&mut store).await {
-        Ok(Ok(())) => "exited with status 0".to_string(),
-        Ok(Err(())) => "exited with status 1".to_string(),
-        Err(e) => describe(&e, &store, memory),
+        Ok(Ok(())) => ("exited with status 0".to_string(), true),
+        Ok(Err(())) => ("exited with status 1".to_string(), false),
+        Err(e) => {
+            let success = e.downcast_ref::<I32Exit>().is_some_and(|exit| exit.0 == 0);
+            (describe(&e, &store, memory), success)
+        }
     })
 }
 

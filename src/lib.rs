@@ -57,12 +57,15 @@
 pub mod app;
 pub mod cli;
 pub mod control;
+pub mod deploy;
 pub mod formation;
 pub mod instance;
 pub mod logs;
+pub mod manifest;
 pub mod metrics;
 pub mod procfile;
 pub mod proxy;
+pub mod release;
 pub mod router;
 pub mod runtime;
 pub mod state;
@@ -83,10 +86,10 @@ pub use crate::supervisor::RestartPolicy;
 
 use crate::logs::Logs;
 use crate::proxy::Router;
-use crate::router::Pool;
+use crate::release::ReleaseStore;
 use crate::runtime::{Compiled, EngineSettings, Runtime};
 use crate::state::StateDir;
-use crate::supervisor::{Limits, ProcessType, Supervisor, SupervisorConfig};
+use crate::supervisor::{Limits, Supervisor, SupervisorConfig};
 
 /// Default memory limit per instance.
 pub const DEFAULT_MEMORY: ByteSize = ByteSize::mib(256);
@@ -129,8 +132,14 @@ pub struct HostOptions {
     pub max_component_size: ByteSize,
     /// Longest a component may take to compile at start.
     pub compile_timeout: Duration,
-    /// State directory (persisted formation, control socket). `None`: neither.
+    /// State directory (persisted formation, releases, control socket). `None`: none of
+    /// them (releases are then kept in memory).
     pub state_dir: Option<PathBuf>,
+    /// The Procfile or manifest the app was read from: `deploy` reads it again. `None`: the
+    /// app was built in code and cannot be redeployed from files.
+    pub source: Option<PathBuf>,
+    /// Releases kept; older ones and the components only they used are pruned.
+    pub keep_releases: usize,
 }
 
 impl Default for HostOptions {
@@ -153,6 +162,8 @@ impl Default for HostOptions {
             max_component_size: ByteSize::mib(512),
             compile_timeout: Duration::from_secs(300),
             state_dir: None,
+            source: None,
+            keep_releases: release::DEFAULT_KEEP,
         }
     }
 }
@@ -174,6 +185,12 @@ pub struct Host {
     compile_time: Duration,
     /// Per type, for the metrics.
     compile_times: Vec<(String, Duration)>,
+    /// Extra HTTP listeners from the manifest.
+    services: Vec<app::Service>,
+    /// The app's releases.
+    releases: ReleaseStore,
+    /// The release being started.
+    release: u32,
 }
 
 impl Host {
@@ -189,6 +206,7 @@ impl Host {
         if let Some(state) = &state {
             // Before anything is read or stored: a live host owns this state.
             control::ensure_no_live_host(state)?;
+            state.create()?;
         }
         if let Some(state) = &state
             && let Some((stored, dropped)) = state.load_formation(&formation)?
@@ -200,6 +218,38 @@ impl Host {
                 ));
             }
         }
+        let mut releases = ReleaseStore::open(
+            state.clone(),
+            options.keep_releases,
+            options.max_component_size,
+        )?;
+        let previous = releases.current().cloned();
+        // As in a deploy: a manifest `count` or `memory` that changed since the last release
+        // applies; otherwise the stored formation (the last `scale`) stays.
+        if let Some(previous) = &previous {
+            for spec in &app.processes {
+                let Some(old) = previous.app.process(spec.name.as_str()) else {
+                    formation.insert(
+                        spec.name.clone(),
+                        formation::Scale {
+                            count: spec.count.unwrap_or(1),
+                            memory: spec.memory.unwrap_or(DEFAULT_MEMORY),
+                        },
+                    );
+                    continue;
+                };
+                let Some(mut scale) = formation.get(&spec.name) else {
+                    continue;
+                };
+                if spec.count != old.count {
+                    scale.count = spec.count.unwrap_or(1);
+                }
+                if spec.memory != old.memory {
+                    scale.memory = spec.memory.unwrap_or(DEFAULT_MEMORY);
+                }
+                formation.insert(spec.name.clone(), scale);
+            }
+        }
         if let Some(spec) = &options.formation {
             formation
                 .apply_spec(spec)
@@ -207,6 +257,16 @@ impl Host {
         }
         if let Some(memory) = options.memory {
             formation.set_memory(memory);
+        }
+        for spec in app.processes.iter().filter(|p| p.singleton) {
+            if formation.get(&spec.name).is_some_and(|s| s.count > 1) {
+                bail!(
+                    "`{}` is a singleton ({}): it runs at most 1 instance, so its scheduled work is never done twice; use `{}=1`",
+                    spec.name,
+                    spec.origin,
+                    spec.name
+                );
+            }
         }
         let largest = formation
             .iter()
@@ -229,58 +289,68 @@ impl Host {
                 formation.total()
             );
         }
-        let capacity = options.capacity.unwrap_or_else(system_memory);
-        let runtime = Runtime::new(&EngineSettings {
+        let capacity = options
+            .capacity
+            .or(app.capacity)
+            .unwrap_or_else(system_memory);
+        let runtime = Arc::new(Runtime::new(&EngineSettings {
             max_instances,
             max_memory,
             cache: options.cache,
             max_component_size: options.max_component_size,
-        })?;
+        })?);
 
         let started = Instant::now();
-        // One thread per component; a compile that outlives `compile_timeout` is refused (its
-        // thread is abandoned: wasmtime cannot cancel a compile, and the host is not starting).
-        let runtime = Arc::new(runtime);
-        let deadline = started + options.compile_timeout;
-        let pending: Vec<_> = app
+        let staged = releases.stage(app, None)?;
+        let work: Vec<_> = staged
+            .app
             .processes
             .iter()
-            .map(|spec| {
-                let (tx, rx) = std::sync::mpsc::channel();
-                let (runtime, spec) = (runtime.clone(), spec.clone());
-                std::thread::spawn(move || {
-                    let started = Instant::now();
-                    let _ = tx.send(runtime.compile(&spec).map(|c| (c, started.elapsed())));
-                });
-                rx
-            })
+            .cloned()
+            .zip(staged.files.iter().cloned())
             .collect();
-        let mut compiled: Vec<Result<(Compiled, Duration)>> = Vec::new();
-        for (spec, rx) in app.processes.iter().zip(pending) {
-            let left = deadline.saturating_duration_since(Instant::now());
-            compiled.push(match rx.recv_timeout(left) {
-                Ok(result) => result,
-                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => Err(anyhow::anyhow!(
-                    "process type `{}` ({}): component `{}` took longer than {} to compile: \
-                     raise `--compile-timeout` if it is meant to be this big",
-                    spec.name,
-                    spec.origin,
-                    spec.component.display(),
-                    humanize(options.compile_timeout)
-                )),
-                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
-                    bail!("the compile thread for `{}` panicked", spec.name)
-                }
-            });
-        }
+        let compiled = compile_all(&runtime, &work, options.compile_timeout)?;
         let compile_time = started.elapsed();
         let mut processes = Vec::new();
         let mut compile_times = Vec::new();
-        for (spec, compiled) in app.processes.into_iter().zip(compiled) {
-            let (compiled, took) = compiled?;
+        for ((spec, _), (compiled, took)) in work.into_iter().zip(compiled) {
             compile_times.push((spec.name.to_string(), took));
             processes.push((spec, Arc::new(compiled)));
         }
+        for service in &staged.app.services {
+            let (spec, compiled) = processes
+                .iter()
+                .find(|(p, _)| p.name == service.process)
+                .expect("services name known types");
+            if !compiled.is_http() {
+                bail!(
+                    "{}: services.processes: `{}` is a background process ({}), not an HTTP one: a service routes HTTP to a component exporting `wasi:http/incoming-handler`",
+                    service.origin,
+                    spec.name,
+                    spec.component.display()
+                );
+            }
+        }
+        let release = match &previous {
+            Some(previous) if previous.config_digest == staged.config_digest => previous.version,
+            Some(previous) => {
+                releases
+                    .record(
+                        &staged,
+                        format!(
+                            "Deploy by `up`: the app changed since v{}",
+                            previous.version
+                        ),
+                    )?
+                    .version
+            }
+            None => {
+                releases
+                    .record(&staged, "Initial release".to_string())?
+                    .version
+            }
+        };
+        let services = staged.app.services.clone();
 
         let http: Vec<usize> = (0..processes.len())
             .filter(|&i| processes[i].1.is_http())
@@ -300,7 +370,6 @@ impl Host {
             }
         };
         if let Some(state) = &state {
-            state.create()?;
             state.store_formation(&formation)?;
         }
         Ok(Self {
@@ -319,7 +388,15 @@ impl Host {
             notes,
             compile_time,
             compile_times,
+            services,
+            releases,
+            release,
         })
+    }
+
+    /// The release this host starts (`vN`).
+    pub fn release(&self) -> u32 {
+        self.release
     }
 
     /// The formation this host will start.
@@ -371,24 +448,15 @@ impl Host {
             logs.host(note.clone());
         }
 
-        let mut routed_pool = None;
-        let mut types = Vec::new();
-        for (index, (spec, compiled)) in self.processes.iter().enumerate() {
-            let pool = compiled.is_http().then(|| {
-                Arc::new(Pool::with_rotation(
-                    self.options.queue_limit,
-                    self.options.rotate,
-                ))
-            });
-            if Some(index) == self.routed {
-                routed_pool = pool.clone();
-            }
-            types.push(Arc::new(ProcessType {
-                spec: spec.clone(),
-                compiled: compiled.clone(),
-                colour: index,
-                pool,
-            }));
+        let mut service_listeners = Vec::new();
+        for service in &self.services {
+            let listener = TcpListener::bind(service.listen).await.with_context(|| {
+                format!(
+                    "{}: cannot listen on {} for `{}`: is the port in use?",
+                    service.origin, service.listen, service.process
+                )
+            })?;
+            service_listeners.push((listener, service.process.clone()));
         }
         let background = background_runtime()?;
         let supervisor = Supervisor::new(SupervisorConfig {
@@ -399,7 +467,11 @@ impl Host {
             restart: self.options.restart,
             port: addr.port(),
             limits: self.limits,
-            types,
+            types: self.processes.clone(),
+            release: self.release,
+            queue_limit: self.options.queue_limit,
+            rotate: self.options.rotate,
+            default_memory: self.options.memory.unwrap_or(DEFAULT_MEMORY),
             formation: self.formation.clone(),
             store: self.state.clone(),
         });
@@ -412,6 +484,9 @@ impl Host {
             .routed
             .map(|i| self.processes[i].0.name.to_string())
             .unwrap_or_default();
+        let routed_pool = self
+            .routed
+            .map(|i| supervisor.pool(&self.processes[i].0.name));
         let router = Arc::new(Router {
             pool: routed_pool,
             process: routed_name.clone(),
@@ -423,7 +498,39 @@ impl Host {
         });
         let stop_http = CancellationToken::new();
         let server = tokio::spawn(proxy::serve(listener, router, stop_http.clone()));
-        let api = control::Api::new(supervisor.clone(), logs.clone(), metrics.clone());
+        let mut services = Vec::new();
+        for (listener, process) in service_listeners {
+            let addr = listener.local_addr()?;
+            let router = Arc::new(Router {
+                pool: Some(supervisor.pool(&process)),
+                process: process.to_string(),
+                request_timeout: self.options.request_timeout,
+                logs: logs.clone(),
+                limits: self.options.http,
+                log_requests: self.options.log_requests,
+                metrics: metrics.http(process.as_str()),
+            });
+            services.push(tokio::spawn(proxy::serve(
+                listener,
+                router,
+                stop_http.clone(),
+            )));
+            logs.host(format!("service `{process}` listening on http://{addr}"));
+        }
+        let deployer = Arc::new(deploy::Deployer {
+            source: self.options.source.clone(),
+            runtime: self.runtime.clone(),
+            supervisor: supervisor.clone(),
+            releases: tokio::sync::Mutex::new(self.releases),
+            compile_timeout: self.options.compile_timeout,
+            logs: logs.clone(),
+        });
+        let api = control::Api::new(
+            supervisor.clone(),
+            logs.clone(),
+            metrics.clone(),
+            deployer.clone(),
+        );
         let control = control_listener.map(|(listener, path)| {
             let task = tokio::spawn(control::serve(listener, api.clone(), stop_http.clone()));
             (task, path)
@@ -442,7 +549,8 @@ impl Host {
             ));
         }
         logs.host(format!(
-            "formation {} up in {} (compiled {} components in {})",
+            "release v{}: formation {} up in {} (compiled {} components in {})",
+            self.release,
             self.formation,
             humanize(started.elapsed()),
             self.processes.len(),
@@ -464,6 +572,8 @@ impl Host {
         logs.host(format!("listening on http://{addr}"));
         Ok(RunningHost {
             addr,
+            deployer,
+            services,
             supervisor,
             background: BackgroundRuntime(Some(background)),
             stop_http,
@@ -473,6 +583,58 @@ impl Host {
             logs,
         })
     }
+}
+
+/// Compiles every `(type, file)` in parallel, one thread each, and checks each component's
+/// world. A compile that outlives `timeout` is refused (its thread is abandoned: wasmtime
+/// cannot cancel a compile). Blocking: call it off the async runtime.
+pub(crate) fn compile_all(
+    runtime: &Arc<Runtime>,
+    work: &[(app::ProcessSpec, PathBuf)],
+    timeout: Duration,
+) -> Result<Vec<(Compiled, Duration)>> {
+    let deadline = Instant::now() + timeout;
+    let pending: Vec<_> = work
+        .iter()
+        .map(|(spec, file)| {
+            let (tx, rx) = std::sync::mpsc::channel();
+            let (runtime, spec, file) = (runtime.clone(), spec.clone(), file.clone());
+            std::thread::spawn(move || {
+                let started = Instant::now();
+                let _ = tx.send(
+                    runtime
+                        .compile(&spec, &file)
+                        .map(|c| (c, started.elapsed())),
+                );
+            });
+            rx
+        })
+        .collect();
+    let mut compiled = Vec::new();
+    for ((spec, _), rx) in work.iter().zip(pending) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        compiled.push(match rx.recv_timeout(left) {
+            Ok(Ok((c, _))) if !c.is_http() && (spec.health.is_some() || spec.max_requests.is_some()) => bail!(
+                "process type `{}` ({}): `{}` is a background process (it exports `wasi:cli/run`): `health` and `max_requests` apply to HTTP process types only; remove them",
+                spec.name,
+                spec.origin,
+                spec.component.display()
+            ),
+            Ok(result) => result?,
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => bail!(
+                "process type `{}` ({}): component `{}` took longer than {} to compile: \
+                 raise `--compile-timeout` if it is meant to be this big",
+                spec.name,
+                spec.origin,
+                spec.component.display(),
+                humanize(timeout)
+            ),
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                bail!("the compile thread for `{}` panicked", spec.name)
+            }
+        });
+    }
+    Ok(compiled)
 }
 
 /// A runtime for background processes whose threads run at a lower priority (nice 10): the
@@ -516,6 +678,10 @@ fn system_memory() -> ByteSize {
 /// the runtime ends.
 pub struct RunningHost {
     addr: SocketAddr,
+    /// Deploys and rollbacks.
+    deployer: Arc<deploy::Deployer>,
+    /// The `[[services]]` servers.
+    services: Vec<tokio::task::JoinHandle<()>>,
     supervisor: Arc<Supervisor>,
     /// Cancelled to stop accepting connections (HTTP and control).
     stop_http: CancellationToken,
@@ -546,6 +712,11 @@ impl RunningHost {
         self.addr
     }
 
+    /// Deploys and rollbacks of this host.
+    pub fn deployer(&self) -> Arc<deploy::Deployer> {
+        self.deployer.clone()
+    }
+
     /// Logs a host event.
     pub fn log(&self, text: impl Into<String>) {
         self.logs.host(text);
@@ -560,6 +731,12 @@ impl RunningHost {
         if tokio::time::timeout(grace, &mut server).await.is_err() {
             tracing::warn!("grace period over; dropping the remaining connections");
             server.abort();
+        }
+        for mut service in self.services {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if tokio::time::timeout(left, &mut service).await.is_err() {
+                service.abort();
+            }
         }
         if let Some((task, path)) = self.control {
             task.abort();

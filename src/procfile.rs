@@ -74,7 +74,7 @@ pub fn parse(text: &str) -> Result<Vec<Entry>, Error> {
 }
 
 /// Splits a command on whitespace, honouring single and double quotes.
-fn split_words(command: &str) -> Result<Vec<String>, String> {
+pub(crate) fn split_words(command: &str) -> Result<Vec<String>, String> {
     let mut words = Vec::new();
     let mut current: Option<String> = None;
     let mut quote: Option<char> = None;

@@ -180,7 +180,7 @@ impl StateDir {
 }
 
 /// Writes `bytes` to `path` so that readers (and a crash) see the old or the new content.
-fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
+pub(crate) fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
     let dir = path
         .parent()
         .expect("state files live in the state directory");
@@ -206,18 +206,20 @@ mod tests {
     use crate::app::{AppSpec, ProcessSpec};
 
     fn formation() -> Formation {
-        let app = AppSpec {
-            dir: PathBuf::from("/"),
-            processes: ["web", "worker"]
+        let app = AppSpec::new(
+            PathBuf::from("/"),
+            ["web", "worker"]
                 .iter()
-                .map(|n| ProcessSpec {
-                    name: ProcessName::new(n).unwrap(),
-                    component: PathBuf::from("/x.wasm"),
-                    args: vec![],
-                    origin: String::new(),
+                .map(|n| {
+                    ProcessSpec::new(
+                        ProcessName::new(n).unwrap(),
+                        PathBuf::from("/x.wasm"),
+                        vec![],
+                        String::new(),
+                    )
                 })
                 .collect(),
-        };
+        );
         Formation::default_for(&app, ByteSize::mib(256))
     }
 

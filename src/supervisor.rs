@@ -33,10 +33,10 @@ use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::app::{ByteSize, ProcessName, ProcessSpec};
+use crate::app::{ByteSize, HealthCheck, ProcessName, ProcessSpec, RestartMode};
 use crate::formation::{Formation, Scale};
 use crate::humanize;
-use crate::instance::{self, WebInstance};
+use crate::instance::{self, Exit, WebInstance, WebSettings};
 use crate::logs::{API, Logs};
 use crate::router::{Member as _, Pool};
 use crate::runtime::{Compiled, InstanceSetup, Kind, Runtime};
@@ -106,8 +106,20 @@ pub struct ProcessType {
     pub compiled: Arc<Compiled>,
     /// Colour index in the log.
     pub colour: usize,
-    /// Where its web instances go; `None` for background processes.
+    /// Where its web instances go; `None` for background processes. Every version of a type
+    /// shares its type's pool, so a deploy moves traffic instance by instance.
     pub pool: Option<Arc<Pool<WebInstance>>>,
+    /// The release that brought this version (0 without releases).
+    pub release: u32,
+}
+
+impl ProcessType {
+    /// Whether `spec` and `compiled` would run exactly like this version.
+    fn same_as(&self, spec: &ProcessSpec, compiled: &Compiled) -> bool {
+        self.compiled.digest == compiled.digest
+            && self.compiled.is_http() == compiled.is_http()
+            && self.spec.same_settings(spec)
+    }
 }
 
 /// What a slot is doing, for `ps`.
@@ -115,13 +127,27 @@ pub struct ProcessType {
 enum SlotState {
     Starting,
     Up,
-    Crashed { reason: String, restart_at: Instant },
+    Crashed {
+        reason: String,
+        restart_at: Instant,
+    },
     Draining,
+    /// Ended and not restarted (its `restart` policy); a restart, scale or deploy starts it.
+    Exited {
+        reason: String,
+    },
 }
 
 /// One instance position and its task.
 pub struct Slot {
     process: ProcessName,
+    /// The version of the type this slot runs; a deploy replaces the slot.
+    version: Arc<ProcessType>,
+    /// Cancelled once the slot's task has ended and it left the state (singletons wait for
+    /// it before their replacement starts).
+    ended: CancellationToken,
+    /// Health check state for `ps`: `None` without a check.
+    health: Mutex<Option<String>>,
     index: u32,
     /// This slot's memory limit; a memory change replaces the slot.
     memory: ByteSize,
@@ -159,12 +185,18 @@ impl Slot {
     fn stopping(&self) -> bool {
         self.cancel.is_cancelled()
     }
+
+    fn set_health(&self, health: String) {
+        *self.health.lock().unwrap_or_else(|e| e.into_inner()) = Some(health);
+    }
 }
 
 /// Desired formation and live slots.
 struct State {
     desired: Formation,
     slots: Vec<Arc<Slot>>,
+    /// The current version of each type; new slots start with it.
+    types: BTreeMap<ProcessName, Arc<ProcessType>>,
 }
 
 /// Why a formation change was refused; nothing changed.
@@ -204,6 +236,10 @@ pub struct TypeReport {
     pub component: String,
     /// SHA-256 of the component.
     pub digest: String,
+    /// At most one instance.
+    pub singleton: bool,
+    /// The release of the type's current version.
+    pub release: u32,
 }
 
 /// One instance in `ps`.
@@ -230,6 +266,10 @@ pub struct InstanceReport {
     pub requests: u64,
     /// Restarts after crashes.
     pub restarts: u32,
+    /// `passing`, `failing (1/3)`, `checking`; absent without a health check.
+    pub health: Option<String>,
+    /// The release this instance runs (0 without releases).
+    pub release: u32,
 }
 
 /// `ps`: every type and every instance, pending ones included.
@@ -270,8 +310,15 @@ pub struct Supervisor {
     /// Given to guests as `PORT`.
     port: u16,
     limits: Limits,
-    types: BTreeMap<ProcessName, Arc<ProcessType>>,
     state: Mutex<State>,
+    /// Pools and log colours per type name; they outlive versions of the type.
+    registry: Mutex<Registry>,
+    /// Requests that may wait per pool.
+    queue_limit: usize,
+    /// Rotation of each pool (see [`Pool::with_rotation`]).
+    rotate: usize,
+    /// Memory of a type that appears in a deploy without its own `memory`.
+    default_memory: ByteSize,
     /// Serializes formation changes; held across a whole rolling replacement.
     ops: tokio::sync::Mutex<()>,
     /// Where the formation is persisted, if anywhere.
@@ -294,8 +341,16 @@ pub struct SupervisorConfig {
     pub port: u16,
     /// Host-wide limits.
     pub limits: Limits,
-    /// Process types.
-    pub types: Vec<Arc<ProcessType>>,
+    /// Process types with their compiled components, in declaration order.
+    pub types: Vec<(ProcessSpec, Arc<Compiled>)>,
+    /// The release they belong to.
+    pub release: u32,
+    /// Requests that may wait per pool.
+    pub queue_limit: usize,
+    /// Rotation of each pool.
+    pub rotate: usize,
+    /// Memory of a type added by a deploy without its own `memory`.
+    pub default_memory: ByteSize,
     /// Initial desired formation.
     pub formation: Formation,
     /// Persistence.
@@ -309,10 +364,43 @@ pub struct SupervisorConfig {
 
 type Ready = oneshot::Receiver<Result<(), String>>;
 
+/// Per type name: what outlives a version of the type.
+#[derive(Default)]
+struct Registry {
+    pools: BTreeMap<ProcessName, Arc<Pool<WebInstance>>>,
+    colours: BTreeMap<ProcessName, usize>,
+}
+
+/// One type's new version in a deploy.
+pub struct NewVersion {
+    /// The resolved type.
+    pub spec: ProcessSpec,
+    /// Its compiled component.
+    pub compiled: Arc<Compiled>,
+}
+
+/// What a deploy changed, per type.
+#[derive(Debug, Default, Serialize)]
+pub struct Changes {
+    /// Types that appeared.
+    pub added: Vec<String>,
+    /// Types whose component or settings changed (rolled).
+    pub changed: Vec<String>,
+    /// Types that disappeared (stopped).
+    pub removed: Vec<String>,
+}
+
+impl Changes {
+    /// Whether nothing changed.
+    pub fn is_empty(&self) -> bool {
+        self.added.is_empty() && self.changed.is_empty() && self.removed.is_empty()
+    }
+}
+
 impl Supervisor {
     /// A supervisor with nothing started yet; call [`Supervisor::start`].
     pub fn new(config: SupervisorConfig) -> Arc<Self> {
-        Arc::new(Self {
+        let this = Self {
             runtime: config.runtime,
             logs: config.logs,
             cancel: CancellationToken::new(),
@@ -320,20 +408,61 @@ impl Supervisor {
             restart: config.restart,
             port: config.port,
             limits: config.limits,
-            types: config
-                .types
-                .into_iter()
-                .map(|t| (t.spec.name.clone(), t))
-                .collect(),
             state: Mutex::new(State {
                 desired: config.formation,
                 slots: Vec::new(),
+                types: BTreeMap::new(),
             }),
+            registry: Mutex::default(),
+            queue_limit: config.queue_limit,
+            rotate: config.rotate,
+            default_memory: config.default_memory,
             ops: tokio::sync::Mutex::new(()),
             store: config.store,
             background: config.background,
             metrics: config.metrics,
+        };
+        let types = config
+            .types
+            .into_iter()
+            .map(|(spec, compiled)| {
+                let version = this.version(spec, compiled, config.release);
+                (version.spec.name.clone(), version)
+            })
+            .collect();
+        this.lock().types = types;
+        Arc::new(this)
+    }
+
+    /// A version of a type, with its type's pool (created on first use) and log colour.
+    fn version(
+        &self,
+        spec: ProcessSpec,
+        compiled: Arc<Compiled>,
+        release: u32,
+    ) -> Arc<ProcessType> {
+        let pool = compiled.is_http().then(|| self.pool(&spec.name));
+        let mut registry = self.registry.lock().unwrap_or_else(|e| e.into_inner());
+        let next = registry.colours.len();
+        let colour = *registry.colours.entry(spec.name.clone()).or_insert(next);
+        Arc::new(ProcessType {
+            spec,
+            compiled,
+            colour,
+            pool,
+            release,
         })
+    }
+
+    /// The pool of HTTP type `name`, created empty if the type has none yet: the router of a
+    /// type that a later deploy adds answers 503 until then.
+    pub fn pool(&self, name: &ProcessName) -> Arc<Pool<WebInstance>> {
+        let mut registry = self.registry.lock().unwrap_or_else(|e| e.into_inner());
+        registry
+            .pools
+            .entry(name.clone())
+            .or_insert_with(|| Arc::new(Pool::with_rotation(self.queue_limit, self.rotate)))
+            .clone()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -389,6 +518,11 @@ impl Supervisor {
         let desired: Vec<(ProcessName, Scale)> =
             state.desired.iter().map(|(n, s)| (n.clone(), s)).collect();
         // Surplus first, so the room they free counts for the rest (once they have ended).
+        for slot in &state.slots {
+            if !slot.stopping() && state.desired.get(&slot.process).is_none() {
+                slot.stop();
+            }
+        }
         for (name, scale) in &desired {
             for slot in &state.slots {
                 if slot.process == *name && !slot.stopping() && slot.index > scale.count {
@@ -398,14 +532,18 @@ impl Supervisor {
         }
         let mut started = Vec::new();
         for (name, scale) in &desired {
-            let Some(process) = self.types.get(name) else {
+            let Some(process) = state.types.get(name).cloned() else {
                 continue;
             };
             for index in missing(state, name, scale.count) {
                 if self.room(state, scale.memory).is_err() {
                     break;
                 }
-                let (slot, ready) = self.spawn_slot(state, process, index, scale.memory);
+                // A singleton waits until its previous instance has ended.
+                if process.spec.singleton && state.slots.iter().any(|s| s.process == *name) {
+                    break;
+                }
+                let (slot, ready) = self.spawn_slot(state, &process, index, scale.memory);
                 started.push((slot.name(), ready));
             }
         }
@@ -462,6 +600,9 @@ impl Supervisor {
     ) -> (Arc<Slot>, Ready) {
         let slot = Arc::new(Slot {
             process: process.spec.name.clone(),
+            version: process.clone(),
+            ended: CancellationToken::new(),
+            health: Mutex::new(process.spec.health.as_ref().map(|_| "checking".to_string())),
             index,
             memory,
             cancel: self.cancel.child_token(),
@@ -493,6 +634,7 @@ impl Supervisor {
     fn slot_ended(self: &Arc<Self>, slot: &Arc<Slot>) {
         let mut state = self.lock();
         state.slots.retain(|s| !Arc::ptr_eq(s, slot));
+        slot.ended.cancel();
         if !self.cancel.is_cancelled() {
             drop(self.reconcile(&mut state));
         }
@@ -521,19 +663,47 @@ impl Supervisor {
                 pool.reserve();
                 reserved = true;
             }
-            let (reason, backoff_applies) =
+            // (reason, restart with backoff?, a failure?)
+            let (reason, backoff_applies, failed) =
                 match self.run_once(process, slot, &name, &mut ready).await {
                     Ok(Ended::Stopped) => break,
-                    Ok(Ended::Request(reason)) => (reason, false),
-                    Ok(Ended::Process(reason)) => (reason, true),
+                    Ok(Ended::Recycled(reason)) => {
+                        self.logs.host(format!("{name} {reason}"));
+                        continue;
+                    }
+                    Ok(Ended::Request(reason)) => (reason, false, true),
+                    Ok(Ended::Process { reason, success }) => (reason, true, !success),
                     Err(boot) => {
                         if let Some(ready) = ready.take() {
                             let _ = ready.send(Err(boot.clone()));
                         }
-                        (format!("failed to start: {boot}"), true)
+                        (format!("failed to start: {boot}"), true, true)
                     }
                 };
             if slot.stopping() {
+                break;
+            }
+            let restart = match process.spec.restart {
+                RestartMode::Always => true,
+                RestartMode::OnFailure => failed,
+                RestartMode::Never => false,
+            };
+            if !restart {
+                if let Some(pool) = process.pool.as_ref().filter(|_| reserved) {
+                    pool.gone();
+                    reserved = false;
+                }
+                self.logs.host(format!(
+                    "{name} {reason}; not restarted (restart = \"{}\")",
+                    match process.spec.restart {
+                        RestartMode::OnFailure => "on-failure",
+                        _ => "never",
+                    }
+                ));
+                slot.set(SlotState::Exited { reason });
+                // The slot keeps its place (so the formation does not start another) until a
+                // restart, scale or deploy stops it.
+                slot.cancel.cancelled().await;
                 break;
             }
             slot.restarts.fetch_add(1, Ordering::Relaxed);
@@ -572,7 +742,7 @@ impl Supervisor {
     }
 
     /// Runs one incarnation of an instance until it ends or the slot stops; `Err` says it
-    /// could not start.
+    /// could not start (or, with a health check, never passed it).
     async fn run_once(
         &self,
         process: &ProcessType,
@@ -590,6 +760,8 @@ impl Supervisor {
             memory_used: slot.memory_used.clone(),
             stdout: self.logs.sink(name, process.colour),
             stderr: self.logs.sink(name, process.colour),
+            env: &process.spec.env,
+            allowed_outbound_hosts: &process.spec.allowed_outbound_hosts,
         };
         let sinks = (setup.stdout.clone(), setup.stderr.clone());
         let starting = Instant::now();
@@ -614,33 +786,93 @@ impl Supervisor {
                     exit_tx,
                     slot.retired.clone(),
                     slot.requests.clone(),
+                    WebSettings {
+                        request_timeout: process.spec.request_timeout,
+                        max_requests: process.spec.max_requests,
+                    },
                 );
-                let instance = tokio::select! {
+                let mut instance = tokio::select! {
                     instance = start => instance.map_err(|e| format!("{e:#}"))?,
                     () = slot.cancel.cancelled() => return Ok(Ended::Stopped),
                 };
+                let health = process.spec.health.as_ref();
+                if let Some(check) = health {
+                    // Readiness: no traffic until the check passes, within the grace period.
+                    instance = tokio::select! {
+                        passed = ready_check(instance, check, slot) => passed?,
+                        () = slot.cancel.cancelled() => return Ok(Ended::Stopped),
+                    };
+                }
                 pool.release(instance);
                 mark_up(ready);
-                tokio::select! {
-                    ended = &mut exit_rx => {
-                        // The sender is dropped without a reason only if the instance was
-                        // dropped by the pool, which happens only to a retired instance.
-                        ended.map_or(Ended::Stopped, Ended::Request)
-                    }
-                    () = slot.cancel.cancelled() => {
-                        // Drain (`Slot::stop` retired the instance): out of the rotation now;
-                        // a request in flight finishes, then the pool drops the retired
-                        // instance and `exit_rx` resolves.
-                        drop(pool.take_idle(|i| i.is_retired()));
-                        let _ = tokio::time::timeout(self.limits.drain_timeout, exit_rx).await;
-                        Ended::Stopped
+                let mut ticks = health.map(|check| {
+                    let mut ticks = tokio::time::interval_at(
+                        tokio::time::Instant::now() + check.interval,
+                        check.interval,
+                    );
+                    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                    ticks
+                });
+                let mut failures = 0;
+                loop {
+                    tokio::select! {
+                        ended = &mut exit_rx => {
+                            // The sender is dropped without a reason only if the instance was
+                            // dropped by the pool, which happens only to a retired instance.
+                            break match ended {
+                                Ok(Exit::Crashed(reason)) => Ended::Request(reason),
+                                Ok(Exit::Recycled(reason)) => Ended::Recycled(reason),
+                                Err(_) => Ended::Stopped,
+                            };
+                        }
+                        () = slot.cancel.cancelled() => {
+                            // Drain (`Slot::stop` retired the instance): out of the rotation
+                            // now; a request in flight finishes, then the pool drops the
+                            // retired instance and `exit_rx` resolves.
+                            drop(pool.take_idle(|i| i.is_retired()));
+                            let _ = tokio::time::timeout(self.limits.drain_timeout, exit_rx).await;
+                            break Ended::Stopped;
+                        }
+                        _ = tick(&mut ticks) => {
+                            let check = health.expect("ticks only with a check");
+                            // Liveness: checked while idle; a busy instance is skipped this
+                            // time (a stuck one meets the request timeout instead).
+                            let Some(instance) = pool.take_idle(|i| i.belongs_to(&slot.retired)).pop() else {
+                                continue;
+                            };
+                            let (instance, verdict) = instance.check(&check.path, check.timeout).await;
+                            match verdict {
+                                Ok(()) => {
+                                    failures = 0;
+                                    slot.set_health("passing".into());
+                                }
+                                Err(why) => {
+                                    failures += 1;
+                                    slot.set_health(format!("failing ({failures}/{})", check.threshold));
+                                    if failures >= check.threshold {
+                                        drop(instance);
+                                        break Ended::Request(format!(
+                                            "failed {failures} health checks in a row ({why}); taken out of rotation"
+                                        ));
+                                    }
+                                    self.logs.host(format!("{name} health check failed ({failures}/{}): {why}", check.threshold));
+                                }
+                            }
+                            // `None`: the check crashed it, and `exit_rx` says so next.
+                            if let Some(instance) = instance {
+                                pool.release(instance);
+                            }
+                        }
                     }
                 }
             }
             Kind::Command(pre) => {
                 let run = instance::run_worker(&self.runtime, pre, setup, || mark_up(ready));
                 tokio::select! {
-                    ended = run => Ended::Process(ended?),
+                    ended = run => {
+                        let (reason, success) = ended?;
+                        Ended::Process { reason, success }
+                    }
                     () = slot.cancel.cancelled() => Ended::Stopped,
                 }
             }
@@ -663,6 +895,7 @@ impl Supervisor {
         let next = current
             .with_changes(changes, memory, self.limits.max_memory)
             .map_err(ControlError::Invalid)?;
+        self.check_singletons(&next)?;
         // Try every new memory limit on a throwaway instance before changing anything.
         for (name, scale) in next.iter() {
             let old = current.get(name).expect("same types");
@@ -692,7 +925,8 @@ impl Supervisor {
             let stale: Vec<Arc<Slot>> =
                 self.active_slots(|s| s.process == *name && s.memory != scale.memory);
             for slot in stale {
-                if let Err(e) = self.replace(&slot, scale.memory).await {
+                let process = slot.version.clone();
+                if let Err(e) = self.replace(&slot, &process, scale.memory).await {
                     notes.push(e);
                 }
             }
@@ -734,7 +968,9 @@ impl Supervisor {
         );
         let mut notes = Vec::new();
         for slot in slots {
-            if let Err(e) = self.replace(&slot, slot.memory).await {
+            let current = self.lock().types.get(&slot.process).cloned();
+            let process = current.unwrap_or_else(|| slot.version.clone());
+            if let Err(e) = self.replace(&slot, &process, slot.memory).await {
                 notes.push(e);
             }
         }
@@ -756,34 +992,232 @@ impl Supervisor {
         slots
     }
 
-    /// Starts a new slot beside `old` with `memory`; once it is up, `old` drains. If the new
-    /// one fails to start, it is stopped and `old` keeps running.
-    async fn replace(self: &Arc<Self>, old: &Arc<Slot>, memory: ByteSize) -> Result<(), String> {
-        let process = self
-            .types
-            .get(&old.process)
-            .expect("slots belong to known types");
+    /// Starts a new slot running `process` beside `old` with `memory`; once it is up, `old`
+    /// drains. If the new one fails to start, it is stopped and `old` keeps running. A
+    /// singleton is replaced the other way round: `old` stops first and must have ended before
+    /// the new one starts, so two never run at once.
+    async fn replace(
+        self: &Arc<Self>,
+        old: &Arc<Slot>,
+        process: &Arc<ProcessType>,
+        memory: ByteSize,
+    ) -> Result<Arc<Slot>, String> {
+        if process.spec.singleton || old.version.spec.singleton {
+            old.stop();
+            if tokio::time::timeout(self.limits.drain_timeout, old.ended.cancelled())
+                .await
+                .is_err()
+            {
+                return Err(format!(
+                    "{} did not stop within {}, so its replacement was not started (singleton)",
+                    old.name(),
+                    humanize(self.limits.drain_timeout)
+                ));
+            }
+        }
         let (new, ready) = {
             let mut state = self.lock();
             self.spawn_slot(&mut state, process, old.index, memory)
         };
         let name = new.name();
-        match ready.await {
-            Ok(Ok(())) => {
+        match tokio::time::timeout(Duration::from_secs(300), ready).await {
+            Ok(Ok(Ok(()))) => {
                 old.stop();
-                Ok(())
+                Ok(new)
             }
-            Ok(Err(e)) => {
+            Ok(Ok(Err(e))) => {
                 new.stop();
-                Err(format!(
-                    "{name} could not be replaced, the old instance keeps running: {e}"
-                ))
+                Err(format!("{name} failed to start: {e}"))
             }
-            Err(_) => {
+            Ok(Err(_)) => {
                 new.stop();
                 Err(format!("{name} could not be replaced: its task ended"))
             }
+            Err(_) => {
+                new.stop();
+                Err(format!("{name} was not ready within 5 min"))
+            }
         }
+    }
+
+    /// Deploys new versions of the app's types (all compiled and checked by the caller):
+    /// types missing from `types` are stopped, new ones start (their manifest `count`, else
+    /// 1), changed ones roll instance by instance — start the new one, wait until it is ready
+    /// (health check included), then drain an old one. Unchanged types are left alone.
+    ///
+    /// On any failure (an instance that does not start or pass its check, a new instance that
+    /// crashed during the roll-out) every type is rolled back to the version it had and the
+    /// formation restored: the previous release keeps serving.
+    pub async fn deploy(
+        self: &Arc<Self>,
+        types: Vec<NewVersion>,
+        release: u32,
+    ) -> Result<Changes, ControlError> {
+        let _op = self.ops.lock().await;
+        let (old_types, old_desired) = {
+            let state = self.lock();
+            (state.types.clone(), state.desired.clone())
+        };
+        let mut changes = Changes::default();
+        let mut next_types = BTreeMap::new();
+        let mut next_desired = old_desired.clone();
+        for NewVersion { spec, compiled } in types {
+            let name = spec.name.clone();
+            let memory = spec.memory.unwrap_or(self.default_memory);
+            if memory > self.limits.max_memory {
+                return Err(ControlError::Invalid(format!(
+                    "process type `{name}` ({}): memory {memory} is above this host's maximum of {}: restart `wasmform up` with a larger `--max-memory`",
+                    spec.origin, self.limits.max_memory
+                )));
+            }
+            let limit = |count: u32| if spec.singleton { count.min(1) } else { count };
+            match old_types.get(&name) {
+                Some(old) => {
+                    let mut scale = old_desired.get(&name).expect("current types are desired");
+                    // The manifest's count and memory apply when they changed between
+                    // releases; otherwise the live formation (`scale`) stays.
+                    if spec.count != old.spec.count {
+                        scale.count = spec.count.unwrap_or(1);
+                    }
+                    if spec.memory != old.spec.memory {
+                        scale.memory = memory;
+                    }
+                    scale.count = limit(scale.count);
+                    next_desired.insert(name.clone(), scale);
+                    if !old.same_as(&spec, &compiled) {
+                        changes.changed.push(name.to_string());
+                    }
+                    next_types.insert(name, self.version(spec, compiled, release));
+                }
+                None => {
+                    changes.added.push(name.to_string());
+                    let scale = Scale {
+                        count: limit(spec.count.unwrap_or(1)),
+                        memory,
+                    };
+                    next_desired.insert(name.clone(), scale);
+                    next_types.insert(name, self.version(spec, compiled, release));
+                }
+            }
+        }
+        for name in old_types.keys() {
+            if !next_types.contains_key(name) {
+                changes.removed.push(name.to_string());
+                next_desired.remove(name);
+            }
+        }
+        let summary = describe_changes(&changes);
+        self.logs
+            .event(API, format!("Deploy v{release}: {summary}"));
+        let started = {
+            let mut state = self.lock();
+            state.types = next_types.clone();
+            state.desired = next_desired.clone();
+            self.reconcile(&mut state)
+        };
+        let mut failure = self.await_started(started).await.into_iter().next();
+        // Roll the slots still running an older version of a changed type.
+        if failure.is_none() {
+            for name in &changes.changed {
+                let process = next_types[name.as_str()].clone();
+                let stale = self.active_slots(|s| {
+                    s.process == process.spec.name && !Arc::ptr_eq(&s.version, &process)
+                });
+                for slot in stale {
+                    let memory = next_desired
+                        .get(&slot.process)
+                        .map_or(slot.memory, |s| s.memory);
+                    if let Err(e) = self.replace(&slot, &process, memory).await {
+                        failure = Some(e);
+                        break;
+                    }
+                }
+                if failure.is_some() {
+                    break;
+                }
+            }
+        }
+        // A new instance that crashed while the rest rolled out fails the deploy too.
+        if failure.is_none() {
+            failure = self
+                .active_slots(|s| s.version.release == release)
+                .iter()
+                .find(|s| s.restarts.load(Ordering::Relaxed) > 0)
+                .map(|s| {
+                    let state = s.status.lock().unwrap_or_else(|e| e.into_inner()).0.clone();
+                    match state {
+                        SlotState::Crashed { reason, .. } | SlotState::Exited { reason } => {
+                            format!("{} crashed during the roll-out: {reason}", s.name())
+                        }
+                        _ => format!("{} crashed during the roll-out", s.name()),
+                    }
+                });
+        }
+        if let Some(failure) = failure {
+            self.roll_back(old_types, old_desired).await;
+            return Err(ControlError::Failed(format!(
+                "release v{release} failed and was rolled back: {failure}"
+            )));
+        }
+        if let Some(store) = &self.store
+            && let Err(e) = store.store_formation(&next_desired)
+        {
+            tracing::warn!("failed to store the formation: {e:#}");
+        }
+        Ok(changes)
+    }
+
+    /// Puts `types` and `desired` back after a failed deploy: slots of types that were added
+    /// stop, removed types start again, and slots running a new version are replaced by the
+    /// old one (known to work).
+    async fn roll_back(
+        self: &Arc<Self>,
+        types: BTreeMap<ProcessName, Arc<ProcessType>>,
+        desired: Formation,
+    ) {
+        let started = {
+            let mut state = self.lock();
+            state.types = types.clone();
+            state.desired = desired.clone();
+            self.reconcile(&mut state)
+        };
+        for note in self.await_started(started).await {
+            self.logs.host(format!("rollback: {note}"));
+        }
+        for (name, process) in &types {
+            let stale =
+                self.active_slots(|s| s.process == *name && !Arc::ptr_eq(&s.version, process));
+            for slot in stale {
+                if let Err(e) = self.replace(&slot, process, slot.memory).await {
+                    self.logs.host(format!("rollback: {e}"));
+                }
+            }
+        }
+    }
+
+    /// The current version of each type, for releases and deploys.
+    pub fn versions(&self) -> Vec<(ProcessSpec, Arc<Compiled>)> {
+        self.lock()
+            .types
+            .values()
+            .map(|t| (t.spec.clone(), t.compiled.clone()))
+            .collect()
+    }
+
+    /// Refuses a formation that runs a singleton more than once.
+    fn check_singletons(&self, next: &Formation) -> Result<(), ControlError> {
+        let state = self.lock();
+        for (name, scale) in next.iter() {
+            if scale.count > 1
+                && let Some(process) = state.types.get(name).filter(|p| p.spec.singleton)
+            {
+                return Err(ControlError::Invalid(format!(
+                    "`{name}` is a singleton ({}): it runs at most 1 instance, so its scheduled work is never done twice; scale it to 0 or 1",
+                    process.spec.origin
+                )));
+            }
+        }
+        Ok(())
     }
 
     /// Waits (bounded) for freshly started slots; returns notes for those that failed.
@@ -801,7 +1235,7 @@ impl Supervisor {
 
     /// Instantiates `process` once with `memory` and drops it: does the limit suffice?
     async fn probe(&self, process: &ProcessName, memory: ByteSize) -> Result<(), String> {
-        let process = self.types.get(process).expect("known type");
+        let process = self.lock().types.get(process).cloned().expect("known type");
         let name = format!("{}.probe", process.spec.name);
         let sink = self.logs.sink(&name, process.colour);
         let setup = InstanceSetup {
@@ -814,15 +1248,19 @@ impl Supervisor {
             memory_used: Arc::default(),
             stdout: sink.clone(),
             stderr: sink,
+            env: &process.spec.env,
+            allowed_outbound_hosts: &process.spec.allowed_outbound_hosts,
         };
         instance::probe(&self.runtime, &process.compiled, setup).await
     }
 
     /// Requests waiting for an instance, per HTTP type.
     pub fn queues(&self) -> Vec<(String, usize)> {
-        self.types
+        let registry = self.registry.lock().unwrap_or_else(|e| e.into_inner());
+        registry
+            .pools
             .iter()
-            .filter_map(|(name, t)| t.pool.as_ref().map(|p| (name.to_string(), p.waiting())))
+            .map(|(name, pool)| (name.to_string(), pool.waiting()))
             .collect()
     }
 
@@ -842,6 +1280,7 @@ impl Supervisor {
                     SlotState::Starting => ("starting", None, None),
                     SlotState::Up => ("up", None, None),
                     SlotState::Draining => ("draining", None, None),
+                    SlotState::Exited { reason } => ("exited", Some(reason), None),
                     SlotState::Crashed { reason, restart_at } => (
                         "crashed",
                         Some(reason),
@@ -866,6 +1305,12 @@ impl Supervisor {
                     memory_limit: slot.memory.as_u64(),
                     requests: slot.requests.load(Ordering::Relaxed),
                     restarts: slot.restarts.load(Ordering::Relaxed),
+                    health: slot
+                        .health
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .clone(),
+                    release: slot.version.release,
                 }
             })
             .collect();
@@ -874,6 +1319,7 @@ impl Supervisor {
                 .rsplit_once('.')
                 .map(|(p, _)| p.to_string())
                 .unwrap_or_default();
+            let release = state.types.get(process.as_str()).map_or(0, |t| t.release);
             let memory = state
                 .desired
                 .iter()
@@ -891,6 +1337,8 @@ impl Supervisor {
                 memory_limit: memory,
                 requests: 0,
                 restarts: 0,
+                health: None,
+                release,
             });
         }
         instances.sort_by_key(|i| {
@@ -914,7 +1362,7 @@ impl Supervisor {
             .desired
             .iter()
             .map(|(name, scale)| {
-                let process = &self.types[name];
+                let process = &state.types[name];
                 let running = state
                     .slots
                     .iter()
@@ -940,6 +1388,8 @@ impl Supervisor {
                     memory: scale.memory.as_u64(),
                     component: process.spec.component.display().to_string(),
                     digest: process.compiled.digest.clone(),
+                    singleton: process.spec.singleton,
+                    release: process.release,
                 }
             })
             .collect()
@@ -962,14 +1412,84 @@ fn reserved(state: &State) -> u64 {
     state.slots.iter().map(|s| s.memory.as_u64()).sum()
 }
 
+/// `web (changed), admin (added)`, or `no changes`.
+pub fn describe_changes(changes: &Changes) -> String {
+    let mut parts = Vec::new();
+    for (names, what) in [
+        (&changes.changed, "changed"),
+        (&changes.added, "added"),
+        (&changes.removed, "removed"),
+    ] {
+        if !names.is_empty() {
+            parts.push(format!("{} {what}", names.join(", ")));
+        }
+    }
+    if parts.is_empty() {
+        "no process type changed".to_string()
+    } else {
+        parts.join("; ")
+    }
+}
+
 /// How an incarnation ended, which decides the restart delay.
 enum Ended {
-    /// A web instance failed while handling a request: replaced at once.
+    /// A web instance failed while handling a request, or its liveness check: replaced at
+    /// once.
     Request(String),
-    /// A worker's `run` ended: restarted with backoff.
-    Process(String),
+    /// A web instance served its `max_requests`: replaced at once, not a crash.
+    Recycled(String),
+    /// A worker's `run` ended: restarted with backoff (if its policy restarts it).
+    Process { reason: String, success: bool },
     /// The slot was stopped.
     Stopped,
+}
+
+/// The next liveness tick, or never without a health check.
+async fn tick(ticks: &mut Option<tokio::time::Interval>) {
+    match ticks {
+        Some(ticks) => {
+            ticks.tick().await;
+        }
+        None => std::future::pending().await,
+    }
+}
+
+/// Checks a new instance until it passes, every `interval` up to `grace`; `Err` if it never
+/// did (the instance counts as failed to start).
+async fn ready_check(
+    mut instance: WebInstance,
+    check: &HealthCheck,
+    slot: &Slot,
+) -> Result<WebInstance, String> {
+    let deadline = tokio::time::Instant::now() + check.grace;
+    // Probe quickly at first: a healthy instance is ready in microseconds.
+    let mut pause = Duration::from_millis(50);
+    loop {
+        let (back, verdict) = instance.check(&check.path, check.timeout).await;
+        let Some(back) = back else {
+            return Err(verdict
+                .err()
+                .unwrap_or_else(|| "crashed during its health check".into()));
+        };
+        instance = back;
+        match verdict {
+            Ok(()) => {
+                slot.set_health("passing".into());
+                return Ok(instance);
+            }
+            Err(why) if tokio::time::Instant::now() + pause >= deadline => {
+                slot.set_health("failing".into());
+                return Err(format!(
+                    "did not pass its health check within {} (grace): {why}",
+                    humanize(check.grace)
+                ));
+            }
+            Err(_) => {
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(check.interval);
+            }
+        }
+    }
 }
 
 #[cfg(test)]

@@ -2,9 +2,12 @@
 //! `up` runs a host; the others are clients of a running host's control API.
 
 mod client;
+mod deploy;
 mod logs;
 mod ps;
+mod releases;
 mod restart;
+mod rollback;
 mod scale;
 mod up;
 
@@ -27,6 +30,9 @@ enum Command {
     Ps(ps::PsCommand),
     Logs(logs::LogsCommand),
     Restart(restart::RestartCommand),
+    Deploy(deploy::DeployCommand),
+    Releases(releases::ReleasesCommand),
+    Rollback(rollback::RollbackCommand),
 }
 
 impl Cli {
@@ -38,6 +44,9 @@ impl Cli {
             Command::Ps(cmd) => cmd.execute(),
             Command::Logs(cmd) => cmd.execute(),
             Command::Restart(cmd) => cmd.execute(),
+            Command::Deploy(cmd) => cmd.execute(),
+            Command::Releases(cmd) => cmd.execute(),
+            Command::Rollback(cmd) => cmd.execute(),
         }
     }
 }

@@ -5,16 +5,24 @@ use std::time::Duration;
 
 use anyhow::{Context as _, Result};
 
-use crate::app::{AppSpec, ByteSize, parse_duration};
+use crate::app::{AppSpec, ByteSize, parse_capacity, parse_duration};
 use crate::state::StateDir;
 use crate::{Host, HostOptions, RestartPolicy};
 
 /// Start the formation described by a Procfile, serve HTTP, and stream every instance's output.
 #[derive(clap::Args, Debug)]
 pub struct UpCommand {
-    /// The Procfile; component paths in it are relative to its directory.
+    /// The Procfile or `wasmform.toml`; component paths are relative to its directory. A
+    /// `wasmform.toml` beside a Procfile (or a Procfile beside it) is read too, and so is `.env`.
     #[arg(short = 'f', long = "procfile", default_value = "Procfile")]
     procfile: PathBuf,
+    /// Deploy automatically when the Procfile, the manifest, `.env` or a component changes.
+    #[arg(long = "watch")]
+    watch: bool,
+    /// Releases kept in the state directory (older ones and the components only they used
+    /// are pruned).
+    #[arg(long = "keep-releases", default_value_t = crate::release::DEFAULT_KEEP)]
+    keep_releases: usize,
 
     /// Instances per process type, foreman style: `web=2,worker=1`, `all=0,web=1`.
     /// Default: one of each type.
@@ -140,7 +148,8 @@ pub struct UpCommand {
     #[arg(long = "no-cache")]
     no_cache: bool,
 
-    /// Run `cargo build --release` in the Procfile's directory first (for the example guests).
+    /// Build first: the manifest's `[build] command`, else `cargo build --release` in the
+    /// Procfile's directory (as for the example guests).
     #[arg(long = "build")]
     build: bool,
 }
@@ -149,31 +158,14 @@ fn parse_size(s: &str) -> Result<ByteSize, String> {
     s.parse()
 }
 
-/// Capacities are not per-instance sizes: they may exceed 4 GiB.
-fn parse_capacity(s: &str) -> Result<ByteSize, String> {
-    match s.parse::<ByteSize>() {
-        Ok(size) => Ok(size),
-        Err(_) => {
-            let gib = s
-                .trim()
-                .strip_suffix("GiB")
-                .or_else(|| s.trim().strip_suffix('G'))
-                .and_then(|n| n.trim().parse::<u64>().ok())
-                .ok_or_else(|| {
-                    format!("invalid capacity `{s}`: expected e.g. `2GiB` or `512MiB`")
-                })?;
-            Ok(ByteSize::bytes(gib << 30))
-        }
-    }
-}
-
 impl UpCommand {
     /// Runs the formation until a signal arrives.
     pub fn execute(self) -> Result<()> {
+        let mut app = AppSpec::load(&self.procfile)?;
         if self.build {
-            build(&self.procfile)?;
+            build(&app)?;
+            app = AppSpec::load(&self.procfile)?;
         }
-        let app = AppSpec::from_procfile(&self.procfile)?;
         let state_dir = self
             .state_dir
             .clone()
@@ -211,6 +203,8 @@ impl UpCommand {
             cache: !self.no_cache,
             max_component_size: self.max_component_size,
             compile_timeout: self.compile_timeout,
+            source: Some(self.procfile.clone()),
+            keep_releases: self.keep_releases,
         };
         // Validate and compile everything before binding the port (nothing listens on error).
         let host = Host::new(app, options)?;
@@ -231,6 +225,11 @@ impl UpCommand {
             format!("cannot listen on {addr}: is another server using the port? pick another with `-p PORT` (or `-p 0` for any free port)")
         })?;
         let running = host.start(listener).await?;
+        if self.watch {
+            let deployer = running.deployer();
+            let source = self.procfile.clone();
+            tokio::spawn(async move { watch(source, deployer).await });
+        }
         let mut signal = Signals::new()?;
         let name = signal.next().await;
         running.log(format!(
@@ -271,27 +270,80 @@ impl Signals {
     }
 }
 
-/// `--build`: builds the guests next to the Procfile with cargo.
-fn build(procfile: &std::path::Path) -> Result<()> {
-    let dir = procfile
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(std::path::Path::new("."));
-    eprintln!("wasmform: building guests in {}", dir.display());
-    let status =
-        std::process::Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-            .args(["build", "--release"])
-            .current_dir(dir)
-            .status()
-            .with_context(|| {
-                format!(
-                    "failed to run `cargo build --release` in `{}`",
-                    dir.display()
-                )
-            })?;
+/// `--watch`: polls the app's files and deploys when they changed and then stayed the same
+/// for one more poll (a build writing a component in several steps deploys once, complete).
+async fn watch(source: PathBuf, deployer: std::sync::Arc<crate::deploy::Deployer>) {
+    const POLL: Duration = Duration::from_millis(250);
+    let files = |source: &PathBuf, last: &[PathBuf]| -> Vec<PathBuf> {
+        match AppSpec::load(source) {
+            Ok(app) => app
+                .sources
+                .iter()
+                .cloned()
+                .chain(app.processes.iter().map(|p| p.component.clone()))
+                .collect(),
+            Err(_) => last.to_vec(),
+        }
+    };
+    let stamp = |files: &[PathBuf]| -> Vec<Option<(std::time::SystemTime, u64)>> {
+        files
+            .iter()
+            .map(|f| {
+                std::fs::metadata(f)
+                    .ok()
+                    .map(|m| (m.modified().unwrap_or(std::time::UNIX_EPOCH), m.len()))
+            })
+            .collect()
+    };
+    let mut watched = files(&source, &[]);
+    let mut deployed = stamp(&watched);
+    let mut seen = deployed.clone();
+    loop {
+        tokio::time::sleep(POLL).await;
+        // The file list itself may change (a new type in the Procfile).
+        let now_files = files(&source, &watched);
+        if now_files != watched {
+            watched = now_files;
+            deployed = Vec::new();
+        }
+        let now = stamp(&watched);
+        let settled = now == seen;
+        seen = now.clone();
+        if now == deployed || !settled {
+            continue;
+        }
+        deployed = now;
+        // The outcome (or the reason it failed) is in the log.
+        let _ = deployer.deploy().await;
+    }
+}
+
+/// `--build`: runs the manifest's `[build] command` with `sh -c`, or `cargo build --release`,
+/// in the app's directory.
+fn build(app: &AppSpec) -> Result<()> {
+    let dir = &app.dir;
+    let (mut command, shown) = match &app.build {
+        Some(line) => {
+            let mut command = std::process::Command::new("sh");
+            command.args(["-c", line]);
+            (command, line.clone())
+        }
+        None => {
+            let mut command = std::process::Command::new(
+                std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()),
+            );
+            command.args(["build", "--release"]);
+            (command, "cargo build --release".to_string())
+        }
+    };
+    eprintln!("wasmform: building in {}: {shown}", dir.display());
+    let status = command
+        .current_dir(dir)
+        .status()
+        .with_context(|| format!("failed to run `{shown}` in `{}`", dir.display()))?;
     anyhow::ensure!(
         status.success(),
-        "`cargo build --release` in `{}` failed ({status}); if the target is missing, run `rustup target add wasm32-wasip2`",
+        "`{shown}` in `{}` failed ({status}); if the wasm32-wasip2 target is missing, run `rustup target add wasm32-wasip2`",
         dir.display()
     );
     Ok(())

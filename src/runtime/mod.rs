@@ -136,10 +136,11 @@ impl Runtime {
         })
     }
 
-    /// Reads, checks and compiles one process type's component and decides its kind.
+    /// Reads, checks and compiles one process type's component and decides its kind. The
+    /// bytes come from `file` (a release's stored copy); messages name `spec.component`.
     ///
     /// Blocking and CPU-heavy: call it off the async runtime.
-    pub fn compile(&self, spec: &ProcessSpec) -> Result<Compiled> {
+    pub fn compile(&self, spec: &ProcessSpec, file: &Path) -> Result<Compiled> {
         let path = &spec.component;
         let ctx = || {
             format!(
@@ -149,7 +150,7 @@ impl Runtime {
                 path.display()
             )
         };
-        let bytes = read_component(path, self.max_component_size).with_context(ctx)?;
+        let bytes = read_component(file, self.max_component_size).with_context(ctx)?;
         let component = Component::new(&self.engine, &bytes)
             .map_err(anyhow::Error::from)
             .with_context(|| format!("{}: failed to compile (is the file complete?)", ctx()))?;
@@ -239,6 +240,11 @@ pub struct InstanceSetup<'a> {
     pub stdout: LogSink,
     /// Where the guest's stderr goes.
     pub stderr: LogSink,
+    /// The type's environment (`.env`, `[env]`, the type's `env`); the platform's variables
+    /// (`PORT`, `DYNO`…) cannot be overridden.
+    pub env: &'a std::collections::BTreeMap<String, String>,
+    /// Hosts outgoing HTTP may reach (`allowed_outbound_hosts`); empty denies all.
+    pub allowed_outbound_hosts: &'a [String],
 }
 
 /// Reads a component file and checks that it is a component, with a helpful message if it is

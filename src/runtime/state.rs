@@ -22,12 +22,24 @@ pub struct InstanceState {
     table: ResourceTable,
     /// Enforces and measures the instance's memory limit.
     pub limiter: MemoryLimiter,
-    hooks: DenyOutbound,
+    hooks: Outbound,
 }
 
 impl InstanceState {
     pub(super) fn new(setup: &InstanceSetup<'_>) -> Self {
         let mut wasi = WasiCtxBuilder::new();
+        const PLATFORM: [&str; 5] = [
+            "PORT",
+            "WASMFORM_PROCESS",
+            "WASMFORM_INSTANCE",
+            "PS",
+            "DYNO",
+        ];
+        for (key, value) in setup.env {
+            if !PLATFORM.contains(&key.as_str()) {
+                wasi.env(key, value);
+            }
+        }
         // The host's own environment is not passed through: only what foreman and Heroku give.
         wasi.env("PORT", setup.port.to_string())
             .env("WASMFORM_PROCESS", setup.process)
@@ -43,7 +55,9 @@ impl InstanceState {
             http: WasiHttpCtx::new(),
             table: ResourceTable::new(),
             limiter: MemoryLimiter::new(setup.memory.as_usize(), setup.memory_used.clone()),
-            hooks: DenyOutbound,
+            hooks: Outbound {
+                allowed: setup.allowed_outbound_hosts.to_vec(),
+            },
         }
     }
 }
@@ -68,13 +82,57 @@ impl WasiHttpView for InstanceState {
 }
 
 /// Outgoing HTTP from guests is denied: no network access is granted by default.
-struct DenyOutbound;
+/// Outgoing HTTP: denied unless the request's host is in the type's
+/// `allowed_outbound_hosts` (as Spin does); allowed requests are sent by wasmtime-wasi-http's
+/// client (HTTP and HTTPS with the webpki roots).
+struct Outbound {
+    /// `host`, `host:port`, `*.domain` or `*`.
+    allowed: Vec<String>,
+}
 
-impl WasiHttpHooks for DenyOutbound {
+impl Outbound {
+    fn allows(&self, uri: &http::Uri) -> bool {
+        let Some(host) = uri.host() else {
+            return false;
+        };
+        let host = host.to_ascii_lowercase();
+        let port = uri.port_u16().unwrap_or(match uri.scheme_str() {
+            Some("http") => 80,
+            _ => 443,
+        });
+        self.allowed.iter().any(|entry| allowed(entry, &host, port))
+    }
+}
+
+/// Whether allow-list `entry` covers `host:port`. An entry without a port covers every port.
+pub(crate) fn allowed(entry: &str, host: &str, port: u16) -> bool {
+    if entry == "*" {
+        return true;
+    }
+    let (pattern, entry_port) = match entry.rsplit_once(':') {
+        Some((h, p)) if !h.ends_with(']') || entry.starts_with('[') => match p.parse::<u16>() {
+            Ok(p) => (h, Some(p)),
+            Err(_) => (entry, None),
+        },
+        _ => (entry, None),
+    };
+    if entry_port.is_some_and(|p| p != port) {
+        return false;
+    }
+    let pattern = pattern.to_ascii_lowercase();
+    let pattern = pattern.trim_start_matches('[').trim_end_matches(']');
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    match pattern.strip_prefix("*.") {
+        Some(domain) => host.ends_with(&format!(".{domain}")),
+        None => host == pattern,
+    }
+}
+
+impl WasiHttpHooks for Outbound {
     fn send_request(
         &mut self,
-        _request: http::Request<wasmtime_wasi_http::WasiBody>,
-        _options: Option<wasmtime_wasi_http::RequestOptions>,
+        request: http::Request<wasmtime_wasi_http::WasiBody>,
+        options: Option<wasmtime_wasi_http::RequestOptions>,
         _fut: Box<dyn Future<Output = wasmtime_wasi_http::Result<()>> + Send>,
     ) -> Box<
         dyn Future<
@@ -84,11 +142,38 @@ impl WasiHttpHooks for DenyOutbound {
                 )>,
             > + Send,
     > {
-        Box::new(async { Err(wasmtime_wasi_http::Error::HttpRequestDenied) })
+        if !self.allows(request.uri()) {
+            return Box::new(async { Err(wasmtime_wasi_http::Error::HttpRequestDenied) });
+        }
+        Box::new(async move {
+            use http_body_util::BodyExt;
+            let (response, io) = wasmtime_wasi_http::default_send_request(request, options).await?;
+            Ok((
+                response.map(BodyExt::boxed_unsync),
+                Box::new(io) as Box<dyn Future<Output = _> + Send>,
+            ))
+        })
     }
 }
 
-/// A guest's stdout or stderr, writing into the log stream.
+#[cfg(test)]
+mod tests {
+    use super::allowed;
+
+    #[test]
+    fn outbound_allow_list() {
+        assert!(allowed("*", "example.com", 443));
+        assert!(allowed("example.com", "example.com", 8080));
+        assert!(allowed("Example.com:8080", "example.com", 8080));
+        assert!(!allowed("example.com:8080", "example.com", 443));
+        assert!(!allowed("example.com", "evil-example.com", 443));
+        assert!(allowed("*.example.com", "api.example.com", 443));
+        assert!(!allowed("*.example.com", "example.com", 443));
+        assert!(allowed("127.0.0.1:3000", "127.0.0.1", 3000));
+        assert!(allowed("[::1]:3000", "[::1]", 3000));
+    }
+}
+
 struct GuestOutput(LogSink);
 
 impl IsTerminal for GuestOutput {

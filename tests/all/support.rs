@@ -73,6 +73,30 @@ impl App {
         host
     }
 
+    /// Writes `name` in the app directory, with `{guests}` replaced by the guests' directory.
+    pub fn write(&self, name: &str, text: &str) {
+        let text = text.replace("{guests}", &guests().display().to_string());
+        std::fs::write(self.path(name), text).unwrap();
+    }
+
+    /// Puts built guest `guest_file` at `name` in the app directory the way a build does it
+    /// atomically: write a temporary file, then rename.
+    pub fn install(&self, guest_file: &str, name: &str) {
+        let tmp = self.path(&format!(".{name}.tmp"));
+        std::fs::copy(guest(guest_file), &tmp).unwrap();
+        std::fs::rename(tmp, self.path(name)).unwrap();
+    }
+
+    /// Starts `wasmform up -f FILE -p 0 <args>` for another entry file (a manifest).
+    pub fn up_file(&self, file: &str, args: &[&str]) -> Wasmform {
+        let path = self.path(file);
+        let mut all = vec!["up", "-f", path.to_str().unwrap(), "-p", "0"];
+        all.extend_from_slice(args);
+        let mut host = Wasmform::spawn(&all);
+        host.wait_listening();
+        host
+    }
+
     /// Runs a client command (`scale`, `ps`…) against this app; returns (success, stdout, stderr).
     pub fn cli(&self, args: &[&str]) -> Cli {
         let output = Command::new(env!("CARGO_BIN_EXE_wasmform"))
@@ -424,4 +448,41 @@ fn dechunk(mut body: &str) -> String {
         body = rest[size..].trim_start_matches("\r\n");
     }
     out
+}
+
+/// Concurrent clients sending `GET path` in a loop (at most 20 000 requests each) until
+/// stopped: every answer's status and body is kept.
+pub struct Load {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<Vec<(u16, String)>>>,
+}
+
+impl Load {
+    pub fn start(addr: SocketAddr, path: &str, clients: usize) -> Self {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let threads = (0..clients)
+            .map(|_| {
+                let (stop, path) = (stop.clone(), path.to_string());
+                std::thread::spawn(move || {
+                    let mut answers = Vec::new();
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) && answers.len() < 20_000
+                    {
+                        let response = get(addr, &path);
+                        answers.push((response.status, response.body));
+                    }
+                    answers
+                })
+            })
+            .collect();
+        Self { stop, threads }
+    }
+
+    /// Stops the clients; returns every answer, in order per client.
+    pub fn stop(self) -> Vec<(u16, String)> {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.threads
+            .into_iter()
+            .flat_map(|t| t.join().unwrap())
+            .collect()
+    }
 }

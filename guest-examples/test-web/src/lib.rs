@@ -17,6 +17,8 @@ const MIB: usize = 1024 * 1024;
 
 /// Requests to `/count` seen by this instance (instances are long-lived).
 static COUNT: AtomicU64 = AtomicU64::new(0);
+/// Set by `/sick`: from then on `/health` answers 503.
+static SICK: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 /// Memory grabbed by `/alloc`, never freed so that repeated calls accumulate.
 static HELD: Mutex<Vec<Vec<u8>>> = Mutex::new(Vec::new());
 
@@ -121,10 +123,74 @@ fn route(path: &str, query: &str) -> Result<Reply, Reply> {
             let depth = recurse(0);
             (200, format!("recursion returned at depth {depth}?\n"))
         }
+        "/health" => {
+            // `HEALTH_STATUS` (default 200) unless `/sick` was requested on this instance.
+            let status = match std::env::var("HEALTH_STATUS") {
+                Ok(code) => code.parse().map_err(|_| bad("HEALTH_STATUS is not a number"))?,
+                Err(_) => 200,
+            };
+            if SICK.load(Ordering::Relaxed) {
+                (503, "sick\n".into())
+            } else {
+                (status, format!("health {status}\n"))
+            }
+        }
+        "/sick" => {
+            SICK.store(true, Ordering::Relaxed);
+            (200, format!("{instance} is sick now\n"))
+        }
+        "/fetch" => {
+            let url = param(query, "url").ok_or_else(|| bad("missing url"))?;
+            match fetch(&url) {
+                Ok((status, body)) => (200, format!("fetched {status}: {body}")),
+                Err(why) => (502, format!("fetch failed: {why}\n")),
+            }
+        }
         "/" => (200, format!("test-web {instance}: ok\n")),
         _ => (404, format!("not found: {path}\n")),
     };
     Ok(reply)
+}
+
+/// GET `url` (`http://host:port/path`) with `wasi:http/outgoing-handler`; returns the status
+/// and the body as text, or the error code.
+fn fetch(url: &str) -> Result<(u16, String), String> {
+    use wasip2::http::outgoing_handler;
+    use wasip2::http::types::{OutgoingRequest, Scheme};
+
+    let (scheme, rest) = url.split_once("://").ok_or("url needs a scheme")?;
+    let (authority, path) = match rest.find('/') {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, "/"),
+    };
+    let request = OutgoingRequest::new(Fields::new());
+    request
+        .set_scheme(Some(&match scheme {
+            "https" => Scheme::Https,
+            _ => Scheme::Http,
+        }))
+        .map_err(|()| "bad scheme")?;
+    request.set_authority(Some(authority)).map_err(|()| "bad authority")?;
+    request.set_path_with_query(Some(path)).map_err(|()| "bad path")?;
+    let future = outgoing_handler::handle(request, None).map_err(|e| format!("{e:?}"))?;
+    future.subscribe().block();
+    let response = future
+        .get()
+        .ok_or("no response")?
+        .map_err(|()| "response taken twice")?
+        .map_err(|e| format!("{e:?}"))?;
+    let status = response.status();
+    let body = response.consume().map_err(|()| "body taken twice")?;
+    let stream = body.stream().map_err(|()| "stream taken twice")?;
+    let mut bytes = Vec::new();
+    loop {
+        match stream.blocking_read(64 * 1024) {
+            Ok(chunk) => bytes.extend_from_slice(&chunk),
+            Err(StreamError::Closed) => break,
+            Err(e) => return Err(format!("body read failed: {e:?}")),
+        }
+    }
+    Ok((status, String::from_utf8_lossy(&bytes).into_owned()))
 }
 
 fn instance() -> String {

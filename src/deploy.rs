@@ -1,0 +1,182 @@
+//! Deploys and rollbacks of a running host: `wasmform deploy`, `wasmform rollback vN`,
+//! `up --watch`.
+//!
+//! A deploy reads the whole configuration again, stores and hashes every component and
+//! compiles them all — off the async runtime, with the same size cap and compile timeout as
+//! `up` — before anything running is touched. Only then does the supervisor roll the changed
+//! types ([`Supervisor::deploy`]); if that fails it rolls back by itself. A release is
+//! recorded only for a configuration that went live. Deploys are serialized.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Serialize;
+
+use crate::app::AppSpec;
+use crate::logs::{API, Logs};
+use crate::release::{Release, ReleaseStore};
+use crate::runtime::Runtime;
+use crate::supervisor::{Changes, ControlError, NewVersion, Supervisor, describe_changes};
+
+/// Deploys new configurations to a running supervisor.
+pub struct Deployer {
+    /// The Procfile or manifest `up` was started with; `None` for hosts built from an
+    /// [`AppSpec`] in code, which have nothing to re-read.
+    pub(crate) source: Option<PathBuf>,
+    pub(crate) runtime: Arc<Runtime>,
+    pub(crate) supervisor: Arc<Supervisor>,
+    /// The releases; the lock also serializes deploys.
+    pub(crate) releases: tokio::sync::Mutex<ReleaseStore>,
+    /// Longest a component may take to compile.
+    pub(crate) compile_timeout: Duration,
+    pub(crate) logs: Logs,
+}
+
+/// What a deploy or rollback did.
+#[derive(Debug, Serialize)]
+pub struct DeployOutcome {
+    /// The release now running.
+    pub release: u32,
+    /// Whether a new release was made (`false`: the configuration equals the running one).
+    pub created: bool,
+    /// The release's description.
+    pub description: String,
+    /// Per type.
+    pub changes: Changes,
+}
+
+impl Deployer {
+    /// Reads the app's files again and deploys them.
+    pub async fn deploy(&self) -> Result<DeployOutcome, ControlError> {
+        let Some(source) = self.source.clone() else {
+            return Err(ControlError::Invalid(
+                "this host was started from an app built in code, not from a Procfile or manifest: there is nothing to re-read".into(),
+            ));
+        };
+        let app = tokio::task::spawn_blocking(move || AppSpec::load(&source))
+            .await
+            .map_err(|e| ControlError::Failed(format!("reading the app failed: {e}")))?
+            .map_err(|e| ControlError::Invalid(format!("{e:#}")))?;
+        self.roll(app, None, "Deploy".to_string()).await
+    }
+
+    /// Brings back exactly what release `version` ran, as a new release.
+    pub async fn rollback(&self, version: u32) -> Result<DeployOutcome, ControlError> {
+        let release = {
+            let releases = self.releases.lock().await;
+            match releases.get(version) {
+                Some(release) => release.clone(),
+                None => {
+                    let kept: Vec<String> = releases
+                        .list()
+                        .iter()
+                        .map(|r| format!("v{}", r.version))
+                        .collect();
+                    return Err(ControlError::Invalid(format!(
+                        "no release v{version}: kept releases are {}",
+                        if kept.is_empty() {
+                            "none".into()
+                        } else {
+                            kept.join(", ")
+                        }
+                    )));
+                }
+            }
+        };
+        let app = release.app.clone();
+        self.roll(app, Some(release), format!("Rollback to v{version}"))
+            .await
+    }
+
+    /// Every kept release, newest first.
+    pub async fn releases(&self) -> Vec<Release> {
+        let mut list = self.releases.lock().await.list().to_vec();
+        list.reverse();
+        list
+    }
+
+    async fn roll(
+        &self,
+        app: AppSpec,
+        from: Option<Release>,
+        what: String,
+    ) -> Result<DeployOutcome, ControlError> {
+        let result = self.try_roll(app, from, &what).await;
+        if let Err(e) = &result {
+            self.logs.event(API, format!("{what} failed: {e}"));
+        }
+        result
+    }
+
+    async fn try_roll(
+        &self,
+        app: AppSpec,
+        from: Option<Release>,
+        what: &str,
+    ) -> Result<DeployOutcome, ControlError> {
+        let mut releases = self.releases.lock().await;
+        let current = releases
+            .current()
+            .map(|r| (r.version, r.config_digest.clone()));
+        let keeps = match &current {
+            Some((version, _)) => format!("v{version} keeps running"),
+            None => "the running formation is unchanged".to_string(),
+        };
+        let stager = releases.stager();
+        let staged = tokio::task::spawn_blocking(move || stager.stage(app, from.as_ref()))
+            .await
+            .map_err(|e| ControlError::Failed(format!("staging failed: {e}")))?
+            .map_err(|e| ControlError::Invalid(format!("{e:#}; {keeps}")))?;
+        if let Some((version, digest)) = &current
+            && *digest == staged.config_digest
+        {
+            return Ok(DeployOutcome {
+                release: *version,
+                created: false,
+                description: format!("nothing changed: v{version} is running this configuration"),
+                changes: Changes::default(),
+            });
+        }
+        let work: Vec<_> = staged
+            .app
+            .processes
+            .iter()
+            .cloned()
+            .zip(staged.files.iter().cloned())
+            .collect();
+        let (runtime, timeout) = (self.runtime.clone(), self.compile_timeout);
+        let compiled =
+            tokio::task::spawn_blocking(move || crate::compile_all(&runtime, &work, timeout))
+                .await
+                .map_err(|e| ControlError::Failed(format!("compiling failed: {e}")))?
+                .map_err(|e| ControlError::Invalid(format!("{e:#}; {keeps}")))?;
+        let versions = staged
+            .app
+            .processes
+            .iter()
+            .cloned()
+            .zip(compiled)
+            .map(|(spec, (compiled, _))| NewVersion {
+                spec,
+                compiled: Arc::new(compiled),
+            })
+            .collect();
+        let version = releases.next_version();
+        let changes = self.supervisor.deploy(versions, version).await?;
+        let description = format!("{what}: {}", describe_changes(&changes));
+        if let Err(e) = releases.record(&staged, description.clone()) {
+            self.logs.host(format!(
+                "release v{version} is running but could not be stored: {e:#}"
+            ));
+        }
+        self.logs
+            .event(API, format!("Release v{version} is live ({description})"));
+        Ok(DeployOutcome {
+            release: version,
+            created: true,
+            description,
+            changes,
+        })
+    }
+}

@@ -1,0 +1,402 @@
+//! `wasmform.toml`: per-type settings that a Procfile cannot express, parsed into a raw schema
+//! (`deny_unknown_fields`) and resolved into the [`AppSpec`](crate::app::AppSpec) together with
+//! the Procfile and the `.env` file. The whole schema is documented in `docs/manifest.md`.
+//!
+//! Every error names the file, line and column, the key path (`processes.web.memory`) and what
+//! to write instead. Nothing here knows about wasmtime.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::app::{ByteSize, HealthCheck, RestartMode, parse_duration};
+
+/// File name of the manifest.
+pub const FILE_NAME: &str = "wasmform.toml";
+
+/// The manifest as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    /// Variables every process type gets (after the `.env` file, before the type's own).
+    #[serde(default)]
+    pub env: BTreeMap<String, EnvValue>,
+    /// The env file to load, relative to the manifest (default `.env`, if it exists).
+    pub env_file: Option<Spanned<String>>,
+    /// Memory budget for all instances (`--capacity` overrides it).
+    pub capacity: Option<Capacity>,
+    /// What `up --build` runs.
+    pub build: Option<Build>,
+    /// Process types by name.
+    #[serde(default)]
+    pub processes: BTreeMap<String, Process>,
+    /// Extra HTTP listeners, as in fly.toml.
+    #[serde(default)]
+    pub services: Vec<Spanned<Service>>,
+}
+
+/// `[build]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Build {
+    /// A shell command run in the manifest's directory, e.g. `cargo build --release`.
+    pub command: String,
+}
+
+/// `[processes.NAME]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Process {
+    /// `component.wasm [args…]`, as in a Procfile line; absent if the Procfile defines the type.
+    pub command: Option<Spanned<String>>,
+    /// Instances when the type first runs, or when this value changes in a deploy.
+    pub count: Option<Spanned<u32>>,
+    /// Memory limit per instance.
+    pub memory: Option<Memory>,
+    /// At most one instance, ever (a clock).
+    #[serde(default)]
+    pub singleton: bool,
+    /// When an instance that ended is started again.
+    pub restart: Option<RestartMode>,
+    /// Longest time for a response's headers (504 after).
+    pub request_timeout: Option<DurationValue>,
+    /// Recycle an instance after this many requests (as gunicorn's `max_requests`).
+    pub max_requests: Option<u64>,
+    /// Variables of this type only.
+    #[serde(default)]
+    pub env: BTreeMap<String, EnvValue>,
+    /// A readiness and liveness check.
+    pub health: Option<Health>,
+    /// Hosts that outgoing HTTP requests may go to (none by default).
+    #[serde(default)]
+    pub allowed_outbound_hosts: Vec<Spanned<String>>,
+}
+
+/// `[processes.NAME.health]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Health {
+    /// Path requested with GET, e.g. `/health`; 2xx and 3xx pass.
+    pub path: String,
+    /// Time between checks of a running instance (default 10s).
+    pub interval: Option<DurationValue>,
+    /// Longest a check may take (default 2s).
+    pub timeout: Option<DurationValue>,
+    /// How long a new instance has to pass its first check (default 30s).
+    pub grace: Option<DurationValue>,
+    /// Failed checks in a row that take an instance out and restart it (default 3).
+    pub threshold: Option<u32>,
+}
+
+/// `[[services]]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Service {
+    /// `127.0.0.1:8081`.
+    pub listen: String,
+    /// The HTTP process type this port routes to (exactly one).
+    pub processes: Vec<String>,
+}
+
+/// An env value: strings, numbers and booleans are accepted and passed as text.
+#[derive(Debug, Clone)]
+pub struct EnvValue(pub String);
+
+impl<'de> Deserialize<'de> for EnvValue {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        match toml::Value::deserialize(d)? {
+            toml::Value::String(s) => Ok(Self(s)),
+            toml::Value::Integer(i) => Ok(Self(i.to_string())),
+            toml::Value::Float(f) => Ok(Self(f.to_string())),
+            toml::Value::Boolean(b) => Ok(Self(b.to_string())),
+            other => Err(serde::de::Error::custom(format!(
+                "an env value must be a string, number or boolean, not {}",
+                other.type_str()
+            ))),
+        }
+    }
+}
+
+/// A per-instance memory size: `"256MiB"`, or a bare number of MiB.
+#[derive(Debug, Clone, Copy)]
+pub struct Memory(pub ByteSize);
+
+impl<'de> Deserialize<'de> for Memory {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = match toml::Value::deserialize(d)? {
+            toml::Value::String(s) => s,
+            toml::Value::Integer(i) => i.to_string(),
+            other => {
+                return Err(serde::de::Error::custom(format!(
+                    "expected a size such as \"256MiB\", found {}",
+                    other.type_str()
+                )));
+            }
+        };
+        text.parse().map(Self).map_err(serde::de::Error::custom)
+    }
+}
+
+/// A host-wide size, which may be above 4 GiB.
+#[derive(Debug, Clone, Copy)]
+pub struct Capacity(pub ByteSize);
+
+impl<'de> Deserialize<'de> for Capacity {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        crate::app::parse_capacity(&text)
+            .map(Self)
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+/// A duration: `"30s"`, `"500ms"`, `"2m"`, or a number of seconds.
+#[derive(Debug, Clone, Copy)]
+pub struct DurationValue(pub Duration);
+
+impl<'de> Deserialize<'de> for DurationValue {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = match toml::Value::deserialize(d)? {
+            toml::Value::String(s) => s,
+            toml::Value::Integer(i) if i >= 0 => i.to_string(),
+            toml::Value::Float(f) if f >= 0.0 => f.to_string(),
+            other => {
+                return Err(serde::de::Error::custom(format!(
+                    "expected a duration such as \"30s\" or \"500ms\", found {}",
+                    other.type_str()
+                )));
+            }
+        };
+        let value = parse_duration(&text).map_err(serde::de::Error::custom)?;
+        if value.is_zero() {
+            return Err(serde::de::Error::custom(format!(
+                "invalid duration `{text}`: must be above zero"
+            )));
+        }
+        Ok(Self(value))
+    }
+}
+
+/// A manifest error with its position. `Display`: `wasmform.toml:5:10: processes.web.memory: …`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Error {
+    /// The manifest file.
+    pub file: PathBuf,
+    /// 1-based line and column, when known.
+    pub position: Option<(usize, usize)>,
+    /// Dotted key path, when known.
+    pub key: Option<String>,
+    /// What is wrong and how to fix it.
+    pub message: String,
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.file.display())?;
+        if let Some((line, column)) = self.position {
+            write!(f, ":{line}:{column}")?;
+        }
+        write!(f, ": ")?;
+        if let Some(key) = &self.key {
+            write!(f, "{key}: ")?;
+        }
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for Error {}
+
+/// 1-based line and column of byte `offset` in `text`.
+pub fn position(text: &str, offset: usize) -> (usize, usize) {
+    let offset = offset.min(text.len());
+    let before = &text[..text.floor_char_boundary(offset)];
+    let line = before.matches('\n').count() + 1;
+    let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    (line, column)
+}
+
+/// Parses a manifest's text; `file` is for messages.
+pub fn parse(text: &str, file: &Path) -> Result<Manifest, Error> {
+    let fail = |position: Option<(usize, usize)>, key: Option<String>, message: String| Error {
+        file: file.to_path_buf(),
+        position,
+        key,
+        message,
+    };
+    let deserializer = toml::de::Deserializer::parse(text).map_err(|e| {
+        fail(
+            e.span().map(|s| position(text, s.start)),
+            None,
+            e.message().trim().to_string(),
+        )
+    })?;
+    let manifest: Manifest = serde_path_to_error::deserialize(deserializer).map_err(|e| {
+        // `Spanned` values show up as a private segment of the path; it means the value itself.
+        let path = e
+            .path()
+            .to_string()
+            .replace(".$__serde_spanned_private_value", "");
+        let inner = e.into_inner();
+        fail(
+            inner.span().map(|s| position(text, s.start)),
+            (path != "." && !path.is_empty()).then_some(path),
+            inner.message().trim().to_string(),
+        )
+    })?;
+    Ok(manifest)
+}
+
+impl Manifest {
+    /// Resolved health check of a type, defaults filled in.
+    pub fn health(health: &Health) -> Result<HealthCheck, String> {
+        if !health.path.starts_with('/') {
+            return Err(format!(
+                "health check path `{}` must start with `/`, e.g. \"/health\"",
+                health.path
+            ));
+        }
+        if health.path.parse::<http::uri::PathAndQuery>().is_err() {
+            return Err(format!(
+                "health check path `{}` is not a valid URL path",
+                health.path
+            ));
+        }
+        let threshold = health.threshold.unwrap_or(3);
+        if threshold == 0 {
+            return Err("threshold must be at least 1".to_string());
+        }
+        Ok(HealthCheck {
+            path: health.path.clone(),
+            interval: health.interval.map_or(Duration::from_secs(10), |d| d.0),
+            timeout: health.timeout.map_or(Duration::from_secs(2), |d| d.0),
+            grace: health.grace.map_or(Duration::from_secs(30), |d| d.0),
+            threshold,
+        })
+    }
+}
+
+/// Byte offset of where process type `name` is declared: its `[processes.NAME]` table, a
+/// sub-table, or an inline `NAME = {…}` entry. For messages about a type as a whole.
+pub fn find_process(text: &str, name: &str) -> Option<usize> {
+    let patterns = [
+        format!("[processes.{name}]"),
+        format!("[processes.{name}."),
+        format!("processes.{name}."),
+        format!("\"{name}\""),
+        format!("{name} ="),
+        format!("{name}="),
+    ];
+    patterns.iter().find_map(|p| text.find(p.as_str()))
+}
+
+/// Checks a `[[services]]` listen address: loopback unless written out explicitly.
+pub fn listen_address(text: &str) -> Result<SocketAddr, String> {
+    text.parse::<SocketAddr>().map_err(|_| {
+        format!("invalid listen address `{text}`: expected `IP:PORT`, e.g. \"127.0.0.1:8081\"")
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn err(text: &str) -> Error {
+        parse(text, Path::new("wasmform.toml")).unwrap_err()
+    }
+
+    #[test]
+    fn parses_the_documented_example() {
+        let text = r#"
+capacity = "2GiB"
+[env]
+GREETING = "hi"
+RETRIES = 3
+
+[processes.web]
+command = "hello.wasm --flag"
+count = 2
+memory = "128MiB"
+request_timeout = "10s"
+max_requests = 1000
+health = { path = "/health", interval = "5s" }
+
+[processes.clock]
+command = "ticker.wasm"
+singleton = true
+restart = "on-failure"
+
+[[services]]
+listen = "127.0.0.1:8081"
+processes = ["admin"]
+"#;
+        let m = parse(text, Path::new("wasmform.toml")).unwrap();
+        assert_eq!(m.env["RETRIES"].0, "3");
+        let web = &m.processes["web"];
+        assert_eq!(web.memory.unwrap().0, ByteSize::mib(128));
+        assert_eq!(*web.count.as_ref().unwrap().get_ref(), 2);
+        let clock = &m.processes["clock"];
+        assert!(clock.singleton);
+        assert_eq!(clock.restart, Some(RestartMode::OnFailure));
+        assert_eq!(m.services.len(), 1);
+    }
+
+    #[test]
+    fn errors_carry_line_column_and_key_path() {
+        let e = err("[processes.web]\ncommand = \"a.wasm\"\ncout = 2\n");
+        assert_eq!(e.position, Some((3, 1)), "{e}");
+        assert!(e.message.contains("unknown field `cout`"), "{e}");
+        assert!(e.to_string().starts_with("wasmform.toml:3:1: "), "{e}");
+
+        let e = err("[processes.web]\nmemory = \"12XB\"\n");
+        assert_eq!(e.key.as_deref(), Some("processes.web.memory"), "{e}");
+        assert_eq!(e.position.map(|p| p.0), Some(2), "{e}");
+        assert!(e.message.contains("invalid memory size `12XB`"), "{e}");
+
+        let e = err("[processes.web]\ncount = \"two\"\n");
+        assert_eq!(e.key.as_deref(), Some("processes.web.count"), "{e}");
+        assert!(e.message.contains("invalid type"), "{e}");
+
+        let e = err("[processes.web]\ncommand = 5\n");
+        assert_eq!(e.key.as_deref(), Some("processes.web.command"), "{e}");
+        assert_eq!(e.position.map(|p| p.0), Some(2), "{e}");
+
+        let e = err("[processes.web]\nrestart = \"sometimes\"\n");
+        assert!(e.message.contains("unknown variant `sometimes`"), "{e}");
+
+        let e = err("[processes.web.health]\npath = \"/h\"\ninterval = \"soon\"\n");
+        assert_eq!(
+            e.key.as_deref(),
+            Some("processes.web.health.interval"),
+            "{e}"
+        );
+        assert_eq!(e.position.map(|p| p.0), Some(3), "{e}");
+
+        let e = err("[processes.web\n");
+        assert_eq!(e.position.map(|p| p.0), Some(1), "{e}");
+
+        let e = err("[env]\nLIST = [1]\n");
+        assert!(e.message.contains("string, number or boolean"), "{e}");
+    }
+
+    proptest::proptest! {
+        /// Any text parses or fails with a position inside it and a message; never a panic.
+        #[test]
+        fn never_panics(text in "\\PC{0,200}", lines in proptest::collection::vec(
+            "(\\[processes\\.[a-z]{1,4}\\]|command = \"[a-z.]{0,6}\"|count = -?[0-9]{1,3}|memory = \"[0-9]{0,4}[A-Za-z]{0,3}\"|singleton = (true|1)|[a-z_]{1,8} = [0-9\"a-z]{0,5}|\\[\\[services\\]\\]|health = \\{ path = \"[/a-z]{0,4}\" \\})", 0..8)) {
+            for input in [text, lines.join("\n")] {
+                if let Err(e) = parse(&input, Path::new("m.toml")) {
+                    proptest::prop_assert!(!e.message.is_empty());
+                    if let Some((line, column)) = e.position {
+                        proptest::prop_assert!(line >= 1 && line <= input.lines().count().max(1) + 1, "{e} for {input:?}");
+                        proptest::prop_assert!(column >= 1);
+                    }
+                }
+            }
+        }
+    }
+}

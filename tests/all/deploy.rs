@@ -1,0 +1,334 @@
+//! Releases and deploys through the real binary: zero-downtime roll-outs under load, rejected
+//! and rolled-back releases, rollback to stored components, `up --watch`.
+
+use std::time::{Duration, Instant};
+
+use crate::support::{App, Load};
+
+/// Answers of `Load` that were not 200.
+fn failures(answers: &[(u16, String)]) -> Vec<&(u16, String)> {
+    answers.iter().filter(|(status, _)| *status != 200).collect()
+}
+
+fn release_versions(app: &App) -> Vec<u64> {
+    let out = app.cli(&["releases", "--json"]);
+    assert!(out.ok, "{out:?}");
+    let json: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
+    json["releases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["version"].as_u64().unwrap())
+        .collect()
+}
+
+#[test]
+fn deploy_under_load_switches_versions_without_a_failed_request() {
+    let app = App::new("web: app.wasm\n");
+    app.install("hello.wasm", "app.wasm");
+    let host = app.up(&["-m", "web=4"]);
+    assert!(host.get("/").body.starts_with("hello from web."));
+    let load = Load::start(host.addr(), "/", 32);
+    std::thread::sleep(Duration::from_millis(300));
+
+    app.install("test_web.wasm", "app.wasm");
+    let out = app.cli(&["deploy"]);
+    assert!(out.ok, "{out:?}");
+    assert_eq!(out.stdout.trim(), "Released v2: Deploy: web changed");
+    // Every request after the deploy returned reaches the new version.
+    for _ in 0..20 {
+        let body = host.get("/").body;
+        assert!(body.starts_with("test-web web."), "{body}");
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    let answers = load.stop();
+    assert!(answers.len() > 100, "too little load: {}", answers.len());
+    assert_eq!(failures(&answers), Vec::<&(u16, String)>::new());
+    let old = answers.iter().filter(|(_, b)| b.starts_with("hello from")).count();
+    let new = answers.iter().filter(|(_, b)| b.starts_with("test-web")).count();
+    assert!(old > 0 && new > 0, "old {old}, new {new}");
+    assert_eq!(old + new, answers.len());
+
+    let ps = app.wait_settled(Duration::from_secs(30));
+    for instance in ps["instances"].as_array().unwrap() {
+        assert_eq!(instance["release"], 2, "{instance}");
+    }
+    host.wait_for("Release v2 is live", Duration::from_secs(5));
+    assert_eq!(release_versions(&app), [2, 1]);
+    let table = app.cli(&["releases"]);
+    assert!(table.stdout.contains("Deploy: web changed  (current)"), "{table:?}");
+    assert!(table.stdout.contains("Initial release"), "{table:?}");
+
+    // Nothing changed: no new release.
+    let out = app.cli(&["deploy"]);
+    assert!(out.ok, "{out:?}");
+    assert!(out.stdout.contains("nothing changed: v2"), "{out:?}");
+}
+
+#[test]
+fn broken_releases_are_rejected_and_the_old_version_keeps_serving() {
+    let app = App::new("web: app.wasm\n");
+    app.install("hello.wasm", "app.wasm");
+    let host = app.up(&["-m", "web=2"]);
+    let load = Load::start(host.addr(), "/", 32);
+
+    // Does not compile.
+    std::fs::write(app.path("app.wasm"), b"\0asm\x0d\0\x01\0garbage").unwrap();
+    let out = app.cli(&["deploy"]);
+    assert!(!out.ok, "{out:?}");
+    assert!(out.stderr.contains("failed to compile"), "{out:?}");
+    assert!(out.stderr.contains("v1 keeps running"), "{out:?}");
+
+    // Not a component (a core module).
+    std::fs::write(app.path("app.wasm"), wat::parse_str("(module)").unwrap()).unwrap();
+    let out = app.cli(&["deploy"]);
+    assert!(!out.ok, "{out:?}");
+    assert!(out.stderr.contains("core WebAssembly module"), "{out:?}");
+
+    // Compiles, but never passes its health check: rolled back.
+    app.install("test_web.wasm", "app.wasm");
+    app.write(
+        "wasmform.toml",
+        "[processes.web]\nenv = { HEALTH_STATUS = 500 }\nhealth = { path = \"/health\", grace = \"1s\" }\n",
+    );
+    let out = app.cli(&["deploy"]);
+    assert!(!out.ok, "{out:?}");
+    assert!(
+        out.stderr.contains("release v2 failed and was rolled back"),
+        "{out:?}"
+    );
+    assert!(
+        out.stderr.contains("did not pass its health check within 1 s"),
+        "{out:?}"
+    );
+    assert!(out.stderr.contains("GET /health answered 500"), "{out:?}");
+
+    let answers = load.stop();
+    assert_eq!(failures(&answers), Vec::<&(u16, String)>::new());
+    assert!(answers.iter().all(|(_, b)| b.starts_with("hello from")));
+    assert!(host.get("/").body.starts_with("hello from"));
+    let out = host.wait_for("Deploy failed", Duration::from_secs(5));
+    assert!(out.contains("did not pass its health check"), "{out}");
+    assert_eq!(release_versions(&app), [1]);
+    app.wait_settled(Duration::from_secs(30));
+}
+
+#[test]
+fn rollback_runs_the_stored_components_even_after_the_files_changed() {
+    let app = App::new("web: app.wasm\n");
+    app.install("hello.wasm", "app.wasm");
+    let mut host = app.up(&[]);
+    app.install("test_web.wasm", "app.wasm");
+    assert!(app.cli(&["deploy"]).ok);
+    assert!(host.get("/").body.starts_with("test-web"));
+
+    // The file on disk is gone; v1's stored copy is not.
+    std::fs::remove_file(app.path("app.wasm")).unwrap();
+    let out = app.cli(&["rollback", "v1"]);
+    assert!(out.ok, "{out:?}");
+    assert_eq!(out.stdout.trim(), "Released v3: Rollback to v1: web changed");
+    assert!(host.get("/").body.starts_with("hello from"));
+    let out = app.cli(&["rollback", "v9"]);
+    assert!(!out.ok);
+    assert!(
+        out.stderr.contains("no release v9: kept releases are v1, v2, v3"),
+        "{out:?}"
+    );
+    let out = app.cli(&["rollback", "latest"]);
+    assert!(out.stderr.contains("invalid release"), "{out:?}");
+
+    // Releases persist across a restart of the host; unchanged files make no new release.
+    app.install("hello.wasm", "app.wasm");
+    host.signal(libc::SIGTERM);
+    host.wait_exit(Duration::from_secs(30)).unwrap();
+    let host = app.up(&[]);
+    host.wait_for("release v3:", Duration::from_secs(5));
+    assert_eq!(release_versions(&app), [3, 2, 1]);
+    assert!(host.get("/").body.starts_with("hello from"));
+}
+
+#[test]
+fn deploy_adds_and_removes_types_and_leaves_unchanged_ones_alone() {
+    let app = App::new("web: {guests}/hello.wasm\nworker: {guests}/ticker.wasm 100\n");
+    let host = app.up(&[]);
+    host.wait_for("worker.1 | tick 1", Duration::from_secs(30));
+    let before = app.ps();
+    let worker_since = before["instances"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["id"] == "worker.1")
+        .unwrap()["since"]
+        .clone();
+
+    app.write(
+        "Procfile",
+        "web: {guests}/test_web.wasm\nworker: {guests}/ticker.wasm 100\nclock: {guests}/ticker.wasm 1000\n",
+    );
+    let out = app.cli(&["deploy"]);
+    assert!(out.ok, "{out:?}");
+    assert_eq!(
+        out.stdout.trim(),
+        "Released v2: Deploy: web changed; clock added"
+    );
+    let ps = app.wait_settled(Duration::from_secs(30));
+    let worker = ps["instances"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["id"] == "worker.1")
+        .unwrap()
+        .clone();
+    assert_eq!(worker["since"], worker_since, "unchanged type was restarted");
+    assert_eq!(worker["release"], 1);
+    host.wait_for("clock.1 | tick 1", Duration::from_secs(30));
+
+    app.write("Procfile", "web: {guests}/test_web.wasm\n");
+    let out = app.cli(&["deploy"]);
+    assert!(out.ok, "{out:?}");
+    assert_eq!(
+        out.stdout.trim(),
+        "Released v3: Deploy: clock, worker removed"
+    );
+    let ps = app.wait_settled(Duration::from_secs(30));
+    let ids: Vec<&str> = ps["instances"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["web.1"]);
+
+    // An invalid Procfile is refused with its line; nothing changes.
+    app.write("Procfile", "web: {guests}/test_web.wasm\nnonsense\n");
+    let out = app.cli(&["deploy"]);
+    assert!(!out.ok);
+    assert!(out.stderr.contains("Procfile:2: expected `name: component.wasm"), "{out:?}");
+    assert!(out.stderr.contains("v3 keeps running"), "{out:?}");
+}
+
+#[test]
+fn watch_deploys_when_a_component_is_rebuilt() {
+    let app = App::new("web: app.wasm\n");
+    app.install("hello.wasm", "app.wasm");
+    let host = app.up(&["--watch"]);
+    assert!(host.get("/").body.starts_with("hello from"));
+    let changed = Instant::now();
+    app.install("test_web.wasm", "app.wasm");
+    host.wait_for("Release v2 is live", Duration::from_secs(20));
+    eprintln!("watch: new release {:?} after the change", changed.elapsed());
+    assert!(host.get("/").body.starts_with("test-web"));
+
+    // A broken build is refused, and the next good one deploys.
+    std::fs::write(app.path("app.wasm"), b"\0asm\x0d\0\x01\0garbage").unwrap();
+    host.wait_for("Deploy failed", Duration::from_secs(20));
+    assert!(host.get("/").body.starts_with("test-web"));
+    app.install("hello.wasm", "app.wasm");
+    host.wait_for("Release v3 is live", Duration::from_secs(20));
+    assert!(host.get("/").body.starts_with("hello from"));
+}
+
+#[test]
+fn control_and_routing_keep_answering_while_a_deploy_compiles() {
+    let app = App::new("web: app.wasm\n");
+    app.install("hello.wasm", "app.wasm");
+    let host = app.up(&[]);
+    // A component with a core module big enough to take a while to compile. It is not a
+    // process (no exports), so the deploy fails after compiling; that is fine here.
+    let mut wat = String::from("(component (core module");
+    for i in 0..20_000 {
+        wat.push_str(&format!(
+            " (func $f{i} (param i32) (result i32) local.get 0 i32.const {i} i32.mul i32.const 7 i32.add)"
+        ));
+    }
+    wat.push_str("))");
+    std::fs::write(app.path("app.wasm"), wat::parse_str(&wat).unwrap()).unwrap();
+    let dir = app.dir.path().to_path_buf();
+    let deploy = std::thread::spawn(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_wasmform"))
+            .args(["deploy", "--app"])
+            .arg(dir)
+            .output()
+            .unwrap()
+    });
+    // While it compiles, the host answers.
+    let mut answered_during = 0;
+    while !deploy.is_finished() {
+        assert!(host.get("/").body.starts_with("hello from"));
+        let _ = app.ps();
+        if !deploy.is_finished() {
+            answered_during += 1;
+        }
+    }
+    let out = deploy.join().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("not a process"), "{stderr}");
+    assert!(answered_during > 0, "the deploy finished before any request");
+}
+
+#[test]
+fn singleton_is_never_scaled_past_one_nor_doubled_by_a_restart() {
+    let app = App::new("web: {guests}/hello.wasm\nclock: {guests}/ticker.wasm 50\n");
+    app.write("wasmform.toml", "[processes.clock]\nsingleton = true\n");
+    let host = app.up(&[]);
+    host.wait_for("clock.1 | tick 1", Duration::from_secs(30));
+    let out = app.cli(&["scale", "clock=2"]);
+    assert!(!out.ok);
+    assert!(out.stderr.contains("`clock` is a singleton"), "{out:?}");
+    assert_eq!(
+        app.formation(),
+        [("clock".to_string(), 1), ("web".to_string(), 1)]
+    );
+
+    // Watch `ps` while the clock restarts and redeploys: never two clock instances.
+    let watcher = {
+        let dir = app.dir.path().to_path_buf();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut most = 0;
+            let mut polls = 0;
+            while !flag.load(std::sync::atomic::Ordering::Relaxed) && polls < 10_000 {
+                polls += 1;
+                let out = std::process::Command::new(env!("CARGO_BIN_EXE_wasmform"))
+                    .args(["ps", "--json", "--app"])
+                    .arg(&dir)
+                    .output()
+                    .unwrap();
+                let Ok(ps) = serde_json::from_slice::<serde_json::Value>(&out.stdout) else {
+                    continue;
+                };
+                let clocks = ps["instances"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .filter(|i| i["type"] == "clock" && i["state"] != "pending")
+                    .count();
+                most = most.max(clocks);
+            }
+            most
+        });
+        (stop, thread)
+    };
+    for _ in 0..3 {
+        let out = app.cli(&["restart", "clock"]);
+        assert!(out.ok, "{out:?}");
+    }
+    app.write("wasmform.toml", "[processes.clock]\nsingleton = true\nenv = { V = 2 }\n");
+    let out = app.cli(&["deploy"]);
+    assert!(out.ok, "{out:?}");
+    assert!(out.stdout.contains("clock changed"), "{out:?}");
+    app.wait_settled(Duration::from_secs(30));
+    watcher.0.store(true, std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(watcher.1.join().unwrap(), 1, "two clock instances were alive at once");
+
+    // A manifest asking for two is refused at `up`.
+    drop(host);
+    app.write("wasmform.toml", "[processes.clock]\nsingleton = true\ncount = 2\n");
+    let out = app.up_fails(&[]);
+    assert!(
+        out.contains("wasmform.toml:3:9: processes.clock.count: `clock` is a singleton"),
+        "{out}"
+    );
+}
