@@ -54,11 +54,18 @@ impl Deployer {
                 "this host was started from an app built in code, not from a Procfile or manifest: there is nothing to re-read".into(),
             ));
         };
-        let app = tokio::task::spawn_blocking(move || AppSpec::load(&source))
+        let loaded = tokio::task::spawn_blocking(move || AppSpec::load(&source))
             .await
-            .map_err(|e| ControlError::Failed(format!("reading the app failed: {e}")))?
-            .map_err(|e| ControlError::Invalid(format!("{e:#}")))?;
-        self.roll(app, None, "Deploy".to_string()).await
+            .map_err(|e| ControlError::Failed(format!("reading the app failed: {e}")))?;
+        match loaded {
+            Ok(app) => self.roll(app, None, "Deploy".to_string()).await,
+            Err(e) => {
+                let keeps = keeps(self.releases.lock().await.current());
+                let e = ControlError::Invalid(format!("{e:#}; {keeps}"));
+                self.logs.event(API, format!("Deploy failed: {e}"));
+                Err(e)
+            }
+        }
     }
 
     /// Brings back exactly what release `version` ran, as a new release.
@@ -116,13 +123,10 @@ impl Deployer {
         what: &str,
     ) -> Result<DeployOutcome, ControlError> {
         let mut releases = self.releases.lock().await;
+        let keeps = keeps(releases.current());
         let current = releases
             .current()
             .map(|r| (r.version, r.config_digest.clone()));
-        let keeps = match &current {
-            Some((version, _)) => format!("v{version} keeps running"),
-            None => "the running formation is unchanged".to_string(),
-        };
         let stager = releases.stager();
         let staged = tokio::task::spawn_blocking(move || stager.stage(app, from.as_ref()))
             .await
@@ -178,5 +182,13 @@ impl Deployer {
             description,
             changes,
         })
+    }
+}
+
+/// `v3 keeps running`, for messages about a rejected release.
+fn keeps(current: Option<&Release>) -> String {
+    match current {
+        Some(release) => format!("v{} keeps running", release.version),
+        None => "the running formation is unchanged".to_string(),
     }
 }

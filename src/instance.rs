@@ -162,9 +162,18 @@ impl WebInstance {
         let call = self.call(request, tx, timeout);
         let verdict = async {
             match rx.await {
-                // Dropping the body: the guest sees a closed stream if it is still writing.
                 Ok(Reply::Response(response)) => {
                     let status = response.status();
+                    // Read the body to its end (up to 1 MiB) so the guest can finish writing
+                    // it; past that it is dropped and the guest sees a closed stream.
+                    let mut body = response.into_body();
+                    let mut read = 0;
+                    while read < (1 << 20) {
+                        match body.frame().await {
+                            Some(Ok(frame)) => read += frame.data_ref().map_or(0, Bytes::len),
+                            _ => break,
+                        }
+                    }
                     if status.is_success() || status.is_redirection() {
                         Ok(())
                     } else {
@@ -191,14 +200,15 @@ impl WebInstance {
     }
 
     /// Handles one request, sending the response (or why there is none) on `reply` as soon as
-    /// it is known. Returns the instance if it is still sound; a crashed or timed-out instance
-    /// is dropped here and its slot told why.
+    /// it is known. `Ok(Some)`: the call ended soundly and the instance can serve again;
+    /// `Ok(None)`: it ended soundly and the instance served its `max_requests` (its slot
+    /// replaces it); `Err`: it crashed or timed out, was dropped here and its slot told why.
     pub async fn handle<B>(
         mut self,
         request: hyper::Request<B>,
         reply: oneshot::Sender<Reply>,
         timeout: Duration,
-    ) -> Option<Self>
+    ) -> Result<Option<Self>, ()>
     where
         B: hyper::body::Body<Data = Bytes> + Send + 'static,
         B::Error: Into<wasmtime_wasi_http::Error>,
@@ -206,16 +216,17 @@ impl WebInstance {
         self.requests.fetch_add(1, Ordering::Relaxed);
         self.served += 1;
         let timeout = self.settings.request_timeout.unwrap_or(timeout);
-        let instance = self.call(request, reply, timeout).await?;
+        let Some(mut instance) = self.call(request, reply, timeout).await else {
+            return Err(());
+        };
         match instance.settings.max_requests {
             Some(max) if instance.served >= max => {
-                let mut instance = instance;
                 instance.end(Exit::Recycled(format!(
                     "served {max} requests (max_requests); recycled"
                 )));
-                None
+                Ok(None)
             }
-            _ => Some(instance),
+            _ => Ok(Some(instance)),
         }
     }
 

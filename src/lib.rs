@@ -458,10 +458,18 @@ impl Host {
             })?;
             service_listeners.push((listener, service.process.clone()));
         }
-        let background = background_runtime()?;
+        // Owned by the guard from here on: an early return must not drop a runtime inside
+        // this async context.
+        let background = BackgroundRuntime(Some(background_runtime()?));
+        let background_handle = background
+            .0
+            .as_ref()
+            .expect("just created")
+            .handle()
+            .clone();
         let supervisor = Supervisor::new(SupervisorConfig {
             metrics: metrics.clone(),
-            background: background.handle().clone(),
+            background: background_handle,
             runtime: self.runtime.clone(),
             logs: logs.clone(),
             restart: self.options.restart,
@@ -515,7 +523,7 @@ impl Host {
                 router,
                 stop_http.clone(),
             )));
-            logs.host(format!("service `{process}` listening on http://{addr}"));
+            logs.host(format!("service `{process}` serving http://{addr}"));
         }
         let deployer = Arc::new(deploy::Deployer {
             source: self.options.source.clone(),
@@ -575,7 +583,7 @@ impl Host {
             deployer,
             services,
             supervisor,
-            background: BackgroundRuntime(Some(background)),
+            background,
             stop_http,
             server,
             control,

@@ -231,11 +231,13 @@ impl Router {
         // Resolves to whether the call ended soundly (the instance went back to the pool).
         let mut call = Box::pin(async move {
             match instance.handle(req, tx, timeout).await {
-                Some(instance) => {
+                Ok(Some(instance)) => {
                     pool.release(instance);
                     true
                 }
-                None => false,
+                // Recycled after its `max_requests`: this call was fine.
+                Ok(None) => true,
+                Err(()) => false,
             }
         });
         // The guest runs inline, in this connection's task: most handlers set the response and

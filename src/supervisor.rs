@@ -136,6 +136,8 @@ enum SlotState {
     Exited {
         reason: String,
     },
+    /// A singleton's replacement, waiting for the instance it replaces to end (`ps`: pending).
+    Waiting,
 }
 
 /// One instance position and its task.
@@ -543,7 +545,7 @@ impl Supervisor {
                 if process.spec.singleton && state.slots.iter().any(|s| s.process == *name) {
                     break;
                 }
-                let (slot, ready) = self.spawn_slot(state, &process, index, scale.memory);
+                let (slot, ready) = self.spawn_slot(state, &process, index, scale.memory, None);
                 started.push((slot.name(), ready));
             }
         }
@@ -597,7 +599,9 @@ impl Supervisor {
         process: &Arc<ProcessType>,
         index: u32,
         memory: ByteSize,
+        after: Option<CancellationToken>,
     ) -> (Arc<Slot>, Ready) {
+        let waiting = after.is_some();
         let slot = Arc::new(Slot {
             process: process.spec.name.clone(),
             version: process.clone(),
@@ -607,7 +611,14 @@ impl Supervisor {
             memory,
             cancel: self.cancel.child_token(),
             retired: Arc::default(),
-            status: Mutex::new((SlotState::Starting, SystemTime::now())),
+            status: Mutex::new((
+                if waiting {
+                    SlotState::Waiting
+                } else {
+                    SlotState::Starting
+                },
+                SystemTime::now(),
+            )),
             memory_used: Arc::default(),
             requests: Arc::default(),
             restarts: AtomicU32::new(0),
@@ -619,7 +630,18 @@ impl Supervisor {
         let is_http = process.compiled.is_http();
         let process = process.clone();
         let task = self.tasks.track_future(async move {
-            this.run_slot(&process, &slot, tx).await;
+            // A singleton's replacement holds its place but starts only once the instance it
+            // replaces has ended.
+            let go = match after {
+                Some(after) => tokio::select! {
+                    () = after.cancelled() => true,
+                    () = slot.cancel.cancelled() => false,
+                },
+                None => true,
+            };
+            if go {
+                this.run_slot(&process, &slot, tx).await;
+            }
             this.slot_ended(&slot);
         });
         if is_http {
@@ -1002,22 +1024,18 @@ impl Supervisor {
         process: &Arc<ProcessType>,
         memory: ByteSize,
     ) -> Result<Arc<Slot>, String> {
-        if process.spec.singleton || old.version.spec.singleton {
-            old.stop();
-            if tokio::time::timeout(self.limits.drain_timeout, old.ended.cancelled())
-                .await
-                .is_err()
-            {
-                return Err(format!(
-                    "{} did not stop within {}, so its replacement was not started (singleton)",
-                    old.name(),
-                    humanize(self.limits.drain_timeout)
-                ));
-            }
-        }
         let (new, ready) = {
             let mut state = self.lock();
-            self.spawn_slot(&mut state, process, old.index, memory)
+            if process.spec.singleton || old.version.spec.singleton {
+                // The old one stops first; the new one waits for it to have ended, holding
+                // the index so that nothing else starts one meanwhile.
+                let after = Some(old.ended.clone());
+                let waiting = self.spawn_slot(&mut state, process, old.index, memory, after);
+                old.stop();
+                waiting
+            } else {
+                self.spawn_slot(&mut state, process, old.index, memory, None)
+            }
         };
         let name = new.name();
         match tokio::time::timeout(Duration::from_secs(300), ready).await {
@@ -1281,6 +1299,11 @@ impl Supervisor {
                     SlotState::Up => ("up", None, None),
                     SlotState::Draining => ("draining", None, None),
                     SlotState::Exited { reason } => ("exited", Some(reason), None),
+                    SlotState::Waiting => (
+                        "pending",
+                        Some("waiting for the instance it replaces to stop (singleton)".into()),
+                        None,
+                    ),
                     SlotState::Crashed { reason, restart_at } => (
                         "crashed",
                         Some(reason),

@@ -59,7 +59,7 @@ fn instance_line(i: &serde_json::Value) -> String {
     let id = i["id"].as_str().unwrap_or("?");
     let state = i["state"].as_str().unwrap_or("?");
     let mut detail = match state {
-        "pending" => i["reason"].as_str().unwrap_or_default().to_string(),
+        "pending" | "exited" => i["reason"].as_str().unwrap_or_default().to_string(),
         "crashed" => format!(
             "restart in {}: {}",
             crate::humanize(Duration::from_millis(
@@ -78,6 +78,14 @@ fn instance_line(i: &serde_json::Value) -> String {
             i["requests"],
             i["restarts"],
         );
+        let stats = match i["health"].as_str() {
+            Some(health) => format!("{stats}  health: {health}"),
+            None => stats,
+        };
+        let stats = match i["release"].as_u64() {
+            Some(release) if release > 0 => format!("{stats}  v{release}"),
+            _ => stats,
+        };
         detail = if detail.is_empty() {
             stats
         } else {

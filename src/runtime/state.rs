@@ -156,24 +156,6 @@ impl WasiHttpHooks for Outbound {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::allowed;
-
-    #[test]
-    fn outbound_allow_list() {
-        assert!(allowed("*", "example.com", 443));
-        assert!(allowed("example.com", "example.com", 8080));
-        assert!(allowed("Example.com:8080", "example.com", 8080));
-        assert!(!allowed("example.com:8080", "example.com", 443));
-        assert!(!allowed("example.com", "evil-example.com", 443));
-        assert!(allowed("*.example.com", "api.example.com", 443));
-        assert!(!allowed("*.example.com", "example.com", 443));
-        assert!(allowed("127.0.0.1:3000", "127.0.0.1", 3000));
-        assert!(allowed("[::1]:3000", "[::1]", 3000));
-    }
-}
-
 struct GuestOutput(LogSink);
 
 impl IsTerminal for GuestOutput {
@@ -232,5 +214,23 @@ impl AsyncWrite for SinkStream {
 
     fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Poll::Ready(Ok(()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::allowed;
+
+    #[test]
+    fn outbound_allow_list() {
+        assert!(allowed("*", "example.com", 443));
+        assert!(allowed("example.com", "example.com", 8080));
+        assert!(allowed("Example.com:8080", "example.com", 8080));
+        assert!(!allowed("example.com:8080", "example.com", 443));
+        assert!(!allowed("example.com", "evil-example.com", 443));
+        assert!(allowed("*.example.com", "api.example.com", 443));
+        assert!(!allowed("*.example.com", "example.com", 443));
+        assert!(allowed("127.0.0.1:3000", "127.0.0.1", 3000));
+        assert!(allowed("[::1]:3000", "[::1]", 3000));
     }
 }

@@ -7,7 +7,10 @@ use crate::support::{App, Load};
 
 /// Answers of `Load` that were not 200.
 fn failures(answers: &[(u16, String)]) -> Vec<&(u16, String)> {
-    answers.iter().filter(|(status, _)| *status != 200).collect()
+    answers
+        .iter()
+        .filter(|(status, _)| *status != 200)
+        .collect()
 }
 
 fn release_versions(app: &App) -> Vec<u64> {
@@ -44,8 +47,14 @@ fn deploy_under_load_switches_versions_without_a_failed_request() {
     let answers = load.stop();
     assert!(answers.len() > 100, "too little load: {}", answers.len());
     assert_eq!(failures(&answers), Vec::<&(u16, String)>::new());
-    let old = answers.iter().filter(|(_, b)| b.starts_with("hello from")).count();
-    let new = answers.iter().filter(|(_, b)| b.starts_with("test-web")).count();
+    let old = answers
+        .iter()
+        .filter(|(_, b)| b.starts_with("hello from"))
+        .count();
+    let new = answers
+        .iter()
+        .filter(|(_, b)| b.starts_with("test-web"))
+        .count();
     assert!(old > 0 && new > 0, "old {old}, new {new}");
     assert_eq!(old + new, answers.len());
 
@@ -56,7 +65,10 @@ fn deploy_under_load_switches_versions_without_a_failed_request() {
     host.wait_for("Release v2 is live", Duration::from_secs(5));
     assert_eq!(release_versions(&app), [2, 1]);
     let table = app.cli(&["releases"]);
-    assert!(table.stdout.contains("Deploy: web changed  (current)"), "{table:?}");
+    assert!(
+        table.stdout.contains("Deploy: web changed  (current)"),
+        "{table:?}"
+    );
     assert!(table.stdout.contains("Initial release"), "{table:?}");
 
     // Nothing changed: no new release.
@@ -98,7 +110,8 @@ fn broken_releases_are_rejected_and_the_old_version_keeps_serving() {
         "{out:?}"
     );
     assert!(
-        out.stderr.contains("did not pass its health check within 1 s"),
+        out.stderr
+            .contains("did not pass its health check within 1 s"),
         "{out:?}"
     );
     assert!(out.stderr.contains("GET /health answered 500"), "{out:?}");
@@ -126,12 +139,16 @@ fn rollback_runs_the_stored_components_even_after_the_files_changed() {
     std::fs::remove_file(app.path("app.wasm")).unwrap();
     let out = app.cli(&["rollback", "v1"]);
     assert!(out.ok, "{out:?}");
-    assert_eq!(out.stdout.trim(), "Released v3: Rollback to v1: web changed");
+    assert_eq!(
+        out.stdout.trim(),
+        "Released v3: Rollback to v1: web changed"
+    );
     assert!(host.get("/").body.starts_with("hello from"));
     let out = app.cli(&["rollback", "v9"]);
     assert!(!out.ok);
     assert!(
-        out.stderr.contains("no release v9: kept releases are v1, v2, v3"),
+        out.stderr
+            .contains("no release v9: kept releases are v1, v2, v3"),
         "{out:?}"
     );
     let out = app.cli(&["rollback", "latest"]);
@@ -179,7 +196,10 @@ fn deploy_adds_and_removes_types_and_leaves_unchanged_ones_alone() {
         .find(|i| i["id"] == "worker.1")
         .unwrap()
         .clone();
-    assert_eq!(worker["since"], worker_since, "unchanged type was restarted");
+    assert_eq!(
+        worker["since"], worker_since,
+        "unchanged type was restarted"
+    );
     assert_eq!(worker["release"], 1);
     host.wait_for("clock.1 | tick 1", Duration::from_secs(30));
 
@@ -203,7 +223,11 @@ fn deploy_adds_and_removes_types_and_leaves_unchanged_ones_alone() {
     app.write("Procfile", "web: {guests}/test_web.wasm\nnonsense\n");
     let out = app.cli(&["deploy"]);
     assert!(!out.ok);
-    assert!(out.stderr.contains("Procfile:2: expected `name: component.wasm"), "{out:?}");
+    assert!(
+        out.stderr
+            .contains("Procfile:2: expected `name: component.wasm"),
+        "{out:?}"
+    );
     assert!(out.stderr.contains("v3 keeps running"), "{out:?}");
 }
 
@@ -216,7 +240,10 @@ fn watch_deploys_when_a_component_is_rebuilt() {
     let changed = Instant::now();
     app.install("test_web.wasm", "app.wasm");
     host.wait_for("Release v2 is live", Duration::from_secs(20));
-    eprintln!("watch: new release {:?} after the change", changed.elapsed());
+    eprintln!(
+        "watch: new release {:?} after the change",
+        changed.elapsed()
+    );
     assert!(host.get("/").body.starts_with("test-web"));
 
     // A broken build is refused, and the next good one deploys.
@@ -264,7 +291,10 @@ fn control_and_routing_keep_answering_while_a_deploy_compiles() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(stderr.contains("not a process"), "{stderr}");
-    assert!(answered_during > 0, "the deploy finished before any request");
+    assert!(
+        answered_during > 0,
+        "the deploy finished before any request"
+    );
 }
 
 #[test]
@@ -315,17 +345,27 @@ fn singleton_is_never_scaled_past_one_nor_doubled_by_a_restart() {
         let out = app.cli(&["restart", "clock"]);
         assert!(out.ok, "{out:?}");
     }
-    app.write("wasmform.toml", "[processes.clock]\nsingleton = true\nenv = { V = 2 }\n");
+    app.write(
+        "wasmform.toml",
+        "[processes.clock]\nsingleton = true\nenv = { V = 2 }\n",
+    );
     let out = app.cli(&["deploy"]);
     assert!(out.ok, "{out:?}");
     assert!(out.stdout.contains("clock changed"), "{out:?}");
     app.wait_settled(Duration::from_secs(30));
     watcher.0.store(true, std::sync::atomic::Ordering::Relaxed);
-    assert_eq!(watcher.1.join().unwrap(), 1, "two clock instances were alive at once");
+    assert_eq!(
+        watcher.1.join().unwrap(),
+        1,
+        "two clock instances were alive at once"
+    );
 
     // A manifest asking for two is refused at `up`.
     drop(host);
-    app.write("wasmform.toml", "[processes.clock]\nsingleton = true\ncount = 2\n");
+    app.write(
+        "wasmform.toml",
+        "[processes.clock]\nsingleton = true\ncount = 2\n",
+    );
     let out = app.up_fails(&[]);
     assert!(
         out.contains("wasmform.toml:3:9: processes.clock.count: `clock` is a singleton"),

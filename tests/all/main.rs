@@ -3,8 +3,10 @@
 
 mod bad_input;
 mod control;
+mod deploy;
 mod formation;
 mod front_door;
 mod limits;
+mod manifest;
 mod support;
 mod wit;

@@ -87,16 +87,6 @@ impl App {
         std::fs::rename(tmp, self.path(name)).unwrap();
     }
 
-    /// Starts `wasmform up -f FILE -p 0 <args>` for another entry file (a manifest).
-    pub fn up_file(&self, file: &str, args: &[&str]) -> Wasmform {
-        let path = self.path(file);
-        let mut all = vec!["up", "-f", path.to_str().unwrap(), "-p", "0"];
-        all.extend_from_slice(args);
-        let mut host = Wasmform::spawn(&all);
-        host.wait_listening();
-        host
-    }
-
     /// Runs a client command (`scale`, `ps`…) against this app; returns (success, stdout, stderr).
     pub fn cli(&self, args: &[&str]) -> Cli {
         let output = Command::new(env!("CARGO_BIN_EXE_wasmform"))

@@ -1,0 +1,288 @@
+//! `wasmform.toml` and `.env` through the real binary: per-type settings, health checks,
+//! restart policies, recycling, services, outgoing HTTP, and errors with positions.
+
+use std::io::{Read as _, Write as _};
+use std::net::TcpListener;
+use std::time::Duration;
+
+use crate::support::{App, get};
+
+#[test]
+fn manifest_errors_name_file_line_column_and_key() {
+    let app = App::new("web: {guests}/hello.wasm\n");
+    let cases = [
+        (
+            "[processes.web]\ncout = 2\n",
+            "wasmform.toml:2:1: processes.web.cout: unknown field `cout`, expected one of",
+        ),
+        (
+            "[processes.web]\nmemory = \"12XB\"\n",
+            "wasmform.toml:2:10: processes.web.memory: invalid memory size `12XB`",
+        ),
+        (
+            "[processes.web]\ncount = \"two\"\n",
+            "wasmform.toml:2:9: processes.web.count: invalid type: string \"two\", expected u32",
+        ),
+        (
+            "[processes.web]\ncommand = \"other.wasm\"\n",
+            "processes.web.command: process type `web` already has a command in",
+        ),
+        (
+            "[processes.worker]\ncount = 2\n",
+            "processes.worker: process type `worker` has no command: add `command = \"worker.wasm\"`",
+        ),
+        (
+            "[processes.web.health]\npath = \"health\"\n",
+            "processes.web.health: health check path `health` must start with `/`",
+        ),
+        (
+            "[processes.web]\nallowed_outbound_hosts = [\"http://a b\"]\n",
+            "wasmform.toml:2:27: processes.web.allowed_outbound_hosts: `http://a b` is not a host",
+        ),
+        (
+            "[[services]]\nlisten = \"127.0.0.1:0\"\nprocesses = [\"admin\"]\n",
+            "services.processes: unknown process type `admin` (known: web)",
+        ),
+        (
+            "env_file = \"missing.env\"\n",
+            "wasmform.toml:1:12: env_file `",
+        ),
+        ("[processes.web\n", "wasmform.toml:1:"),
+    ];
+    for (manifest, expected) in cases {
+        app.write("wasmform.toml", manifest);
+        let out = app.up_fails(&[]);
+        assert!(
+            out.contains(expected),
+            "for {manifest:?} expected {expected:?} in:\n{out}"
+        );
+    }
+
+    // Settings that do not fit the component's kind are refused after compiling.
+    let app = App::new("worker: {guests}/ticker.wasm\n");
+    app.write("wasmform.toml", "[processes.worker]\nmax_requests = 5\n");
+    let out = app.up_fails(&[]);
+    assert!(out.contains("is a background process"), "{out}");
+    assert!(out.contains("apply to HTTP process types only"), "{out}");
+
+    let app = App::new("web: {guests}/hello.wasm\n");
+    app.write(".env", "GOOD=1\nnot a line\n");
+    let out = app.up_fails(&[]);
+    assert!(out.contains(".env:2: cannot parse `not a line`"), "{out}");
+}
+
+#[test]
+fn env_file_app_env_and_type_env_layer_in_order() {
+    let app = App::new("web: {guests}/test_web.wasm\n");
+    app.write(
+        ".env",
+        "# comment\nFROM_DOTENV=dotenv\nSHARED=dotenv\nexport QUOTED=\"a b\"\n",
+    );
+    app.write(
+        "wasmform.toml",
+        "[env]\nSHARED = \"app\"\nNUMBER = 42\nPORT = 1\n[processes.web.env]\nONLY_WEB = true\n",
+    );
+    let host = app.up(&[]);
+    let env = |name: &str| host.get(&format!("/env?name={name}")).body;
+    assert_eq!(env("FROM_DOTENV"), "dotenv\n");
+    assert_eq!(env("SHARED"), "app\n");
+    assert_eq!(env("NUMBER"), "42\n");
+    assert_eq!(env("QUOTED"), "a b\n");
+    assert_eq!(env("ONLY_WEB"), "true\n");
+    // The platform's variables win.
+    assert_eq!(env("PORT"), format!("{}\n", host.addr().port()));
+}
+
+#[test]
+fn manifest_alone_names_components_counts_and_memory() {
+    let app = App::new("");
+    std::fs::remove_file(app.procfile()).unwrap();
+    app.write(
+        "wasmform.toml",
+        "capacity = \"2GiB\"\n[processes.web]\ncommand = \"{guests}/hello.wasm\"\ncount = 3\nmemory = 64\n\n[processes.worker]\ncommand = \"{guests}/ticker.wasm 100\"\n",
+    );
+    // `up` without -f finds the manifest when there is no Procfile.
+    let mut host = crate::support::Wasmform::spawn(&[
+        "up",
+        "-p",
+        "0",
+        "-f",
+        app.path("Procfile").to_str().unwrap(),
+    ]);
+    let out = host.wait_for("listening on", Duration::from_secs(60));
+    assert!(out.contains("formation web=3, worker=1"), "{out}");
+    let ps = app.wait_settled(Duration::from_secs(30));
+    assert_eq!(ps["capacity"], 2u64 << 30);
+    for instance in ps["instances"].as_array().unwrap() {
+        if instance["type"] == "web" {
+            assert_eq!(instance["memory_limit"], 64 << 20);
+        }
+    }
+    host.signal(libc::SIGTERM);
+    host.wait_exit(Duration::from_secs(30));
+}
+
+#[test]
+fn health_checks_gate_traffic_and_restart_sick_instances() {
+    let app = App::new("web: {guests}/test_web.wasm\n");
+    app.write(
+        "wasmform.toml",
+        "[processes.web.health]\npath = \"/health\"\ninterval = \"100ms\"\nthreshold = 2\n",
+    );
+    let host = app.up(&["-m", "web=2"]);
+    let ps = app.wait_settled(Duration::from_secs(30));
+    for instance in ps["instances"].as_array().unwrap() {
+        assert_eq!(instance["health"], "passing", "{instance}");
+    }
+    let sick = host.get("/sick").body;
+    let name = sick.split_whitespace().next().unwrap().to_string();
+    let out = host.wait_for("failed 2 health checks in a row", Duration::from_secs(10));
+    assert!(
+        out.contains(&format!(
+            "{name} health check failed (1/2): GET /health answered 503"
+        )),
+        "{out}"
+    );
+    assert!(
+        out.contains(&format!("{name} failed 2 health checks in a row")),
+        "{out}"
+    );
+    // Replaced: the formation settles with every instance passing, and it serves.
+    let ps = app.wait_settled(Duration::from_secs(30));
+    let restarted = ps["instances"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["id"] == name.as_str())
+        .unwrap()
+        .clone();
+    assert_eq!(restarted["restarts"], 1, "{restarted}");
+    for _ in 0..10 {
+        assert_eq!(host.get("/health").status, 200);
+    }
+
+    // An instance that never passes does not start: `up` fails and says why.
+    app.write(
+        "wasmform.toml",
+        "[processes.web]\nenv = { HEALTH_STATUS = 404 }\nhealth = { path = \"/health\", grace = \"300ms\" }\n",
+    );
+    drop(host);
+    let out = app.up_fails(&[]);
+    assert!(
+        out.contains("web.1 failed to start: did not pass its health check within 300.0 ms (grace): GET /health answered 404"),
+        "{out}"
+    );
+}
+
+#[test]
+fn restart_policies_and_max_requests() {
+    let app = App::new(
+        "web: {guests}/test_web.wasm\ndone: {guests}/test-worker.wasm exit 0\nfails: {guests}/test-worker.wasm exit 3\n",
+    );
+    app.write(
+        "wasmform.toml",
+        "[processes.web]\nmax_requests = 3\n[processes.done]\nrestart = \"on-failure\"\n[processes.fails]\nrestart = \"never\"\n",
+    );
+    let host = app.up(&[]);
+    let out = host.wait_for(
+        "fails.1 exited with status 3; not restarted",
+        Duration::from_secs(30),
+    );
+    let out = if out.contains("done.1 exited with status 0; not restarted") {
+        out
+    } else {
+        host.wait_for(
+            "done.1 exited with status 0; not restarted (restart = \"on-failure\")",
+            Duration::from_secs(30),
+        )
+    };
+    assert!(
+        !out.contains("done.1 exited with status 0; restarting"),
+        "{out}"
+    );
+    let ps = app.ps();
+    for id in ["done.1", "fails.1"] {
+        let instance = ps["instances"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|i| i["id"] == id)
+            .unwrap()
+            .clone();
+        assert_eq!(instance["state"], "exited", "{instance}");
+    }
+    // A restart brings an exited instance back.
+    assert!(app.cli(&["restart", "fails"]).ok);
+    host.wait_for("fails.1 | exiting with 3", Duration::from_secs(30));
+
+    // Recycled after every 3 requests, without a failed request and without counting a crash.
+    let counts: Vec<String> = (0..7)
+        .map(|_| host.get("/count").body.trim().to_string())
+        .collect();
+    assert_eq!(counts, ["1", "2", "3", "1", "2", "3", "1"]);
+    host.wait_for(
+        "web.1 served 3 requests (max_requests); recycled",
+        Duration::from_secs(5),
+    );
+    let ps = app.ps();
+    let web = ps["instances"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["id"] == "web.1")
+        .unwrap()
+        .clone();
+    assert_eq!(web["restarts"], 0, "{web}");
+}
+
+/// A one-shot HTTP server on loopback answering `body` to every request, for outgoing calls.
+fn upstream(body: &'static str) -> std::net::SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().take(50) {
+            let Ok(mut stream) = stream else { continue };
+            let mut buf = [0u8; 4096];
+            let _ = stream.read(&mut buf);
+            let _ = write!(
+                stream,
+                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+        }
+    });
+    addr
+}
+
+#[test]
+fn outgoing_http_is_denied_unless_the_host_is_allowed() {
+    let allowed = upstream("from upstream");
+    let other = upstream("should not be reached");
+    let app = App::new("web: {guests}/test_web.wasm\nadmin: {guests}/test_web.wasm\n");
+    let admin_port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    app.write(
+        "wasmform.toml",
+        &format!(
+            "[processes.web]\nallowed_outbound_hosts = [\"http://127.0.0.1:{}\"]\n\n[[services]]\nlisten = \"127.0.0.1:{admin_port}\"\nprocesses = [\"admin\"]\n",
+            allowed.port()
+        ),
+    );
+    let host = app.up(&[]);
+    let ok = host.get(&format!("/fetch?url=http://{allowed}/"));
+    assert_eq!(ok.body, "fetched 200: from upstream");
+    let denied = host.get(&format!("/fetch?url=http://{other}/"));
+    assert_eq!(denied.status, 502, "{denied:?}");
+    assert!(denied.body.contains("HttpRequestDenied"), "{denied:?}");
+
+    // The service port routes to `admin`, which has no allow-list at all.
+    let service = host.logged_addr("service `admin` serving");
+    assert_eq!(service.port(), admin_port);
+    assert_eq!(get(service, "/whoami").body, "admin.1\n");
+    let denied = get(service, &format!("/fetch?url=http://{allowed}/"));
+    assert!(denied.body.contains("HttpRequestDenied"), "{denied:?}");
+    assert_eq!(host.get("/whoami").body, "web.1\n");
+}
