@@ -29,27 +29,34 @@
 //! Data flows one way:
 //!
 //! ```text
-//! Procfile ─► procfile ─► app::AppSpec ─► Host::new (formation, compile) ─► Host::start
+//! Procfile ─► procfile ─┐
+//! wasmform.toml ─► manifest ─┼► app::AppSpec ─► release::ReleaseStore (stage: store + hash)
+//! .env ──────────────────┘        ─► Host::new (formation, compile) ─► Host::start
 //!                                                    │
 //!   CLI scale/ps/logs ─► control ─► supervisor: desired formation, one task per slot,
-//!                                   restart backoff, capacity, rolling replacement
+//!   CLI deploy/rollback ─► deploy ─┘  restart policies, health checks, capacity, singletons,
+//!                                     rolling replacement and roll-back of versions
 //!                                                    ├── web instances ─► router::Pool ◄── proxy (hyper)
 //!                                                    └── workers (wasi:cli/run, idle-priority runtime)
 //!   guest stdout/stderr and host events ─► logs ─► stdout, history, followers
 //! ```
 //!
 //! - [`procfile`]: Procfile parsing, errors with line numbers.
-//! - [`app`]: the resolved app and validated values ([`ByteSize`], [`ProcessName`]).
+//! - [`manifest`]: the `wasmform.toml` schema, errors with line, column and key path.
+//! - [`app`]: the resolved app (Procfile + manifest + `.env`) and validated values
+//!   ([`ByteSize`], [`ProcessName`]).
 //! - [`formation`]: desired counts per type, foreman's `-m` syntax.
+//! - [`release`]: numbered immutable releases and their stored components.
+//! - [`deploy`]: deploys and rollbacks of a running host: validate and compile, then roll.
 //! - [`runtime`]: the only owner of the wasmtime `Engine`, `Linker`, pooling allocator, epoch
-//!   ticker and store data.
-//! - [`instance`]: one web instance or worker run.
-//! - [`supervisor`]: slots, restarts with backoff.
+//!   ticker and store data (including the outgoing-HTTP allow-list).
+//! - [`instance`]: one web instance (requests, health checks) or worker run.
+//! - [`supervisor`]: slots, restarts, health checks, versions of types and their roll-out.
 //! - [`router`]: round-robin over free instances with a bounded queue; no wasmtime types.
 //! - [`proxy`]: the hyper server, front-door limits and status mapping.
 //! - [`logs`]: the foreman-style log stream, its history and followers.
-//! - [`control`]: the control API (Unix socket, optional TCP with a token) that `scale`, `ps`,
-//!   `logs` and `restart` talk to.
+//! - [`control`]: the control API (Unix socket, optional TCP with a token) that the client
+//!   commands talk to.
 //! - [`state`]: the state directory: the persisted formation and the control socket.
 //! - [`metrics`]: Prometheus metrics.
 //! - [`cli`]: one file per subcommand.

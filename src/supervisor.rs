@@ -1149,6 +1149,10 @@ impl Supervisor {
                         failure = Some(e);
                         break;
                     }
+                    failure = self.crashed_during(release);
+                    if failure.is_some() {
+                        break;
+                    }
                 }
                 if failure.is_some() {
                     break;
@@ -1157,19 +1161,7 @@ impl Supervisor {
         }
         // A new instance that crashed while the rest rolled out fails the deploy too.
         if failure.is_none() {
-            failure = self
-                .active_slots(|s| s.version.release == release)
-                .iter()
-                .find(|s| s.restarts.load(Ordering::Relaxed) > 0)
-                .map(|s| {
-                    let state = s.status.lock().unwrap_or_else(|e| e.into_inner()).0.clone();
-                    match state {
-                        SlotState::Crashed { reason, .. } | SlotState::Exited { reason } => {
-                            format!("{} crashed during the roll-out: {reason}", s.name())
-                        }
-                        _ => format!("{} crashed during the roll-out", s.name()),
-                    }
-                });
+            failure = self.crashed_during(release);
         }
         if let Some(failure) = failure {
             self.roll_back(old_types, old_desired).await;
@@ -1183,6 +1175,22 @@ impl Supervisor {
             tracing::warn!("failed to store the formation: {e:#}");
         }
         Ok(changes)
+    }
+
+    /// Why an instance of `release` ended since it started, if one did.
+    fn crashed_during(&self, release: u32) -> Option<String> {
+        self.active_slots(|s| s.version.release == release)
+            .iter()
+            .find(|s| s.restarts.load(Ordering::Relaxed) > 0)
+            .map(|s| {
+                let state = s.status.lock().unwrap_or_else(|e| e.into_inner()).0.clone();
+                match state {
+                    SlotState::Crashed { reason, .. } | SlotState::Exited { reason } => {
+                        format!("{} crashed during the roll-out: {reason}", s.name())
+                    }
+                    _ => format!("{} crashed during the roll-out", s.name()),
+                }
+            })
     }
 
     /// Puts `types` and `desired` back after a failed deploy: slots of types that were added

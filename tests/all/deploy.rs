@@ -372,3 +372,39 @@ fn singleton_is_never_scaled_past_one_nor_doubled_by_a_restart() {
         "{out}"
     );
 }
+
+#[test]
+fn a_release_whose_instances_crash_during_the_roll_out_is_rolled_back() {
+    let app = App::new("web: {guests}/hello.wasm\nworker: {guests}/ticker.wasm 100\n");
+    let host = app.up(&["-m", "worker=3"]);
+    app.wait_settled(Duration::from_secs(30));
+    // Starts fine, then exits at once: up, then crashed, while the other instances roll.
+    app.write(
+        "Procfile",
+        "web: {guests}/hello.wasm\nworker: {guests}/test-worker.wasm exit 3\n",
+    );
+    let out = app.cli(&["deploy"]);
+    assert!(!out.ok, "{out:?}");
+    assert!(
+        out.stderr
+            .contains("release v2 failed and was rolled back: worker."),
+        "{out:?}"
+    );
+    assert!(
+        out.stderr
+            .contains("crashed during the roll-out: exited with status 3"),
+        "{out:?}"
+    );
+    let ps = app.wait_settled(Duration::from_secs(30));
+    for instance in ps["instances"].as_array().unwrap() {
+        assert_eq!(instance["release"], 1, "{instance}");
+    }
+    let before = host.output().len();
+    host.wait_until(Duration::from_secs(10), |out| {
+        ["worker.1", "worker.2", "worker.3"]
+            .iter()
+            .all(|w| out[before..].contains(&format!("{w} | tick")))
+    })
+    .expect("the old workers did not tick again");
+    assert_eq!(release_versions(&app), [1]);
+}

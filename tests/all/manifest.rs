@@ -286,3 +286,21 @@ fn outgoing_http_is_denied_unless_the_host_is_allowed() {
     assert!(denied.body.contains("HttpRequestDenied"), "{denied:?}");
     assert_eq!(host.get("/whoami").body, "web.1\n");
 }
+
+#[test]
+fn up_build_runs_the_manifest_build_command() {
+    let app = App::new("web: app.wasm\n");
+    app.write(
+        "wasmform.toml",
+        "[build]\ncommand = \"cp {guests}/hello.wasm app.wasm && echo built-by-manifest\"\n",
+    );
+    let host = app.up(&["--build"]);
+    assert!(host.output().contains("built-by-manifest"));
+    assert!(host.get("/").body.starts_with("hello from web.1"));
+    drop(host);
+
+    app.write("wasmform.toml", "[build]\ncommand = \"exit 7\"\n");
+    let out = app.up_fails(&["--build"]);
+    assert!(out.contains("`exit 7` in `"), "{out}");
+    assert!(out.contains("failed (exit status: 7)"), "{out}");
+}
