@@ -1091,7 +1091,8 @@ impl Supervisor {
             let limit = |count: u32| if spec.singleton { count.min(1) } else { count };
             match old_types.get(&name) {
                 Some(old) => {
-                    let mut scale = old_desired.get(&name).expect("current types are desired");
+                    let before = old_desired.get(&name).expect("current types are desired");
+                    let mut scale = before;
                     // The manifest's count and memory apply when they changed between
                     // releases; otherwise the live formation (`scale`) stays.
                     if spec.count != old.spec.count {
@@ -1102,7 +1103,8 @@ impl Supervisor {
                     }
                     scale.count = limit(scale.count);
                     next_desired.insert(name.clone(), scale);
-                    if !old.same_as(&spec, &compiled) {
+                    // A new memory limit rolls the type as a new version does.
+                    if !old.same_as(&spec, &compiled) || scale.memory != before.memory {
                         changes.changed.push(name.to_string());
                     }
                     next_types.insert(name, self.version(spec, compiled, release));

@@ -304,3 +304,31 @@ fn up_build_runs_the_manifest_build_command() {
     assert!(out.contains("`exit 7` in `"), "{out}");
     assert!(out.contains("failed (exit status: 7)"), "{out}");
 }
+
+#[test]
+fn manifest_count_and_memory_apply_when_they_change_and_scale_wins_otherwise() {
+    let app = App::new("web: {guests}/hello.wasm\n");
+    app.write("wasmform.toml", "[processes.web]\ncount = 2\n");
+    let _host = app.up(&[]);
+    assert_eq!(app.formation(), [("web".to_string(), 2)]);
+    // `scale` owns the formation from now on…
+    assert!(app.cli(&["scale", "web=3"]).ok);
+    app.write(
+        "wasmform.toml",
+        "[processes.web]\ncount = 2\nenv = { A = 1 }\n",
+    );
+    assert!(app.cli(&["deploy"]).ok);
+    assert_eq!(app.formation(), [("web".to_string(), 3)]);
+    // …until the manifest's own value changes: a memory-only change is a release that rolls.
+    app.write(
+        "wasmform.toml",
+        "[processes.web]\ncount = 1\nmemory = \"64MiB\"\nenv = { A = 1 }\n",
+    );
+    let out = app.cli(&["deploy"]);
+    assert!(out.ok, "{out:?}");
+    assert_eq!(out.stdout.trim(), "Released v3: Deploy: web changed");
+    let ps = app.wait_settled(Duration::from_secs(30));
+    let instances = ps["instances"].as_array().unwrap();
+    assert_eq!(instances.len(), 1, "{ps:#}");
+    assert_eq!(instances[0]["memory_limit"], 64 << 20);
+}
