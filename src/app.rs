@@ -252,6 +252,14 @@ pub struct ProcessSpec {
     pub health: Option<HealthCheck>,
     /// Hosts outgoing HTTP may reach (`host`, `host:port`, or `*`); empty: none.
     pub allowed_outbound_hosts: Vec<String>,
+    /// Key-value buckets the type may open.
+    pub buckets: Vec<String>,
+    /// Queues the type may enqueue to.
+    pub queues: Vec<String>,
+    /// The queue a consumer type handles.
+    pub consume: Option<String>,
+    /// Deliveries of one message before it is dead-lettered.
+    pub max_attempts: u32,
 }
 
 impl ProcessSpec {
@@ -271,6 +279,10 @@ impl ProcessSpec {
             env: BTreeMap::new(),
             health: None,
             allowed_outbound_hosts: Vec::new(),
+            buckets: Vec::new(),
+            queues: Vec::new(),
+            consume: None,
+            max_attempts: DEFAULT_MAX_ATTEMPTS,
         }
     }
 
@@ -287,6 +299,9 @@ impl ProcessSpec {
         strip(self) == strip(other)
     }
 }
+
+/// Deliveries of a message before it is dead-lettered, unless `max_attempts` says otherwise.
+pub const DEFAULT_MAX_ATTEMPTS: u32 = 5;
 
 /// An extra HTTP listener (`[[services]]`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -314,6 +329,8 @@ pub struct AppSpec {
     pub services: Vec<Service>,
     /// The configuration files read (Procfile, manifest, env file), for `up --watch`.
     pub sources: Vec<PathBuf>,
+    /// `[state] url`: Redis for shared state; `None`: the embedded store.
+    pub state_url: Option<String>,
 }
 
 impl AppSpec {
@@ -326,6 +343,7 @@ impl AppSpec {
             build: None,
             services: Vec::new(),
             sources: Vec::new(),
+            state_url: None,
         }
     }
 
@@ -392,6 +410,7 @@ impl AppSpec {
             build: None,
             services: Vec::new(),
             sources,
+            state_url: None,
         };
         let mut env = BTreeMap::new();
         match &manifest {
@@ -439,6 +458,16 @@ impl AppSpec {
         }
         env.extend(raw.env.into_iter().map(|(k, v)| (k, v.0)));
         self.capacity = raw.capacity.map(|c| c.0);
+        if let Some(url) = raw.state.as_ref().and_then(|s| s.url.as_ref()) {
+            if !(url.get_ref().starts_with("redis://") || url.get_ref().starts_with("rediss://")) {
+                anyhow::bail!(
+                    "{}: state.url: `{}` is not supported: use `redis://HOST:PORT`, or leave `url` out for the embedded store",
+                    at(url.span()),
+                    url.get_ref()
+                );
+            }
+            self.state_url = Some(url.get_ref().clone());
+        }
         self.build = raw.build.map(|b| b.command);
         for process in &mut self.processes {
             process.env = env.clone();
@@ -528,6 +557,28 @@ impl AppSpec {
                     })
                 })
                 .collect::<Result<_>>()?;
+            let names = |list: &[toml::Spanned<String>], what: &str| -> Result<Vec<String>> {
+                list.iter()
+                    .map(|name| {
+                        check_state_name(name.get_ref())
+                            .map(|()| name.get_ref().clone())
+                            .map_err(|e| anyhow::anyhow!("{}: {key}.{what}: {e}", at(name.span())))
+                    })
+                    .collect()
+            };
+            spec.buckets = names(&settings.buckets, "buckets")?;
+            spec.queues = names(&settings.queues, "queues")?;
+            if let Some(queue) = &settings.consume {
+                check_state_name(queue.get_ref())
+                    .map_err(|e| anyhow::anyhow!("{}: {key}.consume: {e}", at(queue.span())))?;
+                spec.consume = Some(queue.get_ref().clone());
+            }
+            if let Some(max) = &settings.max_attempts {
+                if *max.get_ref() == 0 {
+                    anyhow::bail!("{}: {key}.max_attempts: must be at least 1", at(max.span()));
+                }
+                spec.max_attempts = *max.get_ref();
+            }
             spec.origin = if spec.origin.ends_with(".toml") || existing.is_none() {
                 origin
             } else {
@@ -580,6 +631,23 @@ impl AppSpec {
     pub fn process(&self, name: &str) -> Option<&ProcessSpec> {
         self.processes.iter().find(|p| p.name.as_str() == name)
     }
+}
+
+/// A bucket or queue name: 1 to 128 of `[A-Za-z0-9_.-]`.
+fn check_state_name(name: &str) -> Result<()> {
+    if name.is_empty() || name.len() > 128 {
+        anyhow::bail!("`{name}` must be 1 to 128 characters long");
+    }
+    if let Some(bad) = name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.')))
+    {
+        anyhow::bail!(
+            "`{name}`: character `{}` is not allowed (use letters, digits, `_`, `-` and `.`)",
+            bad.escape_default()
+        );
+    }
+    Ok(())
 }
 
 /// `host`, `host:port`, `*.domain` or `*`; a scheme is accepted and dropped. No paths.

@@ -348,6 +348,7 @@ pub async fn probe(
     let result = match &compiled.kind {
         Kind::Http(pre) => pre.instantiate_async(&mut store).await.map(drop),
         Kind::Command(pre) => pre.instantiate_async(&mut store).await.map(drop),
+        Kind::Consumer(consumer) => consumer.pre.instantiate_async(&mut store).await.map(drop),
     };
     result.map_err(|e| describe(&e, &store, memory))
 }
@@ -365,4 +366,65 @@ fn describe(err: &wasmtime::Error, store: &Store<InstanceState>, memory: ByteSiz
     }
     let text = format!("{err:#}");
     text.lines().next().unwrap_or("unknown error").to_string()
+}
+
+/// A live queue consumer instance: handles one message at a time.
+pub struct Consumer {
+    store: Store<InstanceState>,
+    handle: wasmtime::component::TypedFunc<(String, Vec<u8>), (Result<(), String>,)>,
+    memory: ByteSize,
+}
+
+/// How one delivery went.
+pub enum Delivery {
+    /// `handle` returned `ok`: acknowledge.
+    Done,
+    /// `handle` returned `err(text)`: redeliver; the instance is fine.
+    Failed(String),
+    /// It trapped, ran out of memory or time: redeliver; the instance is gone.
+    Crashed(String),
+}
+
+impl Consumer {
+    /// Instantiates a consumer.
+    pub async fn start(
+        runtime: &Runtime,
+        pre: &crate::runtime::ConsumerPre,
+        setup: InstanceSetup<'_>,
+    ) -> anyhow::Result<Self> {
+        let memory = setup.memory;
+        let mut store = runtime.new_store(setup);
+        let instance = match pre.pre.instantiate_async(&mut store).await {
+            Ok(instance) => instance,
+            Err(e) => return Err(anyhow::anyhow!(describe(&e, &store, memory))),
+        };
+        let handle = instance
+            .get_typed_func::<(String, Vec<u8>), (Result<(), String>,)>(&mut store, &pre.handle)
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "`wasmform:host/consumer.handle` has the wrong signature: {e}; build the component against wit/world.wit"
+                )
+            })?;
+        Ok(Self {
+            store,
+            handle,
+            memory,
+        })
+    }
+
+    /// Delivers one message; at most `timeout` long.
+    pub async fn deliver(&mut self, queue: &str, body: Vec<u8>, timeout: Duration) -> Delivery {
+        let call = self
+            .handle
+            .call_async(&mut self.store, (queue.to_string(), body));
+        match tokio::time::timeout(timeout, call).await {
+            Ok(Ok((Ok(()),))) => Delivery::Done,
+            Ok(Ok((Err(text),))) => Delivery::Failed(text),
+            Ok(Err(e)) => Delivery::Crashed(describe(&e, &self.store, self.memory)),
+            Err(_) => Delivery::Crashed(format!(
+                "handling a message took longer than {}",
+                crate::humanize(timeout)
+            )),
+        }
+    }
 }

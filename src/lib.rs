@@ -75,6 +75,7 @@ pub mod proxy;
 pub mod release;
 pub mod router;
 pub mod runtime;
+pub mod shared;
 pub mod state;
 pub mod supervisor;
 
@@ -198,6 +199,8 @@ pub struct Host {
     releases: ReleaseStore,
     /// The release being started.
     release: u32,
+    /// `[state] url`, if shared state lives in Redis.
+    shared_url: Option<String>,
 }
 
 impl Host {
@@ -358,6 +361,7 @@ impl Host {
             }
         };
         let services = staged.app.services.clone();
+        let shared_url = staged.app.state_url.clone();
 
         let http: Vec<usize> = (0..processes.len())
             .filter(|&i| processes[i].1.is_http())
@@ -398,6 +402,7 @@ impl Host {
             services,
             releases,
             release,
+            shared_url,
         })
     }
 
@@ -467,6 +472,13 @@ impl Host {
         }
         // Owned by the guard from here on: an early return must not drop a runtime inside
         // this async context.
+        let shared = match &self.shared_url {
+            Some(url) => Some(shared::Store::open(Some(url), None).await?),
+            None => {
+                let dir = self.state.as_ref().map(|s| s.path().to_path_buf());
+                Some(shared::Store::open(None, dir.as_deref()).await?)
+            }
+        };
         let background = BackgroundRuntime(Some(background_runtime()?));
         let background_handle = background
             .0
@@ -487,6 +499,7 @@ impl Host {
             queue_limit: self.options.queue_limit,
             rotate: self.options.rotate,
             default_memory: self.options.memory.unwrap_or(DEFAULT_MEMORY),
+            shared: shared.clone(),
             formation: self.formation.clone(),
             store: self.state.clone(),
         });
@@ -584,6 +597,9 @@ impl Host {
             ));
             logs.host(format!("metrics on http://{addr}/metrics"));
         }
+        if let Some(shared) = &shared {
+            logs.host(format!("shared state: {}", shared.describe()));
+        }
         logs.host(format!("listening on http://{addr}"));
         Ok(RunningHost {
             addr,
@@ -634,6 +650,20 @@ pub(crate) fn compile_all(
                 spec.name,
                 spec.origin,
                 spec.component.display()
+            ),
+            Ok(Ok((c, _))) if matches!(c.kind, runtime::Kind::Consumer(_)) && spec.consume.is_none() => bail!(
+                "process type `{}` ({}): `{}` is a queue consumer (it exports `wasmform:host/consumer`) but names no queue: add `consume = \"jobs\"` to `[processes.{}]` in wasmform.toml",
+                spec.name,
+                spec.origin,
+                spec.component.display(),
+                spec.name
+            ),
+            Ok(Ok((c, _))) if !matches!(c.kind, runtime::Kind::Consumer(_)) && spec.consume.is_some() => bail!(
+                "process type `{}` ({}): `consume` needs a queue consumer, but `{}` is a {} process (a consumer exports `wasmform:host/consumer`)",
+                spec.name,
+                spec.origin,
+                spec.component.display(),
+                c.kind_name()
             ),
             Ok(result) => result?,
             Err(std::sync::mpsc::RecvTimeoutError::Timeout) => bail!(

@@ -38,6 +38,16 @@ pub struct Manifest {
     /// Extra HTTP listeners, as in fly.toml.
     #[serde(default)]
     pub services: Vec<Spanned<Service>>,
+    /// Where shared state (buckets, queues) lives.
+    pub state: Option<State>,
+}
+
+/// `[state]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct State {
+    /// `redis://127.0.0.1:6379`; absent: the embedded store in the state directory.
+    pub url: Option<Spanned<String>>,
 }
 
 /// `[build]`.
@@ -75,6 +85,16 @@ pub struct Process {
     /// Hosts that outgoing HTTP requests may go to (none by default).
     #[serde(default)]
     pub allowed_outbound_hosts: Vec<Spanned<String>>,
+    /// Key-value buckets the type may open (none by default).
+    #[serde(default)]
+    pub buckets: Vec<Spanned<String>>,
+    /// Queues the type may enqueue to (none by default).
+    #[serde(default)]
+    pub queues: Vec<Spanned<String>>,
+    /// The queue a consumer type handles.
+    pub consume: Option<Spanned<String>>,
+    /// Deliveries of one message before it is dead-lettered (default 5).
+    pub max_attempts: Option<Spanned<u32>>,
 }
 
 /// `[processes.NAME.health]`.

@@ -78,6 +78,8 @@ pub struct Metrics {
     requests: Family<RequestLabels, Counter>,
     latency: Family<TypeLabel, Histogram, fn() -> Histogram>,
     restarts: Family<RestartLabels, Counter>,
+    /// Queue messages whose delivery failed, by consumer type.
+    queue_failures: Family<TypeLabel, Counter>,
     instantiate: Histogram,
     compile: Family<TypeLabel, Gauge<f64, AtomicU64>>,
     instances: Family<StateLabels, Gauge>,
@@ -117,6 +119,12 @@ impl Metrics {
             "wasmform_instance_restarts",
             "Instances replaced after ending, by process type and reason (trap, memory, timeout, exit, cancelled, boot)",
             restarts.clone(),
+        );
+        let queue_failures = Family::<TypeLabel, Counter>::default();
+        registry.register(
+            "wasmform_queue_delivery_failures",
+            "Queue messages whose handler returned an error, trapped or timed out, by consumer type",
+            queue_failures.clone(),
         );
         let instantiate = Histogram::new(exponential_buckets(0.00001, 2.0, 16));
         registry.register(
@@ -177,6 +185,7 @@ impl Metrics {
             requests,
             latency,
             restarts,
+            queue_failures,
             instantiate,
             compile,
             instances,
@@ -199,6 +208,15 @@ impl Metrics {
                 r#type: process.to_string(),
             }),
         }
+    }
+
+    /// A failed queue delivery of a consumer type.
+    pub fn queue_failure(&self, process: &str) {
+        self.queue_failures
+            .get_or_create(&TypeLabel {
+                r#type: process.to_string(),
+            })
+            .inc();
     }
 
     /// Counts one restart; `reason` is the logged reason, classified.

@@ -39,7 +39,9 @@ use crate::humanize;
 use crate::instance::{self, Exit, WebInstance, WebSettings};
 use crate::logs::{API, Logs};
 use crate::router::{Member as _, Pool};
+use crate::runtime::shared::SharedCtx;
 use crate::runtime::{Compiled, InstanceSetup, Kind, Runtime};
+use crate::shared::{Nacked, Store};
 use crate::state::StateDir;
 
 /// How crashed instances are restarted: at once the first time, then after `base`, doubling
@@ -111,6 +113,8 @@ pub struct ProcessType {
     pub pool: Option<Arc<Pool<WebInstance>>>,
     /// The release that brought this version (0 without releases).
     pub release: u32,
+    /// The shared store and the buckets and queues the type may use.
+    pub shared: SharedCtx,
 }
 
 impl ProcessType {
@@ -321,6 +325,8 @@ pub struct Supervisor {
     rotate: usize,
     /// Memory of a type that appears in a deploy without its own `memory`.
     default_memory: ByteSize,
+    /// The app's shared store (buckets, queues).
+    shared: Option<Store>,
     /// Serializes formation changes; held across a whole rolling replacement.
     ops: tokio::sync::Mutex<()>,
     /// Where the formation is persisted, if anywhere.
@@ -353,6 +359,8 @@ pub struct SupervisorConfig {
     pub rotate: usize,
     /// Memory of a type added by a deploy without its own `memory`.
     pub default_memory: ByteSize,
+    /// The app's shared store.
+    pub shared: Option<Store>,
     /// Initial desired formation.
     pub formation: Formation,
     /// Persistence.
@@ -419,6 +427,7 @@ impl Supervisor {
             queue_limit: config.queue_limit,
             rotate: config.rotate,
             default_memory: config.default_memory,
+            shared: config.shared,
             ops: tokio::sync::Mutex::new(()),
             store: config.store,
             background: config.background,
@@ -447,12 +456,18 @@ impl Supervisor {
         let mut registry = self.registry.lock().unwrap_or_else(|e| e.into_inner());
         let next = registry.colours.len();
         let colour = *registry.colours.entry(spec.name.clone()).or_insert(next);
+        let shared = SharedCtx {
+            store: self.shared.clone(),
+            buckets: spec.buckets.iter().cloned().collect(),
+            queues: spec.queues.iter().cloned().collect(),
+        };
         Arc::new(ProcessType {
             spec,
             compiled,
             colour,
             pool,
             release,
+            shared,
         })
     }
 
@@ -627,7 +642,7 @@ impl Supervisor {
         let slot_for_caller = slot.clone();
         let (tx, rx) = oneshot::channel();
         let this = self.clone();
-        let is_http = process.compiled.is_http();
+        let foreground = !matches!(process.compiled.kind, Kind::Command(_));
         let process = process.clone();
         let task = self.tasks.track_future(async move {
             // A singleton's replacement holds its place but starts only once the instance it
@@ -644,7 +659,7 @@ impl Supervisor {
             }
             this.slot_ended(&slot);
         });
-        if is_http {
+        if foreground {
             tokio::spawn(task);
         } else {
             self.background.spawn(task);
@@ -784,6 +799,7 @@ impl Supervisor {
             stderr: self.logs.sink(name, process.colour),
             env: &process.spec.env,
             allowed_outbound_hosts: &process.spec.allowed_outbound_hosts,
+            shared: &process.shared,
         };
         let sinks = (setup.stdout.clone(), setup.stderr.clone());
         let starting = Instant::now();
@@ -888,6 +904,15 @@ impl Supervisor {
                     }
                 }
             }
+            Kind::Consumer(pre) => {
+                let start = instance::Consumer::start(&self.runtime, pre, setup);
+                let mut consumer = tokio::select! {
+                    consumer = start => consumer.map_err(|e| format!("{e:#}"))?,
+                    () = slot.cancel.cancelled() => return Ok(Ended::Stopped),
+                };
+                mark_up(ready);
+                self.consume(process, slot, name, &mut consumer).await
+            }
             Kind::Command(pre) => {
                 let run = instance::run_worker(&self.runtime, pre, setup, || mark_up(ready));
                 tokio::select! {
@@ -902,6 +927,90 @@ impl Supervisor {
         sinks.0.flush();
         sinks.1.flush();
         Ok(ended)
+    }
+
+    /// A consumer instance's loop: take the next due message of the type's queue, deliver
+    /// it, acknowledge or redeliver it. Ends when the instance crashes (its message is
+    /// redelivered) or the slot stops (a message in hand is put back at once).
+    async fn consume(
+        &self,
+        process: &ProcessType,
+        slot: &Slot,
+        name: &str,
+        consumer: &mut instance::Consumer,
+    ) -> Ended {
+        let (Some(store), Some(queue)) = (&process.shared.store, &process.spec.consume) else {
+            slot.cancel.cancelled().await;
+            return Ended::Stopped;
+        };
+        let timeout = process
+            .spec
+            .request_timeout
+            .unwrap_or(self.limits.drain_timeout);
+        let max = process.spec.max_attempts;
+        loop {
+            let job = tokio::select! {
+                job = store.reserve(queue) => job,
+                () = slot.cancel.cancelled() => return Ended::Stopped,
+            };
+            let job = match job {
+                Ok(Some(job)) => job,
+                Ok(None) => {
+                    tokio::select! {
+                        () = store.wait(Duration::from_millis(250)) => {}
+                        () = slot.cancel.cancelled() => return Ended::Stopped,
+                    }
+                    continue;
+                }
+                Err(e) => {
+                    self.logs
+                        .host(format!("{name} cannot read queue `{queue}`: {e}"));
+                    tokio::select! {
+                        () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                        () = slot.cancel.cancelled() => return Ended::Stopped,
+                    }
+                    continue;
+                }
+            };
+            slot.requests.fetch_add(1, Ordering::Relaxed);
+            let delivery = tokio::select! {
+                delivery = consumer.deliver(queue, job.body.clone(), timeout) => delivery,
+                () = slot.cancel.cancelled() => {
+                    if let Err(e) = store.release(&job).await {
+                        self.logs.host(format!("{name} could not put message {} back: {e}", job.id));
+                    }
+                    return Ended::Stopped;
+                }
+            };
+            let (reason, crashed) = match delivery {
+                instance::Delivery::Done => {
+                    if let Err(e) = store.ack(&job).await {
+                        self.logs.host(format!(
+                            "{name} could not acknowledge message {}: {e}",
+                            job.id
+                        ));
+                    }
+                    continue;
+                }
+                instance::Delivery::Failed(text) => (text, None),
+                instance::Delivery::Crashed(reason) => (reason.clone(), Some(reason)),
+            };
+            let outcome = match store.nack(&job, &reason, max).await {
+                Ok(Nacked::Retry) => format!("will retry (attempt {}/{max})", job.attempts),
+                Ok(Nacked::DeadLettered) => {
+                    format!("dead-lettered after {} attempts", job.attempts)
+                }
+                Err(e) => format!("could not be put back: {e}"),
+            };
+            self.logs.host(format!(
+                "{name} message {} of `{queue}` failed: {reason}; {outcome}",
+                job.id
+            ));
+            self.metrics.queue_failure(process.spec.name.as_str());
+            if let Some(reason) = crashed {
+                return Ended::Request(reason);
+            }
+        }
     }
 
     /// Applies Heroku-style changes (`web=3`, `worker+1`, `web=2:512MiB`) and `--memory`.
@@ -1278,6 +1387,7 @@ impl Supervisor {
             stderr: sink,
             env: &process.spec.env,
             allowed_outbound_hosts: &process.spec.allowed_outbound_hosts,
+            shared: &process.shared,
         };
         instance::probe(&self.runtime, &process.compiled, setup).await
     }
@@ -1411,11 +1521,7 @@ impl Supervisor {
                     .len() as u32;
                 TypeReport {
                     name: name.to_string(),
-                    kind: if process.compiled.is_http() {
-                        "http"
-                    } else {
-                        "background"
-                    },
+                    kind: process.compiled.kind_name(),
                     desired: scale.count,
                     running,
                     memory: scale.memory.as_u64(),

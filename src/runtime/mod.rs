@@ -5,6 +5,7 @@
 //! instances, never about wasmtime types, except through [`crate::instance`].
 
 mod limiter;
+pub mod shared;
 mod state;
 
 use std::path::Path;
@@ -33,6 +34,7 @@ pub const EPOCH_TICK: Duration = Duration::from_millis(10);
 const HTTP_EXPORT: &str = "wasi:http/incoming-handler@0.2";
 /// Export that makes a component a background process.
 const RUN_EXPORT: &str = "wasi:cli/run@0.2";
+const CONSUMER_EXPORT: &str = "wasmform:host/consumer@0.1";
 
 /// Engine-wide settings, fixed for the life of the host.
 #[derive(Clone, Debug)]
@@ -64,6 +66,14 @@ pub enum Kind {
     Http(ProxyPre<InstanceState>),
     /// Exports `wasi:cli/run`: runs in the background.
     Command(CommandPre<InstanceState>),
+    /// Exports `wasmform:host/consumer`: handles queue messages.
+    Consumer(ConsumerPre),
+}
+
+/// A pre-instantiated queue consumer and where its `handle` export is.
+pub struct ConsumerPre {
+    pub pre: wasmtime::component::InstancePre<InstanceState>,
+    pub handle: wasmtime::component::ComponentExportIndex,
 }
 
 /// A process type's component, compiled and pre-instantiated: ready to stamp out instances.
@@ -80,6 +90,15 @@ impl Compiled {
     /// `true` for HTTP components.
     pub fn is_http(&self) -> bool {
         matches!(self.kind, Kind::Http(_))
+    }
+
+    /// `http`, `background` or `consumer`, for `ps`.
+    pub fn kind_name(&self) -> &'static str {
+        match self.kind {
+            Kind::Http(_) => "http",
+            Kind::Command(_) => "background",
+            Kind::Consumer(_) => "consumer",
+        }
     }
 }
 
@@ -127,6 +146,7 @@ impl Runtime {
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
         wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)?;
+        shared::add_to_linker(&mut linker)?;
         let epoch = EpochTicker::start(engine.clone());
         Ok(Self {
             engine,
@@ -169,7 +189,13 @@ impl Runtime {
                 ctx()
             )
         })?;
-        let kind = if has(HTTP_EXPORT) {
+        let kind = if let Some(export) = exports.iter().find(|e| e.starts_with(CONSUMER_EXPORT)) {
+            let interface = component.get_export_index(None, export).with_context(ctx)?;
+            let handle = component
+                .get_export_index(Some(&interface), "handle")
+                .with_context(|| format!("{}: `{export}` has no `handle` function", ctx()))?;
+            Kind::Consumer(ConsumerPre { pre, handle })
+        } else if has(HTTP_EXPORT) {
             Kind::Http(
                 ProxyPre::new(pre)
                     .map_err(anyhow::Error::from)
@@ -189,7 +215,8 @@ impl Runtime {
             };
             bail!(
                 "{}: not a process: a component must export `wasi:http/incoming-handler` \
-                 (an HTTP process) or `wasi:cli/run` (a background process), but {found}",
+                 (an HTTP process), `wasi:cli/run` (a background process) or \
+                 `wasmform:host/consumer` (a queue consumer), but {found}",
                 ctx()
             );
         };
@@ -245,6 +272,8 @@ pub struct InstanceSetup<'a> {
     pub env: &'a std::collections::BTreeMap<String, String>,
     /// Hosts outgoing HTTP may reach (`allowed_outbound_hosts`); empty denies all.
     pub allowed_outbound_hosts: &'a [String],
+    /// The shared store and the buckets and queues this type may use.
+    pub shared: &'a shared::SharedCtx,
 }
 
 /// Reads a component file and checks that it is a component, with a helpful message if it is

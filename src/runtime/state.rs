@@ -23,6 +23,8 @@ pub struct InstanceState {
     /// Enforces and measures the instance's memory limit.
     pub limiter: MemoryLimiter,
     hooks: Outbound,
+    /// The shared store and what this type may use of it.
+    shared: super::shared::SharedCtx,
 }
 
 impl InstanceState {
@@ -58,6 +60,17 @@ impl InstanceState {
             hooks: Outbound {
                 allowed: setup.allowed_outbound_hosts.to_vec(),
             },
+            shared: setup.shared.clone(),
+        }
+    }
+}
+
+impl InstanceState {
+    /// The view the shared-state host functions work on.
+    pub(super) fn shared_view(&mut self) -> super::shared::SharedView<'_> {
+        super::shared::SharedView {
+            ctx: &self.shared,
+            table: &mut self.table,
         }
     }
 }

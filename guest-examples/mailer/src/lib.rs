@@ -1,0 +1,59 @@
+//! `mailer`: a queue consumer for `newsletter`. Each message is one subscriber; "sending" is
+//! a sleep of `MAIL_MS` milliseconds (default 5, simulated I/O). It counts `sent` in bucket
+//! `newsletter`, and `duplicates` when a subscriber was already sent to (a redelivery).
+//!
+//! `FAIL_EVERY=10` makes every 10th subscriber trap (a panic), to exercise retries and the
+//! dead-letter queue.
+//!
+//! The type needs `consume = "mail"` and `buckets = ["newsletter"]` in wasmform.toml.
+
+wit_bindgen::generate!({
+    path: "../../wit",
+    inline: "
+        package local:mailer;
+        world mailer {
+            include wasmform:host/shared-state@0.1.0;
+            export wasmform:host/consumer@0.1.0;
+        }
+    ",
+    world: "local:mailer/mailer",
+    generate_all,
+});
+
+use wasi::keyvalue::{atomics, store};
+
+struct Mailer;
+
+export!(Mailer);
+
+impl exports::wasmform::host::consumer::Guest for Mailer {
+    fn handle(_queue: String, body: Vec<u8>) -> Result<(), String> {
+        let subscriber = String::from_utf8_lossy(&body).into_owned();
+        let number: u64 = subscriber
+            .rsplit('-')
+            .next()
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0);
+        if let Some(every) = env_number("FAIL_EVERY")
+            && every > 0
+            && number % every == 0
+        {
+            panic!("mailer: refusing {subscriber} (FAIL_EVERY={every})");
+        }
+        let ms = env_number("MAIL_MS").unwrap_or(5);
+        std::thread::sleep(std::time::Duration::from_millis(ms));
+        let bucket = store::open("newsletter").map_err(|e| format!("{e:?}"))?;
+        let seen = atomics::increment(&bucket, &format!("seen:{subscriber}"), 1)
+            .map_err(|e| format!("{e:?}"))?;
+        if seen > 1 {
+            atomics::increment(&bucket, "duplicates", 1).map_err(|e| format!("{e:?}"))?;
+        } else {
+            atomics::increment(&bucket, "sent", 1).map_err(|e| format!("{e:?}"))?;
+        }
+        Ok(())
+    }
+}
+
+fn env_number(name: &str) -> Option<u64> {
+    std::env::var(name).ok()?.parse().ok()
+}

@@ -1,0 +1,262 @@
+//! Shared state for scaled-out process types: key-value buckets (`wasi:keyvalue`) and job
+//! queues (`wasmform:host/queue`), behind one [`Store`] with two backends:
+//!
+//! - [`embedded`]: SQLite in the state directory (`.wasmform/shared.db`, WAL mode). Every
+//!   operation is its own transaction, so an increment is atomic and an enqueued or
+//!   acknowledged message survives `kill -9` of the host.
+//! - [`redis`]: a Redis server (`[state] url = "redis://…"`), for hosts that share state.
+//!
+//! Both have the same semantics: values are bytes; `increment` works on values holding a
+//! decimal number (absent = 0), as Redis's `INCRBY` does; a queue delivers each message to one
+//! consumer at a time under a lease; `ack` removes it; `nack` makes it due again after a short
+//! backoff, or moves it to the queue's dead letters once it has been delivered `max_attempts`
+//! times; `release` puts it back at once without counting the delivery (its instance was
+//! stopped).
+//!
+//! Nothing here knows about wasmtime: [`crate::runtime`] maps guest calls onto a [`Store`].
+
+pub mod embedded;
+pub mod redis;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Result;
+use serde::Serialize;
+
+/// How long a delivered message stays leased to its consumer before another may get it (a
+/// crashed host's leases lapse; a live host releases or acknowledges long before).
+pub const LEASE: Duration = Duration::from_secs(60);
+
+/// Keys returned per `list-keys` page.
+pub const PAGE: usize = 1000;
+
+/// An error of the store, as text for the guest.
+pub type StoreResult<T> = std::result::Result<T, String>;
+
+/// A message delivered to a consumer.
+#[derive(Clone, Debug)]
+pub struct Job {
+    /// Unique within the store.
+    pub id: u64,
+    /// Its queue.
+    pub queue: String,
+    /// What was enqueued.
+    pub body: Vec<u8>,
+    /// Deliveries so far, this one included.
+    pub attempts: u32,
+}
+
+/// What `nack` did with a message.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Nacked {
+    /// Due again after a backoff.
+    Retry,
+    /// Delivered `max_attempts` times: moved to the dead letters.
+    DeadLettered,
+}
+
+/// Depths of one queue, for `ps` and the metrics.
+#[derive(Clone, Debug, Default, Serialize, PartialEq, Eq)]
+pub struct QueueStats {
+    /// The queue.
+    pub queue: String,
+    /// Messages waiting or being handled.
+    pub pending: u64,
+    /// Messages given up on.
+    pub dead: u64,
+}
+
+/// The shared store of an app.
+#[derive(Clone)]
+pub enum Store {
+    /// SQLite in the state directory.
+    Embedded(Arc<embedded::Embedded>),
+    /// A Redis server.
+    Redis(redis::RedisStore),
+}
+
+impl Store {
+    /// Opens the store: Redis at `url` if given, else SQLite at `dir/shared.db` (in memory
+    /// without a directory).
+    pub async fn open(url: Option<&str>, dir: Option<&Path>) -> Result<Self> {
+        match url {
+            Some(url) => Ok(Self::Redis(redis::RedisStore::open(url).await?)),
+            None => {
+                let path = dir.map(|d| d.join("shared.db"));
+                let store =
+                    tokio::task::spawn_blocking(move || embedded::Embedded::open(path.as_deref()))
+                        .await??;
+                Ok(Self::Embedded(Arc::new(store)))
+            }
+        }
+    }
+
+    /// The backend's name, for the start-up line.
+    pub fn describe(&self) -> String {
+        match self {
+            Self::Embedded(e) => e.describe(),
+            Self::Redis(r) => r.describe(),
+        }
+    }
+
+    /// The value of `key`.
+    pub async fn get(&self, bucket: &str, key: &str) -> StoreResult<Option<Vec<u8>>> {
+        match self {
+            Self::Embedded(e) => e.get(bucket, key),
+            Self::Redis(r) => r.get(bucket, key).await,
+        }
+    }
+
+    /// Sets `key`.
+    pub async fn set(&self, bucket: &str, key: &str, value: Vec<u8>) -> StoreResult<()> {
+        self.set_many(bucket, vec![(key.to_string(), value)]).await
+    }
+
+    /// Deletes `key` (absent is fine).
+    pub async fn delete(&self, bucket: &str, key: &str) -> StoreResult<()> {
+        self.delete_many(bucket, vec![key.to_string()]).await
+    }
+
+    /// Whether `key` exists.
+    pub async fn exists(&self, bucket: &str, key: &str) -> StoreResult<bool> {
+        Ok(self.get(bucket, key).await?.is_some())
+    }
+
+    /// One page of keys in name order from `cursor`, and the cursor of the next page.
+    pub async fn list_keys(
+        &self,
+        bucket: &str,
+        cursor: Option<u64>,
+    ) -> StoreResult<(Vec<String>, Option<u64>)> {
+        match self {
+            Self::Embedded(e) => e.list_keys(bucket, cursor),
+            Self::Redis(r) => r.list_keys(bucket, cursor).await,
+        }
+    }
+
+    /// Adds `delta` to the number in `key` (absent = 0) atomically; returns the new value.
+    pub async fn increment(&self, bucket: &str, key: &str, delta: u64) -> StoreResult<u64> {
+        match self {
+            Self::Embedded(e) => e.increment(bucket, key, delta),
+            Self::Redis(r) => r.increment(bucket, key, delta).await,
+        }
+    }
+
+    /// Sets `key` to `new` if it holds `expected` (`None`: absent), atomically.
+    pub async fn compare_and_swap(
+        &self,
+        bucket: &str,
+        key: &str,
+        expected: Option<Vec<u8>>,
+        new: Vec<u8>,
+    ) -> StoreResult<bool> {
+        match self {
+            Self::Embedded(e) => e.compare_and_swap(bucket, key, expected.as_deref(), &new),
+            Self::Redis(r) => r.compare_and_swap(bucket, key, expected, new).await,
+        }
+    }
+
+    /// The values of `keys`, `None` for absent ones.
+    pub async fn get_many(
+        &self,
+        bucket: &str,
+        keys: Vec<String>,
+    ) -> StoreResult<Vec<Option<(String, Vec<u8>)>>> {
+        let mut out = Vec::with_capacity(keys.len());
+        for key in keys {
+            out.push(self.get(bucket, &key).await?.map(|v| (key, v)));
+        }
+        Ok(out)
+    }
+
+    /// Sets every pair in one transaction.
+    pub async fn set_many(&self, bucket: &str, pairs: Vec<(String, Vec<u8>)>) -> StoreResult<()> {
+        match self {
+            Self::Embedded(e) => e.set_many(bucket, &pairs),
+            Self::Redis(r) => r.set_many(bucket, pairs).await,
+        }
+    }
+
+    /// Deletes every key in one transaction.
+    pub async fn delete_many(&self, bucket: &str, keys: Vec<String>) -> StoreResult<()> {
+        match self {
+            Self::Embedded(e) => e.delete_many(bucket, &keys),
+            Self::Redis(r) => r.delete_many(bucket, keys).await,
+        }
+    }
+
+    /// Appends `bodies` to `queue` in one transaction.
+    pub async fn enqueue(&self, queue: &str, bodies: Vec<Vec<u8>>) -> StoreResult<()> {
+        match self {
+            Self::Embedded(e) => e.enqueue(queue, &bodies),
+            Self::Redis(r) => r.enqueue(queue, bodies).await,
+        }
+    }
+
+    /// The oldest due message of `queue`, leased to the caller; `None` if there is none.
+    pub async fn reserve(&self, queue: &str) -> StoreResult<Option<Job>> {
+        match self {
+            Self::Embedded(e) => e.reserve(queue),
+            Self::Redis(r) => r.reserve(queue).await,
+        }
+    }
+
+    /// Waits (up to `timeout`) until a message may have arrived.
+    pub async fn wait(&self, timeout: Duration) {
+        match self {
+            Self::Embedded(e) => {
+                let _ = tokio::time::timeout(timeout, e.arrived.notified()).await;
+            }
+            // Polling: other hosts may enqueue too.
+            Self::Redis(_) => tokio::time::sleep(timeout.min(Duration::from_millis(50))).await,
+        }
+    }
+
+    /// Removes a handled message.
+    pub async fn ack(&self, job: &Job) -> StoreResult<()> {
+        match self {
+            Self::Embedded(e) => e.ack(job),
+            Self::Redis(r) => r.ack(job).await,
+        }
+    }
+
+    /// A failed delivery: due again after a backoff, or dead-lettered after `max_attempts`.
+    pub async fn nack(&self, job: &Job, reason: &str, max_attempts: u32) -> StoreResult<Nacked> {
+        match self {
+            Self::Embedded(e) => e.nack(job, reason, max_attempts),
+            Self::Redis(r) => r.nack(job, reason, max_attempts).await,
+        }
+    }
+
+    /// Puts a message back at once without counting the delivery (its instance stopped).
+    pub async fn release(&self, job: &Job) -> StoreResult<()> {
+        match self {
+            Self::Embedded(e) => e.release(job),
+            Self::Redis(r) => r.release(job).await,
+        }
+    }
+
+    /// Depth of `queue`.
+    pub async fn stats(&self, queue: &str) -> StoreResult<QueueStats> {
+        match self {
+            Self::Embedded(e) => e.stats(queue),
+            Self::Redis(r) => r.stats(queue).await,
+        }
+    }
+}
+
+/// Backoff before a failed message is due again: 100 ms, doubling, at most 10 s.
+pub fn retry_delay(attempts: u32) -> Duration {
+    Duration::from_millis(100u64.saturating_mul(1 << attempts.saturating_sub(1).min(7)))
+        .min(Duration::from_secs(10))
+}
+
+/// Parses a counter value as `increment` does.
+pub fn parse_counter(key: &str, value: &[u8]) -> StoreResult<u64> {
+    std::str::from_utf8(value)
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok())
+        .ok_or_else(|| format!("cannot increment `{key}`: its value is not a decimal number"))
+}

@@ -1,0 +1,302 @@
+//! The Redis backend (`[state] url = "redis://…"`), for hosts that share state. Same
+//! semantics as the embedded store; every operation that reads and writes is one Lua script,
+//! so it is atomic on the server. Time comes from the server (`TIME`), so hosts with skewed
+//! clocks agree on leases.
+//!
+//! Layout, under `wasmform:`: a bucket is the hash `kv:{bucket}`; a queue `q` is the sorted
+//! set `q:{q}:due` (message ids by due time in ms: waiting ones are due now or later, leased
+//! ones at the lease's end), the hashes `q:{q}:body` and `q:{q}:attempts`, the counter
+//! `q:{q}:next`, and the dead letters `q:{q}:dead` (id → body) and `q:{q}:why` (id → reason).
+
+use anyhow::{Context as _, Result};
+use redis::AsyncCommands as _;
+use redis::aio::ConnectionManager;
+
+use super::{Job, Nacked, PAGE, QueueStats, StoreResult};
+
+/// A connection to the server (reconnects by itself).
+#[derive(Clone)]
+pub struct RedisStore {
+    conn: ConnectionManager,
+    url: String,
+}
+
+fn err(e: redis::RedisError) -> String {
+    format!("redis: {e}")
+}
+
+fn kv(bucket: &str) -> String {
+    format!("wasmform:kv:{bucket}")
+}
+
+fn q(queue: &str, part: &str) -> String {
+    format!("wasmform:q:{queue}:{part}")
+}
+
+/// `now` in ms from the server's clock.
+const NOW: &str =
+    "local t = redis.call('TIME'); local now = t[1] * 1000 + math.floor(t[2] / 1000);";
+
+impl RedisStore {
+    /// Connects to `url` (fails at once if nothing answers).
+    pub async fn open(url: &str) -> Result<Self> {
+        let client = redis::Client::open(url)
+            .with_context(|| format!("state.url `{url}` is not a valid Redis URL"))?;
+        let conn = tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            ConnectionManager::new(client),
+        )
+        .await
+        .map_err(|_| anyhow::anyhow!("no answer from Redis at `{url}` within 5 s"))?
+        .with_context(|| format!("cannot connect to Redis at `{url}`: is it running?"))?;
+        Ok(Self {
+            conn,
+            url: url.to_string(),
+        })
+    }
+
+    /// `redis (url)`.
+    pub fn describe(&self) -> String {
+        format!("redis ({})", self.url)
+    }
+
+    pub(crate) async fn get(&self, bucket: &str, key: &str) -> StoreResult<Option<Vec<u8>>> {
+        self.conn.clone().hget(kv(bucket), key).await.map_err(err)
+    }
+
+    pub(crate) async fn list_keys(
+        &self,
+        bucket: &str,
+        cursor: Option<u64>,
+    ) -> StoreResult<(Vec<String>, Option<u64>)> {
+        let mut keys: Vec<String> = self.conn.clone().hkeys(kv(bucket)).await.map_err(err)?;
+        keys.sort();
+        let offset = cursor.unwrap_or(0);
+        let rest: Vec<String> = keys
+            .into_iter()
+            .skip(usize::try_from(offset).unwrap_or(usize::MAX))
+            .take(PAGE + 1)
+            .collect();
+        Ok(super::embedded::page(rest, offset))
+    }
+
+    pub(crate) async fn increment(&self, bucket: &str, key: &str, delta: u64) -> StoreResult<u64> {
+        // Like the embedded store: absent = 0, the value is decimal text, no wrap-around.
+        let script = redis::Script::new(
+            "local v = redis.call('HGET', KEYS[1], ARGV[1])
+             local n = 0
+             if v then
+               if not string.match(v, '^%s*%d+%s*$') then return redis.error_reply('not a number') end
+               n = tonumber(v)
+             end
+             local next = n + tonumber(ARGV[2])
+             if next >= 9007199254740992 then return redis.error_reply('overflow') end
+             redis.call('HSET', KEYS[1], ARGV[1], string.format('%d', next))
+             return next",
+        );
+        let result: Result<u64, _> = script
+            .key(kv(bucket))
+            .arg(key)
+            .arg(delta)
+            .invoke_async(&mut self.conn.clone())
+            .await;
+        result.map_err(|e| match e.detail() {
+            Some(d) if d.contains("not a number") => {
+                format!("cannot increment `{key}`: its value is not a decimal number")
+            }
+            Some(d) if d.contains("overflow") => {
+                format!("cannot increment `{key}`: the value would overflow")
+            }
+            _ => err(e),
+        })
+    }
+
+    pub(crate) async fn compare_and_swap(
+        &self,
+        bucket: &str,
+        key: &str,
+        expected: Option<Vec<u8>>,
+        new: Vec<u8>,
+    ) -> StoreResult<bool> {
+        let script = redis::Script::new(
+            "local v = redis.call('HGET', KEYS[1], ARGV[1])
+             if ARGV[2] == '0' then
+               if v then return 0 end
+             elseif (not v) or v ~= ARGV[3] then
+               return 0
+             end
+             redis.call('HSET', KEYS[1], ARGV[1], ARGV[4])
+             return 1",
+        );
+        let swapped: i64 = script
+            .key(kv(bucket))
+            .arg(key)
+            .arg(if expected.is_some() { "1" } else { "0" })
+            .arg(expected.unwrap_or_default())
+            .arg(new)
+            .invoke_async(&mut self.conn.clone())
+            .await
+            .map_err(err)?;
+        Ok(swapped == 1)
+    }
+
+    pub(crate) async fn set_many(
+        &self,
+        bucket: &str,
+        pairs: Vec<(String, Vec<u8>)>,
+    ) -> StoreResult<()> {
+        if pairs.is_empty() {
+            return Ok(());
+        }
+        self.conn
+            .clone()
+            .hset_multiple::<_, _, _, ()>(kv(bucket), &pairs)
+            .await
+            .map_err(err)
+    }
+
+    pub(crate) async fn delete_many(&self, bucket: &str, keys: Vec<String>) -> StoreResult<()> {
+        if keys.is_empty() {
+            return Ok(());
+        }
+        self.conn
+            .clone()
+            .hdel::<_, _, ()>(kv(bucket), keys)
+            .await
+            .map_err(err)
+    }
+
+    pub(crate) async fn enqueue(&self, queue: &str, bodies: Vec<Vec<u8>>) -> StoreResult<()> {
+        let script = redis::Script::new(&format!(
+            "{NOW}
+             for i = 1, #ARGV do
+               local id = string.format('%020d', redis.call('INCR', KEYS[1]))
+               redis.call('HSET', KEYS[2], id, ARGV[i])
+               redis.call('ZADD', KEYS[3], now, id)
+             end
+             return #ARGV"
+        ));
+        // A fan-out of thousands goes in slices, each one atomic.
+        for chunk in bodies.chunks(1000) {
+            let mut invocation = script.prepare_invoke();
+            invocation
+                .key(q(queue, "next"))
+                .key(q(queue, "body"))
+                .key(q(queue, "due"));
+            for body in chunk {
+                invocation.arg(body.as_slice());
+            }
+            let _: i64 = invocation
+                .invoke_async(&mut self.conn.clone())
+                .await
+                .map_err(err)?;
+        }
+        Ok(())
+    }
+
+    pub(crate) async fn reserve(&self, queue: &str) -> StoreResult<Option<Job>> {
+        let script = redis::Script::new(&format!(
+            "{NOW}
+             local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, 1)
+             if #ids == 0 then return false end
+             local id = ids[1]
+             redis.call('ZADD', KEYS[1], now + tonumber(ARGV[1]), id)
+             local attempts = redis.call('HINCRBY', KEYS[3], id, 1)
+             return {{id, redis.call('HGET', KEYS[2], id), attempts}}"
+        ));
+        let found: Option<(String, Vec<u8>, u32)> = script
+            .key(q(queue, "due"))
+            .key(q(queue, "body"))
+            .key(q(queue, "attempts"))
+            .arg(super::LEASE.as_millis() as u64)
+            .invoke_async(&mut self.conn.clone())
+            .await
+            .map_err(err)?;
+        Ok(found.map(|(id, body, attempts)| Job {
+            id: id.parse().unwrap_or_default(),
+            queue: queue.to_string(),
+            body,
+            attempts,
+        }))
+    }
+
+    fn id(job: &Job) -> String {
+        format!("{:020}", job.id)
+    }
+
+    pub(crate) async fn ack(&self, job: &Job) -> StoreResult<()> {
+        let id = Self::id(job);
+        redis::pipe()
+            .atomic()
+            .zrem(q(&job.queue, "due"), &id)
+            .hdel(q(&job.queue, "body"), &id)
+            .hdel(q(&job.queue, "attempts"), &id)
+            .query_async::<()>(&mut self.conn.clone())
+            .await
+            .map_err(err)
+    }
+
+    pub(crate) async fn nack(
+        &self,
+        job: &Job,
+        reason: &str,
+        max_attempts: u32,
+    ) -> StoreResult<Nacked> {
+        let id = Self::id(job);
+        if job.attempts >= max_attempts {
+            redis::pipe()
+                .atomic()
+                .hset(q(&job.queue, "dead"), &id, job.body.as_slice())
+                .hset(q(&job.queue, "why"), &id, reason)
+                .zrem(q(&job.queue, "due"), &id)
+                .hdel(q(&job.queue, "body"), &id)
+                .hdel(q(&job.queue, "attempts"), &id)
+                .query_async::<()>(&mut self.conn.clone())
+                .await
+                .map_err(err)?;
+            return Ok(Nacked::DeadLettered);
+        }
+        let script = redis::Script::new(&format!(
+            "{NOW}
+             redis.call('ZADD', KEYS[1], 'XX', now + tonumber(ARGV[2]), ARGV[1])
+             return 1"
+        ));
+        let _: i64 = script
+            .key(q(&job.queue, "due"))
+            .arg(&id)
+            .arg(super::retry_delay(job.attempts).as_millis() as u64)
+            .invoke_async(&mut self.conn.clone())
+            .await
+            .map_err(err)?;
+        Ok(Nacked::Retry)
+    }
+
+    pub(crate) async fn release(&self, job: &Job) -> StoreResult<()> {
+        let id = Self::id(job);
+        redis::pipe()
+            .atomic()
+            .cmd("ZADD")
+            .arg(q(&job.queue, "due"))
+            .arg("XX")
+            .arg(0)
+            .arg(&id)
+            .hincr(q(&job.queue, "attempts"), &id, -1)
+            .query_async::<()>(&mut self.conn.clone())
+            .await
+            .map_err(err)
+    }
+
+    pub(crate) async fn stats(&self, queue: &str) -> StoreResult<QueueStats> {
+        let (pending, dead): (u64, u64) = redis::pipe()
+            .zcard(q(queue, "due"))
+            .hlen(q(queue, "dead"))
+            .query_async(&mut self.conn.clone())
+            .await
+            .map_err(err)?;
+        Ok(QueueStats {
+            queue: queue.to_string(),
+            pending,
+            dead,
+        })
+    }
+}
