@@ -338,7 +338,12 @@ impl Api {
         let path = req.uri().path().to_string();
         let query = req.uri().query().unwrap_or("").to_string();
         match (req.method().clone(), path.as_str()) {
-            (Method::GET, "/v1/ps") => json(StatusCode::OK, &self.supervisor.ps()),
+            (Method::GET, "/v1/ps") => {
+                let mut ps = serde_json::to_value(self.supervisor.ps()).expect("ps serializes");
+                ps["queues"] = serde_json::to_value(self.supervisor.queue_stats().await)
+                    .expect("stats serialize");
+                json(StatusCode::OK, &ps)
+            }
             (Method::GET, "/v1/formation") => json(
                 StatusCode::OK,
                 &serde_json::json!({ "formation": self.supervisor.ps().types }),

@@ -368,10 +368,13 @@ fn describe(err: &wasmtime::Error, store: &Store<InstanceState>, memory: ByteSiz
     text.lines().next().unwrap_or("unknown error").to_string()
 }
 
+/// `wasmform:host/consumer.handle`: `(queue, body) -> result<_, string>`.
+type HandleFn = wasmtime::component::TypedFunc<(String, Vec<u8>), (Result<(), String>,)>;
+
 /// A live queue consumer instance: handles one message at a time.
 pub struct Consumer {
     store: Store<InstanceState>,
-    handle: wasmtime::component::TypedFunc<(String, Vec<u8>), (Result<(), String>,)>,
+    handle: HandleFn,
     memory: ByteSize,
 }
 
@@ -399,7 +402,7 @@ impl Consumer {
             Err(e) => return Err(anyhow::anyhow!(describe(&e, &store, memory))),
         };
         let handle = instance
-            .get_typed_func::<(String, Vec<u8>), (Result<(), String>,)>(&mut store, &pre.handle)
+            .get_typed_func(&mut store, pre.handle)
             .map_err(|e| {
                 anyhow::anyhow!(
                     "`wasmform:host/consumer.handle` has the wrong signature: {e}; build the component against wit/world.wit"

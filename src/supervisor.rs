@@ -950,7 +950,8 @@ impl Supervisor {
         let max = process.spec.max_attempts;
         loop {
             let job = tokio::select! {
-                job = store.reserve(queue) => job,
+                // The lease outlasts the handler's timeout: only a dead host lets it lapse.
+                job = store.reserve(queue, timeout + Duration::from_secs(1)) => job,
                 () = slot.cancel.cancelled() => return Ended::Stopped,
             };
             let job = match job {
@@ -1390,6 +1391,30 @@ impl Supervisor {
             shared: &process.shared,
         };
         instance::probe(&self.runtime, &process.compiled, setup).await
+    }
+
+    /// Depth of every queue a current type consumes.
+    pub async fn queue_stats(&self) -> Vec<crate::shared::QueueStats> {
+        let consumers: Vec<(Store, String)> = self
+            .lock()
+            .types
+            .values()
+            .filter_map(|t| Some((t.shared.store.clone()?, t.spec.consume.clone()?)))
+            .collect();
+        let mut stats = Vec::new();
+        for (store, queue) in consumers {
+            if stats
+                .iter()
+                .any(|s: &crate::shared::QueueStats| s.queue == queue)
+            {
+                continue;
+            }
+            match store.stats(&queue).await {
+                Ok(s) => stats.push(s),
+                Err(e) => tracing::warn!("queue `{queue}`: {e}"),
+            }
+        }
+        stats
     }
 
     /// Requests waiting for an instance, per HTTP type.

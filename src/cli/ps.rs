@@ -46,6 +46,14 @@ impl PsCommand {
             }
             println!();
         }
+        for q in report["queues"].as_array().into_iter().flatten() {
+            println!(
+                "queue {}: {} pending, {} dead-lettered",
+                q["queue"].as_str().unwrap_or("?"),
+                q["pending"],
+                q["dead"]
+            );
+        }
         println!(
             "capacity: {} of {} reserved",
             size(report["reserved"].as_u64().unwrap_or(0)),

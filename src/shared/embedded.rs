@@ -6,7 +6,7 @@
 
 use std::path::Path;
 use std::sync::Mutex;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context as _, Result};
 use rusqlite::{Connection, OptionalExtension as _, params};
@@ -227,9 +227,9 @@ impl Embedded {
         Ok(())
     }
 
-    pub(crate) fn reserve(&self, queue: &str) -> StoreResult<Option<Job>> {
+    pub(crate) fn reserve(&self, queue: &str, lease: Duration) -> StoreResult<Option<Job>> {
         let now = now_ms();
-        let lease = super::LEASE.as_millis() as i64;
+        let lease = lease.as_millis() as i64;
         self.conn()
             .query_row(
                 "UPDATE jobs SET attempts = attempts + 1, due = ?3
@@ -351,18 +351,39 @@ mod tests {
         assert_eq!(store.get("other", "n").unwrap(), None);
 
         store.enqueue("q", &[b"a".to_vec(), b"b".to_vec()]).unwrap();
-        let a = store.reserve("q").unwrap().unwrap();
-        let b = store.reserve("q").unwrap().unwrap();
+        let a = store
+            .reserve("q", Duration::from_secs(60))
+            .unwrap()
+            .unwrap();
+        let b = store
+            .reserve("q", Duration::from_secs(60))
+            .unwrap()
+            .unwrap();
         assert_eq!(
             (a.body.as_slice(), b.body.as_slice()),
             (&b"a"[..], &b"b"[..])
         );
-        assert!(store.reserve("q").unwrap().is_none(), "both are leased");
+        assert!(
+            store
+                .reserve("q", Duration::from_secs(60))
+                .unwrap()
+                .is_none(),
+            "both are leased"
+        );
         store.ack(&a).unwrap();
         assert_eq!(store.nack(&b, "boom", 2).unwrap(), Nacked::Retry);
-        assert!(store.reserve("q").unwrap().is_none(), "backing off");
+        assert!(
+            store
+                .reserve("q", Duration::from_secs(60))
+                .unwrap()
+                .is_none(),
+            "backing off"
+        );
         std::thread::sleep(retry_delay(1));
-        let again = store.reserve("q").unwrap().unwrap();
+        let again = store
+            .reserve("q", Duration::from_secs(60))
+            .unwrap()
+            .unwrap();
         assert_eq!(again.attempts, 2);
         assert_eq!(store.nack(&again, "boom", 2).unwrap(), Nacked::DeadLettered);
         assert_eq!(

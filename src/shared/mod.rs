@@ -25,10 +25,6 @@ use std::time::Duration;
 use anyhow::Result;
 use serde::Serialize;
 
-/// How long a delivered message stays leased to its consumer before another may get it (a
-/// crashed host's leases lapse; a live host releases or acknowledges long before).
-pub const LEASE: Duration = Duration::from_secs(60);
-
 /// Keys returned per `list-keys` page.
 pub const PAGE: usize = 1000;
 
@@ -195,11 +191,13 @@ impl Store {
         }
     }
 
-    /// The oldest due message of `queue`, leased to the caller; `None` if there is none.
-    pub async fn reserve(&self, queue: &str) -> StoreResult<Option<Job>> {
+    /// The oldest due message of `queue`, leased to the caller for `lease` (after which
+    /// another consumer may get it: how a dead host's messages come back); `None` if there is
+    /// none.
+    pub async fn reserve(&self, queue: &str, lease: Duration) -> StoreResult<Option<Job>> {
         match self {
-            Self::Embedded(e) => e.reserve(queue),
-            Self::Redis(r) => r.reserve(queue).await,
+            Self::Embedded(e) => e.reserve(queue, lease),
+            Self::Redis(r) => r.reserve(queue, lease).await,
         }
     }
 

@@ -194,7 +194,11 @@ impl RedisStore {
         Ok(())
     }
 
-    pub(crate) async fn reserve(&self, queue: &str) -> StoreResult<Option<Job>> {
+    pub(crate) async fn reserve(
+        &self,
+        queue: &str,
+        lease: std::time::Duration,
+    ) -> StoreResult<Option<Job>> {
         let script = redis::Script::new(&format!(
             "{NOW}
              local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, 1)
@@ -208,7 +212,7 @@ impl RedisStore {
             .key(q(queue, "due"))
             .key(q(queue, "body"))
             .key(q(queue, "attempts"))
-            .arg(super::LEASE.as_millis() as u64)
+            .arg(lease.as_millis() as u64)
             .invoke_async(&mut self.conn.clone())
             .await
             .map_err(err)?;

@@ -8,5 +8,6 @@ mod formation;
 mod front_door;
 mod limits;
 mod manifest;
+mod shared;
 mod support;
 mod wit;

@@ -467,6 +467,41 @@ impl Load {
         Self { stop, threads }
     }
 
+    /// `clients` concurrent clients sending `total` requests in all, then stopping.
+    pub fn start_counted(addr: SocketAddr, path: &str, clients: usize, total: u64) -> Self {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let left = Arc::new(std::sync::atomic::AtomicU64::new(total));
+        let threads = (0..clients)
+            .map(|_| {
+                let (left, path) = (left.clone(), path.to_string());
+                std::thread::spawn(move || {
+                    let mut answers = Vec::new();
+                    while left
+                        .fetch_update(
+                            std::sync::atomic::Ordering::Relaxed,
+                            std::sync::atomic::Ordering::Relaxed,
+                            |n| n.checked_sub(1),
+                        )
+                        .is_ok()
+                    {
+                        let response = get(addr, &path);
+                        answers.push((response.status, response.body));
+                    }
+                    answers
+                })
+            })
+            .collect();
+        Self { stop, threads }
+    }
+
+    /// Waits for a counted load to finish; returns every answer.
+    pub fn stop_when_done(self) -> Vec<(u16, String)> {
+        self.threads
+            .into_iter()
+            .flat_map(|t| t.join().unwrap())
+            .collect()
+    }
+
     /// Stops the clients; returns every answer, in order per client.
     pub fn stop(self) -> Vec<(u16, String)> {
         self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
@@ -474,5 +509,44 @@ impl Load {
             .into_iter()
             .flat_map(|t| t.join().unwrap())
             .collect()
+    }
+}
+
+/// A `redis-server` of its own on a free loopback port, without persistence; killed on drop.
+pub struct RedisServer {
+    child: Child,
+    pub url: String,
+}
+
+impl RedisServer {
+    pub fn start() -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server is needed for the Redis backend tests: `apt-get install redis-server` (.ci/run installs it)");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "redis-server did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Self {
+            child,
+            url: format!("redis://127.0.0.1:{port}"),
+        }
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }

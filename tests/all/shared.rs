@@ -1,0 +1,241 @@
+//! Shared state and queues through the real binary, on both backends: the embedded store and
+//! a real `redis-server`. Every scenario runs once per backend.
+
+use std::time::{Duration, Instant};
+
+use crate::support::{App, Load, RedisServer, get, request};
+
+/// Which store a test runs against; the Redis server lives as long as the backend.
+enum Backend {
+    Embedded,
+    Redis(RedisServer),
+}
+
+impl Backend {
+    fn both() -> [fn() -> Backend; 2] {
+        [
+            || Backend::Embedded,
+            || Backend::Redis(RedisServer::start()),
+        ]
+    }
+
+    /// The `[state]` table for the manifest.
+    fn state(&self) -> String {
+        match self {
+            Backend::Embedded => String::new(),
+            Backend::Redis(server) => format!("[state]\nurl = \"{}\"\n", server.url),
+        }
+    }
+
+    fn name(&self) -> &'static str {
+        match self {
+            Backend::Embedded => "embedded",
+            Backend::Redis(_) => "redis",
+        }
+    }
+}
+
+fn post(addr: std::net::SocketAddr, path: &str) -> crate::support::Response {
+    request(
+        addr,
+        &format!(
+            "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        ),
+    )
+}
+
+/// `(sent, duplicates)` from the newsletter's `GET /sent`.
+fn sent(addr: std::net::SocketAddr) -> (u64, u64) {
+    let body = get(addr, "/sent").body;
+    let words: Vec<&str> = body.split_whitespace().collect();
+    assert_eq!(words.len(), 4, "{body}");
+    (words[1].parse().unwrap(), words[3].parse().unwrap())
+}
+
+fn wait_sent(addr: std::net::SocketAddr, n: u64, timeout: Duration) -> (u64, u64) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let (done, duplicates) = sent(addr);
+        if done >= n {
+            return (done, duplicates);
+        }
+        assert!(Instant::now() < deadline, "only {done} of {n} sent");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn atomic_increments_from_four_instances_add_up_and_get_set_loses_updates() {
+    for backend in Backend::both() {
+        let backend = backend();
+        let app = App::new("web: {guests}/counter.wasm\n");
+        app.write(
+            "wasmform.toml",
+            &format!(
+                "{}[processes.web]\ncount = 4\nbuckets = [\"counter\"]\n",
+                backend.state()
+            ),
+        );
+        let host = app.up(&["--no-router-log"]);
+        // 32 concurrent clients, 20 000 increments over 4 instances (5 000 each).
+        let load = Load::start_counted(host.addr(), "/", 32, 20_000);
+        let answers = load.stop_when_done();
+        assert_eq!(answers.len(), 20_000);
+        assert!(answers.iter().all(|(s, _)| *s == 200), "{}", backend.name());
+        assert_eq!(host.get("/value").body, "20000\n", "{}", backend.name());
+        let ps = app.ps();
+        for instance in ps["instances"].as_array().unwrap() {
+            let served = instance["requests"].as_u64().unwrap();
+            assert!(served >= 4_000, "{}: uneven spread {ps:#}", backend.name());
+        }
+        drop(host);
+
+        // The same with get + set: updates are lost, which is why `increment` exists.
+        let racy = App::new("web: {guests}/counter.wasm\n");
+        racy.write(
+            "wasmform.toml",
+            &format!(
+                "{}[processes.web]\ncount = 4\nbuckets = [\"counter\"]\n",
+                backend.state()
+            ),
+        );
+        let host = racy.up(&["--no-router-log"]);
+        let before: u64 = host.get("/value").body.trim().parse().unwrap();
+        let answers = Load::start_counted(host.addr(), "/racy", 16, 2_000).stop_when_done();
+        assert_eq!(answers.len(), 2_000);
+        let after: u64 = host.get("/value").body.trim().parse().unwrap();
+        assert!(
+            after - before < 2_000,
+            "{}: get+set lost no update ({before} → {after})",
+            backend.name()
+        );
+    }
+}
+
+fn newsletter(backend: &Backend, mailer: &str) -> App {
+    let app = App::new("web: {guests}/newsletter.wasm\nmailer: {guests}/mailer.wasm\n");
+    app.write(
+        "wasmform.toml",
+        &format!(
+            "{}[processes.web]\nqueues = [\"mail\"]\nbuckets = [\"newsletter\"]\n\n[processes.mailer]\nconsume = \"mail\"\nbuckets = [\"newsletter\"]\n{mailer}\n",
+            backend.state()
+        ),
+    );
+    app
+}
+
+#[test]
+fn twenty_thousand_jobs_are_each_handled_once() {
+    for backend in Backend::both() {
+        let backend = backend();
+        let app = newsletter(&backend, "count = 32\nenv = { MAIL_MS = 5 }\n");
+        let host = app.up(&["--no-router-log"]);
+        let queued = post(host.addr(), "/send?n=20000");
+        assert_eq!(queued.status, 202, "{queued:?}");
+        let (done, duplicates) = wait_sent(host.addr(), 20_000, Duration::from_secs(120));
+        assert_eq!((done, duplicates), (20_000, 0), "{}", backend.name());
+        let ps = app.ps();
+        assert_eq!(
+            ps["queues"],
+            serde_json::json!([{ "queue": "mail", "pending": 0, "dead": 0 }]),
+            "{}",
+            backend.name()
+        );
+        let mailers: u64 = ps["instances"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|i| i["type"] == "mailer")
+            .map(|i| i["requests"].as_u64().unwrap())
+            .sum();
+        assert_eq!(mailers, 20_000, "{}", backend.name());
+        assert_eq!(ps["types"][0]["kind"], "consumer");
+    }
+}
+
+#[test]
+fn consumers_scaled_to_zero_leave_messages_waiting_and_more_drain_them() {
+    for backend in Backend::both() {
+        let backend = backend();
+        let app = newsletter(&backend, "count = 0\nenv = { MAIL_MS = 1 }\n");
+        let host = app.up(&[]);
+        assert_eq!(post(host.addr(), "/send?n=300").status, 202);
+        std::thread::sleep(Duration::from_millis(300));
+        assert_eq!(sent(host.addr()), (0, 0));
+        assert_eq!(app.ps()["queues"][0]["pending"], 300, "{}", backend.name());
+        assert!(app.cli(&["scale", "mailer=3"]).ok);
+        assert_eq!(
+            wait_sent(host.addr(), 300, Duration::from_secs(60)),
+            (300, 0),
+            "{}",
+            backend.name()
+        );
+    }
+}
+
+#[test]
+fn failing_messages_are_retried_then_dead_lettered() {
+    for backend in Backend::both() {
+        let backend = backend();
+        let app = newsletter(
+            &backend,
+            "count = 4\nmax_attempts = 3\nenv = { MAIL_MS = 1, FAIL_EVERY = 10 }\n",
+        );
+        let host = app.up(&["--no-router-log"]);
+        assert_eq!(post(host.addr(), "/send?n=200").status, 202);
+        let (done, duplicates) = wait_sent(host.addr(), 180, Duration::from_secs(60));
+        assert_eq!((done, duplicates), (180, 0), "{}", backend.name());
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let queues = &app.ps()["queues"][0];
+            if queues["dead"] == 20 && queues["pending"] == 0 {
+                break;
+            }
+            assert!(Instant::now() < deadline, "{}: {queues}", backend.name());
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let out = host.output();
+        assert!(
+            out.contains("failed: panicked") || out.contains("failed: wasm trap"),
+            "{out}"
+        );
+        assert!(out.contains("will retry (attempt 1/3)"), "{out}");
+        assert!(out.contains("dead-lettered after 3 attempts"), "{out}");
+        assert_eq!(
+            sent(host.addr()),
+            (180, 0),
+            "the failures were never counted"
+        );
+    }
+}
+
+#[test]
+fn kill_9_in_the_middle_of_a_drain_loses_nothing() {
+    for backend in Backend::both() {
+        let backend = backend();
+        let app = newsletter(
+            &backend,
+            "count = 4\nrequest_timeout = \"2s\"\nenv = { MAIL_MS = 5 }\n",
+        );
+        let mut host = app.up(&["--no-router-log"]);
+        assert_eq!(post(host.addr(), "/send?n=2000").status, 202);
+        let (at_kill, _) = wait_sent(host.addr(), 200, Duration::from_secs(60));
+        assert!(
+            at_kill < 2_000,
+            "{}: the drain was over before the kill",
+            backend.name()
+        );
+        host.signal(libc::SIGKILL);
+        host.wait_exit(Duration::from_secs(10)).unwrap();
+        let host = app.up(&["--no-router-log"]);
+        let (done, duplicates) = wait_sent(host.addr(), 2_000, Duration::from_secs(120));
+        assert_eq!(done, 2_000, "{}", backend.name());
+        // A message handled but not yet acknowledged when the host died is handled again:
+        // at most one per consumer instance.
+        assert!(
+            duplicates <= 4,
+            "{}: {duplicates} duplicates",
+            backend.name()
+        );
+    }
+}
