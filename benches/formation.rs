@@ -167,6 +167,8 @@ fn main() {
             &baseline,
         );
     }
+    queue_rows(&guests);
+
     match which("wasmtime") {
         Some(path) => println!(
             "(a `wasmtime` binary is at {}; its rows are not implemented yet)",
@@ -174,6 +176,96 @@ fn main() {
         ),
         None => println!("wasmtime serve rows skipped: no `wasmtime` binary on PATH"),
     }
+}
+
+/// Drain time of a fan-out: `newsletter` enqueues `JOBS` messages in one call, `mailer`
+/// consumers "send" each (5 ms of simulated I/O) and count it in the shared store.
+fn queue_rows(guests: &Path) {
+    const JOBS: u32 = 2000;
+    println!();
+    println!(
+        "## queue drain: {JOBS} jobs of 5 ms simulated I/O each, embedded store (POST → all counted)"
+    );
+    println!(
+        "{:<34} {:>12} {:>12} {:>10}",
+        "consumers", "drain", "jobs/s", "speed-up"
+    );
+    let mut first = None;
+    for consumers in [1u32, 2, 4, 8] {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("Procfile"),
+            format!(
+                "web: {}
+mailer: {}
+",
+                guests.join("newsletter.wasm").display(),
+                guests.join("mailer.wasm").display()
+            ),
+        )
+        .unwrap();
+        std::fs::write(
+            dir.path().join("wasmform.toml"),
+            format!(
+                "[processes.web]\nqueues = [\"mail\"]\nbuckets = [\"newsletter\"]\n\n\
+                 [processes.mailer]\nconsume = \"mail\"\nbuckets = [\"newsletter\"]\n\
+                 count = {consumers}\nenv = {{ MAIL_MS = 5 }}\n"
+            ),
+        )
+        .unwrap();
+        let host = Host::start(&dir.path().join("Procfile"), &[]);
+        let started = Instant::now();
+        let (status, _) = http(host.port, "POST", &format!("/send?n={JOBS}"));
+        assert_eq!(status, 202);
+        let deadline = started + Duration::from_secs(120);
+        loop {
+            let (_, body) = http(host.port, "GET", "/sent");
+            // `sent 2000 duplicates 0` (inside chunked framing).
+            let sent: u32 = body
+                .split_whitespace()
+                .skip_while(|w| *w != "sent")
+                .nth(1)
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(0);
+            if sent >= JOBS {
+                break;
+            }
+            assert!(Instant::now() < deadline, "the queue did not drain");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let took = started.elapsed();
+        let first = *first.get_or_insert(took);
+        println!(
+            "{:<34} {:>12} {:>12.0} {:>9.1}×",
+            format!("mailer={consumers}"),
+            ms(took),
+            f64::from(JOBS) / took.as_secs_f64(),
+            first.as_secs_f64() / took.as_secs_f64()
+        );
+    }
+}
+
+/// One request on a fresh connection: status and body.
+fn http(port: u16, method: &str, path: &str) -> (u16, String) {
+    use std::io::{Read as _, Write as _};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    write!(
+        stream,
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut text = String::new();
+    stream.read_to_string(&mut text).unwrap();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map_or("", |(_, b)| b)
+        .to_string();
+    (status, body)
 }
 
 fn print_load(name: &str, load: &Load, baseline: &Load) {

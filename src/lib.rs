@@ -37,7 +37,8 @@
 //!   CLI deploy/rollback ─► deploy ─┘  restart policies, health checks, capacity, singletons,
 //!                                     rolling replacement and roll-back of versions
 //!                                                    ├── web instances ─► router::Pool ◄── proxy (hyper)
-//!                                                    └── workers (wasi:cli/run, idle-priority runtime)
+//!                                                    ├── workers (wasi:cli/run, idle-priority runtime)
+//!                                                    └── consumers ◄── shared::Store (queues, buckets)
 //!   guest stdout/stderr and host events ─► logs ─► stdout, history, followers
 //! ```
 //!
@@ -50,7 +51,9 @@
 //! - [`deploy`]: deploys and rollbacks of a running host: validate and compile, then roll.
 //! - [`runtime`]: the only owner of the wasmtime `Engine`, `Linker`, pooling allocator, epoch
 //!   ticker and store data (including the outgoing-HTTP allow-list).
-//! - [`instance`]: one web instance (requests, health checks) or worker run.
+//! - [`shared`]: shared state for scaled-out types: key-value buckets and job queues, on an
+//!   embedded SQLite store or Redis; `runtime::shared` exposes them to guests.
+//! - [`instance`]: one web instance (requests, health checks), worker run or queue consumer.
 //! - [`supervisor`]: slots, restarts, health checks, versions of types and their roll-out.
 //! - [`router`]: round-robin over free instances with a bounded queue; no wasmtime types.
 //! - [`proxy`]: the hyper server, front-door limits and status mapping.

@@ -239,3 +239,41 @@ fn kill_9_in_the_middle_of_a_drain_loses_nothing() {
         );
     }
 }
+
+#[test]
+fn buckets_and_queues_are_denied_unless_listed() {
+    let app = App::new("web: {guests}/counter.wasm\nnews: {guests}/newsletter.wasm\n");
+    app.write(
+        "wasmform.toml",
+        "[processes.web]\nbuckets = [\"other\"]\n\n[[services]]\nlisten = \"127.0.0.1:0\"\nprocesses = [\"news\"]\n",
+    );
+    let host = app.up(&[]);
+    let denied = host.get("/");
+    assert_eq!(denied.status, 500);
+    assert_eq!(denied.body, "store error: Error::AccessDenied\n");
+    let news = host.logged_addr("service `news` serving");
+    let denied = post(news, "/send?n=1");
+    assert_eq!(denied.body, "enqueue failed: Error::AccessDenied\n");
+
+    // A consumer must name its queue; `consume` on anything else is refused.
+    let app = App::new("mailer: {guests}/mailer.wasm\n");
+    let out = app.up_fails(&[]);
+    assert!(out.contains("is a queue consumer"), "{out}");
+    assert!(out.contains("add `consume = \"jobs\"`"), "{out}");
+    let app = App::new("web: {guests}/hello.wasm\n");
+    app.write("wasmform.toml", "[processes.web]\nconsume = \"mail\"\n");
+    let out = app.up_fails(&[]);
+    assert!(out.contains("`consume` needs a queue consumer"), "{out}");
+    app.write("wasmform.toml", "[processes.web]\nbuckets = [\"a b\"]\n");
+    let out = app.up_fails(&[]);
+    assert!(
+        out.contains("processes.web.buckets: `a b`: character ` ` is not allowed"),
+        "{out}"
+    );
+    app.write("wasmform.toml", "[state]\nurl = \"postgres://x\"\n");
+    let out = app.up_fails(&[]);
+    assert!(
+        out.contains("state.url: `postgres://x` is not supported"),
+        "{out}"
+    );
+}
