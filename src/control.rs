@@ -362,20 +362,28 @@ impl Api {
                     Ok(m) => m,
                     Err(e) => return error(StatusCode::BAD_REQUEST, &e),
                 };
-                outcome(self.supervisor.scale(&request.changes, memory).await)
+                let supervisor = self.supervisor.clone();
+                outcome(
+                    detached(async move { supervisor.scale(&request.changes, memory).await }).await,
+                )
             }
             (Method::POST, "/v1/restart") => {
                 let request: RestartRequest = match read_json(req).await {
                     Ok(r) => r,
                     Err(response) => return response,
                 };
-                outcome(self.supervisor.restart(request.target.as_deref()).await)
+                let supervisor = self.supervisor.clone();
+                outcome(
+                    detached(async move { supervisor.restart(request.target.as_deref()).await })
+                        .await,
+                )
             }
             (Method::POST, "/v1/deploy") => {
                 if let Err(response) = read_json::<DeployRequest>(req).await {
                     return response;
                 }
-                outcome(self.deployer.deploy().await)
+                let deployer = self.deployer.clone();
+                outcome(detached(async move { deployer.deploy().await }).await)
             }
             (Method::POST, "/v1/rollback") => {
                 let request: RollbackRequest = match read_json(req).await {
@@ -388,7 +396,10 @@ impl Api {
                     _ => None,
                 };
                 match version.and_then(|v| u32::try_from(v).ok()) {
-                    Some(version) => outcome(self.deployer.rollback(version).await),
+                    Some(version) => {
+                        let deployer = self.deployer.clone();
+                        outcome(detached(async move { deployer.rollback(version).await }).await)
+                    }
                     None => error(
                         StatusCode::BAD_REQUEST,
                         &format!(
@@ -531,6 +542,16 @@ async fn read_json<T: serde::de::DeserializeOwned>(
             &format!("invalid JSON request: {e}"),
         )
     })
+}
+
+/// Runs a formation change in a task of its own: a client that hangs up must not cancel it
+/// half-way (a roll-out stopped between two instances would never finish or roll back).
+async fn detached<T: Send + 'static>(
+    change: impl Future<Output = Result<T, ControlError>> + Send + 'static,
+) -> Result<T, ControlError> {
+    tokio::spawn(change)
+        .await
+        .unwrap_or_else(|e| Err(ControlError::Failed(format!("the change failed: {e}"))))
 }
 
 fn outcome(result: Result<impl serde::Serialize, ControlError>) -> Response<ApiBody> {

@@ -112,6 +112,8 @@ impl Deployer {
         let result = self.try_roll(app, from, &what).await;
         if let Err(e) = &result {
             self.logs.event(API, format!("{what} failed: {e}"));
+            // Components staged for the rejected release are not kept.
+            self.releases.lock().await.prune_unused();
         }
         result
     }
@@ -155,6 +157,23 @@ impl Deployer {
                 .await
                 .map_err(|e| ControlError::Failed(format!("compiling failed: {e}")))?
                 .map_err(|e| ControlError::Invalid(format!("{e:#}; {keeps}")))?;
+        for service in &staged.app.services {
+            let at = staged
+                .app
+                .processes
+                .iter()
+                .position(|p| p.name == service.process);
+            if let Some(i) = at
+                && !compiled[i].0.is_http()
+            {
+                return Err(ControlError::Invalid(format!(
+                    "{}: services.processes: `{}` would become a {} process, but a service routes HTTP to it; {keeps}",
+                    service.origin,
+                    service.process,
+                    compiled[i].0.kind_name()
+                )));
+            }
+        }
         let versions = staged
             .app
             .processes

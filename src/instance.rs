@@ -57,6 +57,9 @@ pub enum Exit {
     Crashed(String),
     /// It served its `max_requests`: replaced at once, not counted as a crash.
     Recycled(String),
+    /// Dropped mid-call because the client went away: replaced at once, not the instance's
+    /// failure.
+    Cancelled(String),
 }
 
 /// Per-type settings of a web instance.
@@ -97,7 +100,7 @@ pub struct WebInstance {
 impl Drop for WebInstance {
     fn drop(&mut self) {
         if self.in_call {
-            self.end(Exit::Crashed(
+            self.end(Exit::Cancelled(
                 "request cancelled mid-call (the client went away); instance recycled".into(),
             ));
         }
@@ -148,8 +151,16 @@ impl WebInstance {
     }
 
     /// Runs the type's health check on this instance: GET `path`, which must answer 2xx or
-    /// 3xx within `timeout`. Returns the instance if it is still sound, and the verdict.
+    /// 3xx within `timeout`. Returns the instance if it is still sound, and the verdict. A
+    /// slow answer fails the check but keeps the instance (the check's `threshold` decides);
+    /// only a call that outlives the type's request timeout recycles it, as a request would.
     pub async fn check(self, path: &str, timeout: Duration) -> (Option<Self>, Result<(), String>) {
+        let bound = self
+            .settings
+            .request_timeout
+            .unwrap_or(Duration::from_secs(30))
+            .max(timeout);
+        let started = std::time::Instant::now();
         let request = hyper::Request::get(path)
             .header(hyper::header::HOST, "localhost")
             .header(hyper::header::USER_AGENT, "wasmform-health-check")
@@ -159,9 +170,14 @@ impl WebInstance {
             )
             .expect("a valid request");
         let (tx, rx) = oneshot::channel();
-        let call = self.call(request, tx, timeout);
+        let call = self.call(request, tx, bound);
         let verdict = async {
             match rx.await {
+                Ok(Reply::Response(_)) if started.elapsed() > timeout => Err(format!(
+                    "GET {path} answered after {} (timeout {})",
+                    crate::humanize(started.elapsed()),
+                    crate::humanize(timeout)
+                )),
                 Ok(Reply::Response(response)) => {
                     let status = response.status();
                     // Read the body to its end (up to 1 MiB) so the guest can finish writing
@@ -180,9 +196,9 @@ impl WebInstance {
                         Err(format!("GET {path} answered {}", status.as_u16()))
                     }
                 }
-                Ok(Reply::Failed(Failure::Timeout(_))) => Err(format!(
+                Ok(Reply::Failed(Failure::Timeout(bound))) => Err(format!(
                     "GET {path} got no answer within {}",
-                    crate::humanize(timeout)
+                    crate::humanize(bound)
                 )),
                 Ok(Reply::Failed(Failure::Crashed(reason))) => {
                     Err(format!("GET {path} crashed the instance: {reason}"))

@@ -142,6 +142,27 @@ impl ReleaseStore {
         self.stager().stage(app, release)
     }
 
+    /// Removes stored components that no kept release uses (those staged by a deploy that was
+    /// then rejected or rolled back).
+    pub fn prune_unused(&self) {
+        let Some(state) = &self.state else { return };
+        let used: BTreeSet<String> = self
+            .releases
+            .iter()
+            .flat_map(|r| r.components.values())
+            .map(|d| format!("{d}.wasm"))
+            .collect();
+        let Ok(entries) = std::fs::read_dir(state.path().join("components")) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.ends_with(".wasm") && !used.contains(&name) {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
+    }
+
     /// Records `staged` as the next release and prunes old ones.
     pub fn record(&mut self, staged: &Staged, description: String) -> Result<Release> {
         let release = Release {

@@ -168,6 +168,12 @@ pub struct Slot {
     requests: Arc<AtomicU64>,
     /// Times the instance was replaced after ending.
     restarts: AtomicU32,
+    /// Incarnations that ended in failure (crash, failed start, failing health, a worker's
+    /// error exit), exited ones included; not recycling or a client going away. A deploy
+    /// fails if one of its new instances has any.
+    failures: AtomicU32,
+    /// The last failure, for the deploy's message.
+    last_failure: Mutex<Option<String>>,
 }
 
 impl Slot {
@@ -327,6 +333,8 @@ pub struct Supervisor {
     default_memory: ByteSize,
     /// The app's shared store (buckets, queues).
     shared: Option<Store>,
+    /// The host runtime, where web and consumer slots run.
+    main: tokio::runtime::Handle,
     /// Serializes formation changes; held across a whole rolling replacement.
     ops: tokio::sync::Mutex<()>,
     /// Where the formation is persisted, if anywhere.
@@ -373,6 +381,14 @@ pub struct SupervisorConfig {
 }
 
 type Ready = oneshot::Receiver<Result<(), String>>;
+
+/// Longest wait for a new instance to be ready (instantiated and, with a health check,
+/// passing it) in a scale, restart or deploy.
+const READY_WAIT: Duration = Duration::from_secs(300);
+
+/// How long a deploy watches new background and consumer instances after its roll-out before
+/// calling it a success.
+const SETTLE: Duration = Duration::from_secs(1);
 
 /// Per type name: what outlives a version of the type.
 #[derive(Default)]
@@ -428,6 +444,7 @@ impl Supervisor {
             rotate: config.rotate,
             default_memory: config.default_memory,
             shared: config.shared,
+            main: tokio::runtime::Handle::current(),
             ops: tokio::sync::Mutex::new(()),
             store: config.store,
             background: config.background,
@@ -560,7 +577,8 @@ impl Supervisor {
                 if process.spec.singleton && state.slots.iter().any(|s| s.process == *name) {
                     break;
                 }
-                let (slot, ready) = self.spawn_slot(state, &process, index, scale.memory, None);
+                let (slot, ready) =
+                    self.spawn_slot(state, &process, index, scale.memory, Vec::new());
                 started.push((slot.name(), ready));
             }
         }
@@ -614,9 +632,9 @@ impl Supervisor {
         process: &Arc<ProcessType>,
         index: u32,
         memory: ByteSize,
-        after: Option<CancellationToken>,
+        after: Vec<CancellationToken>,
     ) -> (Arc<Slot>, Ready) {
-        let waiting = after.is_some();
+        let waiting = !after.is_empty();
         let slot = Arc::new(Slot {
             process: process.spec.name.clone(),
             version: process.clone(),
@@ -637,6 +655,8 @@ impl Supervisor {
             memory_used: Arc::default(),
             requests: Arc::default(),
             restarts: AtomicU32::new(0),
+            failures: AtomicU32::new(0),
+            last_failure: Mutex::new(None),
         });
         state.slots.push(slot.clone());
         let slot_for_caller = slot.clone();
@@ -647,20 +667,24 @@ impl Supervisor {
         let task = self.tasks.track_future(async move {
             // A singleton's replacement holds its place but starts only once the instance it
             // replaces has ended.
-            let go = match after {
-                Some(after) => tokio::select! {
-                    () = after.cancelled() => true,
-                    () = slot.cancel.cancelled() => false,
-                },
-                None => true,
-            };
+            let mut go = true;
+            for after in after {
+                tokio::select! {
+                    () = after.cancelled() => {}
+                    () = slot.cancel.cancelled() => {
+                        go = false;
+                        break;
+                    }
+                }
+            }
             if go {
                 this.run_slot(&process, &slot, tx).await;
             }
             this.slot_ended(&slot);
         });
         if foreground {
-            tokio::spawn(task);
+            // On the host runtime even when a background slot's end started this one.
+            self.main.spawn(task);
         } else {
             self.background.spawn(task);
         }
@@ -709,6 +733,8 @@ impl Supervisor {
                         continue;
                     }
                     Ok(Ended::Request(reason)) => (reason, false, true),
+                    // Not the instance's fault: replaced at once, not a failure.
+                    Ok(Ended::Cancelled(reason)) => (reason, false, false),
                     Ok(Ended::Process { reason, success }) => (reason, true, !success),
                     Err(boot) => {
                         if let Some(ready) = ready.take() {
@@ -719,6 +745,10 @@ impl Supervisor {
                 };
             if slot.stopping() {
                 break;
+            }
+            if failed {
+                slot.failures.fetch_add(1, Ordering::Relaxed);
+                *slot.last_failure.lock().unwrap_or_else(|e| e.into_inner()) = Some(reason.clone());
             }
             let restart = match process.spec.restart {
                 RestartMode::Always => true,
@@ -859,6 +889,7 @@ impl Supervisor {
                             // dropped by the pool, which happens only to a retired instance.
                             break match ended {
                                 Ok(Exit::Crashed(reason)) => Ended::Request(reason),
+                                Ok(Exit::Cancelled(reason)) => Ended::Cancelled(reason),
                                 Ok(Exit::Recycled(reason)) => Ended::Recycled(reason),
                                 Err(_) => Ended::Stopped,
                             };
@@ -868,7 +899,12 @@ impl Supervisor {
                             // now; a request in flight finishes, then the pool drops the
                             // retired instance and `exit_rx` resolves.
                             drop(pool.take_idle(|i| i.is_retired()));
-                            let _ = tokio::time::timeout(self.limits.drain_timeout, exit_rx).await;
+                            // As long as the type's own request timeout allows a request.
+                            let drain = process
+                                .spec
+                                .request_timeout
+                                .map_or(self.limits.drain_timeout, |t| t + Duration::from_secs(1));
+                            let _ = tokio::time::timeout(drain, exit_rx).await;
                             break Ended::Stopped;
                         }
                         _ = tick(&mut ticks) => {
@@ -949,11 +985,20 @@ impl Supervisor {
             .unwrap_or(self.limits.drain_timeout);
         let max = process.spec.max_attempts;
         loop {
-            let job = tokio::select! {
-                // The lease outlasts the handler's timeout: only a dead host lets it lapse.
-                job = store.reserve(queue, timeout + Duration::from_secs(1)) => job,
-                () = slot.cancel.cancelled() => return Ended::Stopped,
-            };
+            // Not raced with a stop: a reservation made on the server must not be dropped
+            // half-way. The lease outlasts the handler's timeout: only a dead host lets it lapse.
+            let job = store
+                .reserve(queue, timeout + Duration::from_secs(1), max)
+                .await;
+            if slot.stopping() {
+                if let Ok(Some(job)) = &job
+                    && let Err(e) = store.release(job).await
+                {
+                    self.logs
+                        .host(format!("{name} could not put message {} back: {e}", job.id));
+                }
+                return Ended::Stopped;
+            }
             let job = match job {
                 Ok(Some(job)) => job,
                 Ok(None) => {
@@ -1137,18 +1182,24 @@ impl Supervisor {
         let (new, ready) = {
             let mut state = self.lock();
             if process.spec.singleton || old.version.spec.singleton {
-                // The old one stops first; the new one waits for it to have ended, holding
-                // the index so that nothing else starts one meanwhile.
-                let after = Some(old.ended.clone());
+                // The old one stops first; the new one waits for it (and any other instance
+                // of the type still draining) to have ended, holding the index so that nothing
+                // else starts one meanwhile.
+                let after: Vec<CancellationToken> = state
+                    .slots
+                    .iter()
+                    .filter(|s| s.process == old.process)
+                    .map(|s| s.ended.clone())
+                    .collect();
                 let waiting = self.spawn_slot(&mut state, process, old.index, memory, after);
                 old.stop();
                 waiting
             } else {
-                self.spawn_slot(&mut state, process, old.index, memory, None)
+                self.spawn_slot(&mut state, process, old.index, memory, Vec::new())
             }
         };
         let name = new.name();
-        match tokio::time::timeout(Duration::from_secs(300), ready).await {
+        match tokio::time::timeout(READY_WAIT, ready).await {
             Ok(Ok(Ok(()))) => {
                 old.stop();
                 Ok(new)
@@ -1163,7 +1214,10 @@ impl Supervisor {
             }
             Err(_) => {
                 new.stop();
-                Err(format!("{name} was not ready within 5 min"))
+                Err(format!(
+                    "{name} was not ready within {}",
+                    humanize(READY_WAIT)
+                ))
             }
         }
     }
@@ -1271,8 +1325,18 @@ impl Supervisor {
                 }
             }
         }
-        // A new instance that crashed while the rest rolled out fails the deploy too.
+        // A new instance that crashed while the rest rolled out fails the deploy too. Web
+        // instances proved themselves by starting (and passing their check); background
+        // processes and consumers report ready once instantiated, so give them a moment.
         if failure.is_none() {
+            let settle = changes
+                .changed
+                .iter()
+                .chain(&changes.added)
+                .any(|name| !next_types[name.as_str()].compiled.is_http());
+            if settle {
+                tokio::time::sleep(SETTLE).await;
+            }
             failure = self.crashed_during(release);
         }
         if let Some(failure) = failure {
@@ -1293,15 +1357,18 @@ impl Supervisor {
     fn crashed_during(&self, release: u32) -> Option<String> {
         self.active_slots(|s| s.version.release == release)
             .iter()
-            .find(|s| s.restarts.load(Ordering::Relaxed) > 0)
+            .find(|s| s.failures.load(Ordering::Relaxed) > 0)
             .map(|s| {
-                let state = s.status.lock().unwrap_or_else(|e| e.into_inner()).0.clone();
-                match state {
-                    SlotState::Crashed { reason, .. } | SlotState::Exited { reason } => {
-                        format!("{} crashed during the roll-out: {reason}", s.name())
-                    }
-                    _ => format!("{} crashed during the roll-out", s.name()),
-                }
+                let reason = s
+                    .last_failure
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .clone();
+                format!(
+                    "{} failed during the roll-out: {}",
+                    s.name(),
+                    reason.unwrap_or_default()
+                )
             })
     }
 
@@ -1326,7 +1393,8 @@ impl Supervisor {
             let stale =
                 self.active_slots(|s| s.process == *name && !Arc::ptr_eq(&s.version, process));
             for slot in stale {
-                if let Err(e) = self.replace(&slot, process, slot.memory).await {
+                let memory = desired.get(name).map_or(slot.memory, |s| s.memory);
+                if let Err(e) = self.replace(&slot, process, memory).await {
                     self.logs.host(format!("rollback: {e}"));
                 }
             }
@@ -1362,10 +1430,14 @@ impl Supervisor {
     async fn await_started(&self, started: Vec<(String, Ready)>) -> Vec<String> {
         let mut notes = Vec::new();
         for (name, ready) in started {
-            match tokio::time::timeout(Duration::from_secs(30), ready).await {
+            match tokio::time::timeout(READY_WAIT, ready).await {
                 Ok(Ok(Ok(()))) => {}
                 Ok(Ok(Err(e))) => notes.push(format!("{name} failed to start: {e}")),
-                Ok(Err(_)) | Err(_) => notes.push(format!("{name} is still starting")),
+                Ok(Err(_)) => notes.push(format!("{name} stopped before it was ready")),
+                Err(_) => notes.push(format!(
+                    "{name} was not ready within {}",
+                    humanize(READY_WAIT)
+                )),
             }
         }
         notes
@@ -1602,6 +1674,9 @@ enum Ended {
     Request(String),
     /// A web instance served its `max_requests`: replaced at once, not a crash.
     Recycled(String),
+    /// A web instance was dropped mid-call because its client went away: replaced at once,
+    /// not counted as a failure of the instance.
+    Cancelled(String),
     /// A worker's `run` ended: restarted with backoff (if its policy restarts it).
     Process { reason: String, success: bool },
     /// The slot was stopped.

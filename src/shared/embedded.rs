@@ -1,11 +1,12 @@
 //! The embedded backend: one SQLite database in WAL mode. Every call is one transaction on
-//! one connection behind a mutex, so operations are atomic and serialized. Calls run inline on
-//! the caller's thread: without an fsync per commit a call takes tens of microseconds, less
-//! than a hop to a blocking thread would cost. WAL with `synchronous = NORMAL` keeps every committed transaction across a
+//! one connection behind a mutex, so operations are atomic and serialized. Calls run on the
+//! host runtime's blocking threads (normal priority): a big `enqueue-many` or a WAL checkpoint
+//! never stalls an async worker, and a background process (whose threads run at idle
+//! priority) never holds the connection while being starved of CPU. WAL with `synchronous = NORMAL` keeps every committed transaction across a
 //! crash of the host process (`kill -9`); only a power loss may drop the last ones.
 
 use std::path::Path;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context as _, Result};
@@ -17,6 +18,8 @@ use super::{Job, Nacked, PAGE, QueueStats, StoreResult, parse_counter, retry_del
 /// The SQLite store.
 pub struct Embedded {
     conn: Mutex<Connection>,
+    /// The host runtime, whose blocking pool runs the calls.
+    runtime: tokio::runtime::Handle,
     /// Where it lives, for messages.
     path: Option<std::path::PathBuf>,
     /// Woken on every local enqueue, so idle consumers do not poll.
@@ -34,9 +37,10 @@ fn err(e: rusqlite::Error) -> String {
 }
 
 impl Embedded {
-    /// Opens (creating) the database at `path`, or an in-memory one. Leases left by a host
-    /// that died are cleared: this host owns the state directory alone.
-    pub fn open(path: Option<&Path>) -> Result<Self> {
+    /// Opens (creating) the database at `path`, or an in-memory one; calls will run on
+    /// `runtime`'s blocking threads. Leases left by a host that died are cleared (their
+    /// messages are due at once): this host owns the state directory alone.
+    pub fn open(path: Option<&Path>, runtime: tokio::runtime::Handle) -> Result<Self> {
         let conn = match path {
             Some(path) => Connection::open(path)
                 .with_context(|| format!("failed to open the shared store `{}`", path.display()))?,
@@ -51,12 +55,13 @@ impl Embedded {
                  PRIMARY KEY (bucket, key)) WITHOUT ROWID;
              CREATE TABLE IF NOT EXISTS jobs (
                  id INTEGER PRIMARY KEY AUTOINCREMENT, queue TEXT NOT NULL, body BLOB NOT NULL,
-                 attempts INTEGER NOT NULL DEFAULT 0, due INTEGER NOT NULL DEFAULT 0);
+                 attempts INTEGER NOT NULL DEFAULT 0, due INTEGER NOT NULL,
+                 leased INTEGER NOT NULL DEFAULT 0);
              CREATE INDEX IF NOT EXISTS jobs_due ON jobs (queue, due, id);
              CREATE TABLE IF NOT EXISTS dead (
                  id INTEGER PRIMARY KEY, queue TEXT NOT NULL, body BLOB NOT NULL,
                  attempts INTEGER NOT NULL, reason TEXT NOT NULL, at INTEGER NOT NULL);
-             UPDATE jobs SET due = 0 WHERE due > 0 AND attempts > 0;",
+             UPDATE jobs SET leased = 0, due = 0 WHERE leased = 1;",
         )
         .with_context(|| match path {
             Some(path) => format!(
@@ -67,6 +72,7 @@ impl Embedded {
         })?;
         Ok(Self {
             conn: Mutex::new(conn),
+            runtime,
             path: path.map(Path::to_path_buf),
             arrived: Notify::new(),
         })
@@ -78,6 +84,18 @@ impl Embedded {
             Some(path) => format!("embedded ({})", path.display()),
             None => "embedded (in memory)".to_string(),
         }
+    }
+
+    /// Runs `f` with the store on a blocking thread of the host runtime.
+    pub(crate) async fn run<T: Send + 'static>(
+        self: &Arc<Self>,
+        f: impl FnOnce(&Self) -> StoreResult<T> + Send + 'static,
+    ) -> StoreResult<T> {
+        let this = self.clone();
+        self.runtime
+            .spawn_blocking(move || f(&this))
+            .await
+            .map_err(|e| format!("shared store: {e}"))?
     }
 
     fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
@@ -137,7 +155,8 @@ impl Embedded {
         };
         let next = current
             .checked_add(delta)
-            .ok_or_else(|| format!("cannot increment `{key}`: the value would overflow"))?;
+            .filter(|n| *n <= super::MAX_COUNTER)
+            .ok_or_else(|| format!("cannot increment `{key}`: the value would pass 2^53-1"))?;
         tx.execute(
             "INSERT INTO kv (bucket, key, value) VALUES (?1, ?2, ?3)
              ON CONFLICT (bucket, key) DO UPDATE SET value = excluded.value",
@@ -215,10 +234,11 @@ impl Embedded {
             let tx = conn.transaction().map_err(err)?;
             {
                 let mut stmt = tx
-                    .prepare_cached("INSERT INTO jobs (queue, body) VALUES (?1, ?2)")
+                    .prepare_cached("INSERT INTO jobs (queue, body, due) VALUES (?1, ?2, ?3)")
                     .map_err(err)?;
+                let now = now_ms();
                 for body in bodies {
-                    stmt.execute(params![queue, body]).map_err(err)?;
+                    stmt.execute(params![queue, body, now]).map_err(err)?;
                 }
             }
             tx.commit().map_err(err)?;
@@ -227,26 +247,48 @@ impl Embedded {
         Ok(())
     }
 
-    pub(crate) fn reserve(&self, queue: &str, lease: Duration) -> StoreResult<Option<Job>> {
+    pub(crate) fn reserve(
+        &self,
+        queue: &str,
+        lease: Duration,
+        max_attempts: u32,
+    ) -> StoreResult<Option<Job>> {
         let now = now_ms();
-        let lease = lease.as_millis() as i64;
-        self.conn()
-            .query_row(
-                "UPDATE jobs SET attempts = attempts + 1, due = ?3
-                 WHERE id = (SELECT id FROM jobs WHERE queue = ?1 AND due <= ?2 ORDER BY due, id LIMIT 1)
-                 RETURNING id, body, attempts",
-                params![queue, now, now + lease],
-                |row| {
-                    Ok(Job {
-                        id: row.get::<_, i64>(0)? as u64,
-                        queue: queue.to_string(),
-                        body: row.get(1)?,
-                        attempts: row.get(2)?,
-                    })
-                },
+        let mut conn = self.conn();
+        let tx = conn.transaction().map_err(err)?;
+        let job = loop {
+            let next = tx
+                .query_row(
+                    "SELECT id, body, attempts FROM jobs
+                     WHERE queue = ?1 AND due <= ?2 ORDER BY due, id LIMIT 1",
+                    params![queue, now],
+                    |row| {
+                        Ok(Job {
+                            id: row.get::<_, i64>(0)? as u64,
+                            queue: queue.to_string(),
+                            body: row.get(1)?,
+                            attempts: row.get::<_, u32>(2)? + 1,
+                        })
+                    },
+                )
+                .optional()
+                .map_err(err)?;
+            let Some(job) = next else { break None };
+            if job.attempts > max_attempts {
+                // Delivered `max_attempts` times and never answered (the host died or
+                // stopped while handling it): a poison message must not loop forever.
+                dead_letter(&tx, job.id, POISON, now)?;
+                continue;
+            }
+            tx.execute(
+                "UPDATE jobs SET attempts = ?2, due = ?3, leased = 1 WHERE id = ?1",
+                params![job.id as i64, job.attempts, now + lease.as_millis() as i64],
             )
-            .optional()
-            .map_err(err)
+            .map_err(err)?;
+            break Some(job);
+        };
+        tx.commit().map_err(err)?;
+        Ok(job)
     }
 
     pub(crate) fn ack(&self, job: &Job) -> StoreResult<()> {
@@ -260,19 +302,12 @@ impl Embedded {
         let mut conn = self.conn();
         let tx = conn.transaction().map_err(err)?;
         let outcome = if job.attempts >= max_attempts {
-            tx.execute(
-                "INSERT OR REPLACE INTO dead (id, queue, body, attempts, reason, at)
-                 SELECT id, queue, body, attempts, ?2, ?3 FROM jobs WHERE id = ?1",
-                params![job.id as i64, reason, now_ms()],
-            )
-            .map_err(err)?;
-            tx.execute("DELETE FROM jobs WHERE id = ?1", params![job.id as i64])
-                .map_err(err)?;
+            dead_letter(&tx, job.id, reason, now_ms())?;
             Nacked::DeadLettered
         } else {
             let due = now_ms() + retry_delay(job.attempts).as_millis() as i64;
             tx.execute(
-                "UPDATE jobs SET due = ?2 WHERE id = ?1",
+                "UPDATE jobs SET due = ?2, leased = 0 WHERE id = ?1",
                 params![job.id as i64, due],
             )
             .map_err(err)?;
@@ -288,8 +323,8 @@ impl Embedded {
     pub(crate) fn release(&self, job: &Job) -> StoreResult<()> {
         self.conn()
             .execute(
-                "UPDATE jobs SET due = 0, attempts = MAX(attempts - 1, 0) WHERE id = ?1",
-                params![job.id as i64],
+                "UPDATE jobs SET due = ?2, leased = 0, attempts = MAX(attempts - 1, 0) WHERE id = ?1",
+                params![job.id as i64, now_ms()],
             )
             .map_err(err)?;
         self.arrived.notify_waiters();
@@ -311,6 +346,23 @@ impl Embedded {
     }
 }
 
+/// Why a message that was never answered was given up on.
+pub(crate) const POISON: &str =
+    "delivered max_attempts times without an answer (the host stopped or died while handling it)";
+
+/// Moves message `id` to the dead letters.
+fn dead_letter(tx: &rusqlite::Transaction<'_>, id: u64, reason: &str, now: i64) -> StoreResult<()> {
+    tx.execute(
+        "INSERT OR REPLACE INTO dead (id, queue, body, attempts, reason, at)
+         SELECT id, queue, body, attempts, ?2, ?3 FROM jobs WHERE id = ?1",
+        params![id as i64, reason, now],
+    )
+    .map_err(err)?;
+    tx.execute("DELETE FROM jobs WHERE id = ?1", params![id as i64])
+        .map_err(err)?;
+    Ok(())
+}
+
 /// Cuts a page of at most [`PAGE`] keys (the query asked for one more, to know whether
 /// another page follows).
 pub(crate) fn page(mut keys: Vec<String>, offset: u64) -> (Vec<String>, Option<u64>) {
@@ -328,7 +380,8 @@ mod tests {
 
     #[test]
     fn kv_counters_cas_and_queues() {
-        let store = Embedded::open(None).unwrap();
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        let store = Embedded::open(None, runtime.handle().clone()).unwrap();
         assert_eq!(store.increment("b", "n", 2).unwrap(), 2);
         assert_eq!(store.increment("b", "n", 3).unwrap(), 5);
         assert_eq!(store.get("b", "n").unwrap().unwrap(), b"5");
@@ -352,11 +405,11 @@ mod tests {
 
         store.enqueue("q", &[b"a".to_vec(), b"b".to_vec()]).unwrap();
         let a = store
-            .reserve("q", Duration::from_secs(60))
+            .reserve("q", Duration::from_secs(60), 5)
             .unwrap()
             .unwrap();
         let b = store
-            .reserve("q", Duration::from_secs(60))
+            .reserve("q", Duration::from_secs(60), 5)
             .unwrap()
             .unwrap();
         assert_eq!(
@@ -365,7 +418,7 @@ mod tests {
         );
         assert!(
             store
-                .reserve("q", Duration::from_secs(60))
+                .reserve("q", Duration::from_secs(60), 5)
                 .unwrap()
                 .is_none(),
             "both are leased"
@@ -374,14 +427,14 @@ mod tests {
         assert_eq!(store.nack(&b, "boom", 2).unwrap(), Nacked::Retry);
         assert!(
             store
-                .reserve("q", Duration::from_secs(60))
+                .reserve("q", Duration::from_secs(60), 5)
                 .unwrap()
                 .is_none(),
             "backing off"
         );
         std::thread::sleep(retry_delay(1));
         let again = store
-            .reserve("q", Duration::from_secs(60))
+            .reserve("q", Duration::from_secs(60), 5)
             .unwrap()
             .unwrap();
         assert_eq!(again.attempts, 2);
@@ -398,7 +451,8 @@ mod tests {
 
     #[test]
     fn list_keys_pages() {
-        let store = Embedded::open(None).unwrap();
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        let store = Embedded::open(None, runtime.handle().clone()).unwrap();
         let pairs: Vec<(String, Vec<u8>)> = (0..PAGE + 5)
             .map(|i| (format!("k{i:05}"), vec![]))
             .collect();

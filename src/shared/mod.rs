@@ -11,7 +11,10 @@
 //! consumer at a time under a lease; `ack` removes it; `nack` makes it due again after a short
 //! backoff, or moves it to the queue's dead letters once it has been delivered `max_attempts`
 //! times; `release` puts it back at once without counting the delivery (its instance was
-//! stopped).
+//! stopped). Messages are delivered in due-time order (a retry is due after its backoff, not
+//! behind the whole backlog). A message whose lease lapsed (its host died) is due again; one
+//! already delivered `max_attempts` times without an answer is dead-lettered when it comes up,
+//! so a message that crashes hosts cannot loop forever.
 //!
 //! Nothing here knows about wasmtime: [`crate::runtime`] maps guest calls onto a [`Store`].
 
@@ -81,9 +84,11 @@ impl Store {
             Some(url) => Ok(Self::Redis(redis::RedisStore::open(url).await?)),
             None => {
                 let path = dir.map(|d| d.join("shared.db"));
-                let store =
-                    tokio::task::spawn_blocking(move || embedded::Embedded::open(path.as_deref()))
-                        .await??;
+                let runtime = tokio::runtime::Handle::current();
+                let store = tokio::task::spawn_blocking(move || {
+                    embedded::Embedded::open(path.as_deref(), runtime)
+                })
+                .await??;
                 Ok(Self::Embedded(Arc::new(store)))
             }
         }
@@ -100,7 +105,10 @@ impl Store {
     /// The value of `key`.
     pub async fn get(&self, bucket: &str, key: &str) -> StoreResult<Option<Vec<u8>>> {
         match self {
-            Self::Embedded(e) => e.get(bucket, key),
+            Self::Embedded(e) => {
+                let (b, k) = (bucket.to_string(), key.to_string());
+                e.run(move |e| e.get(&b, &k)).await
+            }
             Self::Redis(r) => r.get(bucket, key).await,
         }
     }
@@ -127,7 +135,10 @@ impl Store {
         cursor: Option<u64>,
     ) -> StoreResult<(Vec<String>, Option<u64>)> {
         match self {
-            Self::Embedded(e) => e.list_keys(bucket, cursor),
+            Self::Embedded(e) => {
+                let b = bucket.to_string();
+                e.run(move |e| e.list_keys(&b, cursor)).await
+            }
             Self::Redis(r) => r.list_keys(bucket, cursor).await,
         }
     }
@@ -135,7 +146,10 @@ impl Store {
     /// Adds `delta` to the number in `key` (absent = 0) atomically; returns the new value.
     pub async fn increment(&self, bucket: &str, key: &str, delta: u64) -> StoreResult<u64> {
         match self {
-            Self::Embedded(e) => e.increment(bucket, key, delta),
+            Self::Embedded(e) => {
+                let (b, k) = (bucket.to_string(), key.to_string());
+                e.run(move |e| e.increment(&b, &k, delta)).await
+            }
             Self::Redis(r) => r.increment(bucket, key, delta).await,
         }
     }
@@ -149,7 +163,11 @@ impl Store {
         new: Vec<u8>,
     ) -> StoreResult<bool> {
         match self {
-            Self::Embedded(e) => e.compare_and_swap(bucket, key, expected.as_deref(), &new),
+            Self::Embedded(e) => {
+                let (b, k) = (bucket.to_string(), key.to_string());
+                e.run(move |e| e.compare_and_swap(&b, &k, expected.as_deref(), &new))
+                    .await
+            }
             Self::Redis(r) => r.compare_and_swap(bucket, key, expected, new).await,
         }
     }
@@ -170,7 +188,10 @@ impl Store {
     /// Sets every pair in one transaction.
     pub async fn set_many(&self, bucket: &str, pairs: Vec<(String, Vec<u8>)>) -> StoreResult<()> {
         match self {
-            Self::Embedded(e) => e.set_many(bucket, &pairs),
+            Self::Embedded(e) => {
+                let b = bucket.to_string();
+                e.run(move |e| e.set_many(&b, &pairs)).await
+            }
             Self::Redis(r) => r.set_many(bucket, pairs).await,
         }
     }
@@ -178,7 +199,10 @@ impl Store {
     /// Deletes every key in one transaction.
     pub async fn delete_many(&self, bucket: &str, keys: Vec<String>) -> StoreResult<()> {
         match self {
-            Self::Embedded(e) => e.delete_many(bucket, &keys),
+            Self::Embedded(e) => {
+                let b = bucket.to_string();
+                e.run(move |e| e.delete_many(&b, &keys)).await
+            }
             Self::Redis(r) => r.delete_many(bucket, keys).await,
         }
     }
@@ -186,7 +210,10 @@ impl Store {
     /// Appends `bodies` to `queue` in one transaction.
     pub async fn enqueue(&self, queue: &str, bodies: Vec<Vec<u8>>) -> StoreResult<()> {
         match self {
-            Self::Embedded(e) => e.enqueue(queue, &bodies),
+            Self::Embedded(e) => {
+                let q = queue.to_string();
+                e.run(move |e| e.enqueue(&q, &bodies)).await
+            }
             Self::Redis(r) => r.enqueue(queue, bodies).await,
         }
     }
@@ -194,10 +221,20 @@ impl Store {
     /// The oldest due message of `queue`, leased to the caller for `lease` (after which
     /// another consumer may get it: how a dead host's messages come back); `None` if there is
     /// none.
-    pub async fn reserve(&self, queue: &str, lease: Duration) -> StoreResult<Option<Job>> {
+    /// A message already delivered `max_attempts` times without an answer (its handler
+    /// crashed or hung the host) is dead-lettered instead.
+    pub async fn reserve(
+        &self,
+        queue: &str,
+        lease: Duration,
+        max_attempts: u32,
+    ) -> StoreResult<Option<Job>> {
         match self {
-            Self::Embedded(e) => e.reserve(queue, lease),
-            Self::Redis(r) => r.reserve(queue, lease).await,
+            Self::Embedded(e) => {
+                let q = queue.to_string();
+                e.run(move |e| e.reserve(&q, lease, max_attempts)).await
+            }
+            Self::Redis(r) => r.reserve(queue, lease, max_attempts).await,
         }
     }
 
@@ -215,7 +252,10 @@ impl Store {
     /// Removes a handled message.
     pub async fn ack(&self, job: &Job) -> StoreResult<()> {
         match self {
-            Self::Embedded(e) => e.ack(job),
+            Self::Embedded(e) => {
+                let job = job.clone();
+                e.run(move |e| e.ack(&job)).await
+            }
             Self::Redis(r) => r.ack(job).await,
         }
     }
@@ -223,7 +263,10 @@ impl Store {
     /// A failed delivery: due again after a backoff, or dead-lettered after `max_attempts`.
     pub async fn nack(&self, job: &Job, reason: &str, max_attempts: u32) -> StoreResult<Nacked> {
         match self {
-            Self::Embedded(e) => e.nack(job, reason, max_attempts),
+            Self::Embedded(e) => {
+                let (job, reason) = (job.clone(), reason.to_string());
+                e.run(move |e| e.nack(&job, &reason, max_attempts)).await
+            }
             Self::Redis(r) => r.nack(job, reason, max_attempts).await,
         }
     }
@@ -231,7 +274,10 @@ impl Store {
     /// Puts a message back at once without counting the delivery (its instance stopped).
     pub async fn release(&self, job: &Job) -> StoreResult<()> {
         match self {
-            Self::Embedded(e) => e.release(job),
+            Self::Embedded(e) => {
+                let job = job.clone();
+                e.run(move |e| e.release(&job)).await
+            }
             Self::Redis(r) => r.release(job).await,
         }
     }
@@ -239,7 +285,10 @@ impl Store {
     /// Depth of `queue`.
     pub async fn stats(&self, queue: &str) -> StoreResult<QueueStats> {
         match self {
-            Self::Embedded(e) => e.stats(queue),
+            Self::Embedded(e) => {
+                let q = queue.to_string();
+                e.run(move |e| e.stats(&q)).await
+            }
             Self::Redis(r) => r.stats(queue).await,
         }
     }
@@ -251,10 +300,43 @@ pub fn retry_delay(attempts: u32) -> Duration {
         .min(Duration::from_secs(10))
 }
 
-/// Parses a counter value as `increment` does.
+/// The largest counter value: both backends agree on it (Redis scripts count in doubles).
+pub const MAX_COUNTER: u64 = (1 << 53) - 1;
+
+/// Parses a counter value as `increment` does on both backends: ASCII digits, optionally
+/// surrounded by ASCII whitespace, up to [`MAX_COUNTER`].
 pub fn parse_counter(key: &str, value: &[u8]) -> StoreResult<u64> {
-    std::str::from_utf8(value)
-        .ok()
-        .and_then(|s| s.trim().parse::<u64>().ok())
-        .ok_or_else(|| format!("cannot increment `{key}`: its value is not a decimal number"))
+    let text = value.trim_ascii();
+    let number = (!text.is_empty() && text.iter().all(u8::is_ascii_digit))
+        .then(|| std::str::from_utf8(text).ok()?.parse::<u64>().ok())
+        .flatten()
+        .filter(|n| *n <= MAX_COUNTER);
+    number.ok_or_else(|| {
+        format!("cannot increment `{key}`: its value is not a decimal number up to 2^53-1")
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counters_are_ascii_decimal_up_to_2_pow_53() {
+        assert_eq!(parse_counter("k", b"42"), Ok(42));
+        assert_eq!(parse_counter("k", b" \t42\r\n"), Ok(42));
+        assert_eq!(parse_counter("k", b"9007199254740991"), Ok(MAX_COUNTER));
+        for bad in [
+            &b""[..],
+            b"  ",
+            b"+1",
+            b"-1",
+            b"4 2",
+            b"0x10",
+            b"9007199254740992",
+            "٤٢".as_bytes(),
+        ] {
+            let e = parse_counter("k", bad).unwrap_err();
+            assert!(e.contains("cannot increment `k`"), "{e}");
+        }
+    }
 }

@@ -42,9 +42,14 @@ impl RedisStore {
     pub async fn open(url: &str) -> Result<Self> {
         let client = redis::Client::open(url)
             .with_context(|| format!("state.url `{url}` is not a valid Redis URL"))?;
+        // No response timeout: a script that ran must not be reported as failed because the
+        // answer was slow (the caller would retry it and, say, enqueue twice).
+        let config = redis::aio::ConnectionManagerConfig::new()
+            .set_response_timeout(None)
+            .set_connection_timeout(Some(std::time::Duration::from_secs(5)));
         let conn = tokio::time::timeout(
             std::time::Duration::from_secs(5),
-            ConnectionManager::new(client),
+            ConnectionManager::new_with_config(client, config),
         )
         .await
         .map_err(|_| anyhow::anyhow!("no answer from Redis at `{url}` within 5 s"))?
@@ -82,31 +87,41 @@ impl RedisStore {
 
     pub(crate) async fn increment(&self, bucket: &str, key: &str, delta: u64) -> StoreResult<u64> {
         // Like the embedded store: absent = 0, the value is decimal text, no wrap-around.
+        // Same rules as `parse_counter`: ASCII digits with optional ASCII whitespace, at most
+        // 2^53-1 (Lua numbers are doubles).
         let script = redis::Script::new(
             "local v = redis.call('HGET', KEYS[1], ARGV[1])
              local n = 0
              if v then
-               if not string.match(v, '^%s*%d+%s*$') then return redis.error_reply('not a number') end
-               n = tonumber(v)
+               local digits = string.match(v, '^[ \\t\\n\\r\\f]*(%d+)[ \\t\\n\\r\\f]*$')
+               if (not digits) or #digits > 16 or tonumber(digits) > 9007199254740991 then
+                 return redis.error_reply('NOTNUM value is not a decimal number')
+               end
+               n = tonumber(digits)
              end
              local next = n + tonumber(ARGV[2])
-             if next >= 9007199254740992 then return redis.error_reply('overflow') end
+             if next > 9007199254740991 then
+               return redis.error_reply('OVERFLOW value would pass 2^53-1')
+             end
              redis.call('HSET', KEYS[1], ARGV[1], string.format('%d', next))
              return next",
         );
+        if delta > super::MAX_COUNTER {
+            return Err(format!(
+                "cannot increment `{key}`: the value would pass 2^53-1"
+            ));
+        }
         let result: Result<u64, _> = script
             .key(kv(bucket))
             .arg(key)
             .arg(delta)
             .invoke_async(&mut self.conn.clone())
             .await;
-        result.map_err(|e| match e.detail() {
-            Some(d) if d.contains("not a number") => {
-                format!("cannot increment `{key}`: its value is not a decimal number")
+        result.map_err(|e| match e.code() {
+            Some("NOTNUM") => {
+                format!("cannot increment `{key}`: its value is not a decimal number up to 2^53-1")
             }
-            Some(d) if d.contains("overflow") => {
-                format!("cannot increment `{key}`: the value would overflow")
-            }
+            Some("OVERFLOW") => format!("cannot increment `{key}`: the value would pass 2^53-1"),
             _ => err(e),
         })
     }
@@ -198,21 +213,38 @@ impl RedisStore {
         &self,
         queue: &str,
         lease: std::time::Duration,
+        max_attempts: u32,
     ) -> StoreResult<Option<Job>> {
+        // A message delivered `max_attempts` times without an answer (its handler crashed or
+        // hung a host) is dead-lettered here instead of looping forever.
         let script = redis::Script::new(&format!(
             "{NOW}
-             local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, 1)
-             if #ids == 0 then return false end
-             local id = ids[1]
-             redis.call('ZADD', KEYS[1], now + tonumber(ARGV[1]), id)
-             local attempts = redis.call('HINCRBY', KEYS[3], id, 1)
-             return {{id, redis.call('HGET', KEYS[2], id), attempts}}"
+             while true do
+               local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, 1)
+               if #ids == 0 then return false end
+               local id = ids[1]
+               local attempts = redis.call('HINCRBY', KEYS[3], id, 1)
+               if attempts > tonumber(ARGV[2]) then
+                 redis.call('HSET', KEYS[4], id, redis.call('HGET', KEYS[2], id))
+                 redis.call('HSET', KEYS[5], id, ARGV[3])
+                 redis.call('ZREM', KEYS[1], id)
+                 redis.call('HDEL', KEYS[2], id)
+                 redis.call('HDEL', KEYS[3], id)
+               else
+                 redis.call('ZADD', KEYS[1], now + tonumber(ARGV[1]), id)
+                 return {{id, redis.call('HGET', KEYS[2], id), attempts}}
+               end
+             end"
         ));
         let found: Option<(String, Vec<u8>, u32)> = script
             .key(q(queue, "due"))
             .key(q(queue, "body"))
             .key(q(queue, "attempts"))
+            .key(q(queue, "dead"))
+            .key(q(queue, "why"))
             .arg(lease.as_millis() as u64)
+            .arg(max_attempts)
+            .arg(super::embedded::POISON)
             .invoke_async(&mut self.conn.clone())
             .await
             .map_err(err)?;
@@ -246,48 +278,58 @@ impl RedisStore {
         reason: &str,
         max_attempts: u32,
     ) -> StoreResult<Nacked> {
-        let id = Self::id(job);
-        if job.attempts >= max_attempts {
-            redis::pipe()
-                .atomic()
-                .hset(q(&job.queue, "dead"), &id, job.body.as_slice())
-                .hset(q(&job.queue, "why"), &id, reason)
-                .zrem(q(&job.queue, "due"), &id)
-                .hdel(q(&job.queue, "body"), &id)
-                .hdel(q(&job.queue, "attempts"), &id)
-                .query_async::<()>(&mut self.conn.clone())
-                .await
-                .map_err(err)?;
-            return Ok(Nacked::DeadLettered);
-        }
+        // Every step checks the message is still there: a late answer for a message whose
+        // lease lapsed and that another consumer already handled changes nothing.
+        let dead = job.attempts >= max_attempts;
         let script = redis::Script::new(&format!(
             "{NOW}
-             redis.call('ZADD', KEYS[1], 'XX', now + tonumber(ARGV[2]), ARGV[1])
+             if not redis.call('ZSCORE', KEYS[1], ARGV[1]) then return 0 end
+             if ARGV[2] == '1' then
+               redis.call('HSET', KEYS[4], ARGV[1], redis.call('HGET', KEYS[2], ARGV[1]))
+               redis.call('HSET', KEYS[5], ARGV[1], ARGV[3])
+               redis.call('ZREM', KEYS[1], ARGV[1])
+               redis.call('HDEL', KEYS[2], ARGV[1])
+               redis.call('HDEL', KEYS[3], ARGV[1])
+             else
+               redis.call('ZADD', KEYS[1], now + tonumber(ARGV[4]), ARGV[1])
+             end
              return 1"
         ));
         let _: i64 = script
             .key(q(&job.queue, "due"))
-            .arg(&id)
+            .key(q(&job.queue, "body"))
+            .key(q(&job.queue, "attempts"))
+            .key(q(&job.queue, "dead"))
+            .key(q(&job.queue, "why"))
+            .arg(Self::id(job))
+            .arg(if dead { "1" } else { "0" })
+            .arg(reason)
             .arg(super::retry_delay(job.attempts).as_millis() as u64)
             .invoke_async(&mut self.conn.clone())
             .await
             .map_err(err)?;
-        Ok(Nacked::Retry)
+        Ok(if dead {
+            Nacked::DeadLettered
+        } else {
+            Nacked::Retry
+        })
     }
 
     pub(crate) async fn release(&self, job: &Job) -> StoreResult<()> {
-        let id = Self::id(job);
-        redis::pipe()
-            .atomic()
-            .cmd("ZADD")
-            .arg(q(&job.queue, "due"))
-            .arg("XX")
-            .arg(0)
-            .arg(&id)
-            .hincr(q(&job.queue, "attempts"), &id, -1)
-            .query_async::<()>(&mut self.conn.clone())
+        let script = redis::Script::new(
+            "if not redis.call('ZSCORE', KEYS[1], ARGV[1]) then return 0 end
+             redis.call('ZADD', KEYS[1], 0, ARGV[1])
+             redis.call('HINCRBY', KEYS[2], ARGV[1], -1)
+             return 1",
+        );
+        let _: i64 = script
+            .key(q(&job.queue, "due"))
+            .key(q(&job.queue, "attempts"))
+            .arg(Self::id(job))
+            .invoke_async(&mut self.conn.clone())
             .await
-            .map_err(err)
+            .map_err(err)?;
+        Ok(())
     }
 
     pub(crate) async fn stats(&self, queue: &str) -> StoreResult<QueueStats> {

@@ -117,7 +117,7 @@ fn wrong_world_and_unsatisfied_imports() {
     assert!(out.contains("process type `clock`"), "{out}");
     assert!(
         out.contains(
-            "must export `wasi:http/incoming-handler` (an HTTP process) or `wasi:cli/run`"
+            "must export `wasi:http/incoming-handler` (an HTTP process), `wasi:cli/run` (a background process) or `wasmform:host/consumer` (a queue consumer)"
         ),
         "{out}"
     );

@@ -124,6 +124,11 @@ fn broken_releases_are_rejected_and_the_old_version_keeps_serving() {
     assert!(out.contains("did not pass its health check"), "{out}");
     assert_eq!(release_versions(&app), [1]);
     app.wait_settled(Duration::from_secs(30));
+    // What the rejected releases staged is not kept.
+    let stored = std::fs::read_dir(app.path(".wasmform/components"))
+        .unwrap()
+        .count();
+    assert_eq!(stored, 1);
 }
 
 #[test]
@@ -392,7 +397,7 @@ fn a_release_whose_instances_crash_during_the_roll_out_is_rolled_back() {
     );
     assert!(
         out.stderr
-            .contains("crashed during the roll-out: exited with status 3"),
+            .contains("failed during the roll-out: exited with status 3"),
         "{out:?}"
     );
     let ps = app.wait_settled(Duration::from_secs(30));
