@@ -130,6 +130,7 @@ impl Deployer {
             .current()
             .map(|r| (r.version, r.config_digest.clone()));
         let stager = releases.stager();
+        let from_files = from.is_none();
         let staged = tokio::task::spawn_blocking(move || stager.stage(app, from.as_ref()))
             .await
             .map_err(|e| ControlError::Failed(format!("staging failed: {e}")))?
@@ -188,7 +189,7 @@ impl Deployer {
         let version = releases.next_version();
         let changes = self.supervisor.deploy(versions, version).await?;
         let description = format!("{what}: {}", describe_changes(&changes));
-        if let Err(e) = releases.record(&staged, description.clone()) {
+        if let Err(e) = releases.record(&staged, description.clone(), from_files) {
             self.logs.host(format!(
                 "release v{version} is running but could not be stored: {e:#}"
             ));

@@ -213,7 +213,6 @@ impl Host {
     /// The formation is, in order: one instance of each type at 256 MiB; the formation stored
     /// in the state directory; `options.formation` and `options.memory`. The result is stored.
     pub fn new(app: AppSpec, options: HostOptions) -> Result<Self> {
-        let mut formation = Formation::default_for(&app, DEFAULT_MEMORY);
         let mut notes = Vec::new();
         let state = options.state_dir.clone().map(StateDir::new);
         if let Some(state) = &state {
@@ -221,6 +220,27 @@ impl Host {
             control::ensure_no_live_host(state)?;
             state.create()?;
         }
+        let mut releases = ReleaseStore::open(
+            state.clone(),
+            options.keep_releases,
+            options.max_component_size,
+        )?;
+        let previous = releases.current().cloned();
+        let mut staged = releases.stage(app, None)?;
+        if let Some(previous) = &previous
+            && previous.config_digest != staged.config_digest
+            && previous.source.as_deref() == Some(staged.config_digest.as_str())
+        {
+            // The files are as they were when the current release (a rollback) replaced
+            // them: it keeps running, as it would have without the restart.
+            notes.push(format!(
+                "v{} keeps running ({}): the app's files are unchanged since; `wasmform deploy` runs them",
+                previous.version, previous.description
+            ));
+            staged = releases.stage(previous.app.clone(), Some(previous))?;
+        }
+        let app = &staged.app;
+        let mut formation = Formation::default_for(app, DEFAULT_MEMORY);
         if let Some(state) = &state
             && let Some((stored, dropped)) = state.load_formation(&formation)?
         {
@@ -231,12 +251,6 @@ impl Host {
                 ));
             }
         }
-        let mut releases = ReleaseStore::open(
-            state.clone(),
-            options.keep_releases,
-            options.max_component_size,
-        )?;
-        let previous = releases.current().cloned();
         // As in a deploy: a manifest `count` or `memory` that changed since the last release
         // applies; otherwise the stored formation (the last `scale`) stays.
         if let Some(previous) = &previous {
@@ -314,7 +328,6 @@ impl Host {
         })?);
 
         let started = Instant::now();
-        let staged = releases.stage(app, None)?;
         let work: Vec<_> = staged
             .app
             .processes
@@ -354,12 +367,13 @@ impl Host {
                             "Deploy by `up`: the app changed since v{}",
                             previous.version
                         ),
+                        true,
                     )?
                     .version
             }
             None => {
                 releases
-                    .record(&staged, "Initial release".to_string())?
+                    .record(&staged, "Initial release".to_string(), true)?
                     .version
             }
         };

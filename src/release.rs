@@ -38,6 +38,12 @@ pub struct Release {
     pub components: BTreeMap<String, String>,
     /// The resolved app; component paths are where the files were read from.
     pub app: AppSpec,
+    /// The `config_digest` of the app's files on disk when this release was made: its own
+    /// for a release made from them, the replaced release's for a rollback. `up` resumes the
+    /// current release when the files still match it (a rollback survives a host restart)
+    /// and deploys them when they changed. `None` in lists from before it was kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
 }
 
 /// An app whose components were read, hashed and stored, ready to compile.
@@ -163,8 +169,20 @@ impl ReleaseStore {
         }
     }
 
-    /// Records `staged` as the next release and prunes old ones.
-    pub fn record(&mut self, staged: &Staged, description: String) -> Result<Release> {
+    /// Records `staged` as the next release and prunes old ones. `from_files`: it was read
+    /// from the app's files (not brought back from a stored release).
+    pub fn record(
+        &mut self,
+        staged: &Staged,
+        description: String,
+        from_files: bool,
+    ) -> Result<Release> {
+        let source = if from_files {
+            Some(staged.config_digest.clone())
+        } else {
+            self.current()
+                .and_then(|r| r.source.clone().or_else(|| Some(r.config_digest.clone())))
+        };
         let release = Release {
             version: self.next_version(),
             created: jiff::Timestamp::now()
@@ -174,6 +192,7 @@ impl ReleaseStore {
             config_digest: staged.config_digest.clone(),
             components: staged.components.clone(),
             app: staged.app.clone(),
+            source,
         };
         let mut releases = self.releases.clone();
         releases.push(release.clone());
@@ -347,7 +366,7 @@ mod tests {
         state.create().unwrap();
         let mut store = ReleaseStore::open(Some(state.clone()), 2, ByteSize::mib(1)).unwrap();
         let first = store.stage(app.clone(), None).unwrap();
-        assert_eq!(store.record(&first, "one".into()).unwrap().version, 1);
+        assert_eq!(store.record(&first, "one".into(), true).unwrap().version, 1);
         // Same bytes, other declaration line: same configuration.
         let mut moved = app.clone();
         moved.processes[0].origin = "Procfile:2".into();
@@ -359,7 +378,7 @@ mod tests {
         std::fs::write(&wasm, b"\0asm\x0d\0\x01\0two").unwrap();
         let second = store.stage(app.clone(), None).unwrap();
         assert_ne!(second.config_digest, first.config_digest);
-        store.record(&second, "two".into()).unwrap();
+        store.record(&second, "two".into(), true).unwrap();
         // v1 is still there and brings back the first bytes.
         let v1 = store.get(1).unwrap().clone();
         let back = store.stage(v1.app.clone(), Some(&v1)).unwrap();
@@ -367,7 +386,10 @@ mod tests {
             std::fs::read(&back.files[0]).unwrap(),
             b"\0asm\x0d\0\x01\0one"
         );
-        store.record(&back, "rollback".into()).unwrap();
+        let v3 = store.record(&back, "rollback".into(), false).unwrap();
+        // The rollback remembers the files it replaced (v2's), not its own.
+        assert_eq!(v3.config_digest, first.config_digest);
+        assert_eq!(v3.source.as_deref(), Some(second.config_digest.as_str()));
         // Keep 2: v1 pruned, but its component is still used by v3.
         let reopened = ReleaseStore::open(Some(state.clone()), 2, ByteSize::mib(1)).unwrap();
         let versions: Vec<u32> = reopened.list().iter().map(|r| r.version).collect();

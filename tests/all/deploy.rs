@@ -159,14 +159,38 @@ fn rollback_runs_the_stored_components_even_after_the_files_changed() {
     let out = app.cli(&["rollback", "latest"]);
     assert!(out.stderr.contains("invalid release"), "{out:?}");
 
-    // Releases persist across a restart of the host; unchanged files make no new release.
+    // Releases persist across a restart of the host. The files are v2's again, as when the
+    // rollback replaced them: the rollback keeps running, no new release.
+    app.install("test_web.wasm", "app.wasm");
+    host.signal(libc::SIGTERM);
+    host.wait_exit(Duration::from_secs(30)).unwrap();
+    let mut host = app.up(&[]);
+    host.wait_for("release v3:", Duration::from_secs(5));
+    host.wait_for(
+        "v3 keeps running (Rollback to v1: web changed): the app's files are unchanged since",
+        Duration::from_secs(5),
+    );
+    assert_eq!(release_versions(&app), [3, 2, 1]);
+    assert!(host.get("/").body.starts_with("hello from"));
+
+    // Files equal to the running release: nothing new either.
     app.install("hello.wasm", "app.wasm");
     host.signal(libc::SIGTERM);
     host.wait_exit(Duration::from_secs(30)).unwrap();
-    let host = app.up(&[]);
+    let mut host = app.up(&[]);
     host.wait_for("release v3:", Duration::from_secs(5));
     assert_eq!(release_versions(&app), [3, 2, 1]);
     assert!(host.get("/").body.starts_with("hello from"));
+
+    // Files that changed since are what `up` runs, as a new release.
+    app.install("test_web.wasm", "app.wasm");
+    app.write("Procfile", "web: app.wasm v4\n");
+    host.signal(libc::SIGTERM);
+    host.wait_exit(Duration::from_secs(30)).unwrap();
+    let host = app.up(&[]);
+    host.wait_for("release v4:", Duration::from_secs(5));
+    assert_eq!(release_versions(&app), [4, 3, 2, 1]);
+    assert!(host.get("/").body.starts_with("test-web"));
 }
 
 #[test]
