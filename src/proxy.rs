@@ -31,6 +31,8 @@ use crate::instance::{Failure, Reply, ResponseBody, WebInstance, text_body};
 use crate::logs::Logs;
 use crate::router::{Busy, Pool};
 
+mod head;
+
 /// Limits of the HTTP front door. Headers over the limits are refused by hyper (431, or 414
 /// for a long URI) before any guest runs.
 #[derive(Clone, Copy, Debug)]
@@ -106,9 +108,24 @@ pub async fn serve(listener: TcpListener, router: Arc<Router>, shutdown: Cancell
         };
         let _ = stream.set_nodelay(true);
         let router = router.clone();
-        let service = hyper::service::service_fn(move |req| {
+        let framing = Arc::new(head::Framing::default());
+        let stream = head::HeadGuard::new(stream, framing.clone());
+        let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+            // hyper's framing of the body tells the guard where the next head starts; after a
+            // chunked body it cannot know, so that connection ends with this response.
+            let body = req.body().size_hint().exact();
+            framing.set(body);
             let router = router.clone();
-            async move { Ok::<_, Infallible>(router.handle(req).await) }
+            async move {
+                let mut response = router.handle(req).await;
+                if body.is_none() {
+                    response.headers_mut().insert(
+                        header::CONNECTION,
+                        header::HeaderValue::from_static("close"),
+                    );
+                }
+                Ok::<_, Infallible>(response)
+            }
         });
         let conn = graceful.watch(builder.serve_connection(TokioIo::new(stream), service));
         tokio::spawn(async move {
@@ -164,6 +181,19 @@ impl Router {
                 status.as_u16()
             ));
         };
+        if !plain_transfer_encoding(req.headers()) {
+            // hyper refuses a `Transfer-Encoding` whose last coding is not `chunked`; anything
+            // but exactly one `chunked` is refused here too, since no other coding is decoded.
+            let mut response = plain(
+                StatusCode::BAD_REQUEST,
+                "unsupported Transfer-Encoding: only a single `chunked` is accepted\n".to_string(),
+            );
+            response.headers_mut().insert(
+                header::CONNECTION,
+                header::HeaderValue::from_static("close"),
+            );
+            return response;
+        }
         let declared = req
             .headers()
             .get(header::CONTENT_LENGTH)
@@ -485,6 +515,19 @@ impl Body for Guarded {
             this.logs.host(std::mem::take(&mut this.line));
             Poll::Ready(Some(Err(wasmtime_wasi_http::Error::HttpResponseIncomplete)))
         }
+    }
+}
+
+/// Whether the request has no `Transfer-Encoding`, or exactly one field saying `chunked`.
+fn plain_transfer_encoding(headers: &header::HeaderMap) -> bool {
+    let mut values = headers.get_all(header::TRANSFER_ENCODING).iter();
+    match (values.next(), values.next()) {
+        (None, _) => true,
+        (Some(value), None) => value
+            .as_bytes()
+            .trim_ascii()
+            .eq_ignore_ascii_case(b"chunked"),
+        _ => false,
     }
 }
 

@@ -401,3 +401,92 @@ fn a_stalled_request_body_gets_408() {
         (200, "consumed 5 bytes\n")
     );
 }
+
+/// Sends `raw` on a fresh connection and reads until the server closes it.
+fn exchange(addr: std::net::SocketAddr, raw: &str) -> String {
+    use std::io::{Read as _, Write as _};
+
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    stream.write_all(raw.as_bytes()).unwrap();
+    let mut bytes = Vec::new();
+    stream
+        .read_to_end(&mut bytes)
+        .unwrap_or_else(|e| panic!("the connection was not closed for {raw:?}: {e}"));
+    String::from_utf8_lossy(&bytes).into_owned()
+}
+
+#[test]
+fn bare_lf_and_obfuscated_transfer_encodings_get_400_and_close() {
+    let app = App::new("web: {guests}/test_web.wasm\n");
+    let host = app.up(&[]);
+    let addr = host.addr();
+    // Each is followed by a request that must never be read: the connection closes after the
+    // 400 (`exchange` fails if it stays open).
+    let smuggled = "GET /count HTTP/1.1\r\nHost: x\r\n\r\n";
+    for raw in [
+        // Bare LF line endings: everywhere, in one header line, as the final empty line.
+        "GET /count HTTP/1.1\nHost: x\n\n",
+        "GET /count HTTP/1.1\r\nHost: x\nX-A: 1\r\n\r\n",
+        "GET /count HTTP/1.1\r\nHost: x\r\n\n",
+        // A bare LF in the head after a request with a body of known length.
+        "POST /count HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nokGET /count HTTP/1.1\nHost: x\r\n\r\n",
+        // Obfuscated Transfer-Encoding.
+        "POST /count HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked, identity\r\n\r\n0\r\n\r\n",
+        "POST /count HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: xchunked\r\n\r\n0\r\n\r\n",
+        "POST /count HTTP/1.1\r\nHost: x\r\nTransfer-Encoding : chunked\r\n\r\n0\r\n\r\n",
+        "POST /count HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        "POST /count HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: identity\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        "POST /count HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked, chunked\r\n\r\n0\r\n\r\n",
+        "POST /count HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n",
+    ] {
+        let out = exchange(addr, &format!("{raw}{smuggled}"));
+        assert_eq!(
+            out.matches("HTTP/1.1 ").count(),
+            // The one valid request before a bad head is answered; nothing after it.
+            1 + usize::from(raw.starts_with("POST /count HTTP/1.1\r\nHost: x\r\nContent-Length")),
+            "{raw:?}: {out}"
+        );
+        let last = out.rfind("HTTP/1.1 ").unwrap_or(0);
+        assert!(
+            out[last..].starts_with("HTTP/1.1 400 Bad Request"),
+            "{raw:?}: {out}"
+        );
+    }
+    // Only the valid POST before the bare-LF head reached the guest.
+    assert_eq!(host.get("/count").body, "2\n");
+    let out = exchange(
+        addr,
+        "POST /count HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n",
+    );
+    assert!(
+        out.contains("unsupported Transfer-Encoding: only a single `chunked` is accepted"),
+        "{out}"
+    );
+}
+
+#[test]
+fn bodies_may_hold_bare_lf_without_breaking_keep_alive() {
+    let app = App::new("web: {guests}/test_web.wasm\n");
+    let host = app.up(&[]);
+    // A body of known length: the next request on the connection is served.
+    let out = exchange(
+        host.addr(),
+        "POST /consume HTTP/1.1\r\nHost: x\r\nContent-Length: 6\r\n\r\na\nb\n\n\nGET /count HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    );
+    assert!(out.contains("consumed 6 bytes\n"), "{out}");
+    assert_eq!(out.matches("HTTP/1.1 200 OK").count(), 2, "{out}");
+    assert!(out.contains("\r\n1\n\r\n"), "the counter answered: {out}");
+    // A chunked body is served too, and the connection closes after its response: the next
+    // head is never read.
+    let out = exchange(
+        host.addr(),
+        "POST /consume HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n3\r\na\nb\r\n0\r\n\r\nGET /count HTTP/1.1\r\nHost: x\r\n\r\n",
+    );
+    assert_eq!(out.matches("HTTP/1.1 ").count(), 1, "{out}");
+    assert!(out.contains("consumed 3 bytes\n"), "{out}");
+    assert!(out.contains("connection: close"), "{out}");
+    assert_eq!(host.get("/count").body, "2\n");
+}

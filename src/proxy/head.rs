@@ -1,0 +1,319 @@
+//! Strict line endings in request heads: a bare LF is refused with 400.
+//!
+//! hyper (httparse) accepts a lone LF as a line ending in the request line and the headers, as
+//! RFC 9112 §2.2 permits. A proxy in front of wasmform that reads such a head differently could
+//! frame requests differently from it, which is how requests get smuggled, so wasmform refuses
+//! them. [`HeadGuard`] wraps a connection's socket and inspects exactly the bytes that belong to
+//! request heads, never body bytes (a body may hold bare LFs legitimately):
+//!
+//! - While a head is read, every byte is checked. The head ends at its first empty line
+//!   (CRLF CRLF, after empty lines before the request line, which hyper skips). hyper is given
+//!   the head and nothing after it; the rest of that read waits in a stash.
+//! - hyper parses the head and calls the service, which reports hyper's own framing of the body
+//!   through [`Framing::set`]: its exact length (no body, or `Content-Length`), or unknown
+//!   (chunked). Until then reads wait.
+//! - A body of known length is passed through uninspected, byte-exact, and the next byte starts
+//!   the next head. A chunked body's end is only known to hyper's decoder, so after a chunked
+//!   request nothing more is inspected and the response closes the connection
+//!   (`Connection: close`): no second request is ever read from it.
+//! - A bare LF in a head is handed to hyper as a NUL byte, which httparse rejects wherever it
+//!   stands; hyper then answers 400 and closes the connection as for any malformed head. Reads
+//!   after it see the end of the stream, so nothing behind it is parsed.
+//!
+//! hyper stays the only parser of requests: this layer only decides which bytes it checks, from
+//! hyper's own framing, and can only refuse, never reframe.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Waker};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+/// hyper's framing of the current request's body, reported by the service.
+#[derive(Default)]
+pub(crate) struct Framing {
+    slot: Mutex<Slot>,
+}
+
+#[derive(Default)]
+struct Slot {
+    /// `Some(Some(n))`: `n` body bytes follow the head; `Some(None)`: chunked.
+    body: Option<Option<u64>>,
+    /// The read waiting for it.
+    waker: Option<Waker>,
+}
+
+impl Framing {
+    /// Reports the body length hyper framed for the request just parsed (`None`: chunked).
+    pub(crate) fn set(&self, body: Option<u64>) {
+        let mut slot = self.slot.lock().unwrap_or_else(|e| e.into_inner());
+        slot.body = Some(body);
+        if let Some(waker) = slot.waker.take() {
+            waker.wake();
+        }
+    }
+}
+
+/// What the bytes read next belong to.
+#[derive(Debug, PartialEq, Eq)]
+enum State {
+    /// A request head; `prev` is the byte before, `line` the current line's length without
+    /// CR, `started` whether the request line has begun (empty lines before it are skipped).
+    Head {
+        prev: u8,
+        line: usize,
+        started: bool,
+    },
+    /// A head has been handed over; waiting for the service to say how its body is framed.
+    AwaitBody,
+    /// This many body bytes remain.
+    Body(u64),
+    /// After a chunked request: passed through, never inspected (the connection closes after
+    /// the response).
+    Unchecked,
+    /// A bare LF was found: the stream ends here for hyper.
+    Refused,
+}
+
+const HEAD: State = State::Head {
+    prev: 0,
+    line: 0,
+    started: false,
+};
+
+/// A connection's socket whose request heads are checked for bare LFs (see the module docs).
+pub(crate) struct HeadGuard<S> {
+    io: S,
+    state: State,
+    /// Bytes read past the end of a head, handed over before reading the socket again.
+    stash: Vec<u8>,
+    /// How much of `stash` has been handed over.
+    stash_pos: usize,
+    /// Where the service reports each request's framing.
+    framing: Arc<Framing>,
+}
+
+impl<S> HeadGuard<S> {
+    pub(crate) fn new(io: S, framing: Arc<Framing>) -> Self {
+        Self {
+            io,
+            state: HEAD,
+            stash: Vec::new(),
+            stash_pos: 0,
+            framing,
+        }
+    }
+
+    /// Checks `bytes`, just read while in a head. Returns how many to hand over: up to the end
+    /// of the head, or up to a bare LF (made a NUL).
+    fn scan_head(&mut self, bytes: &mut [u8]) -> usize {
+        let State::Head {
+            prev,
+            line,
+            started,
+        } = &mut self.state
+        else {
+            unreachable!("only called in a head")
+        };
+        for (i, b) in bytes.iter_mut().enumerate() {
+            let byte = *b;
+            let last = std::mem::replace(prev, byte);
+            match byte {
+                b'\n' if last != b'\r' => {
+                    *b = 0;
+                    self.state = State::Refused;
+                    return i + 1;
+                }
+                b'\n' if *started && *line == 0 => {
+                    self.state = State::AwaitBody;
+                    return i + 1;
+                }
+                b'\n' => *line = 0,
+                b'\r' => {}
+                _ => {
+                    *started = true;
+                    *line += 1;
+                }
+            }
+        }
+        bytes.len()
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for HeadGuard<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        if this.state == State::AwaitBody {
+            let mut slot = this.framing.slot.lock().unwrap_or_else(|e| e.into_inner());
+            match slot.body.take() {
+                Some(Some(0)) => this.state = HEAD,
+                Some(Some(n)) => this.state = State::Body(n),
+                Some(None) => this.state = State::Unchecked,
+                None => {
+                    slot.waker = Some(cx.waker().clone());
+                    return Poll::Pending;
+                }
+            }
+        }
+        let limit = match this.state {
+            State::Refused => return Poll::Ready(Ok(())),
+            State::Body(n) => usize::try_from(n).unwrap_or(usize::MAX),
+            _ => usize::MAX,
+        }
+        .min(buf.remaining());
+        let start = buf.filled().len();
+        let from_stash = this.stash_pos < this.stash.len();
+        if from_stash {
+            let n = limit.min(this.stash.len() - this.stash_pos);
+            buf.put_slice(&this.stash[this.stash_pos..this.stash_pos + n]);
+            this.stash_pos += n;
+        } else {
+            let mut limited = buf.take(limit);
+            let before = limited.filled().as_ptr();
+            std::task::ready!(Pin::new(&mut this.io).poll_read(cx, &mut limited))?;
+            assert_eq!(
+                before,
+                limited.filled().as_ptr(),
+                "the reader swapped buffers"
+            );
+            let n = limited.filled().len();
+            // SAFETY: the inner reader initialised these `n` bytes of `buf`'s unfilled part,
+            // which `limited` borrows (as tokio's own `Take` does).
+            unsafe { buf.assume_init(n) };
+            buf.advance(n);
+        }
+        let read = buf.filled().len() - start;
+        match this.state {
+            State::Body(n) => {
+                let left = n - read as u64;
+                this.state = if left == 0 { HEAD } else { State::Body(left) };
+            }
+            State::Head { .. } => {
+                let keep = this.scan_head(&mut buf.filled_mut()[start..]);
+                let rest = read - keep;
+                if rest > 0 {
+                    if from_stash {
+                        this.stash_pos -= rest;
+                    } else {
+                        this.stash.clear();
+                        this.stash.extend_from_slice(&buf.filled()[start + keep..]);
+                        this.stash_pos = 0;
+                    }
+                    buf.set_filled(start + keep);
+                }
+                if this.state == State::Refused {
+                    this.stash.clear();
+                    this.stash_pos = 0;
+                }
+            }
+            _ => {}
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for HeadGuard<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncReadExt as _;
+
+    /// Reads everything hyper would see from `input`, answering each head with the next
+    /// framing from `bodies`, in reads of at most `chunk` bytes.
+    async fn seen(input: &[u8], bodies: &[Option<u64>], chunk: usize) -> Vec<u8> {
+        let framing = Arc::new(Framing::default());
+        let mut guard = HeadGuard::new(input, framing.clone());
+        let mut bodies = bodies.iter();
+        let mut out = Vec::new();
+        let mut buf = vec![0; chunk];
+        loop {
+            if guard.state == State::AwaitBody {
+                framing.set(*bodies.next().expect("a framing per head"));
+            }
+            let n = guard.read(&mut buf).await.unwrap();
+            if n == 0 && guard.state != State::AwaitBody {
+                return out;
+            }
+            out.extend_from_slice(&buf[..n]);
+        }
+    }
+
+    #[tokio::test]
+    async fn heads_with_crlf_and_bodies_with_bare_lf_pass_unchanged() {
+        let input = b"\r\nPOST / HTTP/1.1\r\nContent-Length: 4\r\n\r\na\nb\nGET / HTTP/1.1\r\n\r\nPOST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n\n\n\r\n0\r\n\r\n";
+        for chunk in [1, 3, 7, 4096] {
+            let out = seen(input, &[Some(4), Some(0), None], chunk).await;
+            assert_eq!(out, input, "reads of {chunk}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_bare_lf_in_a_head_becomes_a_nul_and_ends_the_stream() {
+        for (input, bodies, expected) in [
+            (
+                &b"GET / HTTP/1.1\nHost: x\n\n"[..],
+                &[][..],
+                &b"GET / HTTP/1.1\0"[..],
+            ),
+            (
+                b"GET / HTTP/1.1\r\nHost: x\n\r\n",
+                &[],
+                b"GET / HTTP/1.1\r\nHost: x\0",
+            ),
+            (
+                b"GET / HTTP/1.1\r\nHost: x\r\n\n",
+                &[],
+                b"GET / HTTP/1.1\r\nHost: x\r\n\0",
+            ),
+            // After a body of known length, the next head is checked again.
+            (
+                b"POST / HTTP/1.1\r\nContent-Length: 2\r\n\r\n\n\nGET /\nX",
+                &[Some(2)],
+                b"POST / HTTP/1.1\r\nContent-Length: 2\r\n\r\n\n\nGET /\0",
+            ),
+        ] {
+            for chunk in [1, 5, 4096] {
+                let out = seen(input, bodies, chunk).await;
+                assert_eq!(
+                    String::from_utf8_lossy(&out),
+                    String::from_utf8_lossy(expected),
+                    "reads of {chunk}"
+                );
+            }
+        }
+    }
+}
