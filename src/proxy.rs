@@ -47,7 +47,7 @@ pub struct HttpLimits {
     /// Largest request body, bytes: a larger `Content-Length` gets 413 before the guest runs,
     /// and a chunked body is cut off (an error for the guest) once it goes past it.
     pub max_body: u64,
-    /// Most open client connections; past it, accepting waits for one to close.
+    /// Most open client connections; past it, new ones are answered 503 and closed.
     pub max_connections: usize,
     /// How long a request body may stall while the guest reads it before the answer is 408.
     pub body_idle_timeout: Duration,
@@ -95,16 +95,20 @@ pub async fn serve(listener: TcpListener, router: Arc<Router>, shutdown: Cancell
         .max_headers(limits.max_headers)
         .max_buf_size(limits.max_head_bytes.max(8192));
     let connections = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
+    let refusal = Refusal::new(limits.max_connections);
+    let mut refused = RefusalLog::default();
     loop {
-        // A permit per connection, held until it closes: past the cap, accepting waits.
-        let permit = tokio::select! {
-            permit = connections.clone().acquire_owned() => permit.expect("never closed"),
-            () = shutdown.cancelled() => break,
-        };
         let listener = &listener;
         let accept = || async move { listener.accept().await.map(|(stream, _)| stream) };
         let Some(stream) = next_connection(accept, &shutdown).await else {
             break;
+        };
+        // A permit per connection, held until it closes. Past the cap a connection is answered
+        // 503 at once and closed, instead of waiting unanswered in the kernel's backlog.
+        let Ok(permit) = connections.clone().try_acquire_owned() else {
+            refusal.refuse(stream);
+            refused.count(&router.logs, limits.max_connections);
+            continue;
         };
         let _ = stream.set_nodelay(true);
         let router = router.clone();
@@ -137,6 +141,84 @@ pub async fn serve(listener: TcpListener, router: Arc<Router>, shutdown: Cancell
     }
     drop(listener);
     graceful.shutdown().await;
+}
+
+/// The answer to connections past `--max-connections`, and the bound on how many of those are
+/// closed gracefully at a time.
+struct Refusal {
+    response: Arc<[u8]>,
+    lingering: Arc<tokio::sync::Semaphore>,
+}
+
+/// Refused connections closed gracefully at a time; past it they are closed at once.
+const MAX_LINGERING: usize = 256;
+
+/// How long a refused connection may take to receive its 503.
+const LINGER: Duration = Duration::from_secs(2);
+
+impl Refusal {
+    fn new(max_connections: usize) -> Self {
+        let text = format!(
+            "all {max_connections} connections of this host are in use (--max-connections); try again shortly\n"
+        );
+        let response = format!(
+            "HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain; charset=utf-8\r\nretry-after: 1\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{text}",
+            text.len()
+        );
+        Self {
+            response: Arc::from(response.into_bytes()),
+            lingering: Arc::new(tokio::sync::Semaphore::new(MAX_LINGERING)),
+        }
+    }
+
+    /// Answers 503 and closes. The close lingers (reading what the client sent, for at most
+    /// [`LINGER`]): closing a socket with unread input resets the connection, and the client
+    /// may then lose the 503 before reading it.
+    fn refuse(&self, mut stream: tokio::net::TcpStream) {
+        let Ok(permit) = self.lingering.clone().try_acquire_owned() else {
+            let _ = stream.try_write(&self.response);
+            return;
+        };
+        let response = self.response.clone();
+        tokio::spawn(async move {
+            use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+            let _ = tokio::time::timeout(LINGER, async {
+                stream.write_all(&response).await?;
+                stream.shutdown().await?;
+                let mut sink = [0u8; 4096];
+                while stream.read(&mut sink).await? > 0 {}
+                Ok::<_, std::io::Error>(())
+            })
+            .await;
+            drop(permit);
+        });
+    }
+}
+
+/// Logs refused connections at most once a second, with how many there were since the last
+/// line, so a flood of connections cannot flood the log.
+#[derive(Default)]
+struct RefusalLog {
+    since: u64,
+    last: Option<Instant>,
+}
+
+impl RefusalLog {
+    fn count(&mut self, logs: &Logs, max_connections: usize) {
+        self.since += 1;
+        if self
+            .last
+            .is_some_and(|t| t.elapsed() < Duration::from_secs(1))
+        {
+            return;
+        }
+        logs.host(format!(
+            "at=error code=H11 desc=\"Connection limit reached\" connections={max_connections} refused={} status=503",
+            self.since
+        ));
+        self.since = 0;
+        self.last = Some(Instant::now());
+    }
 }
 
 /// The next accepted connection, or `None` once `shutdown` is cancelled. A failed accept (out

@@ -102,7 +102,7 @@ pub struct UpCommand {
     #[arg(long = "body-timeout", default_value = "30s", value_parser = parse_duration)]
     body_timeout: Duration,
 
-    /// Most open client connections; past it, new ones wait to be accepted.
+    /// Most open client connections; past it, new ones get 503 (Retry-After: 1) and are closed.
     #[arg(long = "max-connections", default_value_t = 10_000)]
     max_connections: usize,
 

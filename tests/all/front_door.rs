@@ -490,3 +490,64 @@ fn bodies_may_hold_bare_lf_without_breaking_keep_alive() {
     assert!(out.contains("connection: close"), "{out}");
     assert_eq!(host.get("/count").body, "2\n");
 }
+
+#[test]
+fn connections_past_the_cap_get_503_at_once_and_the_host_recovers() {
+    use std::io::{Read as _, Write as _};
+
+    let app = App::new("web: {guests}/test_web.wasm\n");
+    let host = app.up(&["--max-connections", "50"]);
+    // 50 keep-alive connections, each served once and then left open.
+    let held: Vec<std::net::TcpStream> = (0..50)
+        .map(|_| {
+            let mut stream = std::net::TcpStream::connect(host.addr()).unwrap();
+            stream
+                .set_read_timeout(Some(Duration::from_secs(30)))
+                .unwrap();
+            stream
+                .write_all(b"GET /whoami HTTP/1.1\r\nHost: x\r\n\r\n")
+                .unwrap();
+            let mut raw = Vec::new();
+            let mut buf = [0u8; 1024];
+            while !raw.ends_with(b"\r\n0\r\n\r\n") {
+                let n = stream.read(&mut buf).unwrap();
+                assert!(n > 0, "closed early: {}", String::from_utf8_lossy(&raw));
+                raw.extend_from_slice(&buf[..n]);
+            }
+            assert!(raw.starts_with(b"HTTP/1.1 200"));
+            stream
+        })
+        .collect();
+
+    let response = host.get("/whoami");
+    assert_eq!(response.status, 503, "{response:?}");
+    assert_eq!(response.header("retry-after"), Some("1"));
+    assert_eq!(response.header("connection"), Some("close"));
+    assert!(
+        response
+            .body
+            .contains("all 50 connections of this host are in use (--max-connections)"),
+        "{}",
+        response.body
+    );
+    host.wait_for(
+        "at=error code=H11 desc=\"Connection limit reached\" connections=50 refused=1 status=503",
+        Duration::from_secs(5),
+    );
+
+    // Once the held connections close, new ones are served again.
+    drop(held);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let response = host.get("/whoami");
+        if response.status == 200 {
+            break;
+        }
+        assert_eq!(response.status, 503, "{response:?}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the host did not recover"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
