@@ -302,6 +302,7 @@ impl Router {
             );
             return unavailable("no HTTP process type in this app\n");
         };
+        let waiting = Instant::now();
         let instance = match tokio::time::timeout(self.request_timeout, pool.acquire()).await {
             Ok(Ok(instance)) => instance,
             Ok(Err(Busy::NoneUp)) => {
@@ -323,6 +324,7 @@ impl Router {
                 return unavailable(&format!("all `{}` instances are busy\n", self.process));
             }
         };
+        let connect = waiting.elapsed();
         let name = instance.name.clone();
         // Bodies sent chunked are cut off once they pass the limit: the guest sees a stream
         // error instead of the host buffering without bound.
@@ -395,6 +397,7 @@ impl Router {
             sound = &mut call => (rx.await, Outcome::Known(sound)),
         };
         interrupted.armed = false;
+        drop(interrupted);
         let (status, text) = match reply {
             Ok(Reply::Response(response)) => {
                 let sent = response.status().as_u16();
@@ -412,14 +415,26 @@ impl Router {
                         .boxed_unsync()
                     }),
                 };
-                if self.log_requests {
-                    self.logs.host(format!(
-                        "at=info method={method} path=\"{path}\" instance={name} service={}ms status={}",
-                        started.elapsed().as_millis(),
-                        response.status().as_u16()
-                    ));
+                if !self.log_requests {
+                    return response;
                 }
-                return response;
+                let status = response.status().as_u16();
+                return response.map(|body| {
+                    Logged {
+                        body,
+                        bytes: 0,
+                        line: InfoLine {
+                            logs: self.logs.clone(),
+                            method,
+                            path,
+                            instance: name,
+                            started,
+                            connect,
+                            status,
+                        },
+                    }
+                    .boxed_unsync()
+                });
             }
             Ok(Reply::Failed(Failure::Timeout(after))) => {
                 error("H12", "Request timeout", &name, StatusCode::GATEWAY_TIMEOUT);
@@ -472,6 +487,74 @@ impl Router {
             }
         };
         plain(status, text)
+    }
+}
+
+/// A response body that counts its bytes and writes the request's `at=info` router line when
+/// it is dropped: at its end, or when it is cut short (a client gone, an aborted stream).
+struct Logged {
+    body: ResponseBody,
+    /// Data bytes passed on so far.
+    bytes: u64,
+    line: InfoLine,
+}
+
+/// What the `at=info` line says besides the byte count.
+struct InfoLine {
+    logs: Logs,
+    method: hyper::Method,
+    path: String,
+    instance: Arc<str>,
+    /// When the request arrived; `service` runs from here to the end of the body.
+    started: Instant,
+    /// Time spent waiting for a free instance.
+    connect: Duration,
+    status: u16,
+}
+
+impl Body for Logged {
+    type Data = Bytes;
+    type Error = wasmtime_wasi_http::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let polled = Pin::new(&mut self.body).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(frame))) = &polled
+            && let Some(data) = frame.data_ref()
+        {
+            self.bytes += data.len() as u64;
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
+impl Drop for Logged {
+    fn drop(&mut self) {
+        let InfoLine {
+            logs,
+            method,
+            path,
+            instance,
+            started,
+            connect,
+            status,
+        } = &self.line;
+        logs.host(format!(
+            "at=info method={method} path=\"{path}\" instance={instance} connect={}ms service={}ms status={status} bytes={}",
+            connect.as_millis(),
+            started.elapsed().as_millis(),
+            self.bytes
+        ));
     }
 }
 

@@ -37,12 +37,29 @@ fn oversized_requests_are_refused_before_the_guest_runs() {
 fn every_request_gets_a_router_log_line_unless_switched_off() {
     let app = App::new("web: {guests}/hello.wasm\n");
     let host = app.up(&[]);
-    assert_eq!(host.get("/hi?x=1").status, 200);
+    let response = host.get("/hi?x=1");
+    assert_eq!(response.status, 200);
     let out = host.wait_for(
-        "at=info method=GET path=\"/hi\" instance=web.1 service=",
+        "at=info method=GET path=\"/hi\" instance=web.1 connect=",
         Duration::from_secs(5),
     );
-    assert!(out.contains("status=200"), "{out}");
+    // `connect=0ms service=3ms status=200 bytes=12`, Heroku's fields in Heroku's order.
+    let line = out.lines().find(|l| l.contains("at=info")).unwrap();
+    let fields: Vec<(&str, &str)> = line
+        .split_whitespace()
+        .skip_while(|f| !f.starts_with("connect="))
+        .filter_map(|f| f.split_once('='))
+        .collect();
+    let names: Vec<&str> = fields.iter().map(|(n, _)| *n).collect();
+    assert_eq!(names, ["connect", "service", "status", "bytes"], "{line}");
+    for (name, value) in &fields[..2] {
+        let ms = value
+            .strip_suffix("ms")
+            .unwrap_or_else(|| panic!("{name} in {line}"));
+        assert!(ms.parse::<u64>().is_ok(), "{line}");
+    }
+    assert_eq!(fields[2].1, "200", "{line}");
+    assert_eq!(fields[3].1, response.body.len().to_string(), "{line}");
     drop(host);
 
     let host = app.up(&["--no-router-log"]);
