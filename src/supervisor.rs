@@ -733,6 +733,8 @@ impl Supervisor {
                         continue;
                     }
                     Ok(Ended::Request(reason)) => (reason, false, true),
+                    // As a crash loop would: a sick instance must not restart in a hot loop.
+                    Ok(Ended::Unhealthy(reason)) => (reason, true, true),
                     // Not the instance's fault: replaced at once, not a failure.
                     Ok(Ended::Cancelled(reason)) => (reason, false, false),
                     Ok(Ended::Process { reason, success }) => (reason, true, !success),
@@ -925,7 +927,7 @@ impl Supervisor {
                                     slot.set_health(format!("failing ({failures}/{})", check.threshold));
                                     if failures >= check.threshold {
                                         drop(instance);
-                                        break Ended::Request(format!(
+                                        break Ended::Unhealthy(format!(
                                             "failed {failures} health checks in a row ({why}); taken out of rotation"
                                         ));
                                     }
@@ -967,7 +969,9 @@ impl Supervisor {
 
     /// A consumer instance's loop: take the next due message of the type's queue, deliver
     /// it, acknowledge or redeliver it. Ends when the instance crashes (its message is
-    /// redelivered) or the slot stops (a message in hand is put back at once).
+    /// redelivered) or the slot stops. A stop drains like HTTP: no new message is taken, the
+    /// one in hand finishes (within the type's timeout) and is acknowledged or redelivered as
+    /// usual; only a handler that runs out of time is put back without counting the delivery.
     async fn consume(
         &self,
         process: &ProcessType,
@@ -1019,15 +1023,11 @@ impl Supervisor {
                 }
             };
             slot.requests.fetch_add(1, Ordering::Relaxed);
-            let delivery = tokio::select! {
-                delivery = consumer.deliver(queue, job.body.clone(), timeout) => delivery,
-                () = slot.cancel.cancelled() => {
-                    if let Err(e) = store.release(&job).await {
-                        self.logs.host(format!("{name} could not put message {} back: {e}", job.id));
-                    }
-                    return Ended::Stopped;
-                }
-            };
+            // A stop does not interrupt the handler: its side effects (a mail sent) must not
+            // be redone. It finishes within the type's timeout, as a draining HTTP request
+            // does, and is answered as usual; the slot ends after that answer.
+            let started = Instant::now();
+            let delivery = consumer.deliver(queue, job.body.clone(), timeout).await;
             let (reason, crashed) = match delivery {
                 instance::Delivery::Done => {
                     if let Err(e) = store.ack(&job).await {
@@ -1036,7 +1036,21 @@ impl Supervisor {
                             job.id
                         ));
                     }
+                    if slot.stopping() {
+                        return Ended::Stopped;
+                    }
                     continue;
+                }
+                instance::Delivery::Crashed(_)
+                    if slot.stopping() && started.elapsed() >= timeout =>
+                {
+                    // Stopped, and the handler did not finish in time: not the message's
+                    // fault, so it goes back without counting the delivery.
+                    if let Err(e) = store.release(&job).await {
+                        self.logs
+                            .host(format!("{name} could not put message {} back: {e}", job.id));
+                    }
+                    return Ended::Stopped;
                 }
                 instance::Delivery::Failed(text) => (text, None),
                 instance::Delivery::Crashed(reason) => (reason.clone(), Some(reason)),
@@ -1055,6 +1069,9 @@ impl Supervisor {
             self.metrics.queue_failure(process.spec.name.as_str());
             if let Some(reason) = crashed {
                 return Ended::Request(reason);
+            }
+            if slot.stopping() {
+                return Ended::Stopped;
             }
         }
     }
@@ -1295,8 +1312,21 @@ impl Supervisor {
             .event(API, format!("Deploy v{release}: {summary}"));
         let started = {
             let mut state = self.lock();
-            state.types = next_types.clone();
-            state.desired = next_desired.clone();
+            // Removed types keep serving until the rest of the release is live: a release that
+            // fails and is rolled back must not have stopped them.
+            let mut types = next_types.clone();
+            let mut desired = next_desired.clone();
+            for (name, process) in old_types
+                .iter()
+                .filter(|(n, _)| !next_types.contains_key(*n))
+            {
+                types.insert(name.clone(), process.clone());
+                if let Some(scale) = old_desired.get(name) {
+                    desired.insert(name.clone(), scale);
+                }
+            }
+            state.types = types;
+            state.desired = desired;
             self.reconcile(&mut state)
         };
         let mut failure = self.await_started(started).await.into_iter().next();
@@ -1344,6 +1374,14 @@ impl Supervisor {
             return Err(ControlError::Failed(format!(
                 "release v{release} failed and was rolled back: {failure}"
             )));
+        }
+        if !changes.removed.is_empty() {
+            // Now the removed types drain and stop.
+            let mut state = self.lock();
+            state.types = next_types;
+            state.desired = next_desired.clone();
+            let started = self.reconcile(&mut state);
+            debug_assert!(started.is_empty(), "only removals are left");
         }
         if let Some(store) = &self.store
             && let Err(e) = store.store_formation(&next_desired)
@@ -1669,9 +1707,11 @@ pub fn describe_changes(changes: &Changes) -> String {
 
 /// How an incarnation ended, which decides the restart delay.
 enum Ended {
-    /// A web instance failed while handling a request, or its liveness check: replaced at
-    /// once.
+    /// A web instance failed while handling a request: replaced at once.
     Request(String),
+    /// A web instance failed its liveness check `threshold` times: restarted with the crash
+    /// backoff.
+    Unhealthy(String),
     /// A web instance served its `max_requests`: replaced at once, not a crash.
     Recycled(String),
     /// A web instance was dropped mid-call because its client went away: replaced at once,

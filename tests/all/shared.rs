@@ -59,7 +59,10 @@ fn wait_sent(addr: std::net::SocketAddr, n: u64, timeout: Duration) -> (u64, u64
         if done >= n {
             return (done, duplicates);
         }
-        assert!(Instant::now() < deadline, "only {done} of {n} sent");
+        assert!(
+            Instant::now() < deadline,
+            "only {done} of {n} sent ({duplicates} duplicates)"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
 }
@@ -205,6 +208,60 @@ fn failing_messages_are_retried_then_dead_lettered() {
             sent(host.addr()),
             (180, 0),
             "the failures were never counted"
+        );
+    }
+}
+
+/// Waits until the queue's depths are `(pending, dead)`.
+fn wait_queue(app: &App, backend: &Backend, pending: u64, dead: u64) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let queues = &app.ps()["queues"][0];
+        if queues["pending"] == pending && queues["dead"] == dead {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{}: expected pending {pending} dead {dead}: {queues}",
+            backend.name()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn stopped_consumers_finish_their_message_instead_of_redoing_it() {
+    for backend in Backend::both() {
+        let backend = backend();
+        // Each mail is marked sent, then takes 200 ms: a handler cut short and redone would
+        // be counted as a duplicate.
+        let app = newsletter(&backend, "count = 8\nenv = { MAIL_MS = 200 }\n");
+        let mut host = app.up(&["--no-router-log"]);
+        assert_eq!(post(host.addr(), "/send?n=48").status, 202);
+        let (at_scale, _) = wait_sent(host.addr(), 8, Duration::from_secs(60));
+        assert!(
+            at_scale < 40,
+            "{}: the drain was nearly over",
+            backend.name()
+        );
+        // Seven of the eight are in the middle of a mail.
+        let scaled = app.cli(&["scale", "mailer=1"]);
+        assert!(scaled.ok, "{scaled:?}");
+        let (at_stop, _) = wait_sent(host.addr(), at_scale + 10, Duration::from_secs(60));
+        assert!(at_stop < 48, "{}: the drain was over", backend.name());
+        // A shutdown drains the last one the same way.
+        host.signal(libc::SIGTERM);
+        assert!(host.wait_exit(Duration::from_secs(30)).is_some());
+        let out = host.output();
+        assert!(!out.contains("could not put message"), "{out}");
+        let host = app.up(&["--no-router-log"]);
+        let (done, duplicates) = wait_sent(host.addr(), 48, Duration::from_secs(60));
+        assert_eq!((done, duplicates), (48, 0), "{}", backend.name());
+        wait_queue(&app, &backend, 0, 0);
+        assert!(
+            !host.output().contains("of `mail` failed"),
+            "{}",
+            host.output()
         );
     }
 }

@@ -1,6 +1,7 @@
-//! `mailer`: a queue consumer for `newsletter`. Each message is one subscriber; "sending" is
-//! a sleep of `MAIL_MS` milliseconds (default 5, simulated I/O). It counts `sent` in bucket
-//! `newsletter`, and `duplicates` when a subscriber was already sent to (a redelivery).
+//! `mailer`: a queue consumer for `newsletter`. Each message is one subscriber; "sending"
+//! marks the subscriber (`seen:subscriber-N` in bucket `newsletter`), then sleeps `MAIL_MS`
+//! milliseconds (default 5, simulated I/O), then counts `sent`, or `duplicates` when the
+//! subscriber had been marked before (the message was handled again after its mail went out).
 //!
 //! `FAIL_EVERY=10` makes every 10th subscriber trap (a panic), to exercise retries and the
 //! dead-letter queue.
@@ -40,11 +41,14 @@ impl exports::wasmform::host::consumer::Guest for Mailer {
         {
             panic!("mailer: refusing {subscriber} (FAIL_EVERY={every})");
         }
-        let ms = env_number("MAIL_MS").unwrap_or(5);
-        std::thread::sleep(std::time::Duration::from_millis(ms));
         let bucket = store::open("newsletter").map_err(|e| format!("{e:?}"))?;
+        // The mail goes out here: from this point on, handling the message again sends it
+        // twice. The marker comes first so that a handler cut short mid-send shows up as a
+        // duplicate when the message is redone.
         let seen = atomics::increment(&bucket, &format!("seen:{subscriber}"), 1)
             .map_err(|e| format!("{e:?}"))?;
+        let ms = env_number("MAIL_MS").unwrap_or(5);
+        std::thread::sleep(std::time::Duration::from_millis(ms));
         if seen > 1 {
             atomics::increment(&bucket, "duplicates", 1).map_err(|e| format!("{e:?}"))?;
         } else {
