@@ -31,6 +31,9 @@ pub struct Deployer {
     /// Longest a component may take to compile.
     pub(crate) compile_timeout: Duration,
     pub(crate) logs: Logs,
+    /// The listeners bound at start, described, and the type each routes HTTP to: they stay
+    /// until the next `up`, so a release must keep those types HTTP ones.
+    pub(crate) routes: Vec<(String, String)>,
 }
 
 /// What a deploy or rollback did.
@@ -44,6 +47,9 @@ pub struct DeployOutcome {
     pub description: String,
     /// Per type.
     pub changes: Changes,
+    /// Settings the release changed that take effect only at the next `up`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub notes: Vec<String>,
 }
 
 impl Deployer {
@@ -143,6 +149,7 @@ impl Deployer {
                 created: false,
                 description: format!("nothing changed: v{version} is running this configuration"),
                 changes: Changes::default(),
+                notes: Vec::new(),
             });
         }
         let work: Vec<_> = staged
@@ -158,20 +165,36 @@ impl Deployer {
                 .await
                 .map_err(|e| ControlError::Failed(format!("compiling failed: {e}")))?
                 .map_err(|e| ControlError::Invalid(format!("{e:#}; {keeps}")))?;
-        for service in &staged.app.services {
+        let kind = |process: &str| {
             let at = staged
                 .app
                 .processes
                 .iter()
-                .position(|p| p.name == service.process);
-            if let Some(i) = at
-                && !compiled[i].0.is_http()
+                .position(|p| p.name.as_str() == process);
+            at.map(|i| &compiled[i].0)
+        };
+        for (listener, process) in &self.routes {
+            match kind(process) {
+                Some(compiled) if compiled.is_http() => {}
+                found => {
+                    let what = found.map_or("removed".to_string(), |c| {
+                        format!("made a {} process", c.kind_name())
+                    });
+                    return Err(ControlError::Invalid(format!(
+                        "{listener} routes HTTP to `{process}`, which this release {what}: the listener stays until the next `wasmform up`, so keep `{process}` an HTTP process type; {keeps}"
+                    )));
+                }
+            }
+        }
+        for service in &staged.app.services {
+            if let Some(compiled) = kind(service.process.as_str())
+                && !compiled.is_http()
             {
                 return Err(ControlError::Invalid(format!(
                     "{}: services.processes: `{}` would become a {} process, but a service routes HTTP to it; {keeps}",
                     service.origin,
                     service.process,
-                    compiled[i].0.kind_name()
+                    compiled.kind_name()
                 )));
             }
         }
@@ -186,6 +209,10 @@ impl Deployer {
                 compiled: Arc::new(compiled),
             })
             .collect();
+        let notes = match releases.current() {
+            Some(current) => unapplied(&current.app, &staged.app),
+            None => Vec::new(),
+        };
         let version = releases.next_version();
         let changes = self.supervisor.deploy(versions, version).await?;
         let description = format!("{what}: {}", describe_changes(&changes));
@@ -196,11 +223,15 @@ impl Deployer {
         }
         self.logs
             .event(API, format!("Release v{version} is live ({description})"));
+        for note in &notes {
+            self.logs.event(API, format!("Release v{version}: {note}"));
+        }
         Ok(DeployOutcome {
             release: version,
             created: true,
             description,
             changes,
+            notes,
         })
     }
 }
@@ -211,4 +242,33 @@ fn keeps(current: Option<&Release>) -> String {
         Some(release) => format!("v{} keeps running", release.version),
         None => "the running formation is unchanged".to_string(),
     }
+}
+
+/// App-wide settings that `up` applies once (listeners, the memory budget, the shared store)
+/// and that changed from `running` to `next`: the release records them, the next `up` applies
+/// them.
+fn unapplied(running: &AppSpec, next: &AppSpec) -> Vec<String> {
+    let listeners = |app: &AppSpec| -> Vec<(std::net::SocketAddr, String)> {
+        app.services
+            .iter()
+            .map(|s| (s.listen, s.process.to_string()))
+            .collect()
+    };
+    let mut changed = Vec::new();
+    if listeners(running) != listeners(next) {
+        changed.push("[[services]]");
+    }
+    if running.capacity != next.capacity {
+        changed.push("capacity");
+    }
+    if running.state_url != next.state_url {
+        changed.push("[state] url");
+    }
+    if changed.is_empty() {
+        return Vec::new();
+    }
+    vec![format!(
+        "{} changed: recorded, but applied only when `wasmform up` starts again",
+        changed.join(", ")
+    )]
 }

@@ -544,8 +544,14 @@ impl Host {
         let stop_http = CancellationToken::new();
         let server = tokio::spawn(proxy::serve(listener, router, stop_http.clone()));
         let mut services = Vec::new();
+        // Which types the listeners bound now route to: a deploy must keep them HTTP types.
+        let mut routes = Vec::new();
+        if self.routed.is_some() {
+            routes.push(("the main HTTP port".to_string(), routed_name.clone()));
+        }
         for (listener, process) in service_listeners {
             let addr = listener.local_addr()?;
+            routes.push((format!("the service on {addr}"), process.to_string()));
             let router = Arc::new(Router {
                 pool: Some(supervisor.pool(&process)),
                 process: process.to_string(),
@@ -569,6 +575,7 @@ impl Host {
             releases: tokio::sync::Mutex::new(self.releases),
             compile_timeout: self.options.compile_timeout,
             logs: logs.clone(),
+            routes,
         });
         let api = control::Api::new(
             supervisor.clone(),

@@ -38,4 +38,7 @@ pub fn print_release(answer: &serde_json::Value) {
     } else {
         println!("{description}");
     }
+    for note in answer["notes"].as_array().into_iter().flatten() {
+        eprintln!("note: {}", note.as_str().unwrap_or_default());
+    }
 }

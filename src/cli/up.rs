@@ -1,6 +1,6 @@
 //! `wasmform up`: run the app's formation in the foreground until SIGINT or SIGTERM.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context as _, Result};
@@ -272,41 +272,27 @@ impl Signals {
 
 /// `--watch`: polls the app's files and deploys when they changed and then stayed the same
 /// for one more poll (a build writing a component in several steps deploys once, complete).
+/// Each poll reads the app's files on a blocking thread.
 async fn watch(source: PathBuf, deployer: std::sync::Arc<crate::deploy::Deployer>) {
     const POLL: Duration = Duration::from_millis(250);
-    let files = |source: &PathBuf, last: &[PathBuf]| -> Vec<PathBuf> {
-        match AppSpec::load(source) {
-            Ok(app) => app
-                .sources
-                .iter()
-                .cloned()
-                .chain(app.processes.iter().map(|p| p.component.clone()))
-                .collect(),
-            Err(_) => last.to_vec(),
+    let scan = |source: &PathBuf, last: Vec<PathBuf>| {
+        let source = source.clone();
+        async move {
+            tokio::task::spawn_blocking(move || watched_files(&source, last))
+                .await
+                .unwrap_or_default()
         }
     };
-    let stamp = |files: &[PathBuf]| -> Vec<Option<(std::time::SystemTime, u64)>> {
-        files
-            .iter()
-            .map(|f| {
-                std::fs::metadata(f)
-                    .ok()
-                    .map(|m| (m.modified().unwrap_or(std::time::UNIX_EPOCH), m.len()))
-            })
-            .collect()
-    };
-    let mut watched = files(&source, &[]);
-    let mut deployed = stamp(&watched);
+    let (mut watched, mut deployed) = scan(&source, Vec::new()).await;
     let mut seen = deployed.clone();
     loop {
         tokio::time::sleep(POLL).await;
         // The file list itself may change (a new type in the Procfile).
-        let now_files = files(&source, &watched);
+        let (now_files, now) = scan(&source, watched.clone()).await;
         if now_files != watched {
             watched = now_files;
             deployed = Vec::new();
         }
-        let now = stamp(&watched);
         let settled = now == seen;
         seen = now.clone();
         if now == deployed || !settled {
@@ -316,6 +302,32 @@ async fn watch(source: PathBuf, deployer: std::sync::Arc<crate::deploy::Deployer
         // The outcome (or the reason it failed) is in the log.
         let _ = deployer.deploy().await;
     }
+}
+
+/// When and how big a watched file was last (`None`: missing).
+type Stamp = Option<(std::time::SystemTime, u64)>;
+
+/// The files `--watch` follows (the configuration files and every component; `last` while
+/// the configuration does not load) and their stamps. Blocking.
+fn watched_files(source: &Path, last: Vec<PathBuf>) -> (Vec<PathBuf>, Vec<Stamp>) {
+    let files = match AppSpec::load(source) {
+        Ok(app) => app
+            .sources
+            .iter()
+            .cloned()
+            .chain(app.processes.iter().map(|p| p.component.clone()))
+            .collect(),
+        Err(_) => last,
+    };
+    let stamps = files
+        .iter()
+        .map(|f| {
+            std::fs::metadata(f)
+                .ok()
+                .map(|m| (m.modified().unwrap_or(std::time::UNIX_EPOCH), m.len()))
+        })
+        .collect();
+    (files, stamps)
 }
 
 /// `--build`: runs the manifest's `[build] command` with `sh -c`, or `cargo build --release`,

@@ -282,6 +282,23 @@ fn watch_deploys_when_a_component_is_rebuilt() {
     app.install("hello.wasm", "app.wasm");
     host.wait_for("Release v3 is live", Duration::from_secs(20));
     assert!(host.get("/").body.starts_with("hello from"));
+
+    // The Procfile and the manifest are watched too: a new type, then a changed setting.
+    app.write(
+        "Procfile",
+        "web: app.wasm\nclock: {guests}/ticker.wasm 1000\n",
+    );
+    host.wait_for("Release v4 is live", Duration::from_secs(20));
+    host.wait_for("clock.1 | tick 1", Duration::from_secs(20));
+    app.write(
+        "wasmform.toml",
+        "[processes.clock.env]\nGREETING = \"hi\"\n",
+    );
+    let out = host.wait_for("Release v5 is live", Duration::from_secs(20));
+    assert!(
+        out.contains("Release v5 is live (Deploy: clock changed)"),
+        "{out}"
+    );
 }
 
 #[test]
@@ -436,4 +453,82 @@ fn a_release_whose_instances_crash_during_the_roll_out_is_rolled_back() {
     })
     .expect("the old workers did not tick again");
     assert_eq!(release_versions(&app), [1]);
+}
+
+#[test]
+fn a_rejected_release_leaves_removed_types_running_and_listeners_keep_their_types() {
+    let app = App::new("web: {guests}/hello.wasm\nworker: {guests}/ticker.wasm 100\n");
+    let host = app.up(&[]);
+    host.wait_for("worker.1 | tick 1", Duration::from_secs(30));
+    let worker = |ps: &serde_json::Value| {
+        ps["instances"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|i| i["id"] == "worker.1")
+            .cloned()
+            .unwrap_or_default()
+    };
+    let before = worker(&app.ps());
+
+    // A release that removes `worker` and whose new `web` never gets healthy: rolled back,
+    // and `worker` was never stopped on its way.
+    app.write("Procfile", "web: {guests}/test_web.wasm\n");
+    app.write(
+        "wasmform.toml",
+        "[processes.web]\nenv = { HEALTH_STATUS = 500 }\nhealth = { path = \"/health\", grace = \"300ms\" }\n",
+    );
+    let out = app.cli(&["deploy"]);
+    assert!(!out.ok, "{out:?}");
+    assert!(
+        out.stderr.contains("did not pass its health check"),
+        "{out:?}"
+    );
+    let after = worker(&app.wait_settled(Duration::from_secs(30)));
+    assert_eq!(after["since"], before["since"], "{after}");
+    assert_eq!(after["restarts"], 0, "{after}");
+    assert!(host.get("/").body.starts_with("hello from"));
+    std::fs::remove_file(app.path("wasmform.toml")).unwrap();
+
+    // The main port routes to `web` until the next `up`: a release cannot remove it or make
+    // it a background process.
+    app.write("Procfile", "worker: {guests}/ticker.wasm 100\n");
+    let out = app.cli(&["deploy"]);
+    assert!(!out.ok);
+    assert!(
+        out.stderr.contains(
+            "the main HTTP port routes HTTP to `web`, which this release removed: the listener stays until the next `wasmform up`, so keep `web` an HTTP process type; v1 keeps running"
+        ),
+        "{out:?}"
+    );
+    app.write("Procfile", "web: {guests}/ticker.wasm 100\n");
+    let out = app.cli(&["deploy"]);
+    assert!(
+        out.stderr
+            .contains("which this release made a background process"),
+        "{out:?}"
+    );
+    assert_eq!(release_versions(&app), [1]);
+
+    // Settings `up` applies once are recorded, and the deploy says they wait for `up`.
+    app.write(
+        "Procfile",
+        "web: {guests}/hello.wasm\nworker: {guests}/ticker.wasm 100\nadmin: {guests}/hello.wasm\n",
+    );
+    app.write(
+        "wasmform.toml",
+        "capacity = \"8GiB\"\n[[services]]\nlisten = \"127.0.0.1:0\"\nprocesses = [\"admin\"]\n",
+    );
+    let out = app.cli(&["deploy"]);
+    assert!(out.ok, "{out:?}");
+    assert!(
+        out.stderr.contains(
+            "note: [[services]], capacity changed: recorded, but applied only when `wasmform up` starts again"
+        ),
+        "{out:?}"
+    );
+    host.wait_for(
+        "Release v2: [[services]], capacity changed",
+        Duration::from_secs(5),
+    );
 }

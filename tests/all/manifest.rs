@@ -175,6 +175,32 @@ fn health_checks_gate_traffic_and_restart_sick_instances() {
 }
 
 #[test]
+fn an_instance_that_keeps_failing_its_health_check_restarts_with_backoff() {
+    let app = App::new("web: {guests}/test_web.wasm\n");
+    app.write(
+        "wasmform.toml",
+        "[processes.web.health]\npath = \"/health\"\ninterval = \"100ms\"\nthreshold = 2\n",
+    );
+    let host = app.up(&["--restart-delay", "400ms"]);
+    app.wait_settled(Duration::from_secs(30));
+    // The first failure restarts at once, as a first crash does.
+    assert_eq!(host.get("/sick").status, 200);
+    host.wait_for(
+        "web.1 failed 2 health checks in a row (GET /health answered 503); taken out of rotation; restarting now",
+        Duration::from_secs(10),
+    );
+    app.wait_settled(Duration::from_secs(30));
+    // Sick again soon after: the crash backoff applies instead of a hot restart loop.
+    assert_eq!(host.get("/sick").status, 200);
+    host.wait_for(
+        "taken out of rotation; restarting in 400.0 ms",
+        Duration::from_secs(10),
+    );
+    let ps = app.wait_settled(Duration::from_secs(30));
+    assert_eq!(ps["instances"][0]["restarts"], 2, "{ps:#}");
+}
+
+#[test]
 fn restart_policies_and_max_requests() {
     let app = App::new(
         "web: {guests}/test_web.wasm\ndone: {guests}/test-worker.wasm exit 0\nfails: {guests}/test-worker.wasm exit 3\n",
