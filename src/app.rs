@@ -536,17 +536,19 @@ impl AppSpec {
             spec.memory = settings.memory.map(|m| m.0);
             spec.restart = settings.restart.unwrap_or_default();
             spec.request_timeout = settings.request_timeout.map(|d| d.0);
-            if settings.max_requests == Some(0) {
-                anyhow::bail!(
-                    "{origin}: {key}.max_requests: must be at least 1 (leave it out to never recycle)"
-                );
+            if let Some(max) = &settings.max_requests {
+                if *max.get_ref() == 0 {
+                    anyhow::bail!(
+                        "{}: {key}.max_requests: must be at least 1 (leave it out to never recycle)",
+                        at(max.span())
+                    );
+                }
+                spec.max_requests = Some(*max.get_ref());
             }
-            spec.max_requests = settings.max_requests;
             if let Some(health) = &settings.health {
-                spec.health = Some(
-                    manifest::Manifest::health(health)
-                        .map_err(|e| anyhow::anyhow!("{origin}: {key}.health: {e}"))?,
-                );
+                spec.health = Some(manifest::Manifest::health(health).map_err(|e| {
+                    anyhow::anyhow!("{}: {key}.health.{}: {}", at(e.span), e.key, e.message)
+                })?);
             }
             spec.allowed_outbound_hosts = settings
                 .allowed_outbound_hosts
@@ -585,20 +587,22 @@ impl AppSpec {
                 spec.origin.clone()
             };
         }
-        for service in &raw.services {
+        for (i, service) in raw.services.iter().enumerate() {
             let origin = at(service.span());
             let service = service.get_ref();
-            let listen = manifest::listen_address(&service.listen)
-                .map_err(|e| anyhow::anyhow!("{origin}: services.listen: {e}"))?;
-            let [process] = service.processes.as_slice() else {
+            let key = format!("services[{i}]");
+            let listen = manifest::listen_address(service.listen.get_ref())
+                .map_err(|e| anyhow::anyhow!("{}: {key}.listen: {e}", at(service.listen.span())))?;
+            let processes = at(service.processes.span());
+            let [process] = service.processes.get_ref().as_slice() else {
                 anyhow::bail!(
-                    "{origin}: services.processes: a service routes to exactly one HTTP process type, e.g. `processes = [\"admin\"]` (found {})",
-                    service.processes.len()
+                    "{processes}: {key}.processes: a service routes to exactly one HTTP process type, e.g. `processes = [\"admin\"]` (found {})",
+                    service.processes.get_ref().len()
                 );
             };
             let Some(spec) = self.processes.iter().find(|p| p.name.as_str() == process) else {
                 anyhow::bail!(
-                    "{origin}: services.processes: unknown process type `{process}` (known: {})",
+                    "{processes}: {key}.processes: unknown process type `{process}` (known: {})",
                     self.processes
                         .iter()
                         .map(|p| p.name.as_str())
@@ -608,7 +612,8 @@ impl AppSpec {
             };
             if let Some(other) = self.services.iter().find(|s| s.listen == listen) {
                 anyhow::bail!(
-                    "{origin}: services.listen: {listen} is already used by the service at {}",
+                    "{}: {key}.listen: {listen} is already used by the service at {}",
+                    at(service.listen.span()),
                     other.origin
                 );
             }
@@ -708,6 +713,34 @@ fn load_env_file(path: &Path) -> Result<BTreeMap<String, String>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(128))]
+        /// The whole loader (manifest parse, then every value check and the merge with the
+        /// Procfile) never panics, and every refusal points into the file at fault.
+        #[test]
+        fn loading_a_manifest_never_panics_and_errors_point_at_the_file(lines in proptest::collection::vec(
+            "(\\[processes\\.(web|worker|x-1|[a-z]{1,3})\\]|\\[processes\\.web\\.health\\]|\\[\\[services\\]\\]|\\[state\\]|\\[env\\]\
+    |command = \"[a-z. ]{0,8}\"|count = -?[0-9]{1,6}|memory = \"[0-9]{0,5}[A-Za-z]{0,3}\"|singleton = (true|false)\
+    |max_requests = [0-9]{1,2}|max_attempts = [0-9]|consume = \"[a-z!]{0,4}\"|buckets = \\[\"[a-z ]{0,3}\"\\]\
+    |path = \"[/a-z ]{0,4}\"|threshold = [0-9]|interval = \"[0-9]{1,3}(ms|s|x)\"|restart = \"(always|never|sometimes)\"\
+    |listen = \"[0-9.:a-z]{0,15}\"|processes = \\[(\"web\"|\"admin\"|)\\]|url = \"[a-z:/0-9.]{0,12}\"\
+    |allowed_outbound_hosts = \\[\"[a-z*.:/ ]{0,10}\"\\]|capacity = \"[0-9]{0,3}[GMK]i?B?\"|[A-Z]{1,3} = [0-9a-z\"]{0,4})",
+            0..10,
+        )) {
+            let dir = tempfile::tempdir().unwrap();
+            std::fs::write(dir.path().join("Procfile"), "web: web.wasm\n").unwrap();
+            let manifest = lines.join("\n");
+            std::fs::write(dir.path().join("wasmform.toml"), &manifest).unwrap();
+            if let Err(e) = AppSpec::load(&dir.path().join("Procfile")) {
+                let text = format!("{e:#}");
+                proptest::prop_assert!(
+                    text.contains("wasmform.toml") || text.contains("Procfile"),
+                    "{text} for {manifest:?}"
+                );
+            }
+        }
+    }
 
     #[test]
     fn byte_sizes() {

@@ -76,7 +76,7 @@ pub struct Process {
     /// Longest time for a response's headers (504 after).
     pub request_timeout: Option<DurationValue>,
     /// Recycle an instance after this many requests (as gunicorn's `max_requests`).
-    pub max_requests: Option<u64>,
+    pub max_requests: Option<Spanned<u64>>,
     /// Variables of this type only.
     #[serde(default)]
     pub env: BTreeMap<String, EnvValue>,
@@ -102,7 +102,7 @@ pub struct Process {
 #[serde(deny_unknown_fields)]
 pub struct Health {
     /// Path requested with GET, e.g. `/health`; 2xx and 3xx pass.
-    pub path: String,
+    pub path: Spanned<String>,
     /// Time between checks of a running instance (default 10s).
     pub interval: Option<DurationValue>,
     /// Longest a check may take (default 2s).
@@ -110,7 +110,7 @@ pub struct Health {
     /// How long a new instance has to pass its first check (default 30s).
     pub grace: Option<DurationValue>,
     /// Failed checks in a row that take an instance out and restart it (default 3).
-    pub threshold: Option<u32>,
+    pub threshold: Option<Spanned<u32>>,
 }
 
 /// `[[services]]`.
@@ -118,9 +118,9 @@ pub struct Health {
 #[serde(deny_unknown_fields)]
 pub struct Service {
     /// `127.0.0.1:8081`.
-    pub listen: String,
+    pub listen: Spanned<String>,
     /// The HTTP process type this port routes to (exactly one).
-    pub processes: Vec<String>,
+    pub processes: Spanned<Vec<String>>,
 }
 
 /// An env value: strings, numbers and booleans are accepted and passed as text.
@@ -273,30 +273,61 @@ pub fn parse(text: &str, file: &Path) -> Result<Manifest, Error> {
 
 impl Manifest {
     /// Resolved health check of a type, defaults filled in.
-    pub fn health(health: &Health) -> Result<HealthCheck, String> {
-        if !health.path.starts_with('/') {
-            return Err(format!(
-                "health check path `{}` must start with `/`, e.g. \"/health\"",
-                health.path
+    pub fn health(health: &Health) -> Result<HealthCheck, FieldError> {
+        let path = health.path.get_ref();
+        if !path.starts_with('/') {
+            return Err(FieldError::new(
+                &health.path,
+                "path",
+                format!("health check path `{path}` must start with `/`, e.g. \"/health\""),
             ));
         }
-        if health.path.parse::<http::uri::PathAndQuery>().is_err() {
-            return Err(format!(
-                "health check path `{}` is not a valid URL path",
-                health.path
+        if path.parse::<http::uri::PathAndQuery>().is_err() {
+            return Err(FieldError::new(
+                &health.path,
+                "path",
+                format!("health check path `{path}` is not a valid URL path"),
             ));
         }
-        let threshold = health.threshold.unwrap_or(3);
-        if threshold == 0 {
-            return Err("threshold must be at least 1".to_string());
-        }
+        let threshold = match &health.threshold {
+            Some(t) if *t.get_ref() == 0 => {
+                return Err(FieldError::new(
+                    t,
+                    "threshold",
+                    "must be at least 1".to_string(),
+                ));
+            }
+            Some(t) => *t.get_ref(),
+            None => 3,
+        };
         Ok(HealthCheck {
-            path: health.path.clone(),
+            path: path.clone(),
             interval: health.interval.map_or(Duration::from_secs(10), |d| d.0),
             timeout: health.timeout.map_or(Duration::from_secs(2), |d| d.0),
             grace: health.grace.map_or(Duration::from_secs(30), |d| d.0),
             threshold,
         })
+    }
+}
+
+/// A value that parsed but is not valid: where it is, which key, and why.
+#[derive(Debug)]
+pub struct FieldError {
+    /// Byte range of the value in the manifest.
+    pub span: std::ops::Range<usize>,
+    /// The key, relative to the table checked (`path`, `threshold`).
+    pub key: &'static str,
+    /// What is wrong and what to do.
+    pub message: String,
+}
+
+impl FieldError {
+    fn new<T>(value: &Spanned<T>, key: &'static str, message: String) -> Self {
+        Self {
+            span: value.span(),
+            key,
+            message,
+        }
     }
 }
 
@@ -331,37 +362,27 @@ mod tests {
 
     #[test]
     fn parses_the_documented_example() {
-        let text = r#"
-capacity = "2GiB"
-[env]
-GREETING = "hi"
-RETRIES = 3
-
-[processes.web]
-command = "hello.wasm --flag"
-count = 2
-memory = "128MiB"
-request_timeout = "10s"
-max_requests = 1000
-health = { path = "/health", interval = "5s" }
-
-[processes.clock]
-command = "ticker.wasm"
-singleton = true
-restart = "on-failure"
-
-[[services]]
-listen = "127.0.0.1:8081"
-processes = ["admin"]
-"#;
-        let m = parse(text, Path::new("wasmform.toml")).unwrap();
+        // The annotated example in docs/manifest.md, so the docs cannot drift from the schema.
+        let doc = include_str!("../docs/manifest.md");
+        let text = doc
+            .split("```toml\n")
+            .nth(1)
+            .and_then(|rest| rest.split("```").next())
+            .expect("docs/manifest.md has a ```toml example");
+        let m = parse(text, Path::new("docs/manifest.md")).unwrap();
         assert_eq!(m.env["RETRIES"].0, "3");
         let web = &m.processes["web"];
         assert_eq!(web.memory.unwrap().0, ByteSize::mib(128));
-        assert_eq!(*web.count.as_ref().unwrap().get_ref(), 2);
+        assert_eq!(*web.count.as_ref().unwrap().get_ref(), 4);
+        let health = Manifest::health(web.health.as_ref().unwrap()).unwrap();
+        assert_eq!(health.threshold, 3);
         let clock = &m.processes["clock"];
         assert!(clock.singleton);
         assert_eq!(clock.restart, Some(RestartMode::OnFailure));
+        assert_eq!(
+            m.processes["mailer"].consume.as_ref().unwrap().get_ref(),
+            "mail"
+        );
         assert_eq!(m.services.len(), 1);
     }
 

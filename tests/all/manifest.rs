@@ -33,7 +33,23 @@ fn manifest_errors_name_file_line_column_and_key() {
         ),
         (
             "[processes.web.health]\npath = \"health\"\n",
-            "processes.web.health: health check path `health` must start with `/`",
+            "wasmform.toml:2:8: processes.web.health.path: health check path `health` must start with `/`",
+        ),
+        (
+            "[processes.web]\nhealth = { path = \"/h\", threshold = 0 }\n",
+            "wasmform.toml:2:37: processes.web.health.threshold: must be at least 1",
+        ),
+        (
+            "[processes.web]\nmax_requests = 0\n",
+            "wasmform.toml:2:16: processes.web.max_requests: must be at least 1",
+        ),
+        (
+            "[[services]]\nlisten = \"localhost\"\nprocesses = [\"web\"]\n",
+            "wasmform.toml:2:10: services[0].listen: invalid listen address `localhost`",
+        ),
+        (
+            "[[services]]\nlisten = \"127.0.0.1:0\"\nprocesses = [\"web\", \"web\"]\n",
+            "wasmform.toml:3:13: services[0].processes: a service routes to exactly one HTTP process type",
         ),
         (
             "[processes.web]\nallowed_outbound_hosts = [\"http://a b\"]\n",
@@ -41,7 +57,7 @@ fn manifest_errors_name_file_line_column_and_key() {
         ),
         (
             "[[services]]\nlisten = \"127.0.0.1:0\"\nprocesses = [\"admin\"]\n",
-            "services.processes: unknown process type `admin` (known: web)",
+            "wasmform.toml:3:13: services[0].processes: unknown process type `admin` (known: web)",
         ),
         (
             "env_file = \"missing.env\"\n",
