@@ -11,7 +11,7 @@ use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use http_body_util::{BodyExt as _, Limited};
+use http_body_util::BodyExt as _;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
@@ -326,18 +326,17 @@ impl Router {
         };
         let connect = waiting.elapsed();
         let name = instance.name.clone();
-        // Bodies sent chunked are cut off once they pass the limit: the guest sees a stream
-        // error instead of the host buffering without bound.
-        let max_body = self.limits.max_body;
-        // A body that stops arriving while the guest waits for it is answered 408 (see below).
-        let (idle_tx, mut idle_rx) = oneshot::channel();
-        let body_timeout = self.limits.body_idle_timeout;
-        let req = req.map(|body| IdleBody {
-            body: Limited::new(body, usize::try_from(max_body).unwrap_or(usize::MAX))
-                .map_err(move |_| wasmtime_wasi_http::Error::HttpRequestBodySize(Some(max_body))),
-            timeout: body_timeout,
+        // A body that passes the limit as it arrives (chunked) is cut off, and one that stops
+        // arriving while the guest waits for it times out: the guest sees a read error, and
+        // if it has not answered yet the router answers for it (413, 408; see below).
+        let (fault_tx, mut fault_rx) = oneshot::channel();
+        let req = req.map(|body| RequestBody {
+            body,
+            limit: self.limits.max_body,
+            received: 0,
+            timeout: self.limits.body_idle_timeout,
             sleep: None,
-            fired: Some(idle_tx),
+            fault: Some(fault_tx),
         });
         let (tx, mut rx) = oneshot::channel();
         let pool = pool.clone();
@@ -369,32 +368,35 @@ impl Router {
         };
         let (reply, outcome) = tokio::select! {
             biased;
-            reply = &mut rx => {
-                let (done_tx, done_rx) = oneshot::channel();
-                tokio::spawn(async move {
-                    let _ = done_tx.send(call.await);
-                });
-                (reply, Outcome::Later(done_rx))
-            }
-            Ok(()) = &mut idle_rx => {
-                // The client stopped sending its body: answer for it and let the guest, which
-                // now sees a read error, finish on its own.
+            reply = &mut rx => match fault_rx.try_recv() {
+                // The guest answered after its body failed: the router's answer says why.
+                Ok(fault) => {
+                    interrupted.armed = false;
+                    tokio::spawn(call);
+                    return self.body_fault(fault, &error, &name);
+                }
+                Err(_) => {
+                    let (done_tx, done_rx) = oneshot::channel();
+                    tokio::spawn(async move {
+                        let _ = done_tx.send(call.await);
+                    });
+                    (reply, Outcome::Later(done_rx))
+                }
+            },
+            Ok(fault) = &mut fault_rx => {
+                // Answer for the guest, which now sees a read error, and let it finish on its
+                // own.
                 interrupted.armed = false;
                 tokio::spawn(call);
-                error("H28", "Request body idle", &name, StatusCode::REQUEST_TIMEOUT);
-                let mut response = plain(
-                    StatusCode::REQUEST_TIMEOUT,
-                    format!(
-                        "request body stalled for {}\n",
-                        humanize(self.limits.body_idle_timeout)
-                    ),
-                );
-                response
-                    .headers_mut()
-                    .insert(header::CONNECTION, header::HeaderValue::from_static("close"));
-                return response;
+                return self.body_fault(fault, &error, &name);
             }
-            sound = &mut call => (rx.await, Outcome::Known(sound)),
+            sound = &mut call => match fault_rx.try_recv() {
+                Ok(fault) => {
+                    interrupted.armed = false;
+                    return self.body_fault(fault, &error, &name);
+                }
+                Err(_) => (rx.await, Outcome::Known(sound)),
+            },
         };
         interrupted.armed = false;
         drop(interrupted);
@@ -490,6 +492,53 @@ impl Router {
     }
 }
 
+impl Router {
+    /// The router's answer when the request body failed before the guest answered.
+    fn body_fault(
+        &self,
+        fault: BodyFault,
+        error: &impl Fn(&str, &str, &str, StatusCode),
+        instance: &str,
+    ) -> Response<ResponseBody> {
+        let (status, text) = match fault {
+            BodyFault::Idle => {
+                error(
+                    "H28",
+                    "Request body idle",
+                    instance,
+                    StatusCode::REQUEST_TIMEOUT,
+                );
+                (
+                    StatusCode::REQUEST_TIMEOUT,
+                    format!(
+                        "request body stalled for {}\n",
+                        humanize(self.limits.body_idle_timeout)
+                    ),
+                )
+            }
+            BodyFault::TooLarge => {
+                error(
+                    "H25",
+                    "Request body too large",
+                    instance,
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                );
+                (
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    format!("request body over {} bytes\n", self.limits.max_body),
+                )
+            }
+        };
+        let mut response = plain(status, text);
+        // The rest of the body is not read: the connection cannot carry another request.
+        response.headers_mut().insert(
+            header::CONNECTION,
+            header::HeaderValue::from_static("close"),
+        );
+        response
+    }
+}
+
 /// A response body that counts its bytes and writes the request's `at=info` router line when
 /// it is dropped: at its end, or when it is cut short (a client gone, an aborted stream).
 struct Logged {
@@ -558,21 +607,43 @@ impl Drop for Logged {
     }
 }
 
-/// A request body that fails with a timeout if no data arrives for `timeout` while it is being
-/// read, and says so on `fired`. The clock runs only while the guest waits for data, so time
-/// spent queued or computing never counts.
-struct IdleBody<B> {
-    body: B,
+/// Why a request body failed while the guest read it.
+#[derive(Debug)]
+enum BodyFault {
+    /// No data for the body idle timeout.
+    Idle,
+    /// More than `--max-body` bytes.
+    TooLarge,
+}
+
+/// A request body that fails once more than `limit` bytes arrive, or if no data arrives for
+/// `timeout` while it is being read, and says which on `fault`. The idle clock runs only
+/// while the guest waits for data, so time spent queued or computing never counts.
+struct RequestBody {
+    body: Incoming,
+    limit: u64,
+    /// Data bytes received so far.
+    received: u64,
     timeout: Duration,
     /// Armed when a read finds no data; disarmed when data comes.
     sleep: Option<Pin<Box<tokio::time::Sleep>>>,
-    fired: Option<oneshot::Sender<()>>,
+    fault: Option<oneshot::Sender<BodyFault>>,
 }
 
-impl<B> Body for IdleBody<B>
-where
-    B: Body<Data = Bytes, Error = wasmtime_wasi_http::Error> + Unpin,
-{
+impl RequestBody {
+    fn fail(&mut self, fault: BodyFault) -> wasmtime_wasi_http::Error {
+        let error = match fault {
+            BodyFault::Idle => wasmtime_wasi_http::Error::ConnectionReadTimeout,
+            BodyFault::TooLarge => wasmtime_wasi_http::Error::HttpRequestBodySize(Some(self.limit)),
+        };
+        if let Some(tx) = self.fault.take() {
+            let _ = tx.send(fault);
+        }
+        error
+    }
+}
+
+impl Body for RequestBody {
     type Data = Bytes;
     type Error = wasmtime_wasi_http::Error;
 
@@ -583,9 +654,23 @@ where
         let this = &mut *self;
         match Pin::new(&mut this.body).poll_frame(cx) {
             Poll::Pending => {}
-            ready => {
+            Poll::Ready(Some(Ok(frame))) => {
                 this.sleep = None;
-                return ready;
+                if let Some(data) = frame.data_ref() {
+                    this.received += data.len() as u64;
+                    if this.received > this.limit {
+                        return Poll::Ready(Some(Err(this.fail(BodyFault::TooLarge))));
+                    }
+                }
+                return Poll::Ready(Some(Ok(frame)));
+            }
+            Poll::Ready(Some(Err(e))) => {
+                this.sleep = None;
+                return Poll::Ready(Some(Err(wasmtime_wasi_http::Error::Hyper(e))));
+            }
+            Poll::Ready(None) => {
+                this.sleep = None;
+                return Poll::Ready(None);
             }
         }
         let timeout = this.timeout;
@@ -595,10 +680,7 @@ where
         if sleep.as_mut().poll(cx).is_pending() {
             return Poll::Pending;
         }
-        if let Some(fired) = this.fired.take() {
-            let _ = fired.send(());
-        }
-        Poll::Ready(Some(Err(wasmtime_wasi_http::Error::ConnectionReadTimeout)))
+        Poll::Ready(Some(Err(this.fail(BodyFault::Idle))))
     }
 
     fn is_end_stream(&self) -> bool {

@@ -568,3 +568,45 @@ fn connections_past_the_cap_get_503_at_once_and_the_host_recovers() {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+#[test]
+fn a_chunked_body_over_the_limit_gets_413_from_the_router() {
+    use std::io::{Read as _, Write as _};
+
+    let app = App::new("web: {guests}/test_web.wasm\n");
+    let host = app.up(&["--max-body", "64KiB"]);
+    let mut stream = std::net::TcpStream::connect(host.addr()).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    // 66 000 bytes in 1 000-byte chunks, no Content-Length; the body never ends, so only the
+    // limit can answer it.
+    let chunk = format!("3e8\r\n{}\r\n", "a".repeat(1000));
+    let raw = format!(
+        "POST /consume HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n{}",
+        chunk.repeat(66)
+    );
+    stream.write_all(raw.as_bytes()).unwrap();
+    let mut out = Vec::new();
+    // Ends with EOF, or a reset if some of the body was still unread when the host closed.
+    let _ = stream.read_to_end(&mut out);
+    let out = String::from_utf8_lossy(&out);
+    assert!(out.starts_with("HTTP/1.1 413 Payload Too Large"), "{out}");
+    assert!(out.contains("request body over 65536 bytes"), "{out}");
+    assert!(out.contains("connection: close"), "{out}");
+    host.wait_for(
+        "at=error code=H25 desc=\"Request body too large\" method=POST path=\"/consume\" instance=web.1",
+        Duration::from_secs(10),
+    );
+    // The guest saw a read error and finished soundly: the same instance serves on.
+    assert_eq!(host.get("/count").body, "1\n");
+    // A chunked body within the limit is read whole.
+    let out = exchange(
+        host.addr(),
+        &format!(
+            "POST /consume HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n{}0\r\n\r\n",
+            chunk.repeat(60)
+        ),
+    );
+    assert!(out.contains("consumed 60000 bytes"), "{out}");
+}
