@@ -390,6 +390,10 @@ const READY_WAIT: Duration = Duration::from_secs(300);
 /// calling it a success.
 const SETTLE: Duration = Duration::from_secs(1);
 
+/// What a consumer says of an answer that came after its message's lease lapsed.
+/// (The lease outlasts the handler's timeout, so only a host stalled past it gets here.)
+const LAPSED: &str = "this answer changed nothing";
+
 /// Per type name: what outlives a version of the type.
 #[derive(Default)]
 struct Registry {
@@ -1030,11 +1034,16 @@ impl Supervisor {
             let delivery = consumer.deliver(queue, job.body.clone(), timeout).await;
             let (reason, crashed) = match delivery {
                 instance::Delivery::Done => {
-                    if let Err(e) = store.ack(&job).await {
-                        self.logs.host(format!(
+                    match store.ack(&job).await {
+                        Ok(true) => {}
+                        Ok(false) => self.logs.host(format!(
+                            "{name} message {} of `{queue}` was handled, but its lease had lapsed and it was delivered again: {LAPSED}",
+                            job.id
+                        )),
+                        Err(e) => self.logs.host(format!(
                             "{name} could not acknowledge message {}: {e}",
                             job.id
-                        ));
+                        )),
                     }
                     if slot.stopping() {
                         return Ended::Stopped;
@@ -1060,6 +1069,7 @@ impl Supervisor {
                 Ok(Nacked::DeadLettered) => {
                     format!("dead-lettered after {} attempts", job.attempts)
                 }
+                Ok(Nacked::Lapsed) => format!("its lease had lapsed: {LAPSED}"),
                 Err(e) => format!("could not be put back: {e}"),
             };
             self.logs.host(format!(

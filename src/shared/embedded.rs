@@ -57,11 +57,14 @@ impl Embedded {
                  id INTEGER PRIMARY KEY AUTOINCREMENT, queue TEXT NOT NULL, body BLOB NOT NULL,
                  attempts INTEGER NOT NULL DEFAULT 0, due INTEGER NOT NULL,
                  leased INTEGER NOT NULL DEFAULT 0);
+             CREATE TABLE IF NOT EXISTS leases (
+                 one INTEGER PRIMARY KEY CHECK (one = 1), last INTEGER NOT NULL);
+             INSERT OR IGNORE INTO leases (one, last) VALUES (1, 0);
              CREATE INDEX IF NOT EXISTS jobs_due ON jobs (queue, due, id);
              CREATE TABLE IF NOT EXISTS dead (
                  id INTEGER PRIMARY KEY, queue TEXT NOT NULL, body BLOB NOT NULL,
                  attempts INTEGER NOT NULL, reason TEXT NOT NULL, at INTEGER NOT NULL);
-             UPDATE jobs SET leased = 0, due = 0 WHERE leased = 1;",
+             UPDATE jobs SET leased = 0, due = 0 WHERE leased != 0;",
         )
         .with_context(|| match path {
             Some(path) => format!(
@@ -268,6 +271,7 @@ impl Embedded {
                             queue: queue.to_string(),
                             body: row.get(1)?,
                             attempts: row.get::<_, u32>(2)? + 1,
+                            lease: 0,
                         })
                     },
                 )
@@ -280,28 +284,58 @@ impl Embedded {
                 dead_letter(&tx, job.id, POISON, now)?;
                 continue;
             }
+            // `leased` holds the lease token (0: not leased), from a sequence kept in the
+            // database so that tokens are never reused, restarts included.
+            let token: i64 = tx
+                .query_row(
+                    "UPDATE leases SET last = last + 1 WHERE one = 1 RETURNING last",
+                    [],
+                    |row| row.get(0),
+                )
+                .map_err(err)?;
             tx.execute(
-                "UPDATE jobs SET attempts = ?2, due = ?3, leased = 1 WHERE id = ?1",
-                params![job.id as i64, job.attempts, now + lease.as_millis() as i64],
+                "UPDATE jobs SET attempts = ?2, due = ?3, leased = ?4 WHERE id = ?1",
+                params![
+                    job.id as i64,
+                    job.attempts,
+                    now + lease.as_millis() as i64,
+                    token
+                ],
             )
             .map_err(err)?;
-            break Some(job);
+            break Some(Job {
+                lease: token as u64,
+                ..job
+            });
         };
         tx.commit().map_err(err)?;
         Ok(job)
     }
 
-    pub(crate) fn ack(&self, job: &Job) -> StoreResult<()> {
+    pub(crate) fn ack(&self, job: &Job) -> StoreResult<bool> {
         self.conn()
-            .execute("DELETE FROM jobs WHERE id = ?1", params![job.id as i64])
-            .map(drop)
+            .execute(
+                "DELETE FROM jobs WHERE id = ?1 AND leased = ?2",
+                params![job.id as i64, job.lease as i64],
+            )
+            .map(|n| n == 1)
             .map_err(err)
     }
 
     pub(crate) fn nack(&self, job: &Job, reason: &str, max_attempts: u32) -> StoreResult<Nacked> {
         let mut conn = self.conn();
         let tx = conn.transaction().map_err(err)?;
-        let outcome = if job.attempts >= max_attempts {
+        let holds: Option<i64> = tx
+            .query_row(
+                "SELECT 1 FROM jobs WHERE id = ?1 AND leased = ?2",
+                params![job.id as i64, job.lease as i64],
+                |row| row.get(0),
+            )
+            .optional()
+            .map_err(err)?;
+        let outcome = if holds.is_none() {
+            Nacked::Lapsed
+        } else if job.attempts >= max_attempts {
             dead_letter(&tx, job.id, reason, now_ms())?;
             Nacked::DeadLettered
         } else {
@@ -320,15 +354,18 @@ impl Embedded {
         Ok(outcome)
     }
 
-    pub(crate) fn release(&self, job: &Job) -> StoreResult<()> {
-        self.conn()
+    pub(crate) fn release(&self, job: &Job) -> StoreResult<bool> {
+        let released = self
+            .conn()
             .execute(
-                "UPDATE jobs SET due = ?2, leased = 0, attempts = MAX(attempts - 1, 0) WHERE id = ?1",
-                params![job.id as i64, now_ms()],
+                "UPDATE jobs SET due = ?3, leased = 0, attempts = MAX(attempts - 1, 0)
+                 WHERE id = ?1 AND leased = ?2",
+                params![job.id as i64, job.lease as i64, now_ms()],
             )
-            .map_err(err)?;
+            .map_err(err)?
+            == 1;
         self.arrived.notify_waiters();
-        Ok(())
+        Ok(released)
     }
 
     pub(crate) fn stats(&self, queue: &str) -> StoreResult<QueueStats> {
@@ -423,7 +460,7 @@ mod tests {
                 .is_none(),
             "both are leased"
         );
-        store.ack(&a).unwrap();
+        assert!(store.ack(&a).unwrap());
         assert_eq!(store.nack(&b, "boom", 2).unwrap(), Nacked::Retry);
         assert!(
             store
@@ -447,6 +484,34 @@ mod tests {
                 dead: 1
             }
         );
+    }
+
+    #[test]
+    fn lease_tokens_fence_late_answers_across_restarts() {
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("shared.db");
+        let store = Embedded::open(Some(&path), runtime.handle().clone()).unwrap();
+        store.enqueue("q", &[b"a".to_vec()]).unwrap();
+        let before = store
+            .reserve("q", Duration::from_secs(60), 5)
+            .unwrap()
+            .unwrap();
+        drop(store);
+        // The host died holding the lease: the next one clears it and hands out a new token.
+        let store = Embedded::open(Some(&path), runtime.handle().clone()).unwrap();
+        let after = store
+            .reserve("q", Duration::from_secs(60), 5)
+            .unwrap()
+            .unwrap();
+        assert_eq!((after.id, after.attempts), (before.id, 2));
+        assert!(after.lease > before.lease, "tokens are never reused");
+        assert!(!store.ack(&before).unwrap());
+        assert_eq!(store.nack(&before, "late", 1).unwrap(), Nacked::Lapsed);
+        assert!(!store.release(&before).unwrap());
+        assert_eq!(store.stats("q").unwrap().pending, 1);
+        assert!(store.ack(&after).unwrap());
+        assert_eq!(store.stats("q").unwrap().pending, 0);
     }
 
     #[test]

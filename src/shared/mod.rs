@@ -11,7 +11,10 @@
 //! consumer at a time under a lease; `ack` removes it; `nack` makes it due again after a short
 //! backoff, or moves it to the queue's dead letters once it has been delivered `max_attempts`
 //! times; `release` puts it back at once without counting the delivery (its instance was
-//! stopped). Messages are delivered in due-time order (a retry is due after its backoff, not
+//! stopped). Each delivery holds a lease token: `ack`, `nack` and `release` apply only while
+//! the message is still leased under that token, so a late answer after a lapsed lease (the
+//! message meanwhile went to another consumer) changes nothing. Messages are delivered in
+//! due-time order (a retry is due after its backoff, not
 //! behind the whole backlog). A message whose lease lapsed (its host died) is due again; one
 //! already delivered `max_attempts` times without an answer is dead-lettered when it comes up,
 //! so a message that crashes hosts cannot loop forever.
@@ -45,6 +48,9 @@ pub struct Job {
     pub body: Vec<u8>,
     /// Deliveries so far, this one included.
     pub attempts: u32,
+    /// The lease token of this delivery: answers for it apply only while the store still
+    /// holds the message under it (a lapsed lease given to another consumer has another).
+    pub lease: u64,
 }
 
 /// What `nack` did with a message.
@@ -54,6 +60,8 @@ pub enum Nacked {
     Retry,
     /// Delivered `max_attempts` times: moved to the dead letters.
     DeadLettered,
+    /// The lease had lapsed and the message was delivered again (or handled): nothing changed.
+    Lapsed,
 }
 
 /// Depths of one queue, for `ps` and the metrics.
@@ -249,8 +257,9 @@ impl Store {
         }
     }
 
-    /// Removes a handled message.
-    pub async fn ack(&self, job: &Job) -> StoreResult<()> {
+    /// Removes a handled message; `false` if its lease had lapsed and it was delivered again
+    /// (nothing changed).
+    pub async fn ack(&self, job: &Job) -> StoreResult<bool> {
         match self {
             Self::Embedded(e) => {
                 let job = job.clone();
@@ -271,8 +280,9 @@ impl Store {
         }
     }
 
-    /// Puts a message back at once without counting the delivery (its instance stopped).
-    pub async fn release(&self, job: &Job) -> StoreResult<()> {
+    /// Puts a message back at once without counting the delivery (its instance stopped);
+    /// `false` if its lease had lapsed and it was delivered again (nothing changed).
+    pub async fn release(&self, job: &Job) -> StoreResult<bool> {
         match self {
             Self::Embedded(e) => {
                 let job = job.clone();
@@ -316,9 +326,147 @@ pub fn parse_counter(key: &str, value: &[u8]) -> StoreResult<u64> {
     })
 }
 
+/// A `redis-server` of the test's own, for unit tests of the Redis scripts.
+#[cfg(test)]
+pub(crate) struct TestRedis {
+    child: std::process::Child,
+    /// `redis://127.0.0.1:PORT`.
+    pub(crate) url: String,
+}
+
+#[cfg(test)]
+impl TestRedis {
+    pub(crate) fn start() -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let child = std::process::Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server is needed for the Redis backend tests: `apt-get install redis-server`");
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "redis-server did not start"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Self {
+            child,
+            url: format!("redis://127.0.0.1:{port}"),
+        }
+    }
+}
+
+#[cfg(test)]
+impl Drop for TestRedis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Runs `scenario` on the embedded store and on a fresh Redis server.
+    async fn on_both<F, Fut>(scenario: F)
+    where
+        F: Fn(Store, &'static str) -> Fut,
+        Fut: std::future::Future<Output = ()>,
+    {
+        scenario(Store::open(None, None).await.unwrap(), "embedded").await;
+        let redis = TestRedis::start();
+        scenario(Store::open(Some(&redis.url), None).await.unwrap(), "redis").await;
+    }
+
+    fn depths(pending: u64, dead: u64) -> QueueStats {
+        QueueStats {
+            queue: "q".into(),
+            pending,
+            dead,
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn answers_after_a_lapsed_lease_change_nothing() {
+        on_both(|store, backend| async move {
+            store.enqueue("q", vec![b"a".to_vec()]).await.unwrap();
+            let first = store
+                .reserve("q", Duration::ZERO, 5)
+                .await
+                .unwrap()
+                .unwrap();
+            // The lease lapsed at once: another consumer gets the message.
+            let second = store
+                .reserve("q", Duration::from_secs(60), 5)
+                .await
+                .unwrap()
+                .unwrap();
+            assert_eq!((second.id, second.attempts), (first.id, 2), "{backend}");
+            assert_ne!(first.lease, second.lease, "{backend}");
+            assert!(!store.ack(&first).await.unwrap(), "{backend}");
+            assert_eq!(
+                store.nack(&first, "late", 1).await.unwrap(),
+                Nacked::Lapsed,
+                "{backend}"
+            );
+            assert!(!store.release(&first).await.unwrap(), "{backend}");
+            assert_eq!(store.stats("q").await.unwrap(), depths(1, 0), "{backend}");
+            assert!(
+                store
+                    .reserve("q", Duration::from_secs(60), 5)
+                    .await
+                    .unwrap()
+                    .is_none(),
+                "{backend}: still leased to the second consumer"
+            );
+            assert!(store.ack(&second).await.unwrap(), "{backend}");
+            assert_eq!(store.stats("q").await.unwrap(), depths(0, 0), "{backend}");
+            // Once handled, every late answer is ignored too.
+            assert_eq!(
+                store.nack(&second, "late", 1).await.unwrap(),
+                Nacked::Lapsed,
+                "{backend}"
+            );
+            assert!(!store.release(&second).await.unwrap(), "{backend}");
+            assert_eq!(store.stats("q").await.unwrap(), depths(0, 0), "{backend}");
+
+            // A nack or release applies once, under the current lease only.
+            store.enqueue("q", vec![b"b".to_vec()]).await.unwrap();
+            let held = store
+                .reserve("q", Duration::from_secs(60), 5)
+                .await
+                .unwrap()
+                .unwrap();
+            assert!(store.release(&held).await.unwrap(), "{backend}");
+            assert!(!store.release(&held).await.unwrap(), "{backend}");
+            let again = store
+                .reserve("q", Duration::from_secs(60), 1)
+                .await
+                .unwrap()
+                .unwrap();
+            assert_eq!(again.attempts, 1, "{backend}: a release does not count");
+            assert!(!store.ack(&held).await.unwrap(), "{backend}");
+            assert_eq!(
+                store.nack(&again, "boom", 1).await.unwrap(),
+                Nacked::DeadLettered,
+                "{backend}"
+            );
+            assert_eq!(
+                store.nack(&again, "boom", 1).await.unwrap(),
+                Nacked::Lapsed,
+                "{backend}"
+            );
+            assert_eq!(store.stats("q").await.unwrap(), depths(0, 1), "{backend}");
+        })
+        .await;
+    }
 
     #[test]
     fn counters_are_ascii_decimal_up_to_2_pow_53() {

@@ -5,8 +5,9 @@
 //!
 //! Layout, under `wasmform:`: a bucket is the hash `kv:{bucket}`; a queue `q` is the sorted
 //! set `q:{q}:due` (message ids by due time in ms: waiting ones are due now or later, leased
-//! ones at the lease's end), the hashes `q:{q}:body` and `q:{q}:attempts`, the counter
-//! `q:{q}:next`, and the dead letters `q:{q}:dead` (id → body) and `q:{q}:why` (id → reason).
+//! ones at the lease's end), the hashes `q:{q}:body`, `q:{q}:attempts` and `q:{q}:lease` (id →
+//! the token of its current lease), the counters `q:{q}:next` (ids) and `q:{q}:leases`
+//! (tokens), and the dead letters `q:{q}:dead` (id → body) and `q:{q}:why` (id → reason).
 
 use anyhow::{Context as _, Result};
 use redis::AsyncCommands as _;
@@ -230,29 +231,35 @@ impl RedisStore {
                  redis.call('ZREM', KEYS[1], id)
                  redis.call('HDEL', KEYS[2], id)
                  redis.call('HDEL', KEYS[3], id)
+                 redis.call('HDEL', KEYS[6], id)
                else
+                 local token = redis.call('INCR', KEYS[7])
+                 redis.call('HSET', KEYS[6], id, token)
                  redis.call('ZADD', KEYS[1], now + tonumber(ARGV[1]), id)
-                 return {{id, redis.call('HGET', KEYS[2], id), attempts}}
+                 return {{id, redis.call('HGET', KEYS[2], id), attempts, token}}
                end
              end"
         ));
-        let found: Option<(String, Vec<u8>, u32)> = script
+        let found: Option<(String, Vec<u8>, u32, u64)> = script
             .key(q(queue, "due"))
             .key(q(queue, "body"))
             .key(q(queue, "attempts"))
             .key(q(queue, "dead"))
             .key(q(queue, "why"))
+            .key(q(queue, "lease"))
+            .key(q(queue, "leases"))
             .arg(lease.as_millis() as u64)
             .arg(max_attempts)
             .arg(super::embedded::POISON)
             .invoke_async(&mut self.conn.clone())
             .await
             .map_err(err)?;
-        Ok(found.map(|(id, body, attempts)| Job {
+        Ok(found.map(|(id, body, attempts, lease)| Job {
             id: id.parse().unwrap_or_default(),
             queue: queue.to_string(),
             body,
             attempts,
+            lease,
         }))
     }
 
@@ -260,16 +267,31 @@ impl RedisStore {
         format!("{:020}", job.id)
     }
 
-    pub(crate) async fn ack(&self, job: &Job) -> StoreResult<()> {
-        let id = Self::id(job);
-        redis::pipe()
-            .atomic()
-            .zrem(q(&job.queue, "due"), &id)
-            .hdel(q(&job.queue, "body"), &id)
-            .hdel(q(&job.queue, "attempts"), &id)
-            .query_async::<()>(&mut self.conn.clone())
+    /// The start of every answer's script: it applies only while the message is leased under
+    /// the job's token (`KEYS[1]` the lease hash, `ARGV[1]` the id, `ARGV[2]` the token).
+    const HOLDS: &str = "if redis.call('HGET', KEYS[1], ARGV[1]) ~= ARGV[2] then return 0 end";
+
+    pub(crate) async fn ack(&self, job: &Job) -> StoreResult<bool> {
+        let script = redis::Script::new(&format!(
+            "{}
+             redis.call('ZREM', KEYS[2], ARGV[1])
+             redis.call('HDEL', KEYS[3], ARGV[1])
+             redis.call('HDEL', KEYS[4], ARGV[1])
+             redis.call('HDEL', KEYS[1], ARGV[1])
+             return 1",
+            Self::HOLDS
+        ));
+        let acked: i64 = script
+            .key(q(&job.queue, "lease"))
+            .key(q(&job.queue, "due"))
+            .key(q(&job.queue, "body"))
+            .key(q(&job.queue, "attempts"))
+            .arg(Self::id(job))
+            .arg(job.lease)
+            .invoke_async(&mut self.conn.clone())
             .await
-            .map_err(err)
+            .map_err(err)?;
+        Ok(acked == 1)
     }
 
     pub(crate) async fn nack(
@@ -278,58 +300,66 @@ impl RedisStore {
         reason: &str,
         max_attempts: u32,
     ) -> StoreResult<Nacked> {
-        // Every step checks the message is still there: a late answer for a message whose
-        // lease lapsed and that another consumer already handled changes nothing.
+        // A late answer for a message whose lease lapsed and that another consumer got
+        // meanwhile changes nothing.
         let dead = job.attempts >= max_attempts;
         let script = redis::Script::new(&format!(
             "{NOW}
-             if not redis.call('ZSCORE', KEYS[1], ARGV[1]) then return 0 end
-             if ARGV[2] == '1' then
-               redis.call('HSET', KEYS[4], ARGV[1], redis.call('HGET', KEYS[2], ARGV[1]))
-               redis.call('HSET', KEYS[5], ARGV[1], ARGV[3])
-               redis.call('ZREM', KEYS[1], ARGV[1])
-               redis.call('HDEL', KEYS[2], ARGV[1])
+             {}
+             if ARGV[3] == '1' then
+               redis.call('HSET', KEYS[5], ARGV[1], redis.call('HGET', KEYS[3], ARGV[1]))
+               redis.call('HSET', KEYS[6], ARGV[1], ARGV[4])
+               redis.call('ZREM', KEYS[2], ARGV[1])
                redis.call('HDEL', KEYS[3], ARGV[1])
+               redis.call('HDEL', KEYS[4], ARGV[1])
              else
-               redis.call('ZADD', KEYS[1], now + tonumber(ARGV[4]), ARGV[1])
+               redis.call('ZADD', KEYS[2], now + tonumber(ARGV[5]), ARGV[1])
              end
-             return 1"
+             redis.call('HDEL', KEYS[1], ARGV[1])
+             return 1",
+            Self::HOLDS
         ));
-        let _: i64 = script
+        let applied: i64 = script
+            .key(q(&job.queue, "lease"))
             .key(q(&job.queue, "due"))
             .key(q(&job.queue, "body"))
             .key(q(&job.queue, "attempts"))
             .key(q(&job.queue, "dead"))
             .key(q(&job.queue, "why"))
             .arg(Self::id(job))
+            .arg(job.lease)
             .arg(if dead { "1" } else { "0" })
             .arg(reason)
             .arg(super::retry_delay(job.attempts).as_millis() as u64)
             .invoke_async(&mut self.conn.clone())
             .await
             .map_err(err)?;
-        Ok(if dead {
-            Nacked::DeadLettered
-        } else {
-            Nacked::Retry
+        Ok(match (applied == 1, dead) {
+            (false, _) => Nacked::Lapsed,
+            (true, true) => Nacked::DeadLettered,
+            (true, false) => Nacked::Retry,
         })
     }
 
-    pub(crate) async fn release(&self, job: &Job) -> StoreResult<()> {
-        let script = redis::Script::new(
-            "if not redis.call('ZSCORE', KEYS[1], ARGV[1]) then return 0 end
-             redis.call('ZADD', KEYS[1], 0, ARGV[1])
-             redis.call('HINCRBY', KEYS[2], ARGV[1], -1)
+    pub(crate) async fn release(&self, job: &Job) -> StoreResult<bool> {
+        let script = redis::Script::new(&format!(
+            "{}
+             redis.call('ZADD', KEYS[2], 0, ARGV[1])
+             redis.call('HINCRBY', KEYS[3], ARGV[1], -1)
+             redis.call('HDEL', KEYS[1], ARGV[1])
              return 1",
-        );
-        let _: i64 = script
+            Self::HOLDS
+        ));
+        let released: i64 = script
+            .key(q(&job.queue, "lease"))
             .key(q(&job.queue, "due"))
             .key(q(&job.queue, "attempts"))
             .arg(Self::id(job))
+            .arg(job.lease)
             .invoke_async(&mut self.conn.clone())
             .await
             .map_err(err)?;
-        Ok(())
+        Ok(released == 1)
     }
 
     pub(crate) async fn stats(&self, queue: &str) -> StoreResult<QueueStats> {
