@@ -174,3 +174,26 @@ fn client_going_away_mid_request_recycles_the_instance() {
     // A fresh instance: its counter starts over.
     assert_eq!(host.get("/count").body, "1\n");
 }
+
+#[test]
+fn a_guest_answering_with_an_error_code_is_502_and_keeps_serving() {
+    let app = App::new("web: {guests}/test_web.wasm\n");
+    let host = app.up(&[]);
+    assert_eq!(host.get("/count").body, "1\n");
+    let response = host.get("/error-code");
+    assert_eq!(response.status, 502, "{response:?}");
+    assert!(
+        response.body.contains(
+            "web.1 answered with an error: ErrorCode::InternalError(Some(\"test-web error code\"))"
+        ),
+        "{}",
+        response.body
+    );
+    host.wait_for(
+        "at=error code=H17 desc=\"Invalid response\" method=GET path=\"/error-code\" instance=web.1",
+        Duration::from_secs(5),
+    );
+    // Not a crash: the same instance, with its state, serves on.
+    assert_eq!(host.get("/count").body, "2\n");
+    assert!(!host.output().contains("crashed"), "{}", host.output());
+}

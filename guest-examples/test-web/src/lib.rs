@@ -9,7 +9,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use wasip2::http::types::{
-    Fields, IncomingBody, IncomingRequest, OutgoingBody, OutgoingResponse, ResponseOutparam,
+    ErrorCode, Fields, IncomingBody, IncomingRequest, OutgoingBody, OutgoingResponse,
+    ResponseOutparam,
 };
 use wasip2::io::streams::{OutputStream, StreamError};
 
@@ -42,6 +43,12 @@ impl wasip2::exports::http::incoming_handler::Guest for TestWeb {
             "/consume" => return consume(&request, response_out),
             // Dropping the outparam unset: the host must notice no response came.
             "/no-response" => return,
+            // An error code instead of a response: the only invalid answer wasi-http lets a
+            // guest give (fields and status codes are validated as the guest builds them).
+            "/error-code" => {
+                let code = ErrorCode::InternalError(Some("test-web error code".into()));
+                return ResponseOutparam::set(response_out, Err(code));
+            }
             "/trap-after-headers" => trap_after_headers(response_out),
             _ => {}
         }
