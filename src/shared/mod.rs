@@ -393,6 +393,57 @@ mod tests {
         }
     }
 
+    /// Script calls the server has run since its stats were reset.
+    async fn script_calls(conn: &mut ::redis::aio::MultiplexedConnection) -> u64 {
+        let info: String = ::redis::cmd("INFO")
+            .arg("commandstats")
+            .query_async(conn)
+            .await
+            .unwrap();
+        info.lines()
+            .filter(|l| l.starts_with("cmdstat_eval:") || l.starts_with("cmdstat_evalsha:"))
+            .filter_map(|l| {
+                l.split("calls=")
+                    .nth(1)?
+                    .split(',')
+                    .next()?
+                    .parse::<u64>()
+                    .ok()
+            })
+            .sum()
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn enqueue_many_is_one_script_on_redis() {
+        let server = TestRedis::start();
+        let store = Store::open(Some(&server.url), None).await.unwrap();
+        let client = ::redis::Client::open(server.url.as_str()).unwrap();
+        let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+        // Loads the script, so that what follows is counted as plain calls.
+        store.enqueue("q", vec![b"first".to_vec()]).await.unwrap();
+        let () = ::redis::cmd("CONFIG")
+            .arg("RESETSTAT")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let bodies: Vec<Vec<u8>> = (0..2500).map(|i| format!("m{i}").into_bytes()).collect();
+        store.enqueue("q", bodies).await.unwrap();
+        assert_eq!(script_calls(&mut conn).await, 1, "one transaction");
+        assert_eq!(store.stats("q").await.unwrap(), depths(2501, 0));
+        let mut seen = Vec::new();
+        while let Some(job) = store
+            .reserve("q", Duration::from_secs(60), 5)
+            .await
+            .unwrap()
+        {
+            seen.push(String::from_utf8(job.body).unwrap());
+        }
+        let expected: Vec<String> = std::iter::once("first".to_string())
+            .chain((0..2500).map(|i| format!("m{i}")))
+            .collect();
+        assert_eq!(seen, expected, "in order, each once");
+    }
+
     #[tokio::test(flavor = "multi_thread")]
     async fn answers_after_a_lapsed_lease_change_nothing() {
         on_both(|store, backend| async move {
