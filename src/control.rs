@@ -19,7 +19,7 @@ use http_body_util::{BodyExt as _, Full, Limited};
 use hyper::body::{Body, Frame, Incoming};
 use hyper::server::conn::http1;
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use serde::Deserialize;
 use tokio::net::UnixListener;
 use tokio::sync::{broadcast, mpsc};
@@ -35,6 +35,23 @@ use crate::supervisor::{ControlError, Supervisor};
 
 /// Largest request body the API reads.
 const MAX_BODY: usize = 64 * 1024;
+
+/// How long a client of the control API or the metrics listener may take to send its request
+/// headers (also how long an idle keep-alive connection stays open), so a client that
+/// trickles bytes cannot hold a connection. Its clients are local tools and scrapers, which
+/// send a request at once.
+pub const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// The HTTP/1 settings of every control and metrics connection: hyper's timer installed (its
+/// header read timeout does nothing without one).
+fn http1_builder() -> http1::Builder {
+    let mut builder = http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .max_headers(100);
+    builder
+}
 
 /// Fails if a host answers on the app's control socket.
 pub fn ensure_no_live_host(state: &StateDir) -> Result<()> {
@@ -105,7 +122,7 @@ pub async fn serve(listener: UnixListener, api: Arc<Api>, shutdown: Cancellation
                     Ok(api.handle(req).await)
                 }
             });
-            if let Err(e) = http1::Builder::new()
+            if let Err(e) = http1_builder()
                 .serve_connection(TokioIo::new(stream), service)
                 .await
             {
@@ -251,7 +268,7 @@ pub async fn serve_tcp(
                     Ok(api.handle(req).await)
                 }
             });
-            let _ = http1::Builder::new()
+            let _ = http1_builder()
                 .serve_connection(TokioIo::new(stream), service)
                 .await;
         });
@@ -286,7 +303,7 @@ pub async fn serve_metrics(
                 };
                 async move { Ok::<_, Infallible>(response) }
             });
-            let _ = http1::Builder::new()
+            let _ = http1_builder()
                 .serve_connection(TokioIo::new(stream), service)
                 .await;
         });

@@ -610,3 +610,67 @@ fn a_chunked_body_over_the_limit_gets_413_from_the_router() {
     );
     assert!(out.contains("consumed 60000 bytes"), "{out}");
 }
+
+#[test]
+fn control_and_metrics_listeners_cut_off_slow_headers() {
+    use std::io::{Read as _, Write as _};
+    use std::os::unix::fs::PermissionsExt as _;
+
+    let app = App::new("web: {guests}/hello.wasm\n");
+    let token = app.path("token");
+    std::fs::write(&token, "0123456789abcdef0123456789abcdef\n").unwrap();
+    std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let host = app.up(&[
+        "--metrics",
+        "127.0.0.1:0",
+        "--control-tcp",
+        "127.0.0.1:0",
+        "--control-token-file",
+        token.to_str().unwrap(),
+    ]);
+    let slow: Vec<std::net::TcpStream> = [
+        host.logged_addr("metrics on"),
+        host.logged_addr("control API on"),
+    ]
+    .into_iter()
+    .map(|addr| {
+        let mut stream = std::net::TcpStream::connect(addr).unwrap();
+        stream.write_all(b"GET /metrics HTTP/1.1\r\nHost").unwrap();
+        stream
+    })
+    .collect();
+    let mut unix =
+        std::os::unix::net::UnixStream::connect(app.path(".wasmform/control.sock")).unwrap();
+    unix.write_all(b"GET /v1/ps HTTP/1.1\r\nHost").unwrap();
+    // Each listener hangs up on its slow client (the 30 s read timeout only bounds the test).
+    let mut outcomes = Vec::new();
+    for mut stream in slow {
+        stream
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
+        let mut rest = Vec::new();
+        outcomes.push((stream.read_to_end(&mut rest).map_err(|e| e.kind()), rest));
+    }
+    unix.set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let mut rest = Vec::new();
+    outcomes.push((unix.read_to_end(&mut rest).map_err(|e| e.kind()), rest));
+    for (outcome, rest) in outcomes {
+        assert!(
+            outcome.is_ok() || outcome == Err(std::io::ErrorKind::ConnectionReset),
+            "the slow connection was not closed: {outcome:?}"
+        );
+        let rest = String::from_utf8_lossy(&rest);
+        assert!(
+            rest.is_empty() || rest.starts_with("HTTP/1.1 408"),
+            "{rest}"
+        );
+    }
+    // Clients that send their request at once are still served.
+    let addr = host.logged_addr("metrics on");
+    let response = request(
+        addr,
+        "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    );
+    assert_eq!(response.status, 200);
+}
