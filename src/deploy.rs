@@ -26,8 +26,10 @@ pub struct Deployer {
     pub(crate) source: Option<PathBuf>,
     pub(crate) runtime: Arc<Runtime>,
     pub(crate) supervisor: Arc<Supervisor>,
-    /// The releases; the lock also serializes deploys.
+    /// The releases, locked only briefly so `releases` answers during a deploy.
     pub(crate) releases: tokio::sync::Mutex<ReleaseStore>,
+    /// Serializes deploys and rollbacks.
+    pub(crate) ops: tokio::sync::Mutex<()>,
     /// Longest a component may take to compile.
     pub(crate) compile_timeout: Duration,
     pub(crate) logs: Logs,
@@ -115,6 +117,7 @@ impl Deployer {
         from: Option<Release>,
         what: String,
     ) -> Result<DeployOutcome, ControlError> {
+        let _op = self.ops.lock().await;
         let result = self.try_roll(app, from, &what).await;
         if let Err(e) = &result {
             self.logs.event(API, format!("{what} failed: {e}"));
@@ -130,22 +133,27 @@ impl Deployer {
         from: Option<Release>,
         what: &str,
     ) -> Result<DeployOutcome, ControlError> {
-        let mut releases = self.releases.lock().await;
-        let keeps = keeps(releases.current());
-        let current = releases
-            .current()
-            .map(|r| (r.version, r.config_digest.clone()));
-        let stager = releases.stager();
+        // Deploys are serialized (`ops`), so what is read here stays true until `record`.
+        let (keeps, current, stager, version) = {
+            let releases = self.releases.lock().await;
+            (
+                keeps(releases.current()),
+                releases.current().cloned(),
+                releases.stager(),
+                releases.next_version(),
+            )
+        };
         let from_files = from.is_none();
         let staged = tokio::task::spawn_blocking(move || stager.stage(app, from.as_ref()))
             .await
             .map_err(|e| ControlError::Failed(format!("staging failed: {e}")))?
             .map_err(|e| ControlError::Invalid(format!("{e:#}; {keeps}")))?;
-        if let Some((version, digest)) = &current
-            && *digest == staged.config_digest
+        if let Some(current) = &current
+            && current.config_digest == staged.config_digest
         {
+            let version = current.version;
             return Ok(DeployOutcome {
-                release: *version,
+                release: version,
                 created: false,
                 description: format!("nothing changed: v{version} is running this configuration"),
                 changes: Changes::default(),
@@ -209,14 +217,18 @@ impl Deployer {
                 compiled: Arc::new(compiled),
             })
             .collect();
-        let notes = match releases.current() {
+        let notes = match &current {
             Some(current) => unapplied(&current.app, &staged.app),
             None => Vec::new(),
         };
-        let version = releases.next_version();
         let changes = self.supervisor.deploy(versions, version).await?;
         let description = format!("{what}: {}", describe_changes(&changes));
-        if let Err(e) = releases.record(&staged, description.clone(), from_files) {
+        if let Err(e) = self
+            .releases
+            .lock()
+            .await
+            .record(&staged, description.clone(), from_files)
+        {
             self.logs.host(format!(
                 "release v{version} is running but could not be stored: {e:#}"
             ));

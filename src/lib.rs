@@ -573,6 +573,7 @@ impl Host {
             runtime: self.runtime.clone(),
             supervisor: supervisor.clone(),
             releases: tokio::sync::Mutex::new(self.releases),
+            ops: tokio::sync::Mutex::new(()),
             compile_timeout: self.options.compile_timeout,
             logs: logs.clone(),
             routes,

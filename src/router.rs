@@ -82,9 +82,19 @@ impl<T: Member> Pool<T> {
 
     /// Takes a free instance, waiting in the queue if all are busy.
     pub async fn acquire(&self) -> Result<T, Busy> {
+        // Free instances retired since they were released (their slot stopped, e.g. by a
+        // deploy that just replaced them) are never handed out; they are dropped, after the
+        // lock, which ends their slot's wait.
+        let mut retired = Vec::new();
         let rx = {
             let mut inner = self.lock();
-            if let Some(instance) = inner.idle.pop_front().or_else(|| inner.spare.pop()) {
+            while let Some(instance) = inner.idle.pop_front().or_else(|| inner.spare.pop()) {
+                if instance.is_retired() {
+                    retired.push(instance);
+                    continue;
+                }
+                drop(inner);
+                drop(retired);
                 return Ok(instance);
             }
             if inner.live == 0 {
@@ -99,6 +109,7 @@ impl<T: Member> Pool<T> {
             inner.waiters.push_back(tx);
             rx
         };
+        drop(retired);
         rx.await.map_err(|_| Busy::NoneUp)
     }
 
@@ -187,6 +198,33 @@ mod tests {
         pool.reserve();
         pool.release(2);
         assert_eq!(pool.acquire().await, Ok(2));
+    }
+
+    /// An instance whose slot may retire it while it sits free in the pool.
+    #[derive(Debug)]
+    struct Retirable(u32, std::sync::Arc<std::sync::atomic::AtomicBool>);
+
+    impl Member for Retirable {
+        fn is_retired(&self) -> bool {
+            self.1.load(std::sync::atomic::Ordering::Relaxed)
+        }
+    }
+
+    #[tokio::test]
+    async fn instances_retired_while_free_are_not_handed_out() {
+        let pool = Pool::new(4);
+        let old = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        pool.reserve();
+        pool.release(Retirable(1, old.clone()));
+        pool.reserve();
+        pool.release(Retirable(2, Default::default()));
+        // A deploy replaced instance 1: its slot retires it while it is free.
+        old.store(true, std::sync::atomic::Ordering::Relaxed);
+        for _ in 0..3 {
+            let got = pool.acquire().await.unwrap();
+            assert_eq!(got.0, 2);
+            pool.release(got);
+        }
     }
 
     #[tokio::test]

@@ -324,11 +324,12 @@ fn control_and_routing_keep_answering_while_a_deploy_compiles() {
             .output()
             .unwrap()
     });
-    // While it compiles, the host answers.
+    // While it compiles, the host answers: routing, `ps` and `releases`.
     let mut answered_during = 0;
     while !deploy.is_finished() {
         assert!(host.get("/").body.starts_with("hello from"));
         let _ = app.ps();
+        assert_eq!(release_versions(&app), [1]);
         if !deploy.is_finished() {
             answered_during += 1;
         }
@@ -531,4 +532,26 @@ fn a_rejected_release_leaves_removed_types_running_and_listeners_keep_their_type
         "Release v2: [[services]], capacity changed",
         Duration::from_secs(5),
     );
+}
+
+#[test]
+fn a_deploy_refuses_a_component_over_the_size_cap() {
+    let app = App::new("web: app.wasm\n");
+    app.install("hello.wasm", "app.wasm");
+    let host = app.up(&["--max-component-size", "1MiB"]);
+    std::fs::File::create(app.path("app.wasm"))
+        .unwrap()
+        .set_len(3 << 20)
+        .unwrap();
+    let out = app.cli(&["deploy"]);
+    assert!(!out.ok);
+    assert!(out.stderr.contains("process type `web`"), "{out:?}");
+    assert!(
+        out.stderr
+            .contains("the file is 3 MiB, above the limit of 1 MiB"),
+        "{out:?}"
+    );
+    assert!(out.stderr.contains("v1 keeps running"), "{out:?}");
+    assert!(host.get("/").body.starts_with("hello from"));
+    assert_eq!(release_versions(&app), [1]);
 }
