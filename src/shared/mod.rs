@@ -330,7 +330,7 @@ pub fn parse_counter(key: &str, value: &[u8]) -> StoreResult<u64> {
 #[cfg(test)]
 pub(crate) struct TestRedis {
     child: std::process::Child,
-    /// `redis://127.0.0.1:PORT`.
+    /// `redis://127.0.0.1:PORT/?namespace=test`.
     pub(crate) url: String,
 }
 
@@ -357,7 +357,7 @@ impl TestRedis {
         }
         Self {
             child,
-            url: format!("redis://127.0.0.1:{port}"),
+            url: format!("redis://127.0.0.1:{port}/?namespace=test"),
         }
     }
 }
@@ -442,6 +442,57 @@ mod tests {
             .chain((0..2500).map(|i| format!("m{i}")))
             .collect();
         assert_eq!(seen, expected, "in order, each once");
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn apps_on_one_redis_server_have_their_own_namespace() {
+        let server = TestRedis::start();
+        let other = server
+            .url
+            .replace("namespace=test", "namespace=other.app-2");
+        let (a, b) = (
+            Store::open(Some(&server.url), None).await.unwrap(),
+            Store::open(Some(&other), None).await.unwrap(),
+        );
+        a.set("b", "k", b"a".to_vec()).await.unwrap();
+        a.enqueue("q", vec![b"m".to_vec()]).await.unwrap();
+        assert_eq!(b.get("b", "k").await.unwrap(), None);
+        assert_eq!(b.list_keys("b", None).await.unwrap(), (vec![], None));
+        assert_eq!(b.stats("q").await.unwrap(), depths(0, 0));
+        assert!(
+            b.reserve("q", Duration::from_secs(60), 5)
+                .await
+                .unwrap()
+                .is_none()
+        );
+        // The same namespace is the same app: hosts sharing a server share its state.
+        let again = Store::open(Some(&server.url), None).await.unwrap();
+        assert_eq!(again.get("b", "k").await.unwrap(), Some(b"a".to_vec()));
+
+        let port = server
+            .url
+            .split(':')
+            .nth(2)
+            .unwrap()
+            .split('/')
+            .next()
+            .unwrap();
+        let bare = format!("redis://127.0.0.1:{port}");
+        let e = Store::open(Some(&bare), None).await.err().unwrap();
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "state.url `{bare}` names no namespace: add `?namespace=NAME` (the app's own keys on the server, the same on every host that shares its state), e.g. `redis://127.0.0.1:6379/?namespace=myapp`"
+            )
+        );
+        for bad in ["", "a:b", "a%20b"] {
+            let url = format!("{bare}/?namespace={bad}");
+            let e = Store::open(Some(&url), None).await.err().unwrap();
+            assert_eq!(
+                e.to_string(),
+                format!("state.url `{url}`: namespace `{bad}` must be 1-128 of A-Z a-z 0-9 _ . -")
+            );
+        }
     }
 
     #[tokio::test(flavor = "multi_thread")]

@@ -3,7 +3,11 @@
 //! so it is atomic on the server. Time comes from the server (`TIME`), so hosts with skewed
 //! clocks agree on leases.
 //!
-//! Layout, under `wasmform:`: a bucket is the hash `kv:{bucket}`; a queue `q` is the sorted
+//! Every app has its own namespace, named in the URL (`redis://host:6379/?namespace=shop`) and
+//! required, so that two apps on one server never see each other's buckets and queues, while
+//! hosts of one app (same namespace) share them.
+//!
+//! Layout, under `wasmform:{namespace}:`: a bucket is the hash `kv:{bucket}`; a queue `q` is the sorted
 //! set `q:{q}:due` (message ids by due time in ms: waiting ones are due now or later, leased
 //! ones at the lease's end), the hashes `q:{q}:body`, `q:{q}:attempts` and `q:{q}:lease` (id →
 //! the token of its current lease), the counters `q:{q}:next` (ids) and `q:{q}:leases`
@@ -20,18 +24,42 @@ use super::{Job, Nacked, PAGE, QueueStats, StoreResult};
 pub struct RedisStore {
     conn: ConnectionManager,
     url: String,
+    /// `wasmform:{namespace}:`, before every key: the app's own part of the server.
+    prefix: String,
 }
 
 fn err(e: redis::RedisError) -> String {
     format!("redis: {e}")
 }
 
-fn kv(bucket: &str) -> String {
-    format!("wasmform:kv:{bucket}")
+/// The app's namespace from `url`'s `namespace=` query parameter: required, 1-128 of
+/// `[A-Za-z0-9_.-]` (as bucket names, so no `:` can make two keys collide).
+pub fn namespace(url: &str) -> Result<String> {
+    let query = url.split_once('?').map_or("", |(_, q)| q);
+    let query = query.split_once('#').map_or(query, |(q, _)| q);
+    let Some(name) = query.split('&').find_map(|p| p.strip_prefix("namespace=")) else {
+        anyhow::bail!(
+            "state.url `{url}` names no namespace: add `?namespace=NAME` (the app's own keys on the server, the same on every host that shares its state), e.g. `redis://127.0.0.1:6379/?namespace=myapp`"
+        );
+    };
+    let valid = (1..=128).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b));
+    if !valid {
+        anyhow::bail!("state.url `{url}`: namespace `{name}` must be 1-128 of A-Z a-z 0-9 _ . -");
+    }
+    Ok(name.to_string())
 }
 
-fn q(queue: &str, part: &str) -> String {
-    format!("wasmform:q:{queue}:{part}")
+impl RedisStore {
+    fn kv(&self, bucket: &str) -> String {
+        format!("{}kv:{bucket}", self.prefix)
+    }
+
+    fn q(&self, queue: &str, part: &str) -> String {
+        format!("{}q:{queue}:{part}", self.prefix)
+    }
 }
 
 /// `now` in ms from the server's clock.
@@ -41,6 +69,7 @@ const NOW: &str =
 impl RedisStore {
     /// Connects to `url` (fails at once if nothing answers).
     pub async fn open(url: &str) -> Result<Self> {
+        let prefix = format!("wasmform:{}:", namespace(url)?);
         let client = redis::Client::open(url)
             .with_context(|| format!("state.url `{url}` is not a valid Redis URL"))?;
         // No response timeout: a script that ran must not be reported as failed because the
@@ -58,6 +87,7 @@ impl RedisStore {
         Ok(Self {
             conn,
             url: url.to_string(),
+            prefix,
         })
     }
 
@@ -67,7 +97,11 @@ impl RedisStore {
     }
 
     pub(crate) async fn get(&self, bucket: &str, key: &str) -> StoreResult<Option<Vec<u8>>> {
-        self.conn.clone().hget(kv(bucket), key).await.map_err(err)
+        self.conn
+            .clone()
+            .hget(self.kv(bucket), key)
+            .await
+            .map_err(err)
     }
 
     pub(crate) async fn list_keys(
@@ -75,7 +109,12 @@ impl RedisStore {
         bucket: &str,
         cursor: Option<u64>,
     ) -> StoreResult<(Vec<String>, Option<u64>)> {
-        let mut keys: Vec<String> = self.conn.clone().hkeys(kv(bucket)).await.map_err(err)?;
+        let mut keys: Vec<String> = self
+            .conn
+            .clone()
+            .hkeys(self.kv(bucket))
+            .await
+            .map_err(err)?;
         keys.sort();
         let offset = cursor.unwrap_or(0);
         let rest: Vec<String> = keys
@@ -113,7 +152,7 @@ impl RedisStore {
             ));
         }
         let result: Result<u64, _> = script
-            .key(kv(bucket))
+            .key(self.kv(bucket))
             .arg(key)
             .arg(delta)
             .invoke_async(&mut self.conn.clone())
@@ -145,7 +184,7 @@ impl RedisStore {
              return 1",
         );
         let swapped: i64 = script
-            .key(kv(bucket))
+            .key(self.kv(bucket))
             .arg(key)
             .arg(if expected.is_some() { "1" } else { "0" })
             .arg(expected.unwrap_or_default())
@@ -166,7 +205,7 @@ impl RedisStore {
         }
         self.conn
             .clone()
-            .hset_multiple::<_, _, _, ()>(kv(bucket), &pairs)
+            .hset_multiple::<_, _, _, ()>(self.kv(bucket), &pairs)
             .await
             .map_err(err)
     }
@@ -177,7 +216,7 @@ impl RedisStore {
         }
         self.conn
             .clone()
-            .hdel::<_, _, ()>(kv(bucket), keys)
+            .hdel::<_, _, ()>(self.kv(bucket), keys)
             .await
             .map_err(err)
     }
@@ -201,9 +240,9 @@ impl RedisStore {
         ));
         let mut invocation = script.prepare_invoke();
         invocation
-            .key(q(queue, "next"))
-            .key(q(queue, "body"))
-            .key(q(queue, "due"));
+            .key(self.q(queue, "next"))
+            .key(self.q(queue, "body"))
+            .key(self.q(queue, "due"));
         for body in &bodies {
             invocation.arg(body.as_slice());
         }
@@ -245,13 +284,13 @@ impl RedisStore {
              end"
         ));
         let found: Option<(String, Vec<u8>, u32, u64)> = script
-            .key(q(queue, "due"))
-            .key(q(queue, "body"))
-            .key(q(queue, "attempts"))
-            .key(q(queue, "dead"))
-            .key(q(queue, "why"))
-            .key(q(queue, "lease"))
-            .key(q(queue, "leases"))
+            .key(self.q(queue, "due"))
+            .key(self.q(queue, "body"))
+            .key(self.q(queue, "attempts"))
+            .key(self.q(queue, "dead"))
+            .key(self.q(queue, "why"))
+            .key(self.q(queue, "lease"))
+            .key(self.q(queue, "leases"))
             .arg(lease.as_millis() as u64)
             .arg(max_attempts)
             .arg(super::embedded::POISON)
@@ -286,10 +325,10 @@ impl RedisStore {
             Self::HOLDS
         ));
         let acked: i64 = script
-            .key(q(&job.queue, "lease"))
-            .key(q(&job.queue, "due"))
-            .key(q(&job.queue, "body"))
-            .key(q(&job.queue, "attempts"))
+            .key(self.q(&job.queue, "lease"))
+            .key(self.q(&job.queue, "due"))
+            .key(self.q(&job.queue, "body"))
+            .key(self.q(&job.queue, "attempts"))
             .arg(Self::id(job))
             .arg(job.lease)
             .invoke_async(&mut self.conn.clone())
@@ -324,12 +363,12 @@ impl RedisStore {
             Self::HOLDS
         ));
         let applied: i64 = script
-            .key(q(&job.queue, "lease"))
-            .key(q(&job.queue, "due"))
-            .key(q(&job.queue, "body"))
-            .key(q(&job.queue, "attempts"))
-            .key(q(&job.queue, "dead"))
-            .key(q(&job.queue, "why"))
+            .key(self.q(&job.queue, "lease"))
+            .key(self.q(&job.queue, "due"))
+            .key(self.q(&job.queue, "body"))
+            .key(self.q(&job.queue, "attempts"))
+            .key(self.q(&job.queue, "dead"))
+            .key(self.q(&job.queue, "why"))
             .arg(Self::id(job))
             .arg(job.lease)
             .arg(if dead { "1" } else { "0" })
@@ -355,9 +394,9 @@ impl RedisStore {
             Self::HOLDS
         ));
         let released: i64 = script
-            .key(q(&job.queue, "lease"))
-            .key(q(&job.queue, "due"))
-            .key(q(&job.queue, "attempts"))
+            .key(self.q(&job.queue, "lease"))
+            .key(self.q(&job.queue, "due"))
+            .key(self.q(&job.queue, "attempts"))
             .arg(Self::id(job))
             .arg(job.lease)
             .invoke_async(&mut self.conn.clone())
@@ -368,8 +407,8 @@ impl RedisStore {
 
     pub(crate) async fn stats(&self, queue: &str) -> StoreResult<QueueStats> {
         let (pending, dead): (u64, u64) = redis::pipe()
-            .zcard(q(queue, "due"))
-            .hlen(q(queue, "dead"))
+            .zcard(self.q(queue, "due"))
+            .hlen(self.q(queue, "dead"))
             .query_async(&mut self.conn.clone())
             .await
             .map_err(err)?;
