@@ -555,3 +555,59 @@ fn a_deploy_refuses_a_component_over_the_size_cap() {
     assert!(host.get("/").body.starts_with("hello from"));
     assert_eq!(release_versions(&app), [1]);
 }
+
+#[test]
+fn releases_record_digests_and_are_pruned_past_keep_releases() {
+    use sha2::Digest as _;
+    let app = App::new("web: app.wasm\n");
+    app.install("hello.wasm", "app.wasm");
+    let _host = app.up(&["--keep-releases", "2"]);
+    app.install("test_web.wasm", "app.wasm");
+    assert!(app.cli(&["deploy"]).ok);
+    // A type added by a deploy starts with the manifest's count.
+    app.write(
+        "Procfile",
+        "web: app.wasm\nworker: {guests}/ticker.wasm 100\n",
+    );
+    app.write("wasmform.toml", "[processes.worker]\ncount = 2\n");
+    let out = app.cli(&["deploy"]);
+    assert!(out.ok, "{out:?}");
+    assert_eq!(
+        app.formation(),
+        [("web".to_string(), 1), ("worker".to_string(), 2)]
+    );
+
+    // Two kept, newest first, each naming what it ran by digest.
+    assert_eq!(release_versions(&app), [3, 2]);
+    let out = app.cli(&["releases", "--json"]);
+    let json: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
+    let newest = &json["releases"][0];
+    let digest = |file: &std::path::Path| {
+        let bytes = std::fs::read(file).unwrap();
+        sha2::Sha256::digest(&bytes)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>()
+    };
+    assert_eq!(
+        newest["components"]["web"],
+        digest(&app.path("app.wasm")).as_str()
+    );
+    assert_eq!(
+        newest["components"]["worker"],
+        digest(&crate::support::guest("ticker.wasm")).as_str()
+    );
+    assert_eq!(newest["config_digest"].as_str().unwrap().len(), 64);
+    // v1's hello is pruned with v1: only the components of v2 and v3 stay stored.
+    let mut stored: Vec<String> = std::fs::read_dir(app.path(".wasmform/components"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    stored.sort();
+    let mut expected = vec![
+        format!("{}.wasm", digest(&app.path("app.wasm"))),
+        format!("{}.wasm", digest(&crate::support::guest("ticker.wasm"))),
+    ];
+    expected.sort();
+    assert_eq!(stored, expected);
+}

@@ -374,3 +374,19 @@ fn manifest_count_and_memory_apply_when_they_change_and_scale_wins_otherwise() {
     assert_eq!(instances.len(), 1, "{ps:#}");
     assert_eq!(instances[0]["memory_limit"], 64 << 20);
 }
+
+#[test]
+fn a_type_request_timeout_overrides_the_host_default() {
+    let app = App::new("web: {guests}/test_web.wasm\n");
+    app.write(
+        "wasmform.toml",
+        "[processes.web]\nrequest_timeout = \"300ms\"\n",
+    );
+    let host = app.up(&["--request-timeout", "60s"]);
+    let response = host.get("/sleep?ms=5000");
+    assert_eq!(response.status, 504, "{response:?}");
+    let out = host.wait_for("at=error code=H12", Duration::from_secs(5));
+    assert!(out.contains("status=504"), "{out}");
+    // The replacement serves; a request within the limit is answered.
+    assert_eq!(host.get("/sleep?ms=10").status, 200);
+}
