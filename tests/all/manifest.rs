@@ -150,6 +150,8 @@ fn health_checks_gate_traffic_and_restart_sick_instances() {
     for instance in ps["instances"].as_array().unwrap() {
         assert_eq!(instance["health"], "passing", "{instance}");
     }
+    let table = app.cli(&["ps"]).stdout;
+    assert_eq!(table.matches("health: passing").count(), 2, "{table}");
     let sick = host.get("/sick").body;
     let name = sick.split_whitespace().next().unwrap().to_string();
     let out = host.wait_for("failed 2 health checks in a row", Duration::from_secs(10));
