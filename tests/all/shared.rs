@@ -51,12 +51,22 @@ fn post(addr: std::net::SocketAddr, path: &str) -> crate::support::Response {
     )
 }
 
-/// `(sent, duplicates)` from the newsletter's `GET /sent`.
-fn sent(addr: std::net::SocketAddr) -> (u64, u64) {
+/// `(sent, duplicates, failed deliveries)` from the newsletter's `GET /sent`.
+fn report(addr: std::net::SocketAddr) -> (u64, u64, u64) {
     let body = get(addr, "/sent").body;
     let words: Vec<&str> = body.split_whitespace().collect();
-    assert_eq!(words.len(), 4, "{body}");
-    (words[1].parse().unwrap(), words[3].parse().unwrap())
+    assert_eq!(words.len(), 6, "{body}");
+    (
+        words[1].parse().unwrap(),
+        words[3].parse().unwrap(),
+        words[5].parse().unwrap(),
+    )
+}
+
+/// `(sent, duplicates)` from the newsletter's `GET /sent`.
+fn sent(addr: std::net::SocketAddr) -> (u64, u64) {
+    let (sent, duplicates, _) = report(addr);
+    (sent, duplicates)
 }
 
 fn wait_sent(addr: std::net::SocketAddr, n: u64, timeout: Duration) -> (u64, u64) {
@@ -125,12 +135,18 @@ fn atomic_increments_from_four_instances_add_up_and_get_set_loses_updates() {
 }
 
 fn newsletter(backend: &Backend, mailer: &str) -> App {
+    newsletter_in(backend, "app", mailer)
+}
+
+/// The newsletter app under `namespace` (on Redis; each app directory has its own embedded
+/// store anyway).
+fn newsletter_in(backend: &Backend, namespace: &str, mailer: &str) -> App {
     let app = App::new("web: {guests}/newsletter.wasm\nmailer: {guests}/mailer.wasm\n");
     app.write(
         "wasmform.toml",
         &format!(
             "{}[processes.web]\nqueues = [\"mail\"]\nbuckets = [\"newsletter\"]\n\n[processes.mailer]\nconsume = \"mail\"\nbuckets = [\"newsletter\"]\n{mailer}\n",
-            backend.state()
+            backend.state_of(namespace)
         ),
     );
     app
@@ -302,6 +318,138 @@ fn kill_9_in_the_middle_of_a_drain_loses_nothing() {
             duplicates <= 4,
             "{}: {duplicates} duplicates",
             backend.name()
+        );
+    }
+}
+
+#[test]
+fn handlers_that_return_err_or_hang_are_redelivered_then_dead_lettered() {
+    for backend in Backend::both() {
+        let backend = backend();
+        for (mode, reason) in [
+            ("err", "failed: mailer: refusing subscriber-"),
+            ("hang", "failed: handling a message took longer than"),
+        ] {
+            let app = newsletter_in(
+                &backend,
+                mode,
+                &format!(
+                    "count = 2\nmax_attempts = 2\nrequest_timeout = \"300ms\"\nenv = {{ MAIL_MS = 1, FAIL_EVERY = 10, FAIL_MODE = \"{mode}\" }}\n"
+                ),
+            );
+            let host = app.up(&["--no-router-log"]);
+            assert_eq!(post(host.addr(), "/send?n=20").status, 202);
+            let (done, duplicates) = wait_sent(host.addr(), 18, Duration::from_secs(60));
+            assert_eq!((done, duplicates), (18, 0), "{} {mode}", backend.name());
+            wait_queue(&app, &backend, 0, 2);
+            // Subscribers 10 and 20, twice each.
+            assert_eq!(report(host.addr()), (18, 0, 4), "{} {mode}", backend.name());
+            let out = host.output();
+            assert_eq!(out.matches(reason).count(), 4, "{mode}: {out}");
+            assert_eq!(out.matches("will retry (attempt 1/2)").count(), 2, "{out}");
+            assert_eq!(
+                out.matches("dead-lettered after 2 attempts").count(),
+                2,
+                "{out}"
+            );
+        }
+    }
+}
+
+#[test]
+fn keyvalue_cas_batches_list_keys_and_counter_errors() {
+    for backend in Backend::both() {
+        let backend = backend();
+        let app = App::new("web: {guests}/counter.wasm\n");
+        app.write(
+            "wasmform.toml",
+            &format!(
+                "{}[processes.web]\nbuckets = [\"counter\"]\n",
+                backend.state()
+            ),
+        );
+        let host = app.up(&["--no-router-log"]);
+        let ask = |path: &str| {
+            let answer = host.get(path);
+            (answer.status, answer.body)
+        };
+        let ok = |body: &str| (200, format!("{body}\n"));
+        let name = backend.name();
+
+        assert_eq!(ask("/cas?key=c&expected=-&new=1"), ok("swapped"), "{name}");
+        assert_eq!(
+            ask("/cas?key=c&expected=-&new=2"),
+            ok("unchanged"),
+            "{name}"
+        );
+        assert_eq!(
+            ask("/cas?key=c&expected=2&new=3"),
+            ok("unchanged"),
+            "{name}"
+        );
+        assert_eq!(ask("/cas?key=c&expected=1&new=3"), ok("swapped"), "{name}");
+        assert_eq!(ask("/get?key=c"), ok("3"), "{name}");
+
+        assert_eq!(ask("/set-many?a=1&b=2&d=4"), ok("ok"), "{name}");
+        assert_eq!(
+            ask("/get-many?keys=a,b,x,d"),
+            ok("a=1 b=2 x=- d=4"),
+            "{name}"
+        );
+        assert_eq!(ask("/delete-many?keys=a,x,d"), ok("ok"), "{name}");
+        assert_eq!(ask("/get-many?keys=a,b,d"), ok("a=- b=2 d=-"), "{name}");
+        assert_eq!(
+            ask("/keys"),
+            ok("2 keys, first b, last c, in 1 pages"),
+            "{name}"
+        );
+        // Past one page (1000 keys): the cursor brings the rest.
+        let many: Vec<String> = (0..1005).map(|i| format!("k{i:04}=v")).collect();
+        assert_eq!(
+            ask(&format!("/set-many?{}", many.join("&"))),
+            ok("ok"),
+            "{name}"
+        );
+        assert_eq!(
+            ask("/keys"),
+            ok("1007 keys, first b, last k1004, in 2 pages"),
+            "{name}"
+        );
+
+        assert_eq!(ask("/set?n=007"), ok("ok"), "{name}");
+        assert_eq!(ask("/incr?key=n&by=3"), ok("10"), "{name}");
+        assert_eq!(ask("/set?t=ten"), ok("ok"), "{name}");
+        let not_a_number = (
+            500,
+            "store error: Error::Other(\"cannot increment `t`: its value is not a decimal number up to 2^53-1\")\n".to_string(),
+        );
+        assert_eq!(ask("/incr?key=t&by=1"), not_a_number, "{name}");
+        assert_eq!(ask("/get?key=t"), ok("ten"), "{name}: left alone");
+        assert_eq!(
+            ask("/incr?key=m&by=9007199254740990"),
+            ok("9007199254740990"),
+            "{name}"
+        );
+        assert_eq!(ask("/incr?key=m&by=1"), ok("9007199254740991"), "{name}");
+        let overflow = (
+            500,
+            "store error: Error::Other(\"cannot increment `m`: the value would pass 2^53-1\")\n"
+                .to_string(),
+        );
+        assert_eq!(ask("/incr?key=m&by=1"), overflow, "{name}");
+        assert_eq!(
+            ask("/incr?key=o&by=9007199254740992"),
+            {
+                let mut o = overflow.clone();
+                o.1 = o.1.replace("`m`", "`o`");
+                o
+            },
+            "{name}"
+        );
+        assert_eq!(
+            ask("/get?key=m"),
+            ok("9007199254740991"),
+            "{name}: left alone"
         );
     }
 }

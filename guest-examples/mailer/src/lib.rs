@@ -3,8 +3,10 @@
 //! milliseconds (default 5, simulated I/O), then counts `sent`, or `duplicates` when the
 //! subscriber had been marked before (the message was handled again after its mail went out).
 //!
-//! `FAIL_EVERY=10` makes every 10th subscriber trap (a panic), to exercise retries and the
-//! dead-letter queue.
+//! `FAIL_EVERY=10` makes the handler fail on every 10th subscriber, to exercise retries and
+//! the dead-letter queue; `FAIL_MODE` says how: `panic` (default, a trap), `err` (returns
+//! `err("mailer: refusing subscriber-N")`) or `hang` (sleeps forever, past the type's
+//! `request_timeout`). Every failing delivery first counts `failed` in the bucket.
 //!
 //! The type needs `consume = "mail"` and `buckets = ["newsletter"]` in wasmform.toml.
 
@@ -35,13 +37,20 @@ impl exports::wasmform::host::consumer::Guest for Mailer {
             .next()
             .and_then(|n| n.parse().ok())
             .unwrap_or(0);
+        let bucket = store::open("newsletter").map_err(|e| format!("{e:?}"))?;
         if let Some(every) = env_number("FAIL_EVERY")
             && every > 0
             && number % every == 0
         {
-            panic!("mailer: refusing {subscriber} (FAIL_EVERY={every})");
+            atomics::increment(&bucket, "failed", 1).map_err(|e| format!("{e:?}"))?;
+            match std::env::var("FAIL_MODE").as_deref() {
+                Ok("err") => return Err(format!("mailer: refusing {subscriber}")),
+                Ok("hang") => loop {
+                    std::thread::sleep(std::time::Duration::from_secs(3600));
+                },
+                _ => panic!("mailer: refusing {subscriber} (FAIL_EVERY={every})"),
+            }
         }
-        let bucket = store::open("newsletter").map_err(|e| format!("{e:?}"))?;
         // The mail goes out here: from this point on, handling the message again sends it
         // twice. The marker comes first so that a handler cut short mid-send shows up as a
         // duplicate when the message is redone.

@@ -1,6 +1,7 @@
 //! `newsletter`: the web side of a fan-out. `POST /send?n=20000` enqueues n jobs on queue
 //! `mail` in one call; `mailer` consumers "send" each one. `GET /sent` answers how many were
-//! sent and how many were sent twice (read from bucket `newsletter`, which `mailer` writes).
+//! sent, how many were sent twice, and how many deliveries failed (read from bucket
+//! `newsletter`, which `mailer` writes): `sent S duplicates D failed F`.
 //!
 //! The type needs `queues = ["mail"]` and `buckets = ["newsletter"]` in wasmform.toml.
 
@@ -11,10 +12,10 @@ wit_bindgen::generate!({
 });
 
 use wasi::keyvalue::store;
-use wasmform::host::queue;
 use wasip2::http::types::{
     Fields, IncomingRequest, Method, OutgoingBody, OutgoingResponse, ResponseOutparam,
 };
+use wasmform::host::queue;
 
 struct Newsletter;
 
@@ -48,7 +49,10 @@ fn send(query: &str) -> (u16, String) {
         .find_map(|p| p.strip_prefix("n="))
         .and_then(|n| n.parse::<u32>().ok())
     else {
-        return (400, "give the number of subscribers: /send?n=20000\n".into());
+        return (
+            400,
+            "give the number of subscribers: /send?n=20000\n".into(),
+        );
     };
     let jobs: Vec<Vec<u8>> = (1..=n)
         .map(|i| format!("subscriber-{i}").into_bytes())
@@ -60,7 +64,7 @@ fn send(query: &str) -> (u16, String) {
 }
 
 fn sent() -> (u16, String) {
-    let read = || -> Result<(u64, u64), store::Error> {
+    let read = || -> Result<(u64, u64, u64), store::Error> {
         let bucket = store::open("newsletter")?;
         let number = |key: &str| -> Result<u64, store::Error> {
             Ok(bucket
@@ -69,10 +73,13 @@ fn sent() -> (u16, String) {
                 .and_then(|s| s.parse().ok())
                 .unwrap_or(0))
         };
-        Ok((number("sent")?, number("duplicates")?))
+        Ok((number("sent")?, number("duplicates")?, number("failed")?))
     };
     match read() {
-        Ok((sent, duplicates)) => (200, format!("sent {sent} duplicates {duplicates}\n")),
+        Ok((sent, duplicates, failed)) => (
+            200,
+            format!("sent {sent} duplicates {duplicates} failed {failed}\n"),
+        ),
         Err(e) => (500, format!("store error: {e:?}\n")),
     }
 }
