@@ -314,7 +314,8 @@ pub fn retry_delay(attempts: u32) -> Duration {
 pub const MAX_COUNTER: u64 = (1 << 53) - 1;
 
 /// Parses a counter value as `increment` does on both backends: ASCII digits, optionally
-/// surrounded by ASCII whitespace, up to [`MAX_COUNTER`].
+/// surrounded by ASCII whitespace, up to [`MAX_COUNTER`]. Leading zeros are not significant
+/// (`000…0042` is 42, however many zeros), as in the Redis script.
 pub fn parse_counter(key: &str, value: &[u8]) -> StoreResult<u64> {
     let text = value.trim_ascii();
     let number = (!text.is_empty() && text.iter().all(u8::is_ascii_digit))
@@ -442,6 +443,42 @@ mod tests {
             .chain((0..2500).map(|i| format!("m{i}")))
             .collect();
         assert_eq!(seen, expected, "in order, each once");
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn counters_parse_the_same_on_both_backends() {
+        on_both(|store, backend| async move {
+            for (value, next) in [
+                ("41", Ok(42)),
+                (" 41\r\n", Ok(42)),
+                ("0000000000000000000000041", Ok(42)),
+                ("00000000000000000000", Ok(1)),
+                ("9007199254740990", Ok(MAX_COUNTER)),
+                ("0009007199254740990", Ok(MAX_COUNTER)),
+                ("9007199254740991", Err("would pass")),
+                ("9007199254740992", Err("not a decimal")),
+                ("00000000000000009007199254740992", Err("not a decimal")),
+                ("99999999999999999999", Err("not a decimal")),
+                ("-1", Err("not a decimal")),
+                ("4 2", Err("not a decimal")),
+                ("", Err("not a decimal")),
+            ] {
+                store
+                    .set("b", "k", value.as_bytes().to_vec())
+                    .await
+                    .unwrap();
+                let got = store.increment("b", "k", 1).await;
+                match next {
+                    Ok(n) => assert_eq!(got, Ok(n), "{backend}: `{value}`"),
+                    Err(why) => {
+                        let e = got.unwrap_err();
+                        assert!(e.starts_with("cannot increment `k`: "), "{backend}: {e}");
+                        assert!(e.contains(why), "{backend}: `{value}`: {e}");
+                    }
+                }
+            }
+        })
+        .await;
     }
 
     #[tokio::test(flavor = "multi_thread")]
@@ -575,6 +612,12 @@ mod tests {
         assert_eq!(parse_counter("k", b"42"), Ok(42));
         assert_eq!(parse_counter("k", b" \t42\r\n"), Ok(42));
         assert_eq!(parse_counter("k", b"9007199254740991"), Ok(MAX_COUNTER));
+        assert_eq!(parse_counter("k", b"0000000000000000000000042"), Ok(42));
+        assert_eq!(
+            parse_counter("k", b"000000009007199254740991"),
+            Ok(MAX_COUNTER)
+        );
+        assert_eq!(parse_counter("k", b"00000000000000000000"), Ok(0));
         for bad in [
             &b""[..],
             b"  ",
@@ -583,6 +626,7 @@ mod tests {
             b"4 2",
             b"0x10",
             b"9007199254740992",
+            b"0009007199254740992",
             "٤٢".as_bytes(),
         ] {
             let e = parse_counter("k", bad).unwrap_err();

@@ -128,12 +128,14 @@ impl RedisStore {
     pub(crate) async fn increment(&self, bucket: &str, key: &str, delta: u64) -> StoreResult<u64> {
         // Like the embedded store: absent = 0, the value is decimal text, no wrap-around.
         // Same rules as `parse_counter`: ASCII digits with optional ASCII whitespace, at most
-        // 2^53-1 (Lua numbers are doubles).
+        // 2^53-1 (Lua numbers are doubles). Leading zeros do not count: at most 16 significant
+        // digits are left to compare exactly as a double.
         let script = redis::Script::new(
             "local v = redis.call('HGET', KEYS[1], ARGV[1])
              local n = 0
              if v then
                local digits = string.match(v, '^[ \\t\\n\\r\\f]*(%d+)[ \\t\\n\\r\\f]*$')
+               if digits then digits = (string.gsub(digits, '^0+(%d)', '%1')) end
                if (not digits) or #digits > 16 or tonumber(digits) > 9007199254740991 then
                  return redis.error_reply('NOTNUM value is not a decimal number')
                end

@@ -417,6 +417,13 @@ fn keyvalue_cas_batches_list_keys_and_counter_errors() {
 
         assert_eq!(ask("/set?n=007"), ok("ok"), "{name}");
         assert_eq!(ask("/incr?key=n&by=3"), ok("10"), "{name}");
+        // Leading zeros are not significant digits, on either backend.
+        assert_eq!(
+            ask("/set?z=0000000000000000000000000005"),
+            ok("ok"),
+            "{name}"
+        );
+        assert_eq!(ask("/incr?key=z&by=1"), ok("6"), "{name}");
         assert_eq!(ask("/set?t=ten"), ok("ok"), "{name}");
         let not_a_number = (
             500,
