@@ -289,6 +289,54 @@ fn stopped_consumers_finish_their_message_instead_of_redoing_it() {
 }
 
 #[test]
+fn a_stopped_consumer_whose_handler_runs_out_of_time_puts_its_message_back() {
+    for backend in Backend::both() {
+        let backend = backend();
+        // Subscriber 5 hangs; with one attempt allowed, a timeout would dead-letter it.
+        let app = newsletter(
+            &backend,
+            "count = 1\nmax_attempts = 1\nrequest_timeout = \"1s\"\nenv = { MAIL_MS = 1, FAIL_EVERY = 5, FAIL_MODE = \"hang\" }\n",
+        );
+        let host = app.up(&["--no-router-log"]);
+        assert_eq!(post(host.addr(), "/send?n=5").status, 202);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while report(host.addr()) != (4, 0, 1) {
+            assert!(Instant::now() < deadline, "{:?}", report(host.addr()));
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // Stopped while it hangs: the handler gets its timeout, then the message goes back
+        // without counting the delivery.
+        assert!(app.cli(&["scale", "mailer=0"]).ok);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while app.ps()["instances"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|i| i["type"] == "mailer")
+        {
+            assert!(Instant::now() < deadline, "mailer.1 did not stop");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        wait_queue(&app, &backend, 1, 0);
+        assert!(
+            !host.output().contains("of `mail` failed"),
+            "{}",
+            host.output()
+        );
+        // So its one allowed attempt is still to come.
+        assert!(app.cli(&["scale", "mailer=1"]).ok);
+        wait_queue(&app, &backend, 0, 1);
+        assert_eq!(report(host.addr()), (4, 0, 2), "{}", backend.name());
+        let out = host.output();
+        assert_eq!(
+            out.matches("dead-lettered after 1 attempts").count(),
+            1,
+            "{out}"
+        );
+    }
+}
+
+#[test]
 fn kill_9_in_the_middle_of_a_drain_loses_nothing() {
     for backend in Backend::both() {
         let backend = backend();
