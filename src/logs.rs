@@ -5,38 +5,67 @@
 //! 17:02:11 wasmform | web.1 crashed: memory quota exceeded (256 MiB); restarting now
 //! ```
 //!
-//! Guests write into a [`LogSink`]; complete lines go through a bounded channel to one printer
-//! task that owns stdout. The printer also keeps the last [`HISTORY`] lines for `wasmform logs`
-//! and broadcasts every line to followers (`logs -f`); a follower that falls behind skips
-//! lines and is told how many. When the channel is full (a guest floods its output faster than the
-//! terminal takes it) lines are dropped and counted, never buffered without bound, and the
-//! printer reports how many were lost. Control characters are escaped before they reach a
-//! terminal.
+//! Guests write into a [`LogSink`]; complete lines go through one queue, in order, to one
+//! printer task that owns stdout. The printer also keeps recent lines for `wasmform logs`
+//! ([`HISTORY`] lines, at most [`HISTORY_BYTES`]) and broadcasts every line to followers
+//! (`logs -f`); a follower that falls behind skips lines and is told how many.
+//!
+//! The queue is bounded per source, not as a whole, so one source flooding it (a guest printing
+//! faster than the terminal takes it, or a terminal that stopped reading) only loses its own
+//! lines:
+//!
+//! - each instance may have [`INSTANCE_QUEUE`] bytes queued (its stdout and stderr together),
+//!   and all instances together [`GUESTS_QUEUE`]; host, router and API lines have a budget of
+//!   their own ([`HOST_QUEUE`]) that no guest can use up;
+//! - a line over its budget is dropped and counted for its source; the count is reported once
+//!   under that source, where the gap is: `web.1 | … 1234 lines dropped (output faster than the
+//!   log can take)`.
+//!
+//! Memory held by the log stream is therefore bounded whatever guests do: at most
+//! [`GUESTS_QUEUE`] + [`HOST_QUEUE`] queued, [`HISTORY_BYTES`] of history, and the followers'
+//! ring of [`FOLLOW`] lines of at most [`MAX_LINE`] bytes each (mostly the same lines as the
+//! history), plus one partial line of at most [`MAX_LINE`] per instance stream: about 13 MiB.
+//! Control characters are escaped before they reach a terminal.
 
+use std::collections::{HashMap, VecDeque};
 use std::fmt::Write as _;
 use std::io::{IsTerminal, Write as _};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-
-use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 
 use tokio::sync::{broadcast, mpsc};
 
-/// How many lines may wait for the printer before new ones are dropped.
-const CHANNEL_CAPACITY: usize = 16 * 1024;
+/// The longest line kept; longer lines are cut (with a marker) so one guest cannot make the
+/// host hold a large line in memory.
+pub const MAX_LINE: usize = 8 * 1024;
 
-/// The longest line printed; longer lines are cut (with a marker) so one guest cannot make the
-/// host hold an unbounded line in memory.
-const MAX_LINE: usize = 16 * 1024;
+/// Bytes of one instance's lines that may wait for the printer before its new ones are dropped.
+pub const INSTANCE_QUEUE: usize = 256 * 1024;
+
+/// Bytes of all instances' lines that may wait for the printer: with many instances flooding
+/// at once, this bounds the queue, not the instance count.
+pub const GUESTS_QUEUE: usize = 4 * 1024 * 1024;
+
+/// Bytes of host, router and API lines that may wait for the printer; guests cannot use it.
+pub const HOST_QUEUE: usize = 1024 * 1024;
+
+/// Lines kept for `wasmform logs`.
+pub const HISTORY: usize = 10_000;
+
+/// Bytes of lines kept for `wasmform logs`; older lines go first when either bound is reached.
+pub const HISTORY_BYTES: usize = 4 * 1024 * 1024;
+
+/// Lines a follower (`logs -f`) may fall behind before it skips some.
+pub const FOLLOW: usize = 512;
+
+/// What a line costs a budget besides its text: the queue entry and the allocation.
+const LINE_OVERHEAD: usize = 64;
 
 /// Name under which host events are logged.
 pub const HOST: &str = "wasmform";
 
 /// Name under which formation changes are logged, as Heroku's `app[api]`.
 pub const API: &str = "wasmform[api]";
-
-/// Lines kept for `wasmform logs`.
-pub const HISTORY: usize = 10_000;
 
 /// A printed line, as kept in the history and sent to followers.
 #[derive(Debug)]
@@ -63,71 +92,192 @@ impl Record {
                 .strip_prefix(filter)
                 .is_some_and(|rest| rest.starts_with('.'))
     }
+
+    /// Bytes of history this record costs.
+    fn cost(&self) -> usize {
+        self.text.len() + self.source.len() + LINE_OVERHEAD
+    }
+}
+
+/// Recent lines, bounded by count and by bytes.
+#[derive(Default)]
+struct History {
+    records: VecDeque<Arc<Record>>,
+    /// Sum of the records' [`Record::cost`].
+    bytes: usize,
+}
+
+impl History {
+    fn push(&mut self, record: Arc<Record>) {
+        self.bytes += record.cost();
+        self.records.push_back(record);
+        while self.records.len() > HISTORY || self.bytes > HISTORY_BYTES {
+            let Some(old) = self.records.pop_front() else {
+                break;
+            };
+            self.bytes -= old.cost();
+        }
+    }
 }
 
 /// The history and the followers, shared between the printer and readers.
 struct Shared {
-    history: Mutex<VecDeque<Arc<Record>>>,
+    history: Mutex<History>,
     follow: broadcast::Sender<Arc<Record>>,
 }
 
-/// One line on its way to the printer.
-struct Line {
-    /// `web.1`, or [`HOST`].
+/// Bytes queued against a limit.
+struct Quota {
+    queued: AtomicUsize,
+    limit: usize,
+}
+
+impl Quota {
+    fn new(limit: usize) -> Self {
+        Self {
+            queued: AtomicUsize::new(0),
+            limit,
+        }
+    }
+
+    fn take(&self, cost: usize) -> bool {
+        let before = self.queued.fetch_add(cost, Ordering::AcqRel);
+        if before + cost > self.limit {
+            self.queued.fetch_sub(cost, Ordering::AcqRel);
+            return false;
+        }
+        true
+    }
+
+    fn give(&self, cost: usize) {
+        self.queued.fetch_sub(cost, Ordering::AcqRel);
+    }
+}
+
+/// One source's share of the queue: an instance (both its streams), or the host.
+struct Budget {
+    /// What is written in front of the lines: `web.1`, or [`HOST`].
     source: Arc<str>,
-    /// Colour index of the process type, `None` for host events.
+    /// Colour index of the process type, `None` for the host.
     colour: Option<usize>,
-    text: String,
+    own: Quota,
+    /// The quota shared by all instances; `None` for the host's budget.
+    pool: Option<Arc<Quota>>,
+    /// Lines refused since the last report.
+    dropped: AtomicU64,
+    /// Whether a report of `dropped` is in the queue (one at a time, so reports are bounded
+    /// too).
+    reporting: AtomicBool,
+}
+
+impl Budget {
+    fn new(
+        source: Arc<str>,
+        colour: Option<usize>,
+        limit: usize,
+        pool: Option<Arc<Quota>>,
+    ) -> Self {
+        Self {
+            source,
+            colour,
+            own: Quota::new(limit),
+            pool,
+            dropped: AtomicU64::new(0),
+            reporting: AtomicBool::new(false),
+        }
+    }
+
+    /// Reserves room for a line of `cost` bytes.
+    fn take(&self, cost: usize) -> bool {
+        if !self.own.take(cost) {
+            return false;
+        }
+        if let Some(pool) = &self.pool
+            && !pool.take(cost)
+        {
+            self.own.give(cost);
+            return false;
+        }
+        true
+    }
+
+    /// Gives back a line's room once the printer has it.
+    fn give(&self, cost: usize) {
+        self.own.give(cost);
+        if let Some(pool) = &self.pool {
+            pool.give(cost);
+        }
+    }
+}
+
+/// What goes through the queue to the printer.
+enum Entry {
+    /// A line; its `cost` is reserved in its budget until the printer takes it.
+    Line {
+        budget: Arc<Budget>,
+        /// Overrides the budget's source (host events under [`API`]).
+        source: Option<Arc<str>>,
+        text: String,
+        cost: usize,
+    },
+    /// Lines of this budget were dropped: the printer reports how many, here.
+    Dropped(Arc<Budget>),
 }
 
 /// Cloneable handle for writing to the log stream.
 #[derive(Clone)]
 pub struct Logs {
-    tx: mpsc::Sender<Line>,
-    /// Lines dropped because the printer fell behind, reported and reset by the printer.
-    dropped: Arc<AtomicU64>,
+    tx: mpsc::UnboundedSender<Entry>,
+    /// Host, router and API lines.
+    host: Arc<Budget>,
+    /// The quota all instances share.
+    guests: Arc<Quota>,
+    /// Each instance's budget, by name, so its stdout and stderr sinks share one (and one
+    /// report); an entry lives as long as a sink or a queued line of it.
+    budgets: Arc<Mutex<HashMap<Arc<str>, Weak<Budget>>>>,
     shared: Arc<Shared>,
 }
 
 impl Logs {
     /// Starts the printer task writing to stdout. `width` is the longest source name expected.
     pub fn stdout(width: usize) -> (Self, tokio::task::JoinHandle<()>) {
-        let (tx, rx) = mpsc::channel(CHANNEL_CAPACITY);
-        let dropped = Arc::new(AtomicU64::new(0));
+        let (logs, rx) = Self::new();
         let colour = std::io::stdout().is_terminal();
         let width = width.max(API.len());
-        let shared = Arc::new(Shared {
-            history: Mutex::new(VecDeque::with_capacity(1024)),
-            follow: broadcast::channel(4096).0,
-        });
         // On a blocking thread: a terminal or pipe that stops reading blocks the printer, never
-        // a runtime worker; the channel then fills and new lines are dropped and counted.
+        // a runtime worker; the budgets then fill and new lines are dropped and counted.
         let printer = {
-            let (dropped, shared) = (dropped.clone(), shared.clone());
-            tokio::task::spawn_blocking(move || print(rx, dropped, width, colour, shared))
+            let shared = logs.shared.clone();
+            tokio::task::spawn_blocking(move || print(rx, width, colour, shared))
         };
-        (
-            Self {
-                tx,
-                dropped,
-                shared,
-            },
-            printer,
-        )
+        (logs, printer)
+    }
+
+    fn new() -> (Self, mpsc::UnboundedReceiver<Entry>) {
+        // Unbounded as a channel, bounded by the budgets: nothing is queued without room.
+        let (tx, rx) = mpsc::unbounded_channel();
+        let logs = Self {
+            tx,
+            host: Arc::new(Budget::new(Arc::from(HOST), None, HOST_QUEUE, None)),
+            guests: Arc::new(Quota::new(GUESTS_QUEUE)),
+            budgets: Arc::default(),
+            shared: Arc::new(Shared {
+                history: Mutex::default(),
+                follow: broadcast::channel(FOLLOW).0,
+            }),
+        };
+        (logs, rx)
     }
 
     /// Logs a host event under the name `wasmform`.
     pub fn host(&self, text: impl Into<String>) {
-        self.event(HOST, text);
+        self.send(&self.host, None, text.into());
     }
 
     /// Logs an event under `source` (e.g. [`API`]).
     pub fn event(&self, source: &str, text: impl Into<String>) {
-        self.send(Line {
-            source: Arc::from(source),
-            colour: None,
-            text: text.into(),
-        });
+        let source = (source != HOST).then(|| Arc::from(source));
+        self.send(&self.host, source, text.into());
     }
 
     /// The last `n` lines, oldest first, from `filter` (a type or instance) if given.
@@ -138,6 +288,7 @@ impl Logs {
             .lock()
             .unwrap_or_else(|e| e.into_inner());
         let mut lines: Vec<Arc<Record>> = history
+            .records
             .iter()
             .rev()
             .filter(|r| filter.is_none_or(|f| r.matches(f)))
@@ -153,19 +304,53 @@ impl Logs {
         self.shared.follow.subscribe()
     }
 
-    /// A sink for one instance's stdout or stderr.
+    /// A sink for one instance's stdout or stderr. The sinks of one instance name share its
+    /// budget.
     pub fn sink(&self, source: &str, colour: usize) -> LogSink {
+        let mut budgets = self.budgets.lock().unwrap_or_else(|e| e.into_inner());
+        let budget = match budgets.get(source).and_then(Weak::upgrade) {
+            Some(budget) => budget,
+            None => {
+                budgets.retain(|_, b| b.strong_count() > 0);
+                let budget = Arc::new(Budget::new(
+                    Arc::from(source),
+                    Some(colour),
+                    INSTANCE_QUEUE,
+                    Some(self.guests.clone()),
+                ));
+                budgets.insert(budget.source.clone(), Arc::downgrade(&budget));
+                budget
+            }
+        };
         LogSink {
             logs: self.clone(),
-            source: Arc::from(source),
-            colour,
+            budget,
             partial: Arc::new(Mutex::new(Vec::new())),
         }
     }
 
-    fn send(&self, line: Line) {
-        if self.tx.try_send(line).is_err() {
-            self.dropped.fetch_add(1, Ordering::Relaxed);
+    /// Queues `text` against `budget`, or drops and counts it (and queues a report of the
+    /// drops if none is queued).
+    fn send(&self, budget: &Arc<Budget>, source: Option<Arc<str>>, text: String) {
+        let cost = text.len() + LINE_OVERHEAD;
+        if budget.take(cost) {
+            let line = Entry::Line {
+                budget: budget.clone(),
+                source,
+                text,
+                cost,
+            };
+            if let Err(mpsc::error::SendError(Entry::Line { budget, cost, .. })) =
+                self.tx.send(line)
+            {
+                // The printer is gone (shutting down): nothing is queued.
+                budget.give(cost);
+            }
+            return;
+        }
+        budget.dropped.fetch_add(1, Ordering::AcqRel);
+        if !budget.reporting.swap(true, Ordering::AcqRel) {
+            let _ = self.tx.send(Entry::Dropped(budget.clone()));
         }
     }
 }
@@ -175,8 +360,8 @@ impl Logs {
 #[derive(Clone)]
 pub struct LogSink {
     logs: Logs,
-    source: Arc<str>,
-    colour: usize,
+    /// The instance's budget (and name and colour), shared with its other stream.
+    budget: Arc<Budget>,
     /// Bytes after the last newline, waiting for the rest of their line.
     partial: Arc<Mutex<Vec<u8>>>,
 }
@@ -211,63 +396,64 @@ impl LogSink {
 
     fn emit(&self, bytes: &[u8]) {
         let bytes = bytes.strip_suffix(b"\r").unwrap_or(bytes);
-        self.logs.send(Line {
-            source: self.source.clone(),
-            colour: Some(self.colour),
-            text: String::from_utf8_lossy(bytes).into_owned(),
-        });
+        let text = String::from_utf8_lossy(bytes).into_owned();
+        self.logs.send(&self.budget, None, text);
     }
 }
 
 /// ANSI colours cycled over process types, as foreman does.
 const COLOURS: [&str; 6] = ["36", "33", "32", "35", "34", "31"];
 
-fn print(
-    mut rx: mpsc::Receiver<Line>,
-    dropped: Arc<AtomicU64>,
-    width: usize,
-    colour: bool,
-    shared: Arc<Shared>,
-) {
+/// Takes one entry off the queue, giving back its room: the source, colour and text to print,
+/// or `None` for a drop report with nothing left to report.
+fn receive(entry: Entry) -> Option<(Arc<str>, Option<usize>, String)> {
+    match entry {
+        Entry::Line {
+            budget,
+            source,
+            text,
+            cost,
+        } => {
+            budget.give(cost);
+            let source = source.unwrap_or_else(|| budget.source.clone());
+            Some((source, budget.colour, text))
+        }
+        Entry::Dropped(budget) => {
+            // Cleared first: a drop counted after the swap below queues a report of its own.
+            budget.reporting.store(false, Ordering::Release);
+            let lost = budget.dropped.swap(0, Ordering::AcqRel);
+            (lost > 0).then(|| {
+                let text = format!("… {lost} lines dropped (output faster than the log can take)");
+                (budget.source.clone(), budget.colour, text)
+            })
+        }
+    }
+}
+
+fn print(mut rx: mpsc::UnboundedReceiver<Entry>, width: usize, colour: bool, shared: Arc<Shared>) {
     let mut buf = String::new();
     let mut batch = Vec::with_capacity(256);
     while let Some(first) = rx.blocking_recv() {
         batch.push(first);
         while batch.len() < 256 {
             match rx.try_recv() {
-                Ok(line) => batch.push(line),
+                Ok(entry) => batch.push(entry),
                 Err(_) => break,
             }
         }
         buf.clear();
         let time = jiff::Zoned::now().strftime("%H:%M:%S").to_string();
-        let lost = dropped.swap(0, Ordering::Relaxed);
-        if lost > 0 {
-            batch.insert(
-                0,
-                Line {
-                    source: Arc::from(HOST),
-                    colour: None,
-                    text: format!(
-                        "{lost} log lines dropped: output arrived faster than it could be written"
-                    ),
-                },
-            );
-        }
         let mut history = shared.history.lock().unwrap_or_else(|e| e.into_inner());
-        for line in batch.drain(..) {
-            let mut text = String::with_capacity(line.text.len());
-            neutralise(&mut text, &line.text);
+        for (source, code, line) in batch.drain(..).filter_map(receive) {
+            let mut text = String::with_capacity(line.len());
+            neutralise(&mut text, &line);
             let record = Arc::new(Record {
                 time: time.clone(),
-                source: line.source,
+                source,
                 text,
             });
-            format_line(&mut buf, &record, line.colour, width, colour);
-            if history.len() == HISTORY {
-                history.pop_front();
-            }
-            history.push_back(record.clone());
+            format_line(&mut buf, &record, code, width, colour);
+            history.push(record.clone());
             // No followers is the common case, not an error.
             let _ = shared.follow.send(record);
         }
@@ -307,15 +493,15 @@ fn neutralise(buf: &mut String, text: &str) {
 mod tests {
     use super::*;
 
-    fn test_logs(tx: mpsc::Sender<Line>) -> Logs {
-        Logs {
-            tx,
-            dropped: Arc::default(),
-            shared: Arc::new(Shared {
-                history: Mutex::default(),
-                follow: broadcast::channel(1).0,
-            }),
+    /// Everything queued so far, as the printer would print it: `source | text`.
+    fn drain(rx: &mut mpsc::UnboundedReceiver<Entry>) -> Vec<String> {
+        let mut got = Vec::new();
+        while let Ok(entry) = rx.try_recv() {
+            if let Some((source, _, text)) = receive(entry) {
+                got.push(format!("{source} | {text}"));
+            }
         }
+        got
     }
 
     #[test]
@@ -339,29 +525,139 @@ mod tests {
         assert_eq!(buf, "red \\u{1b}[31m text\\r\\u{7}");
     }
 
-    #[tokio::test]
-    async fn sink_splits_lines_across_writes() {
-        let (tx, mut rx) = mpsc::channel(16);
-        let logs = test_logs(tx);
+    #[test]
+    fn sink_splits_lines_across_writes() {
+        let (logs, mut rx) = Logs::new();
         let sink = logs.sink("web.1", 0);
         sink.write(b"hel");
         sink.write(b"lo\nwor");
         sink.write(b"ld\r\ntail");
         sink.flush();
-        let mut got = Vec::new();
-        while let Ok(line) = rx.try_recv() {
-            got.push(line.text);
-        }
-        assert_eq!(got, ["hello", "world", "tail"]);
+        assert_eq!(
+            drain(&mut rx),
+            ["web.1 | hello", "web.1 | world", "web.1 | tail"]
+        );
     }
 
-    #[tokio::test]
-    async fn full_channel_drops_and_counts() {
-        let (tx, _rx) = mpsc::channel(1);
-        let logs = test_logs(tx);
-        for _ in 0..5 {
-            logs.host("x");
+    #[test]
+    fn a_flooding_instance_loses_only_its_own_lines_and_says_how_many() {
+        let (logs, mut rx) = Logs::new();
+        let flood = logs.sink("web.1", 0);
+        let quiet = logs.sink("web.2", 0);
+        let line = "x".repeat(1000);
+        let fits = INSTANCE_QUEUE / (line.len() + LINE_OVERHEAD);
+        for _ in 0..fits + 500 {
+            flood.write(format!("{line}\n").as_bytes());
         }
-        assert_eq!(logs.dropped.load(Ordering::Relaxed), 4);
+        quiet.write(b"still here\n");
+        logs.host("host event");
+        logs.event(API, "api event");
+        let got = drain(&mut rx);
+        assert_eq!(got.len(), fits + 4, "{:?}", &got[fits..]);
+        assert!(got[..fits].iter().all(|l| l.starts_with("web.1 | xxx")));
+        assert_eq!(
+            got[fits..],
+            [
+                "web.1 | … 500 lines dropped (output faster than the log can take)",
+                "web.2 | still here",
+                "wasmform | host event",
+                "wasmform[api] | api event",
+            ]
+        );
+        // Room again once the printer took the lines; a new flood gets a report of its own.
+        flood.write(b"back\n");
+        assert_eq!(drain(&mut rx), ["web.1 | back"]);
+        for _ in 0..fits + 3 {
+            flood.write(format!("{line}\n").as_bytes());
+        }
+        assert_eq!(
+            drain(&mut rx).last().unwrap(),
+            "web.1 | … 3 lines dropped (output faster than the log can take)"
+        );
+    }
+
+    #[test]
+    fn an_instances_streams_share_one_budget() {
+        let (logs, mut rx) = Logs::new();
+        let (stdout, stderr) = (logs.sink("web.1", 0), logs.sink("web.1", 0));
+        let line = "y".repeat(1000);
+        let fits = INSTANCE_QUEUE / (line.len() + LINE_OVERHEAD);
+        for _ in 0..fits {
+            stdout.write(format!("{line}\n").as_bytes());
+        }
+        stderr.write(format!("{line}\n").as_bytes());
+        assert_eq!(
+            drain(&mut rx).last().unwrap(),
+            "web.1 | … 1 lines dropped (output faster than the log can take)"
+        );
+    }
+
+    #[test]
+    fn many_flooding_instances_are_bounded_together() {
+        let (logs, mut rx) = Logs::new();
+        let line = format!("{}\n", "z".repeat(MAX_LINE - 1));
+        for i in 0..2 * GUESTS_QUEUE / INSTANCE_QUEUE {
+            let sink = logs.sink(&format!("web.{i}"), 0);
+            for _ in 0..2 * INSTANCE_QUEUE / line.len() {
+                sink.write(line.as_bytes());
+            }
+        }
+        assert!(logs.guests.queued.load(Ordering::Acquire) <= GUESTS_QUEUE);
+        logs.host("host event");
+        let got = drain(&mut rx);
+        assert_eq!(got.last().unwrap(), "wasmform | host event");
+        assert_eq!(logs.guests.queued.load(Ordering::Acquire), 0);
+    }
+
+    #[test]
+    fn a_host_flood_is_bounded_and_reported_under_the_host() {
+        let (logs, mut rx) = Logs::new();
+        let sink = logs.sink("web.1", 0);
+        let fits = HOST_QUEUE / ("h".len() + LINE_OVERHEAD);
+        for _ in 0..fits + 2 {
+            logs.host("h");
+        }
+        sink.write(b"guest\n");
+        let got = drain(&mut rx);
+        assert_eq!(
+            got[fits..],
+            [
+                "wasmform | … 2 lines dropped (output faster than the log can take)",
+                "web.1 | guest",
+            ]
+        );
+    }
+
+    #[test]
+    fn long_lines_are_cut_and_history_is_bounded_in_bytes() {
+        let (logs, mut rx) = Logs::new();
+        let sink = logs.sink("web.1", 0);
+        sink.write(&vec![b'a'; 3 * MAX_LINE]);
+        let got = drain(&mut rx);
+        assert_eq!(got.len(), 1);
+        assert!(got[0].ends_with("a [line truncated]"));
+        assert!(got[0].len() < MAX_LINE + 64);
+
+        let mut history = History::default();
+        for _ in 0..2 * HISTORY_BYTES / MAX_LINE {
+            history.push(Arc::new(Record {
+                time: "12:00:00".into(),
+                source: Arc::from("web.1"),
+                text: "b".repeat(MAX_LINE),
+            }));
+        }
+        assert!(history.bytes <= HISTORY_BYTES);
+        assert_eq!(
+            history.bytes,
+            history.records.iter().map(|r| r.cost()).sum::<usize>()
+        );
+        for _ in 0..2 * HISTORY {
+            history.push(Arc::new(Record {
+                time: "12:00:00".into(),
+                source: Arc::from("web.1"),
+                text: "c".into(),
+            }));
+        }
+        assert_eq!(history.records.len(), HISTORY);
     }
 }

@@ -305,7 +305,7 @@ fn a_guest_flooding_its_output_loses_lines_not_host_memory() {
     host.pause_output(false);
     assert_eq!(host.get("/whoami").status, 200);
     let out = host.wait_for(
-        "log lines dropped: output arrived faster than it could be written",
+        "lines dropped (output faster than the log can take)",
         Duration::from_secs(60),
     );
     assert!(
@@ -313,9 +313,74 @@ fn a_guest_flooding_its_output_loses_lines_not_host_memory() {
         "the first lines are printed"
     );
     assert!(
+        out.lines().any(|l| l.contains(" web.1 | … ")
+            && l.ends_with(" lines dropped (output faster than the log can take)")),
+        "the drops are reported under the instance that lost them:\n{out}"
+    );
+    assert!(
         during < before + 64 * 1024,
         "host RSS grew from {before} KiB to {during} KiB"
     );
+}
+
+#[test]
+fn a_flooding_instance_loses_only_its_own_lines() {
+    let app = App::new("web: {guests}/test_web.wasm\nclock: {guests}/ticker.wasm 20\n");
+    let host = app.up(&[]);
+    host.wait_for("tick 3 from clock.1", Duration::from_secs(30));
+    // The terminal stops reading while web.1 prints far more than its share of the log's
+    // buffer; meanwhile the router logs requests and clock.1 keeps ticking.
+    host.pause_output(true);
+    assert_eq!(host.get("/print?n=100000").status, 200);
+    for i in 0..20 {
+        assert_eq!(host.get(&format!("/probe-{i}")).status, 404);
+    }
+    // Let clock.1 tick while the output is blocked (every tick must survive it).
+    std::thread::sleep(Duration::from_millis(500));
+    host.pause_output(false);
+    let out = host.wait_for(
+        "at=info method=GET path=\"/probe-19\"",
+        Duration::from_secs(60),
+    );
+    let ticks: Vec<u64> = out
+        .lines()
+        .filter_map(|l| {
+            l.split_once(" clock.1 | tick ")?
+                .1
+                .strip_suffix(" from clock.1")
+        })
+        .map(|n| n.parse().unwrap())
+        .collect();
+    let last = *ticks.last().unwrap();
+    assert!(
+        last > 10,
+        "clock.1 ticked while the output was blocked: {ticks:?}"
+    );
+    assert_eq!(
+        ticks,
+        (1..=last).collect::<Vec<_>>(),
+        "no tick of clock.1 was lost"
+    );
+    for i in 0..20 {
+        assert!(
+            out.contains(&format!("path=\"/probe-{i}\" instance=web.1 ")),
+            "router line for /probe-{i} was lost:\n{out}"
+        );
+    }
+    let dropped: Vec<&str> = out
+        .lines()
+        .filter(|l| l.contains(" lines dropped "))
+        .collect();
+    assert_eq!(dropped.len(), 1, "{dropped:?}");
+    let count = dropped[0]
+        .split_once(" web.1 | … ")
+        .and_then(|(_, rest)| {
+            rest.strip_suffix(" lines dropped (output faster than the log can take)")
+        })
+        .unwrap_or_else(|| panic!("not web.1's report: {}", dropped[0]));
+    let count: u64 = count.parse().unwrap();
+    let printed = out.lines().filter(|l| l.contains(" from web.1")).count() as u64;
+    assert_eq!(printed + count, 100_000, "every line is printed or counted");
 }
 
 #[test]
