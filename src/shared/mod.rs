@@ -11,7 +11,7 @@
 //! consumer at a time under a lease; `ack` removes it; `nack` makes it due again after a short
 //! backoff, or moves it to the queue's dead letters once it has been delivered `max_attempts`
 //! times; `release` puts it back at once without counting the delivery (its instance was
-//! stopped). Each delivery holds a lease token: `ack`, `nack` and `release` apply only while
+//! stopped before handling it, or while its handler ran past the timeout). Each delivery holds a lease token: `ack`, `nack` and `release` apply only while
 //! the message is still leased under that token, so a late answer after a lapsed lease (the
 //! message meanwhile went to another consumer) changes nothing. Messages are delivered in
 //! due-time order (a retry is due after its backoff, not
@@ -280,7 +280,8 @@ impl Store {
         }
     }
 
-    /// Puts a message back at once without counting the delivery (its instance stopped);
+    /// Puts a message back at once without counting the delivery (its instance stopped before
+    /// the handler could finish);
     /// `false` if its lease had lapsed and it was delivered again (nothing changed).
     pub async fn release(&self, job: &Job) -> StoreResult<bool> {
         match self {
