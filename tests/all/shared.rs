@@ -269,7 +269,11 @@ fn stopped_consumers_finish_their_message_instead_of_redoing_it() {
         // Seven of the eight are in the middle of a mail.
         let scaled = app.cli(&["scale", "mailer=1"]);
         assert!(scaled.ok, "{scaled:?}");
-        let (at_stop, _) = wait_sent(host.addr(), at_scale + 10, Duration::from_secs(60));
+        let (at_restart, _) = wait_sent(host.addr(), at_scale + 8, Duration::from_secs(60));
+        // A restart replaces the last one: it drains while its replacement starts.
+        let restarted = app.cli(&["restart", "mailer"]);
+        assert!(restarted.ok, "{restarted:?}");
+        let (at_stop, _) = wait_sent(host.addr(), at_restart + 4, Duration::from_secs(60));
         assert!(at_stop < 48, "{}: the drain was over", backend.name());
         // A shutdown drains the last one the same way.
         host.signal(libc::SIGTERM);
