@@ -331,6 +331,100 @@ pub struct AppSpec {
     pub sources: Vec<PathBuf>,
     /// `[state] url`: Redis for shared state; `None`: the embedded store.
     pub state_url: Option<String>,
+    /// `[http]`: front-door limits; `up`'s flags override them. Left out of the serialized
+    /// form when unset, so releases of apps without the table keep their digests.
+    #[serde(default, skip_serializing_if = "HttpSettings::is_unset")]
+    pub http: HttpSettings,
+}
+
+/// Front-door limits as configured (`[http]` in the manifest, or `up`'s flags); `None` leaves
+/// the limit to the next source, then to the default (see `proxy::HttpLimits`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HttpSettings {
+    /// Largest request body (`max_body`, `--max-body`).
+    pub max_body: Option<ByteSize>,
+    /// Most header fields in a request (`max_headers`).
+    pub max_headers: Option<usize>,
+    /// Largest request head (`max_head_bytes`).
+    pub max_head_bytes: Option<ByteSize>,
+    /// Longest time to send a request head (`header_timeout`).
+    pub header_timeout: Option<Duration>,
+    /// Longest stall of a request body while the guest reads it (`body_timeout`).
+    pub body_timeout: Option<Duration>,
+    /// Longest idle time of a keep-alive connection between requests (`keepalive_timeout`).
+    pub keepalive_timeout: Option<Duration>,
+    /// Most open client connections (`max_connections`).
+    pub max_connections: Option<usize>,
+}
+
+impl HttpSettings {
+    /// Whether nothing is set.
+    pub fn is_unset(&self) -> bool {
+        *self == Self::default()
+    }
+
+    /// These settings, with the unset ones taken from `fallback`.
+    pub fn or(self, fallback: Self) -> Self {
+        Self {
+            max_body: self.max_body.or(fallback.max_body),
+            max_headers: self.max_headers.or(fallback.max_headers),
+            max_head_bytes: self.max_head_bytes.or(fallback.max_head_bytes),
+            header_timeout: self.header_timeout.or(fallback.header_timeout),
+            body_timeout: self.body_timeout.or(fallback.body_timeout),
+            keepalive_timeout: self.keepalive_timeout.or(fallback.keepalive_timeout),
+            max_connections: self.max_connections.or(fallback.max_connections),
+        }
+    }
+}
+
+/// Smallest `max_head_bytes`: a request line and a few headers.
+pub const MIN_HEAD_BYTES: u64 = 1024;
+
+/// Largest `max_head_bytes`: hyper buffers a whole head in memory, per connection.
+pub const MAX_HEAD_BYTES: u64 = 16 << 20;
+
+/// Parses an HTTP size limit (`--max-body`, `max_body =`): `10MiB`, `64KiB`, `512KB`, `1024B`.
+/// The unit is required: a bare number would be bytes to some readers and MiB to others.
+pub fn parse_http_size(s: &str) -> Result<ByteSize, String> {
+    let hint = "expected a size with a unit, e.g. `10MiB`, `64KiB` or `1024B`";
+    let text = s.trim();
+    let split = text
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: f64 = match number.parse() {
+        Ok(n) if !number.is_empty() => n,
+        _ => return Err(format!("invalid size `{s}`: {hint}")),
+    };
+    let multiplier: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" => return Err(format!("invalid size `{s}`: no unit; {hint}")),
+        "b" => 1,
+        "k" | "ki" | "kib" => 1 << 10,
+        "m" | "mi" | "mib" => 1 << 20,
+        "g" | "gi" | "gib" => 1 << 30,
+        "kb" => 1_000,
+        "mb" => 1_000_000,
+        "gb" => 1_000_000_000,
+        _ => return Err(format!("invalid size `{s}`: unknown unit `{unit}`; {hint}")),
+    };
+    let bytes = number * multiplier as f64;
+    if bytes.fract() != 0.0 || bytes > (1u64 << 50) as f64 {
+        return Err(format!(
+            "invalid size `{s}`: must be a whole number of bytes up to 1PiB"
+        ));
+    }
+    Ok(ByteSize::bytes(bytes as u64))
+}
+
+/// Parses `--max-head-bytes` / `max_head_bytes`: an HTTP size from 1KiB to 16MiB.
+pub fn parse_head_bytes(s: &str) -> Result<ByteSize, String> {
+    let size = parse_http_size(s)?;
+    if !(MIN_HEAD_BYTES..=MAX_HEAD_BYTES).contains(&size.as_u64()) {
+        return Err(format!(
+            "invalid head size `{s}`: must be from 1KiB to 16MiB"
+        ));
+    }
+    Ok(size)
 }
 
 impl AppSpec {
@@ -344,6 +438,7 @@ impl AppSpec {
             services: Vec::new(),
             sources: Vec::new(),
             state_url: None,
+            http: HttpSettings::default(),
         }
     }
 
@@ -411,6 +506,7 @@ impl AppSpec {
             services: Vec::new(),
             sources,
             state_url: None,
+            http: HttpSettings::default(),
         };
         let mut env = BTreeMap::new();
         match &manifest {
@@ -461,7 +557,7 @@ impl AppSpec {
         if let Some(url) = raw.state.as_ref().and_then(|s| s.url.as_ref()) {
             if !(url.get_ref().starts_with("redis://") || url.get_ref().starts_with("rediss://")) {
                 anyhow::bail!(
-                    "{}: state.url: `{}` is not supported: use `redis://HOST:PORT`, or leave `url` out for the embedded store",
+                    "{}: state.url: `{}` is not supported: use `redis://HOST:PORT/?namespace=APP`, or leave `url` out for the embedded store",
                     at(url.span()),
                     url.get_ref()
                 );
@@ -469,6 +565,11 @@ impl AppSpec {
             self.state_url = Some(url.get_ref().clone());
         }
         self.build = raw.build.map(|b| b.command);
+        if let Some(http) = &raw.http {
+            self.http = http
+                .resolve()
+                .map_err(|e| anyhow::anyhow!("{}: http.{}: {}", at(e.span), e.key, e.message))?;
+        }
         for process in &mut self.processes {
             process.env = env.clone();
         }

@@ -40,6 +40,89 @@ pub struct Manifest {
     pub services: Vec<Spanned<Service>>,
     /// Where shared state (buckets, queues) lives.
     pub state: Option<State>,
+    /// Limits of the HTTP front door.
+    pub http: Option<Http>,
+}
+
+/// `[http]`: the front door's limits, for every listener of the app. `up`'s flags of the same
+/// names (`--max-body` for `max_body`…) override them.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Http {
+    /// Largest request body (413 above it).
+    pub max_body: Option<HttpSize>,
+    /// Most header fields in a request (431 above it).
+    pub max_headers: Option<Spanned<usize>>,
+    /// Largest request head: request line and headers (431 above it).
+    pub max_head_bytes: Option<Spanned<HttpSize>>,
+    /// Longest time to send a request head.
+    pub header_timeout: Option<DurationValue>,
+    /// Longest stall of a request body while the guest reads it (408 after).
+    pub body_timeout: Option<DurationValue>,
+    /// Longest idle time of a keep-alive connection between requests.
+    pub keepalive_timeout: Option<DurationValue>,
+    /// Most open client connections (503 past it).
+    pub max_connections: Option<Spanned<usize>>,
+}
+
+impl Http {
+    /// The settings, checked.
+    pub fn resolve(&self) -> Result<crate::app::HttpSettings, FieldError> {
+        let at_least_one = |value: &Option<Spanned<usize>>, key| match value {
+            Some(v) if *v.get_ref() == 0 => {
+                Err(FieldError::new(v, key, "must be at least 1".to_string()))
+            }
+            _ => Ok(value.as_ref().map(|v| *v.get_ref())),
+        };
+        let max_head_bytes = match &self.max_head_bytes {
+            Some(size) => {
+                let bytes = size.get_ref().0.as_u64();
+                if !(crate::app::MIN_HEAD_BYTES..=crate::app::MAX_HEAD_BYTES).contains(&bytes) {
+                    return Err(FieldError::new(
+                        size,
+                        "max_head_bytes",
+                        format!(
+                            "invalid head size `{}`: must be from 1KiB to 16MiB",
+                            size.get_ref().1
+                        ),
+                    ));
+                }
+                Some(size.get_ref().0)
+            }
+            None => None,
+        };
+        Ok(crate::app::HttpSettings {
+            max_body: self.max_body.as_ref().map(|s| s.0),
+            max_headers: at_least_one(&self.max_headers, "max_headers")?,
+            max_head_bytes,
+            header_timeout: self.header_timeout.map(|d| d.0),
+            body_timeout: self.body_timeout.map(|d| d.0),
+            keepalive_timeout: self.keepalive_timeout.map(|d| d.0),
+            max_connections: at_least_one(&self.max_connections, "max_connections")?,
+        })
+    }
+}
+
+/// An HTTP size limit: `"10MiB"`, `"64KiB"`, `"1024B"` (a unit is required), and the text as
+/// written, for messages.
+#[derive(Debug, Clone)]
+pub struct HttpSize(pub ByteSize, pub String);
+
+impl<'de> Deserialize<'de> for HttpSize {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = match toml::Value::deserialize(d)? {
+            toml::Value::String(s) => s,
+            other => {
+                return Err(serde::de::Error::custom(format!(
+                    "expected a size with a unit such as \"1MiB\" or \"1024B\", found {}",
+                    other.type_str()
+                )));
+            }
+        };
+        crate::app::parse_http_size(&text)
+            .map(|size| Self(size, text))
+            .map_err(serde::de::Error::custom)
+    }
 }
 
 /// `[state]`.
@@ -384,6 +467,10 @@ mod tests {
             "mail"
         );
         assert_eq!(m.services.len(), 1);
+        let http = m.http.as_ref().unwrap().resolve().unwrap();
+        assert_eq!(http.max_head_bytes, Some(ByteSize::bytes(64 << 10)));
+        assert_eq!(http.keepalive_timeout, Some(Duration::from_secs(75)));
+        assert_eq!(http.max_connections, Some(10_000));
     }
 
     #[test]

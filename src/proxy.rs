@@ -33,13 +33,16 @@ use crate::router::{Busy, Pool};
 
 mod head;
 
-/// Limits of the HTTP front door. Headers over the limits are refused by hyper (431, or 414
-/// for a long URI) before any guest runs.
+/// Limits of the HTTP front door. Heads over the limits are refused by hyper (431, or 414
+/// for a request target over 64 KiB, which needs `max_head_bytes` above 64 KiB to get that
+/// far) before any guest runs.
 #[derive(Clone, Copy, Debug)]
 pub struct HttpLimits {
-    /// How long a client may take to send its request headers (also how long an idle
-    /// keep-alive connection stays open).
+    /// How long a client may take to send a request head: from the connection's start for its
+    /// first request, from the head's first byte for later ones.
     pub header_read_timeout: Duration,
+    /// How long a keep-alive connection may stay idle between a response and the next request.
+    pub keepalive_timeout: Duration,
     /// Most header fields in a request.
     pub max_headers: usize,
     /// Largest request head (request line and headers), bytes.
@@ -57,11 +60,34 @@ impl Default for HttpLimits {
     fn default() -> Self {
         Self {
             header_read_timeout: Duration::from_secs(30),
+            keepalive_timeout: Duration::from_secs(75),
             max_headers: 100,
             max_head_bytes: 64 * 1024,
             max_body: 10 * 1024 * 1024,
             max_connections: 10_000,
             body_idle_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+impl HttpLimits {
+    /// The limits `settings` set, the defaults for the rest.
+    pub fn from_settings(settings: crate::app::HttpSettings) -> Self {
+        let default = Self::default();
+        Self {
+            header_read_timeout: settings
+                .header_timeout
+                .unwrap_or(default.header_read_timeout),
+            keepalive_timeout: settings
+                .keepalive_timeout
+                .unwrap_or(default.keepalive_timeout),
+            max_headers: settings.max_headers.unwrap_or(default.max_headers),
+            max_head_bytes: settings
+                .max_head_bytes
+                .map_or(default.max_head_bytes, |s| s.as_usize()),
+            max_body: settings.max_body.map_or(default.max_body, |s| s.as_u64()),
+            max_connections: settings.max_connections.unwrap_or(default.max_connections),
+            body_idle_timeout: settings.body_timeout.unwrap_or(default.body_idle_timeout),
         }
     }
 }
@@ -89,11 +115,20 @@ pub async fn serve(listener: TcpListener, router: Arc<Router>, shutdown: Cancell
     let graceful = GracefulShutdown::new();
     let limits = router.limits;
     let mut builder = http1::Builder::new();
+    // hyper's header timeout would also close idle keep-alive connections at the same
+    // timeout; the head guard keeps both clocks instead (see `head`).
     builder
         .timer(TokioTimer::new())
-        .header_read_timeout(limits.header_read_timeout)
+        .header_read_timeout(None)
         .max_headers(limits.max_headers)
+        .max_header_size(limits.max_head_bytes)
+        // The read buffer must hold a whole head (hyper's minimum is 8 KiB); the head guard
+        // never hands hyper more than one head at a time.
         .max_buf_size(limits.max_head_bytes.max(8192));
+    let timeouts = head::Timeouts {
+        header: limits.header_read_timeout,
+        keepalive: limits.keepalive_timeout,
+    };
     let connections = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
     let refusal = Refusal::new(limits.max_connections);
     let mut refused = RefusalLog::default();
@@ -113,13 +148,16 @@ pub async fn serve(listener: TcpListener, router: Arc<Router>, shutdown: Cancell
         let _ = stream.set_nodelay(true);
         let router = router.clone();
         let framing = Arc::new(head::Framing::default());
-        let stream = head::HeadGuard::new(stream, framing.clone());
+        let stream = head::HeadGuard::new(stream, framing.clone(), timeouts);
         let service = hyper::service::service_fn(move |req: Request<Incoming>| {
             // hyper's framing of the body tells the guard where the next head starts; after a
             // chunked body it cannot know, so that connection ends with this response.
             let body = req.body().size_hint().exact();
             framing.set(body);
             let router = router.clone();
+            // Tells the guard when the response ended, even if this future is dropped: the
+            // keep-alive clock starts then.
+            let responded = Responded(framing.clone());
             async move {
                 let mut response = router.handle(req).await;
                 if body.is_none() {
@@ -128,6 +166,13 @@ pub async fn serve(listener: TcpListener, router: Arc<Router>, shutdown: Cancell
                         header::HeaderValue::from_static("close"),
                     );
                 }
+                let response = response.map(|body| {
+                    Responding {
+                        body,
+                        _responded: responded,
+                    }
+                    .boxed_unsync()
+                });
                 Ok::<_, Infallible>(response)
             }
         });
@@ -141,6 +186,41 @@ pub async fn serve(listener: TcpListener, router: Arc<Router>, shutdown: Cancell
     }
     drop(listener);
     graceful.shutdown().await;
+}
+
+/// Reports the end of a response to the connection's head guard when dropped.
+struct Responded(Arc<head::Framing>);
+
+impl Drop for Responded {
+    fn drop(&mut self) {
+        self.0.responded();
+    }
+}
+
+/// A response body that reports its end when hyper drops it (written, or cut short).
+struct Responding {
+    body: ResponseBody,
+    _responded: Responded,
+}
+
+impl Body for Responding {
+    type Data = Bytes;
+    type Error = wasmtime_wasi_http::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
+    }
 }
 
 /// The answer to connections past `--max-connections`, and the bound on how many of those are

@@ -5,7 +5,10 @@ use std::time::Duration;
 
 use anyhow::{Context as _, Result};
 
-use crate::app::{AppSpec, ByteSize, parse_capacity, parse_duration};
+use crate::app::{
+    AppSpec, ByteSize, HttpSettings, parse_capacity, parse_duration, parse_head_bytes,
+    parse_http_size,
+};
 use crate::state::StateDir;
 use crate::{Host, HostOptions, RestartPolicy};
 
@@ -85,26 +88,40 @@ pub struct UpCommand {
     #[arg(long = "max-instances")]
     max_instances: Option<u32>,
 
-    /// Largest request body accepted (413 above it).
-    #[arg(long = "max-body", default_value = "10MiB", value_parser = parse_capacity)]
-    max_body: ByteSize,
+    /// Largest request body accepted (413 above it), e.g. `10MiB`, `64KiB`, `1024B`.
+    /// Default: `[http] max_body` in the manifest, else 10MiB.
+    #[arg(long = "max-body", value_parser = parse_http_size)]
+    max_body: Option<ByteSize>,
 
     /// Most header fields in a request (431 above it).
-    #[arg(long = "max-headers", default_value_t = 100)]
-    max_headers: usize,
+    /// Default: `[http] max_headers`, else 100.
+    #[arg(long = "max-headers", value_parser = clap::value_parser!(u32).range(1..))]
+    max_headers: Option<u32>,
 
-    /// How long a client may take to send request headers; also how long an idle keep-alive
-    /// connection stays open.
-    #[arg(long = "header-timeout", default_value = "30s", value_parser = parse_duration)]
-    header_timeout: Duration,
+    /// Largest request head, request line and headers together (431 above it), 1KiB to 16MiB.
+    /// Default: `[http] max_head_bytes`, else 64KiB.
+    #[arg(long = "max-head-bytes", value_parser = parse_head_bytes)]
+    max_head_bytes: Option<ByteSize>,
+
+    /// How long a client may take to send a request head (the connection is closed after).
+    /// Default: `[http] header_timeout`, else 30s.
+    #[arg(long = "header-timeout", value_parser = parse_timeout)]
+    header_timeout: Option<Duration>,
 
     /// How long a request body may stall while the guest reads it (408 after).
-    #[arg(long = "body-timeout", default_value = "30s", value_parser = parse_duration)]
-    body_timeout: Duration,
+    /// Default: `[http] body_timeout`, else 30s.
+    #[arg(long = "body-timeout", value_parser = parse_timeout)]
+    body_timeout: Option<Duration>,
+
+    /// How long a keep-alive connection may stay idle between requests before it is closed.
+    /// Default: `[http] keepalive_timeout`, else 75s.
+    #[arg(long = "keepalive-timeout", value_parser = parse_timeout)]
+    keepalive_timeout: Option<Duration>,
 
     /// Most open client connections; past it, new ones get 503 (Retry-After: 1) and are closed.
-    #[arg(long = "max-connections", default_value_t = 10_000)]
-    max_connections: usize,
+    /// Default: `[http] max_connections`, else 10000.
+    #[arg(long = "max-connections", value_parser = clap::value_parser!(u32).range(1..))]
+    max_connections: Option<u32>,
 
     /// Also serve Prometheus metrics at http://ADDR/metrics (loopback only), e.g.
     /// `127.0.0.1:9090`. They are always at `/metrics` on the control socket.
@@ -158,6 +175,30 @@ fn parse_size(s: &str) -> Result<ByteSize, String> {
     s.parse()
 }
 
+/// A timeout above zero.
+fn parse_timeout(s: &str) -> Result<Duration, String> {
+    let value = parse_duration(s)?;
+    if value.is_zero() {
+        return Err(format!("invalid duration `{s}`: must be above zero"));
+    }
+    Ok(value)
+}
+
+impl UpCommand {
+    /// The front-door limits given as flags; unset ones come from the manifest's `[http]`.
+    fn http_flags(&self) -> HttpSettings {
+        HttpSettings {
+            max_body: self.max_body,
+            max_headers: self.max_headers.map(|n| n as usize),
+            max_head_bytes: self.max_head_bytes,
+            header_timeout: self.header_timeout,
+            body_timeout: self.body_timeout,
+            keepalive_timeout: self.keepalive_timeout,
+            max_connections: self.max_connections.map(|n| n as usize),
+        }
+    }
+}
+
 impl UpCommand {
     /// Runs the formation until a signal arrives.
     pub fn execute(self) -> Result<()> {
@@ -179,14 +220,7 @@ impl UpCommand {
             request_timeout: self.request_timeout,
             queue_limit: self.queue,
             rotate: self.rotate,
-            http: crate::proxy::HttpLimits {
-                header_read_timeout: self.header_timeout,
-                max_headers: self.max_headers,
-                max_body: self.max_body.as_u64(),
-                max_connections: self.max_connections.max(1),
-                body_idle_timeout: self.body_timeout,
-                ..crate::proxy::HttpLimits::default()
-            },
+            http: crate::proxy::HttpLimits::from_settings(self.http_flags().or(app.http)),
             log_requests: !self.no_router_log,
             metrics: self.metrics,
             control_tcp: self.control_tcp.map(|addr| crate::control::TcpControl {

@@ -22,11 +22,25 @@
 //!
 //! hyper stays the only parser of requests: this layer only decides which bytes it checks, from
 //! hyper's own framing, and can only refuse, never reframe.
+//!
+//! The guard also keeps the connection's two clocks, because hyper has only one: its
+//! `header_read_timeout` starts when hyper begins waiting for the next head, so it would also
+//! close idle keep-alive connections, at the same timeout. Here (with hyper's switched off):
+//!
+//! - the **header timeout** runs from the connection's first read for its first request, and
+//!   from the first byte of each later head; when it fires the read fails (`TimedOut`) and hyper
+//!   closes the connection without an answer, as its own timeout does;
+//! - the **keep-alive timeout** runs while the connection is idle: its last response has ended
+//!   ([`Framing::responded`]) and no byte of the next head has come. When it fires, hyper sees
+//!   the end of the stream and closes the connection gracefully;
+//! - neither runs while a request is being answered: the request and body timeouts bound that.
 
 use std::io;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
+
+use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
@@ -40,19 +54,51 @@ pub(crate) struct Framing {
 struct Slot {
     /// `Some(Some(n))`: `n` body bytes follow the head; `Some(None)`: chunked.
     body: Option<Option<u64>>,
-    /// The read waiting for it.
+    /// The read waiting for it, or for a response to end.
     waker: Option<Waker>,
+    /// Requests read whose responses have not ended: while there are any, the connection is
+    /// not idle.
+    responding: usize,
 }
 
 impl Framing {
     /// Reports the body length hyper framed for the request just parsed (`None`: chunked).
+    /// Its response has then begun; [`Framing::responded`] says when it ended.
     pub(crate) fn set(&self, body: Option<u64>) {
         let mut slot = self.slot.lock().unwrap_or_else(|e| e.into_inner());
         slot.body = Some(body);
+        slot.responding += 1;
         if let Some(waker) = slot.waker.take() {
             waker.wake();
         }
     }
+
+    /// Reports that a response ended (or was dropped unfinished).
+    pub(crate) fn responded(&self) {
+        let mut slot = self.slot.lock().unwrap_or_else(|e| e.into_inner());
+        slot.responding = slot.responding.saturating_sub(1);
+        if let Some(waker) = slot.waker.take() {
+            waker.wake();
+        }
+    }
+}
+
+/// The connection's clocks (see the module docs).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Timeouts {
+    /// Longest time to send a request head.
+    pub(crate) header: Duration,
+    /// Longest idle time between a response and the next request.
+    pub(crate) keepalive: Duration,
+}
+
+/// Which clock runs while a read waits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Wait {
+    /// A head is (or the first request is) awaited: the header timeout.
+    Head,
+    /// Idle between requests: the keep-alive timeout.
+    Idle,
 }
 
 /// What the bytes read next belong to.
@@ -72,7 +118,7 @@ enum State {
     /// After a chunked request: passed through, never inspected (the connection closes after
     /// the response).
     Unchecked,
-    /// A bare LF was found: the stream ends here for hyper.
+    /// A bare LF was found, or a clock ran out: the stream ends here for hyper.
     Refused,
 }
 
@@ -92,17 +138,68 @@ pub(crate) struct HeadGuard<S> {
     stash_pos: usize,
     /// Where the service reports each request's framing.
     framing: Arc<Framing>,
+    timeouts: Timeouts,
+    /// Whether a request head was read: after it, waiting for a head is keep-alive idling.
+    served: bool,
+    /// The clock running, if any, and its deadline.
+    timer: Option<(Wait, Pin<Box<tokio::time::Sleep>>)>,
 }
 
 impl<S> HeadGuard<S> {
-    pub(crate) fn new(io: S, framing: Arc<Framing>) -> Self {
+    pub(crate) fn new(io: S, framing: Arc<Framing>, timeouts: Timeouts) -> Self {
         Self {
             io,
             state: HEAD,
             stash: Vec::new(),
             stash_pos: 0,
             framing,
+            timeouts,
+            served: false,
+            timer: None,
         }
+    }
+
+    /// Starts, keeps or stops the clock for a read in the current state; `responding`: whether
+    /// a response is on its way.
+    fn set_timer(&mut self, responding: bool) {
+        let wait = match self.state {
+            _ if responding => None,
+            State::Head { started: false, .. } if self.served => Some(Wait::Idle),
+            State::Head { .. } => Some(Wait::Head),
+            _ => None,
+        };
+        match (wait, &self.timer) {
+            (None, _) => self.timer = None,
+            (Some(wait), Some((running, _))) if *running == wait => {}
+            (Some(wait), _) => {
+                let after = match wait {
+                    Wait::Head => self.timeouts.header,
+                    Wait::Idle => self.timeouts.keepalive,
+                };
+                self.timer = Some((wait, Box::pin(tokio::time::sleep(after))));
+            }
+        }
+    }
+
+    /// For a read that found no data: pending, or the end of the connection if its clock ran
+    /// out (see the module docs).
+    fn expired(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let Some((wait, sleep)) = &mut self.timer else {
+            return Poll::Pending;
+        };
+        if sleep.as_mut().poll(cx).is_pending() {
+            return Poll::Pending;
+        }
+        let wait = *wait;
+        self.timer = None;
+        self.state = State::Refused;
+        Poll::Ready(match wait {
+            Wait::Idle => Ok(()),
+            Wait::Head => Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "no complete request head within the header timeout",
+            )),
+        })
     }
 
     /// Checks `bytes`, just read while in a head. Returns how many to hand over: up to the end
@@ -127,6 +224,7 @@ impl<S> HeadGuard<S> {
                 }
                 b'\n' if *started && *line == 0 => {
                     self.state = State::AwaitBody;
+                    self.served = true;
                     return i + 1;
                 }
                 b'\n' => *line = 0,
@@ -148,18 +246,26 @@ impl<S: AsyncRead + Unpin> AsyncRead for HeadGuard<S> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = &mut *self;
-        if this.state == State::AwaitBody {
+        let responding = {
             let mut slot = this.framing.slot.lock().unwrap_or_else(|e| e.into_inner());
-            match slot.body.take() {
-                Some(Some(0)) => this.state = HEAD,
-                Some(Some(n)) => this.state = State::Body(n),
-                Some(None) => this.state = State::Unchecked,
-                None => {
-                    slot.waker = Some(cx.waker().clone());
-                    return Poll::Pending;
+            if this.state == State::AwaitBody {
+                match slot.body.take() {
+                    Some(Some(0)) => this.state = HEAD,
+                    Some(Some(n)) => this.state = State::Body(n),
+                    Some(None) => this.state = State::Unchecked,
+                    None => {
+                        slot.waker = Some(cx.waker().clone());
+                        return Poll::Pending;
+                    }
                 }
             }
-        }
+            if slot.responding > 0 {
+                // Woken when the response ends, to start the keep-alive clock.
+                slot.waker = Some(cx.waker().clone());
+            }
+            slot.responding > 0
+        };
+        this.set_timer(responding);
         let limit = match this.state {
             State::Refused => return Poll::Ready(Ok(())),
             State::Body(n) => usize::try_from(n).unwrap_or(usize::MAX),
@@ -175,7 +281,12 @@ impl<S: AsyncRead + Unpin> AsyncRead for HeadGuard<S> {
         } else {
             let mut limited = buf.take(limit);
             let before = limited.filled().as_ptr();
-            std::task::ready!(Pin::new(&mut this.io).poll_read(cx, &mut limited))?;
+            if Pin::new(&mut this.io)
+                .poll_read(cx, &mut limited)?
+                .is_pending()
+            {
+                return this.expired(cx);
+            }
             assert_eq!(
                 before,
                 limited.filled().as_ptr(),
@@ -256,7 +367,11 @@ mod tests {
     /// framing from `bodies`, in reads of at most `chunk` bytes.
     async fn seen(input: &[u8], bodies: &[Option<u64>], chunk: usize) -> Vec<u8> {
         let framing = Arc::new(Framing::default());
-        let mut guard = HeadGuard::new(input, framing.clone());
+        let timeouts = Timeouts {
+            header: Duration::from_secs(3600),
+            keepalive: Duration::from_secs(3600),
+        };
+        let mut guard = HeadGuard::new(input, framing.clone(), timeouts);
         let mut bodies = bodies.iter();
         let mut out = Vec::new();
         let mut buf = vec![0; chunk];

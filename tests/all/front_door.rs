@@ -288,6 +288,147 @@ fn slow_headers_are_cut_off_and_normal_clients_are_unaffected() {
 }
 
 #[test]
+fn the_head_cap_is_a_setting_and_a_long_uri_gets_414() {
+    let app = App::new("web: {guests}/test_web.wasm\n");
+    let long_uri = format!(
+        "GET /{} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        "a".repeat(70_000)
+    );
+    // Within the default 64 KiB cap the head does not fit: 431.
+    let host = app.up(&[]);
+    assert_eq!(request(host.addr(), &long_uri).status, 431);
+    drop(host);
+
+    // With room for it, the URI itself is too long: 414.
+    let host = app.up(&["--max-head-bytes", "128KiB"]);
+    let response = request(host.addr(), &long_uri);
+    assert_eq!(response.status, 414, "{response:?}");
+    assert_eq!(host.get("/whoami").status, 200);
+    drop(host);
+
+    // A smaller cap refuses heads the default takes.
+    let big_header = format!(
+        "GET /whoami HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\nConnection: close\r\n\r\n",
+        "b".repeat(3000)
+    );
+    let host = app.up(&["--max-head-bytes", "2KiB"]);
+    assert_eq!(request(host.addr(), &big_header).status, 431);
+    assert_eq!(host.get("/whoami").status, 200);
+    drop(host);
+
+    for (value, expected) in [
+        (
+            "10",
+            "invalid size `10`: no unit; expected a size with a unit",
+        ),
+        (
+            "100B",
+            "invalid head size `100B`: must be from 1KiB to 16MiB",
+        ),
+        ("1TiB", "invalid size `1TiB`: unknown unit `TiB`"),
+    ] {
+        let out = app.up_fails(&["--max-head-bytes", value]);
+        assert!(out.contains(expected), "{value}: {out}");
+    }
+    let out = app.up_fails(&["--keepalive-timeout", "0s"]);
+    assert!(
+        out.contains("invalid duration `0s`: must be above zero"),
+        "{out}"
+    );
+    let out = app.up_fails(&["--max-connections", "0"]);
+    assert!(
+        out.contains("invalid value '0' for '--max-connections"),
+        "{out}"
+    );
+}
+
+/// Reads one response from a keep-alive connection (a `Content-Length` or chunked body).
+fn read_response(stream: &mut std::net::TcpStream) -> String {
+    use std::io::Read as _;
+
+    let mut bytes = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let text = String::from_utf8_lossy(&bytes).into_owned();
+        if let Some((head, body)) = text.split_once("\r\n\r\n") {
+            let length = head.lines().find_map(|l| {
+                l.to_ascii_lowercase()
+                    .strip_prefix("content-length:")
+                    .map(|v| v.trim().parse::<usize>().unwrap())
+            });
+            let complete = match length {
+                Some(n) => body.len() >= n,
+                None => body.ends_with("0\r\n\r\n"),
+            };
+            if complete {
+                return text;
+            }
+        }
+        let n = stream.read(&mut buf).expect("read a response");
+        assert!(n > 0, "the connection closed mid-response: {text:?}");
+        bytes.extend_from_slice(&buf[..n]);
+    }
+}
+
+/// Whether the server closes `stream` (without sending anything) before the read timeout.
+fn closed_silently(stream: &mut std::net::TcpStream) -> Result<(), String> {
+    use std::io::Read as _;
+
+    stream
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let mut rest = Vec::new();
+    match stream.read_to_end(&mut rest) {
+        Ok(_) if rest.is_empty() => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => Ok(()),
+        other => Err(format!("{other:?}: {:?}", String::from_utf8_lossy(&rest))),
+    }
+}
+
+#[test]
+fn idle_keep_alive_connections_have_their_own_timeout() {
+    use std::io::Write as _;
+
+    let app = App::new("web: {guests}/test_web.wasm\n");
+    let get = b"GET /whoami HTTP/1.1\r\nHost: x\r\n\r\n";
+
+    // Idle longer than the header timeout but within the keep-alive timeout: still served.
+    let host = app.up(&["--header-timeout", "1s", "--keepalive-timeout", "60s"]);
+    let mut stream = std::net::TcpStream::connect(host.addr()).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    stream.write_all(get).unwrap();
+    assert!(read_response(&mut stream).starts_with("HTTP/1.1 200"));
+    std::thread::sleep(Duration::from_secs(3));
+    stream.write_all(get).unwrap();
+    let second = read_response(&mut stream);
+    assert!(second.starts_with("HTTP/1.1 200"), "{second}");
+    // A later head that stalls is cut off by the header timeout (the keep-alive one is far).
+    stream.write_all(b"GET /whoami HTTP/1.1\r\nHo").unwrap();
+    closed_silently(&mut stream).expect("a stalled second head is cut off");
+    drop(host);
+
+    // An idle connection is closed at the keep-alive timeout, though the header timeout is far.
+    let host = app.up(&["--header-timeout", "60s", "--keepalive-timeout", "1s"]);
+    let mut stream = std::net::TcpStream::connect(host.addr()).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    stream.write_all(get).unwrap();
+    assert!(read_response(&mut stream).starts_with("HTTP/1.1 200"));
+    closed_silently(&mut stream).expect("an idle keep-alive connection is closed");
+    // The manifest sets it too.
+    drop(host);
+    app.write("wasmform.toml", "[http]\nkeepalive_timeout = \"1s\"\n");
+    let host = app.up(&[]);
+    let mut stream = std::net::TcpStream::connect(host.addr()).unwrap();
+    stream.write_all(get).unwrap();
+    assert!(read_response(&mut stream).starts_with("HTTP/1.1 200"));
+    closed_silently(&mut stream).expect("the manifest's keep-alive timeout applies");
+}
+
+#[test]
 fn a_guest_flooding_its_output_loses_lines_not_host_memory() {
     let app = App::new("web: {guests}/test_web.wasm\n");
     let host = app.up(&["--no-router-log"]);

@@ -392,3 +392,74 @@ fn a_type_request_timeout_overrides_the_host_default() {
     // The replacement serves; a request within the limit is answered.
     assert_eq!(host.get("/sleep?ms=10").status, 200);
 }
+
+#[test]
+fn the_http_table_sets_front_door_limits_and_flags_override_it() {
+    let app = App::new("web: {guests}/test_web.wasm\n");
+    app.write("wasmform.toml", "[http]\nmax_body = \"1KiB\"\n");
+    let post = format!(
+        "POST /consume HTTP/1.1\r\nHost: x\r\nContent-Length: 2000\r\nConnection: close\r\n\r\n{}",
+        "b".repeat(2000)
+    );
+    let host = app.up(&[]);
+    let response = crate::support::request(host.addr(), &post);
+    assert_eq!(response.status, 413, "{response:?}");
+    assert!(
+        response.body.contains("request body over 1024 bytes"),
+        "{}",
+        response.body
+    );
+    drop(host);
+
+    // The flag wins over the manifest.
+    let host = app.up(&["--max-body", "64KiB"]);
+    let response = crate::support::request(host.addr(), &post);
+    assert_eq!(
+        (response.status, response.body.as_str()),
+        (200, "consumed 2000 bytes\n")
+    );
+    drop(host);
+
+    let cases = [
+        (
+            "[http]\nmax_body = 1024\n",
+            "wasmform.toml:2:12: http.max_body: expected a size with a unit such as \"1MiB\" or \"1024B\", found integer",
+        ),
+        (
+            "[http]\nmax_body = \"10\"\n",
+            "wasmform.toml:2:12: http.max_body: invalid size `10`: no unit",
+        ),
+        (
+            "[http]\nmax_head_bytes = \"100B\"\n",
+            "wasmform.toml:2:18: http.max_head_bytes: invalid head size `100B`: must be from 1KiB to 16MiB",
+        ),
+        (
+            "[http]\nmax_headers = 0\n",
+            "wasmform.toml:2:15: http.max_headers: must be at least 1",
+        ),
+        (
+            "[http]\nmax_connections = 0\n",
+            "wasmform.toml:2:19: http.max_connections: must be at least 1",
+        ),
+        (
+            "[http]\nkeepalive_timeout = \"0s\"\n",
+            "wasmform.toml:2:21: http.keepalive_timeout: invalid duration `0s`: must be above zero",
+        ),
+        (
+            "[http]\nheader_timeout = \"soon\"\n",
+            "wasmform.toml:2:18: http.header_timeout: invalid duration `soon`",
+        ),
+        (
+            "[http]\nmax_bodies = \"1KiB\"\n",
+            "wasmform.toml:2:1: http.max_bodies: unknown field `max_bodies`, expected one of",
+        ),
+    ];
+    for (manifest, expected) in cases {
+        app.write("wasmform.toml", manifest);
+        let out = app.up_fails(&[]);
+        assert!(
+            out.contains(expected),
+            "for {manifest:?} expected {expected:?} in:\n{out}"
+        );
+    }
+}
