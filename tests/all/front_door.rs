@@ -880,3 +880,58 @@ fn control_and_metrics_listeners_cut_off_slow_headers() {
     );
     assert_eq!(response.status, 200);
 }
+
+#[test]
+fn while_shutting_down_new_connections_are_refused_and_idle_ones_closed() {
+    use std::io::Write as _;
+
+    let app = App::new("web: {guests}/test_web.wasm\n");
+    // One instance and no queue: a request gets 503 at once while the slow one holds it.
+    let mut host = app.up(&["-m", "web=1", "--queue", "0", "--grace", "60s"]);
+    let addr = host.addr();
+    let mut idle = std::net::TcpStream::connect(addr).unwrap();
+    idle.set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    idle.write_all(b"GET /whoami HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    assert!(read_response(&mut idle).starts_with("HTTP/1.1 200"));
+
+    let slow = std::thread::spawn(move || crate::support::get(addr, "/sleep?ms=4000"));
+    let busy = host.wait_until(Duration::from_secs(30), |_| {
+        crate::support::get(addr, "/whoami").status == 503
+    });
+    assert!(busy.is_some(), "the slow request never reached web.1");
+
+    host.signal(libc::SIGTERM);
+    host.wait_for("SIGTERM received: shutting down", Duration::from_secs(10));
+    // The listener is closed (the signal reaches the accept loop a moment after the line is
+    // logged), while the slow request is still in flight: a new connection is refused rather
+    // than answered.
+    let mut attempts = 0;
+    let refused = loop {
+        attempts += 1;
+        match std::net::TcpStream::connect(addr) {
+            Ok(_) if attempts < 500 => std::thread::sleep(Duration::from_millis(10)),
+            Ok(_) => panic!("connections are still accepted while shutting down"),
+            Err(e) => break e,
+        }
+    };
+    assert_eq!(refused.kind(), std::io::ErrorKind::ConnectionRefused);
+    // An idle keep-alive connection is closed without an answer.
+    closed_silently(&mut idle).expect("an idle connection is closed at shutdown");
+    assert!(
+        !slow.is_finished(),
+        "the slow request ended before the checks"
+    );
+
+    // The request in flight finishes, and the host exits cleanly.
+    let response = slow.join().unwrap();
+    assert_eq!(
+        (response.status, response.body.as_str()),
+        (200, "slept 4000 ms\n")
+    );
+    let status = host
+        .wait_exit(Duration::from_secs(30))
+        .expect("did not exit");
+    assert!(status.success(), "{status}");
+}
