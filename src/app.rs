@@ -826,7 +826,9 @@ mod tests {
     |max_requests = [0-9]{1,2}|max_attempts = [0-9]|consume = \"[a-z!]{0,4}\"|buckets = \\[\"[a-z ]{0,3}\"\\]\
     |path = \"[/a-z ]{0,4}\"|threshold = [0-9]|interval = \"[0-9]{1,3}(ms|s|x)\"|restart = \"(always|never|sometimes)\"\
     |listen = \"[0-9.:a-z]{0,15}\"|processes = \\[(\"web\"|\"admin\"|)\\]|url = \"[a-z:/0-9.]{0,12}\"\
-    |allowed_outbound_hosts = \\[\"[a-z*.:/ ]{0,10}\"\\]|capacity = \"[0-9]{0,3}[GMK]i?B?\"|[A-Z]{1,3} = [0-9a-z\"]{0,4})",
+    |allowed_outbound_hosts = \\[\"[a-z*.:/ ]{0,10}\"\\]|capacity = \"[0-9]{0,3}[GMK]i?B?\"|[A-Z]{1,3} = [0-9a-z\"]{0,4}\
+    |\\[http\\]|(max_body|max_head_bytes) = (\"[0-9.]{0,5}[KMGBk]?i?B?\"|[0-9]{1,4})|(max_headers|max_connections) = -?[0-9]{1,3}\
+    |(header_timeout|body_timeout|keepalive_timeout) = \"[0-9]{1,3}(ms|s|x|)\")",
             0..10,
         )) {
             let dir = tempfile::tempdir().unwrap();
@@ -841,6 +843,33 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn http_sizes_need_a_unit() {
+        assert_eq!(parse_http_size("1KiB").unwrap(), ByteSize::bytes(1024));
+        assert_eq!(parse_http_size("1.5KiB").unwrap(), ByteSize::bytes(1536));
+        assert_eq!(parse_http_size("0B").unwrap(), ByteSize::bytes(0));
+        assert_eq!(parse_http_size("2MB").unwrap(), ByteSize::bytes(2_000_000));
+        for (input, needle) in [
+            ("10", "invalid size `10`: no unit"),
+            (
+                "0.5B",
+                "invalid size `0.5B`: must be a whole number of bytes",
+            ),
+            ("1XB", "invalid size `1XB`: unknown unit `XB`"),
+            ("MiB", "invalid size `MiB`: expected a size with a unit"),
+            ("2000000GiB", "up to 1PiB"),
+        ] {
+            let err = parse_http_size(input).unwrap_err();
+            assert!(err.contains(needle), "{input}: {err}");
+        }
+        assert_eq!(parse_head_bytes("1KiB").unwrap(), ByteSize::bytes(1024));
+        assert!(
+            parse_head_bytes("17MiB")
+                .unwrap_err()
+                .contains("invalid head size `17MiB`: must be from 1KiB to 16MiB")
+        );
     }
 
     #[test]

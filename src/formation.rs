@@ -364,6 +364,65 @@ mod tests {
             let _ = f.with_changes(&[change], None, ByteSize::mib(1024));
         }
 
+        /// A rejected `-m` spec is rejected for its first bad entry, with that entry's own
+        /// message, which names the entry (or its type or count) as written.
+        #[test]
+        fn a_rejected_spec_names_its_first_bad_entry(
+            entries in proptest::collection::vec(SPEC_ENTRY, 1..5),
+            separators in proptest::collection::vec("[, ]{1,2}", 4),
+            text in "\\PC{0,40}",
+        ) {
+            let spec: String = entries
+                .iter()
+                .zip(separators.iter().chain(std::iter::repeat(&String::new())))
+                .flat_map(|(e, s)| [e.as_str(), s.as_str()])
+                .collect();
+            for spec in [spec, text] {
+                let fresh = Formation::default_for(&app(&["web", "worker"]), ByteSize::mib(256));
+                let Err(err) = fresh.clone().apply_spec(&spec) else { continue };
+                // The parser's own split: commas and spaces, entries trimmed.
+                let bad = spec
+                    .split([',', ' '])
+                    .map(str::trim)
+                    .filter(|p| !p.is_empty())
+                    .find(|part| fresh.clone().apply_spec(part).is_err());
+                let bad = bad.unwrap_or_else(|| panic!("`{spec}` was refused ({err}) but no entry is bad"));
+                proptest::prop_assert_eq!(&err, &fresh.clone().apply_spec(bad).unwrap_err());
+                let (name, count) = bad.split_once('=').unwrap_or((bad, ""));
+                proptest::prop_assert!(
+                    names_one_of(&err, &[bad, name.trim(), count.trim()]),
+                    "{} does not name `{}`", err, bad
+                );
+            }
+        }
+
+        /// A rejected scale command is rejected for its first bad change (after the ones before
+        /// it applied), and the message names that change, or its type, count or size, as
+        /// written.
+        #[test]
+        fn a_rejected_scale_names_its_first_bad_change(
+            changes in proptest::collection::vec(SCALE_CHANGE, 1..5),
+        ) {
+            let f = Formation::default_for(&app(&["web", "my-worker"]), ByteSize::mib(256));
+            let Err(err) = f.with_changes(&changes, None, ByteSize::mib(1024)) else {
+                return Ok(());
+            };
+            let first_bad = (1..=changes.len())
+                .find(|&n| f.with_changes(&changes[..n], None, ByteSize::mib(1024)).is_err())
+                .expect("a prefix fails");
+            let bad = &changes[first_bad - 1];
+            let mut tokens = vec![bad.as_str()];
+            for (i, _) in bad.match_indices(['=', '+', '-']) {
+                let (name, value) = (&bad[..i], &bad[i + 1..]);
+                let (count, size) = value.split_once(':').unwrap_or((value, ""));
+                tokens.extend([name, value, count, size]);
+            }
+            proptest::prop_assert!(
+                names_one_of(&err, &tokens),
+                "{} does not name `{}`", err, bad
+            );
+        }
+
         #[test]
         fn sizes_and_durations_never_panic(text in "\\PC{0,24}", number in "[0-9.]{0,12}[a-zA-Z]{0,4}") {
             for input in [&text, &number] {
@@ -371,6 +430,49 @@ mod tests {
                 let _ = crate::app::parse_duration(input);
             }
         }
+
+        /// Every size and duration parser names the value it refused, as written.
+        #[test]
+        fn rejected_sizes_and_durations_name_the_value(
+            text in "\\PC{0,24}",
+            number in " ?-?[0-9.]{0,12} ?[a-zA-Z]{0,4}",
+        ) {
+            for input in [&text, &number] {
+                let quoted = format!("`{input}`");
+                let parsers: [(&str, Parser); 5] = [
+                    ("memory size", |s| s.parse::<ByteSize>().map(drop)),
+                    ("duration", |s| crate::app::parse_duration(s).map(drop)),
+                    ("capacity", |s| crate::app::parse_capacity(s).map(drop)),
+                    ("http size", |s| crate::app::parse_http_size(s).map(drop)),
+                    ("head size", |s| crate::app::parse_head_bytes(s).map(drop)),
+                ];
+                for (what, parse) in parsers {
+                    if let Err(err) = parse(input) {
+                        proptest::prop_assert!(
+                            err.contains(&quoted),
+                            "{} error for {:?} does not name it: {}", what, input, err
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    /// A size or duration parser, its value dropped.
+    type Parser = fn(&str) -> Result<(), String>;
+
+    /// `-m` entries, valid and not: known, unknown and missing types, odd counts.
+    const SPEC_ENTRY: &str = "(web|worker|all|wrk|we|)(=|==|)(-?[0-9]{0,12}|abc|1\\.5| 2)";
+
+    /// Scale changes, valid and not, including sizes and a type name with a dash.
+    const SCALE_CHANGE: &str =
+        "(web|my-worker|my|wrk|)([=+-]|=-|)([0-9]{0,6}|x|1\\.5)(:[0-9]{0,5}(MiB|GiB|XB|)|)";
+
+    /// Whether `message` quotes one of the non-empty `tokens` in backticks.
+    fn names_one_of(message: &str, tokens: &[&str]) -> bool {
+        tokens
+            .iter()
+            .any(|t| !t.is_empty() && message.contains(&format!("`{t}`")))
     }
 
     #[test]
