@@ -387,6 +387,78 @@ mod tests {
         }
     }
 
+    /// A guard over one end of a pipe, a request head sent and read through it, and its
+    /// response begun.
+    async fn after_a_request(
+        timeouts: Timeouts,
+    ) -> (
+        HeadGuard<tokio::io::DuplexStream>,
+        tokio::io::DuplexStream,
+        Arc<Framing>,
+    ) {
+        use tokio::io::AsyncWriteExt as _;
+
+        let (mut client, server) = tokio::io::duplex(4096);
+        let framing = Arc::new(Framing::default());
+        let mut guard = HeadGuard::new(server, framing.clone(), timeouts);
+        let head = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n";
+        client.write_all(head).await.unwrap();
+        let mut buf = [0u8; 64];
+        assert_eq!(guard.read(&mut buf).await.unwrap(), head.len());
+        framing.set(Some(0));
+        (guard, client, framing)
+    }
+
+    const LONG: Duration = Duration::from_secs(3600);
+    const SHORT: Duration = Duration::from_millis(50);
+
+    #[tokio::test]
+    async fn no_clock_runs_while_a_response_is_on_its_way() {
+        let (mut guard, _client, _framing) = after_a_request(Timeouts {
+            header: SHORT,
+            keepalive: SHORT,
+        })
+        .await;
+        let mut buf = [0u8; 64];
+        let read = tokio::time::timeout(10 * SHORT, guard.read(&mut buf)).await;
+        assert!(read.is_err(), "the read ended while responding: {read:?}");
+    }
+
+    #[tokio::test]
+    async fn an_idle_connection_ends_at_the_keepalive_timeout() {
+        let (mut guard, _client, framing) = after_a_request(Timeouts {
+            header: LONG,
+            keepalive: SHORT,
+        })
+        .await;
+        framing.responded();
+        let mut buf = [0u8; 64];
+        // The end of the stream, for hyper a graceful close.
+        assert_eq!(guard.read(&mut buf).await.unwrap(), 0);
+        assert_eq!(guard.read(&mut buf).await.unwrap(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_later_head_gets_the_header_timeout_from_its_first_byte() {
+        use tokio::io::AsyncWriteExt as _;
+
+        let (mut guard, mut client, framing) = after_a_request(Timeouts {
+            header: SHORT,
+            keepalive: LONG,
+        })
+        .await;
+        framing.responded();
+        let mut buf = [0u8; 64];
+        // Idle for longer than the header timeout: still open.
+        let idle = tokio::time::timeout(10 * SHORT, guard.read(&mut buf)).await;
+        assert!(idle.is_err(), "an idle connection got the header timeout");
+        client.write_all(b"GET / HT").await.unwrap();
+        assert_eq!(guard.read(&mut buf).await.unwrap(), 8);
+        let err = guard.read(&mut buf).await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        assert_eq!(guard.read(&mut buf).await.unwrap(), 0, "nothing after it");
+    }
+
     #[tokio::test]
     async fn heads_with_crlf_and_bodies_with_bare_lf_pass_unchanged() {
         let input = b"\r\nPOST / HTTP/1.1\r\nContent-Length: 4\r\n\r\na\nb\nGET / HTTP/1.1\r\n\r\nPOST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n\n\n\r\n0\r\n\r\n";
