@@ -270,6 +270,9 @@ fn unapplied(running: &AppSpec, next: &AppSpec) -> Vec<String> {
     if listeners(running) != listeners(next) {
         changed.push("[[services]]");
     }
+    if running.http != next.http {
+        changed.push("[http]");
+    }
     if running.capacity != next.capacity {
         changed.push("capacity");
     }

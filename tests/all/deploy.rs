@@ -518,18 +518,18 @@ fn a_rejected_release_leaves_removed_types_running_and_listeners_keep_their_type
     );
     app.write(
         "wasmform.toml",
-        "capacity = \"8GiB\"\n[[services]]\nlisten = \"127.0.0.1:0\"\nprocesses = [\"admin\"]\n",
+        "capacity = \"8GiB\"\n[http]\nmax_body = \"1MiB\"\n[[services]]\nlisten = \"127.0.0.1:0\"\nprocesses = [\"admin\"]\n",
     );
     let out = app.cli(&["deploy"]);
     assert!(out.ok, "{out:?}");
     assert!(
         out.stderr.contains(
-            "note: [[services]], capacity changed: recorded, but applied only when `wasmform up` starts again"
+            "note: [[services]], [http], capacity changed: recorded, but applied only when `wasmform up` starts again"
         ),
         "{out:?}"
     );
     host.wait_for(
-        "Release v2: [[services]], capacity changed",
+        "Release v2: [[services]], [http], capacity changed",
         Duration::from_secs(5),
     );
 }
