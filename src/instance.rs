@@ -153,13 +153,11 @@ impl WebInstance {
     /// Runs the type's health check on this instance: GET `path`, which must answer 2xx or
     /// 3xx within `timeout`. Returns the instance if it is still sound, and the verdict. A
     /// slow answer fails the check but keeps the instance (the check's `threshold` decides);
-    /// only a call that outlives the type's request timeout recycles it, as a request would.
+    /// a call still running at twice `timeout` is given up and the instance recycled, as a
+    /// request past its timeout would be: the instance is out of the rotation meanwhile, so
+    /// that wait stays short.
     pub async fn check(self, path: &str, timeout: Duration) -> (Option<Self>, Result<(), String>) {
-        let bound = self
-            .settings
-            .request_timeout
-            .unwrap_or(Duration::from_secs(30))
-            .max(timeout);
+        let bound = timeout.saturating_mul(2);
         let started = std::time::Instant::now();
         let request = hyper::Request::get(path)
             .header(hyper::header::HOST, "localhost")

@@ -371,7 +371,12 @@ impl LogSink {
     pub fn write(&self, mut bytes: &[u8]) {
         let mut partial = self.partial.lock().unwrap_or_else(|e| e.into_inner());
         while let Some(pos) = bytes.iter().position(|b| *b == b'\n') {
-            partial.extend_from_slice(&bytes[..pos]);
+            // A line is cut at MAX_LINE even when it ends in this write.
+            let room = MAX_LINE.saturating_sub(partial.len());
+            partial.extend_from_slice(&bytes[..pos.min(room)]);
+            if pos > room {
+                partial.extend_from_slice(" [line truncated]".as_bytes());
+            }
             self.emit(&partial);
             partial.clear();
             bytes = &bytes[pos + 1..];
@@ -637,6 +642,15 @@ mod tests {
         assert_eq!(got.len(), 1);
         assert!(got[0].ends_with("a [line truncated]"));
         assert!(got[0].len() < MAX_LINE + 64);
+        // Also when the long line ends in the same write.
+        let mut long = vec![b'b'; 3 * MAX_LINE];
+        long.extend_from_slice(b"\nshort\n");
+        sink.write(&long);
+        let got = drain(&mut rx);
+        assert_eq!(got.len(), 2, "{got:?}");
+        assert!(got[0].ends_with("b [line truncated]"));
+        assert!(got[0].len() < MAX_LINE + 64);
+        assert_eq!(got[1], "web.1 | short");
 
         let mut history = History::default();
         for _ in 0..2 * HISTORY_BYTES / MAX_LINE {

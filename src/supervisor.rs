@@ -386,6 +386,9 @@ type Ready = oneshot::Receiver<Result<(), String>>;
 /// passing it) in a scale, restart or deploy.
 const READY_WAIT: Duration = Duration::from_secs(300);
 
+/// Longest wait for the shared store to answer a consumer's `reserve`.
+const RESERVE_WAIT: Duration = Duration::from_secs(10);
+
 /// How long a deploy watches new background and consumer instances after its roll-out before
 /// calling it a success.
 const SETTLE: Duration = Duration::from_secs(1);
@@ -995,9 +998,21 @@ impl Supervisor {
         loop {
             // Not raced with a stop: a reservation made on the server must not be dropped
             // half-way. The lease outlasts the handler's timeout: only a dead host lets it lapse.
-            let job = store
-                .reserve(queue, timeout + Duration::from_secs(1), max)
-                .await;
+            // Bounded all the same, so a store that stopped answering (a half-open Redis
+            // connection) cannot hold up a scale-down or shutdown; a reservation made without
+            // its answer lapses and the message comes back.
+            let job = match tokio::time::timeout(
+                RESERVE_WAIT,
+                store.reserve(queue, timeout + Duration::from_secs(1), max),
+            )
+            .await
+            {
+                Ok(job) => job,
+                Err(_) => Err(format!(
+                    "no answer from the shared store within {}",
+                    humanize(RESERVE_WAIT)
+                )),
+            };
             if slot.stopping() {
                 if let Ok(Some(job)) = &job
                     && let Err(e) = store.release(job).await
@@ -1212,10 +1227,12 @@ impl Supervisor {
                 // The old one stops first; the new one waits for it (and any other instance
                 // of the type still draining) to have ended, holding the index so that nothing
                 // else starts one meanwhile.
+                // Only `old` and instances already on their way out: a running one of a
+                // type that stops being a singleton (its new count started more) never ends.
                 let after: Vec<CancellationToken> = state
                     .slots
                     .iter()
-                    .filter(|s| s.process == old.process)
+                    .filter(|s| Arc::ptr_eq(s, old) || (s.process == old.process && s.stopping()))
                     .map(|s| s.ended.clone())
                     .collect();
                 let waiting = self.spawn_slot(&mut state, process, old.index, memory, after);

@@ -611,3 +611,28 @@ fn releases_record_digests_and_are_pruned_past_keep_releases() {
     expected.sort();
     assert_eq!(stored, expected);
 }
+
+#[test]
+fn a_singleton_that_stops_being_one_scales_up_in_the_same_deploy() {
+    let app = App::new("web: {guests}/hello.wasm\nclock: {guests}/ticker.wasm 50\n");
+    app.write("wasmform.toml", "[processes.clock]\nsingleton = true\n");
+    let host = app.up(&[]);
+    host.wait_for("clock.1 | tick 1", Duration::from_secs(30));
+    // The new count starts clock.2 and clock.3 on the new version before clock.1 is replaced;
+    // the replacement waits for clock.1 only, not for those.
+    app.write(
+        "wasmform.toml",
+        "[processes.clock]\nsingleton = false\ncount = 3\n",
+    );
+    let out = app.cli(&["deploy"]);
+    assert!(out.ok, "{out:?}");
+    let ps = app.wait_settled(Duration::from_secs(30));
+    let clocks: Vec<&serde_json::Value> = ps["instances"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|i| i["type"] == "clock")
+        .collect();
+    assert_eq!(clocks.len(), 3, "{ps:#}");
+    assert!(clocks.iter().all(|i| i["release"] == 2), "{ps:#}");
+}

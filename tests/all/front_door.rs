@@ -477,7 +477,7 @@ fn a_flooding_instance_loses_only_its_own_lines() {
         assert_eq!(host.get(&format!("/probe-{i}")).status, 404);
     }
     // Let clock.1 tick while the output is blocked (every tick must survive it).
-    std::thread::sleep(Duration::from_millis(500));
+    std::thread::sleep(Duration::from_millis(2000));
     host.pause_output(false);
     let out = host.wait_for(
         "at=info method=GET path=\"/probe-19\"",
@@ -493,8 +493,9 @@ fn a_flooding_instance_loses_only_its_own_lines() {
         .map(|n| n.parse().unwrap())
         .collect();
     let last = *ticks.last().unwrap();
+    // Ticks every 20 ms at idle priority: a loaded machine may starve it, but not for 2 s.
     assert!(
-        last > 10,
+        last > 6,
         "clock.1 ticked while the output was blocked: {ticks:?}"
     );
     assert_eq!(
@@ -896,7 +897,7 @@ fn while_shutting_down_new_connections_are_refused_and_idle_ones_closed() {
         .unwrap();
     assert!(read_response(&mut idle).starts_with("HTTP/1.1 200"));
 
-    let slow = std::thread::spawn(move || crate::support::get(addr, "/sleep?ms=4000"));
+    let slow = std::thread::spawn(move || crate::support::get(addr, "/sleep?ms=10000"));
     let busy = host.wait_until(Duration::from_secs(30), |_| {
         crate::support::get(addr, "/whoami").status == 503
     });
@@ -928,7 +929,7 @@ fn while_shutting_down_new_connections_are_refused_and_idle_ones_closed() {
     let response = slow.join().unwrap();
     assert_eq!(
         (response.status, response.body.as_str()),
-        (200, "slept 4000 ms\n")
+        (200, "slept 10000 ms\n")
     );
     let status = host
         .wait_exit(Duration::from_secs(30))

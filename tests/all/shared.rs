@@ -299,7 +299,7 @@ fn a_stopped_consumer_whose_handler_runs_out_of_time_puts_its_message_back() {
         // Subscriber 5 hangs; with one attempt allowed, a timeout would dead-letter it.
         let app = newsletter(
             &backend,
-            "count = 1\nmax_attempts = 1\nrequest_timeout = \"1s\"\nenv = { MAIL_MS = 1, FAIL_EVERY = 5, FAIL_MODE = \"hang\" }\n",
+            "count = 1\nmax_attempts = 1\nrequest_timeout = \"5s\"\nenv = { MAIL_MS = 1, FAIL_EVERY = 5, FAIL_MODE = \"hang\" }\n",
         );
         let host = app.up(&["--no-router-log"]);
         assert_eq!(post(host.addr(), "/send?n=5").status, 202);
@@ -385,7 +385,7 @@ fn handlers_that_return_err_or_hang_are_redelivered_then_dead_lettered() {
                 &backend,
                 mode,
                 &format!(
-                    "count = 2\nmax_attempts = 2\nrequest_timeout = \"300ms\"\nenv = {{ MAIL_MS = 1, FAIL_EVERY = 10, FAIL_MODE = \"{mode}\" }}\n"
+                    "count = 2\nmax_attempts = 2\nrequest_timeout = \"2s\"\nenv = {{ MAIL_MS = 1, FAIL_EVERY = 10, FAIL_MODE = \"{mode}\" }}\n"
                 ),
             );
             let host = app.up(&["--no-router-log"]);
