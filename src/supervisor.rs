@@ -1354,7 +1354,28 @@ impl Supervisor {
             }
             state.types = types;
             state.desired = desired;
-            self.reconcile(&mut state)
+            let mut started = self.reconcile(&mut state);
+            // Added types that do not fit beside the removed ones (capacity, instance
+            // limit): the removed ones make room now instead, so the release is checked
+            // with every instance it adds.
+            let short = changes.added.iter().any(|name| {
+                let wanted = next_desired
+                    .iter()
+                    .find(|(n, _)| n.as_str() == name)
+                    .map_or(0, |(_, s)| s.count);
+                let have = state
+                    .slots
+                    .iter()
+                    .filter(|s| s.process.as_str() == name && !s.stopping())
+                    .count();
+                u32::try_from(have).unwrap_or(u32::MAX) < wanted
+            });
+            if short && !changes.removed.is_empty() {
+                state.types = next_types.clone();
+                state.desired = next_desired.clone();
+                started.extend(self.reconcile(&mut state));
+            }
+            started
         };
         let mut failure = self.await_started(started).await.into_iter().next();
         // Roll the slots still running an older version of a changed type.

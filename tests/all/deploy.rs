@@ -636,3 +636,47 @@ fn a_singleton_that_stops_being_one_scales_up_in_the_same_deploy() {
     assert_eq!(clocks.len(), 3, "{ps:#}");
     assert!(clocks.iter().all(|i| i["release"] == 2), "{ps:#}");
 }
+
+#[test]
+fn an_added_type_that_only_fits_without_a_removed_one_takes_its_place() {
+    // web and worker fill the capacity exactly (256 MiB each).
+    let app = App::new("web: {guests}/hello.wasm\nworker: {guests}/ticker.wasm 100\n");
+    let host = app.up(&["--capacity", "512MiB"]);
+    host.wait_for("worker.1 | tick 1", Duration::from_secs(30));
+    // The added type runs (and is checked) within the deploy, in the removed one's room: one
+    // that crashes fails the release instead of crashing after it was called live.
+    app.write(
+        "Procfile",
+        "web: {guests}/hello.wasm\nclock: {guests}/test-worker.wasm exit 3\n",
+    );
+    let out = app.cli(&["deploy"]);
+    assert!(!out.ok, "{out:?}");
+    assert!(
+        out.stderr
+            .contains("clock.1 failed during the roll-out: exited with status 3"),
+        "{out:?}"
+    );
+    assert_eq!(release_versions(&app), [1]);
+    app.wait_settled(Duration::from_secs(30));
+
+    app.write(
+        "Procfile",
+        "web: {guests}/hello.wasm\nclock: {guests}/ticker.wasm 100\n",
+    );
+    let out = app.cli(&["deploy"]);
+    assert!(out.ok, "{out:?}");
+    assert_eq!(
+        out.stdout.trim(),
+        "Released v2: Deploy: clock added; worker removed"
+    );
+    // The release went live with clock.1 running, not pending behind worker.1.
+    host.wait_for("clock.1 | tick 1", Duration::from_secs(30));
+    let ps = app.wait_settled(Duration::from_secs(30));
+    let types: Vec<&str> = ps["instances"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["type"].as_str().unwrap())
+        .collect();
+    assert_eq!(types, ["clock", "web"], "{ps:#}");
+}
