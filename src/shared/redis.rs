@@ -130,24 +130,28 @@ impl RedisStore {
         // Same rules as `parse_counter`: ASCII digits with optional ASCII whitespace, at most
         // 2^53-1 (Lua numbers are doubles). Leading zeros do not count: at most 16 significant
         // digits are left to compare exactly as a double.
-        let script = redis::Script::new(
-            "local v = redis.call('HGET', KEYS[1], ARGV[1])
-             local n = 0
-             if v then
-               local digits = string.match(v, '^[ \\t\\n\\r\\f]*(%d+)[ \\t\\n\\r\\f]*$')
-               if digits then digits = (string.gsub(digits, '^0+(%d)', '%1')) end
-               if (not digits) or #digits > 16 or tonumber(digits) > 9007199254740991 then
-                 return redis.error_reply('NOTNUM value is not a decimal number')
-               end
-               n = tonumber(digits)
-             end
-             local next = n + tonumber(ARGV[2])
-             if next > 9007199254740991 then
-               return redis.error_reply('OVERFLOW value would pass 2^53-1')
-             end
-             redis.call('HSET', KEYS[1], ARGV[1], string.format('%d', next))
-             return next",
-        );
+        // Built (and hashed) once, not per call.
+        static SCRIPT: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
+            redis::Script::new(
+                "local v = redis.call('HGET', KEYS[1], ARGV[1])
+                 local n = 0
+                 if v then
+                   local digits = string.match(v, '^[ \\t\\n\\r\\f]*(%d+)[ \\t\\n\\r\\f]*$')
+                   if digits then digits = (string.gsub(digits, '^0+(%d)', '%1')) end
+                   if (not digits) or #digits > 16 or tonumber(digits) > 9007199254740991 then
+                     return redis.error_reply('NOTNUM value is not a decimal number')
+                   end
+                   n = tonumber(digits)
+                 end
+                 local next = n + tonumber(ARGV[2])
+                 if next > 9007199254740991 then
+                   return redis.error_reply('OVERFLOW value would pass 2^53-1')
+                 end
+                 redis.call('HSET', KEYS[1], ARGV[1], string.format('%d', next))
+                 return next",
+            )
+        });
+        let script = &*SCRIPT;
         if delta > super::MAX_COUNTER {
             return Err(format!(
                 "cannot increment `{key}`: the value would pass 2^53-1"
@@ -175,16 +179,20 @@ impl RedisStore {
         expected: Option<Vec<u8>>,
         new: Vec<u8>,
     ) -> StoreResult<bool> {
-        let script = redis::Script::new(
-            "local v = redis.call('HGET', KEYS[1], ARGV[1])
-             if ARGV[2] == '0' then
-               if v then return 0 end
-             elseif (not v) or v ~= ARGV[3] then
-               return 0
-             end
-             redis.call('HSET', KEYS[1], ARGV[1], ARGV[4])
-             return 1",
-        );
+        // Built (and hashed) once, not per call.
+        static SCRIPT: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
+            redis::Script::new(
+                "local v = redis.call('HGET', KEYS[1], ARGV[1])
+                 if ARGV[2] == '0' then
+                   if v then return 0 end
+                 elseif (not v) or v ~= ARGV[3] then
+                   return 0
+                 end
+                 redis.call('HSET', KEYS[1], ARGV[1], ARGV[4])
+                 return 1",
+            )
+        });
+        let script = &*SCRIPT;
         let swapped: i64 = script
             .key(self.kv(bucket))
             .arg(key)
@@ -230,16 +238,20 @@ impl RedisStore {
         // One script for every body, so `enqueue-many` is one transaction as documented: all
         // of the messages or none. (20 000 short bodies take the server some milliseconds,
         // during which it serves nothing else: the price of atomicity.)
-        let script = redis::Script::new(&format!(
-            "{NOW}
-             local last = redis.call('INCRBY', KEYS[1], #ARGV)
-             for i = 1, #ARGV do
-               local id = string.format('%020d', last - #ARGV + i)
-               redis.call('HSET', KEYS[2], id, ARGV[i])
-               redis.call('ZADD', KEYS[3], now, id)
-             end
-             return #ARGV"
-        ));
+        // Built (and hashed) once, not per call.
+        static SCRIPT: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
+            redis::Script::new(&format!(
+                "{NOW}
+                 local last = redis.call('INCRBY', KEYS[1], #ARGV)
+                 for i = 1, #ARGV do
+                   local id = string.format('%020d', last - #ARGV + i)
+                   redis.call('HSET', KEYS[2], id, ARGV[i])
+                   redis.call('ZADD', KEYS[3], now, id)
+                 end
+                 return #ARGV"
+            ))
+        });
+        let script = &*SCRIPT;
         let mut invocation = script.prepare_invoke();
         invocation
             .key(self.q(queue, "next"))
@@ -263,28 +275,32 @@ impl RedisStore {
     ) -> StoreResult<Option<Job>> {
         // A message delivered `max_attempts` times without an answer (its handler crashed or
         // hung a host) is dead-lettered here instead of looping forever.
-        let script = redis::Script::new(&format!(
-            "{NOW}
-             while true do
-               local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, 1)
-               if #ids == 0 then return false end
-               local id = ids[1]
-               local attempts = redis.call('HINCRBY', KEYS[3], id, 1)
-               if attempts > tonumber(ARGV[2]) then
-                 redis.call('HSET', KEYS[4], id, redis.call('HGET', KEYS[2], id))
-                 redis.call('HSET', KEYS[5], id, ARGV[3])
-                 redis.call('ZREM', KEYS[1], id)
-                 redis.call('HDEL', KEYS[2], id)
-                 redis.call('HDEL', KEYS[3], id)
-                 redis.call('HDEL', KEYS[6], id)
-               else
-                 local token = redis.call('INCR', KEYS[7])
-                 redis.call('HSET', KEYS[6], id, token)
-                 redis.call('ZADD', KEYS[1], now + tonumber(ARGV[1]), id)
-                 return {{id, redis.call('HGET', KEYS[2], id), attempts, token}}
-               end
-             end"
-        ));
+        // Built (and hashed) once, not per call.
+        static SCRIPT: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
+            redis::Script::new(&format!(
+                "{NOW}
+                 while true do
+                   local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, 1)
+                   if #ids == 0 then return false end
+                   local id = ids[1]
+                   local attempts = redis.call('HINCRBY', KEYS[3], id, 1)
+                   if attempts > tonumber(ARGV[2]) then
+                     redis.call('HSET', KEYS[4], id, redis.call('HGET', KEYS[2], id))
+                     redis.call('HSET', KEYS[5], id, ARGV[3])
+                     redis.call('ZREM', KEYS[1], id)
+                     redis.call('HDEL', KEYS[2], id)
+                     redis.call('HDEL', KEYS[3], id)
+                     redis.call('HDEL', KEYS[6], id)
+                   else
+                     local token = redis.call('INCR', KEYS[7])
+                     redis.call('HSET', KEYS[6], id, token)
+                     redis.call('ZADD', KEYS[1], now + tonumber(ARGV[1]), id)
+                     return {{id, redis.call('HGET', KEYS[2], id), attempts, token}}
+                   end
+                 end"
+            ))
+        });
+        let script = &*SCRIPT;
         let found: Option<(String, Vec<u8>, u32, u64)> = script
             .key(self.q(queue, "due"))
             .key(self.q(queue, "body"))
@@ -317,15 +333,19 @@ impl RedisStore {
     const HOLDS: &str = "if redis.call('HGET', KEYS[1], ARGV[1]) ~= ARGV[2] then return 0 end";
 
     pub(crate) async fn ack(&self, job: &Job) -> StoreResult<bool> {
-        let script = redis::Script::new(&format!(
-            "{}
-             redis.call('ZREM', KEYS[2], ARGV[1])
-             redis.call('HDEL', KEYS[3], ARGV[1])
-             redis.call('HDEL', KEYS[4], ARGV[1])
-             redis.call('HDEL', KEYS[1], ARGV[1])
-             return 1",
-            Self::HOLDS
-        ));
+        // Built (and hashed) once, not per call.
+        static SCRIPT: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
+            redis::Script::new(&format!(
+                "{}
+                 redis.call('ZREM', KEYS[2], ARGV[1])
+                 redis.call('HDEL', KEYS[3], ARGV[1])
+                 redis.call('HDEL', KEYS[4], ARGV[1])
+                 redis.call('HDEL', KEYS[1], ARGV[1])
+                 return 1",
+                RedisStore::HOLDS
+            ))
+        });
+        let script = &*SCRIPT;
         let acked: i64 = script
             .key(self.q(&job.queue, "lease"))
             .key(self.q(&job.queue, "due"))
@@ -348,22 +368,26 @@ impl RedisStore {
         // A late answer for a message whose lease lapsed and that another consumer got
         // meanwhile changes nothing.
         let dead = job.attempts >= max_attempts;
-        let script = redis::Script::new(&format!(
-            "{NOW}
-             {}
-             if ARGV[3] == '1' then
-               redis.call('HSET', KEYS[5], ARGV[1], redis.call('HGET', KEYS[3], ARGV[1]))
-               redis.call('HSET', KEYS[6], ARGV[1], ARGV[4])
-               redis.call('ZREM', KEYS[2], ARGV[1])
-               redis.call('HDEL', KEYS[3], ARGV[1])
-               redis.call('HDEL', KEYS[4], ARGV[1])
-             else
-               redis.call('ZADD', KEYS[2], now + tonumber(ARGV[5]), ARGV[1])
-             end
-             redis.call('HDEL', KEYS[1], ARGV[1])
-             return 1",
-            Self::HOLDS
-        ));
+        // Built (and hashed) once, not per call.
+        static SCRIPT: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
+            redis::Script::new(&format!(
+                "{NOW}
+                 {}
+                 if ARGV[3] == '1' then
+                   redis.call('HSET', KEYS[5], ARGV[1], redis.call('HGET', KEYS[3], ARGV[1]))
+                   redis.call('HSET', KEYS[6], ARGV[1], ARGV[4])
+                   redis.call('ZREM', KEYS[2], ARGV[1])
+                   redis.call('HDEL', KEYS[3], ARGV[1])
+                   redis.call('HDEL', KEYS[4], ARGV[1])
+                 else
+                   redis.call('ZADD', KEYS[2], now + tonumber(ARGV[5]), ARGV[1])
+                 end
+                 redis.call('HDEL', KEYS[1], ARGV[1])
+                 return 1",
+                RedisStore::HOLDS
+            ))
+        });
+        let script = &*SCRIPT;
         let applied: i64 = script
             .key(self.q(&job.queue, "lease"))
             .key(self.q(&job.queue, "due"))
@@ -387,14 +411,18 @@ impl RedisStore {
     }
 
     pub(crate) async fn release(&self, job: &Job) -> StoreResult<bool> {
-        let script = redis::Script::new(&format!(
-            "{}
-             redis.call('ZADD', KEYS[2], 0, ARGV[1])
-             redis.call('HINCRBY', KEYS[3], ARGV[1], -1)
-             redis.call('HDEL', KEYS[1], ARGV[1])
-             return 1",
-            Self::HOLDS
-        ));
+        // Built (and hashed) once, not per call.
+        static SCRIPT: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
+            redis::Script::new(&format!(
+                "{}
+                 redis.call('ZADD', KEYS[2], 0, ARGV[1])
+                 redis.call('HINCRBY', KEYS[3], ARGV[1], -1)
+                 redis.call('HDEL', KEYS[1], ARGV[1])
+                 return 1",
+                RedisStore::HOLDS
+            ))
+        });
+        let script = &*SCRIPT;
         let released: i64 = script
             .key(self.q(&job.queue, "lease"))
             .key(self.q(&job.queue, "due"))
