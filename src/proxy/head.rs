@@ -141,8 +141,10 @@ pub(crate) struct HeadGuard<S> {
     timeouts: Timeouts,
     /// Whether a request head was read: after it, waiting for a head is keep-alive idling.
     served: bool,
-    /// The clock running, if any, and its deadline.
-    timer: Option<(Wait, Pin<Box<tokio::time::Sleep>>)>,
+    /// The clock running, if any.
+    timer: Option<Wait>,
+    /// Its deadline: one timer per connection, reset for each wait rather than allocated.
+    sleep: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl<S> HeadGuard<S> {
@@ -156,6 +158,7 @@ impl<S> HeadGuard<S> {
             timeouts,
             served: false,
             timer: None,
+            sleep: None,
         }
     }
 
@@ -168,15 +171,20 @@ impl<S> HeadGuard<S> {
             State::Head { .. } => Some(Wait::Head),
             _ => None,
         };
-        match (wait, &self.timer) {
+        match (wait, self.timer) {
             (None, _) => self.timer = None,
-            (Some(wait), Some((running, _))) if *running == wait => {}
+            (Some(wait), Some(running)) if running == wait => {}
             (Some(wait), _) => {
                 let after = match wait {
                     Wait::Head => self.timeouts.header,
                     Wait::Idle => self.timeouts.keepalive,
                 };
-                self.timer = Some((wait, Box::pin(tokio::time::sleep(after))));
+                let deadline = tokio::time::Instant::now() + after;
+                match &mut self.sleep {
+                    Some(sleep) => sleep.as_mut().reset(deadline),
+                    None => self.sleep = Some(Box::pin(tokio::time::sleep_until(deadline))),
+                }
+                self.timer = Some(wait);
             }
         }
     }
@@ -184,13 +192,12 @@ impl<S> HeadGuard<S> {
     /// For a read that found no data: pending, or the end of the connection if its clock ran
     /// out (see the module docs).
     fn expired(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let Some((wait, sleep)) = &mut self.timer else {
+        let (Some(wait), Some(sleep)) = (self.timer, self.sleep.as_mut()) else {
             return Poll::Pending;
         };
         if sleep.as_mut().poll(cx).is_pending() {
             return Poll::Pending;
         }
-        let wait = *wait;
         self.timer = None;
         self.state = State::Refused;
         Poll::Ready(match wait {

@@ -897,7 +897,16 @@ fn while_shutting_down_new_connections_are_refused_and_idle_ones_closed() {
         .unwrap();
     assert!(read_response(&mut idle).starts_with("HTTP/1.1 200"));
 
-    let slow = std::thread::spawn(move || crate::support::get(addr, "/sleep?ms=10000"));
+    // With no queue, the slow request itself gets 503 if a probe below holds web.1 at that
+    // moment: it tries again until web.1 takes it.
+    let slow = std::thread::spawn(move || {
+        loop {
+            let response = crate::support::get(addr, "/sleep?ms=10000");
+            if response.status != 503 {
+                break response;
+            }
+        }
+    });
     let busy = host.wait_until(Duration::from_secs(30), |_| {
         crate::support::get(addr, "/whoami").status == 503
     });
