@@ -258,11 +258,19 @@ impl UpCommand {
         let listener = tokio::net::TcpListener::bind(&addr).await.with_context(|| {
             format!("cannot listen on {addr}: is another server using the port? pick another with `-p PORT` (or `-p 0` for any free port)")
         })?;
+        // What `--watch` compares against is read before `listening` is logged, so every
+        // change made after it deploys.
+        let watched = if self.watch {
+            let source = self.procfile.clone();
+            Some(tokio::task::spawn_blocking(move || watched_files(&source, Vec::new())).await?)
+        } else {
+            None
+        };
         let running = host.start(listener).await?;
-        if self.watch {
+        if let Some(first) = watched {
             let deployer = running.deployer();
             let source = self.procfile.clone();
-            tokio::spawn(async move { watch(source, deployer).await });
+            tokio::spawn(async move { watch(source, first, deployer).await });
         }
         let mut signal = Signals::new()?;
         let name = signal.next().await;
@@ -307,7 +315,11 @@ impl Signals {
 /// `--watch`: polls the app's files and deploys when they changed and then stayed the same
 /// for one more poll (a build writing a component in several steps deploys once, complete).
 /// Each poll reads the app's files on a blocking thread.
-async fn watch(source: PathBuf, deployer: std::sync::Arc<crate::deploy::Deployer>) {
+async fn watch(
+    source: PathBuf,
+    first: (Vec<PathBuf>, Vec<Stamp>),
+    deployer: std::sync::Arc<crate::deploy::Deployer>,
+) {
     const POLL: Duration = Duration::from_millis(250);
     let scan = |source: &PathBuf, last: Vec<PathBuf>| {
         let source = source.clone();
@@ -317,7 +329,7 @@ async fn watch(source: PathBuf, deployer: std::sync::Arc<crate::deploy::Deployer
                 .unwrap_or_default()
         }
     };
-    let (mut watched, mut deployed) = scan(&source, Vec::new()).await;
+    let (mut watched, mut deployed) = first;
     let mut seen = deployed.clone();
     loop {
         tokio::time::sleep(POLL).await;
