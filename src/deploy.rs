@@ -36,6 +36,8 @@ pub struct Deployer {
     /// The listeners bound at start, described, and the type each routes HTTP to: they stay
     /// until the next `up`, so a release must keep those types HTTP ones.
     pub(crate) routes: Vec<(String, String)>,
+    /// Compile times of releases that went live are recorded here.
+    pub(crate) metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// What a deploy or rollback did.
@@ -206,15 +208,19 @@ impl Deployer {
                 )));
             }
         }
+        let mut compile_times = Vec::new();
         let versions = staged
             .app
             .processes
             .iter()
             .cloned()
             .zip(compiled)
-            .map(|(spec, (compiled, _))| NewVersion {
-                spec,
-                compiled: Arc::new(compiled),
+            .map(|(spec, (compiled, took))| {
+                compile_times.push((spec.name.to_string(), took));
+                NewVersion {
+                    spec,
+                    compiled: Arc::new(compiled),
+                }
             })
             .collect();
         let notes = match &current {
@@ -222,6 +228,9 @@ impl Deployer {
             None => Vec::new(),
         };
         let changes = self.supervisor.deploy(versions, version).await?;
+        for (name, took) in &compile_times {
+            self.metrics.compiled(name, took.as_secs_f64());
+        }
         let description = format!("{what}: {}", describe_changes(&changes));
         if let Err(e) = self
             .releases

@@ -577,6 +577,7 @@ impl Host {
             compile_timeout: self.options.compile_timeout,
             logs: logs.clone(),
             routes,
+            metrics: metrics.clone(),
         });
         let api = control::Api::new(
             supervisor.clone(),

@@ -135,7 +135,7 @@ impl Metrics {
         let compile = Family::<TypeLabel, Gauge<f64, AtomicU64>>::default();
         registry.register(
             "wasmform_compile_seconds",
-            "Time to compile (or load from the cache) each process type's component at start",
+            "Time to compile (or load from the cache) each process type's component, at start and in the last deploy that went live",
             compile.clone(),
         );
         let instances = Family::<StateLabels, Gauge>::default();

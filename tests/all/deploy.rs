@@ -680,3 +680,29 @@ fn an_added_type_that_only_fits_without_a_removed_one_takes_its_place() {
         .collect();
     assert_eq!(types, ["clock", "web"], "{ps:#}");
 }
+
+#[test]
+fn a_deploy_records_the_compile_time_of_its_types() {
+    let app = App::new("web: {guests}/hello.wasm\n");
+    let host = app.up(&["--metrics", "127.0.0.1:0"]);
+    let addr = host.logged_addr("metrics on");
+    let scrape = || {
+        crate::support::request(
+            addr,
+            "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        )
+        .body
+    };
+    let compiled = |text: &str, process: &str| {
+        text.lines()
+            .any(|l| l.starts_with(&format!("wasmform_compile_seconds{{type=\"{process}\"}} ")))
+    };
+    assert!(compiled(&scrape(), "web"));
+    assert!(!compiled(&scrape(), "clock"));
+    app.write(
+        "Procfile",
+        "web: {guests}/hello.wasm\nclock: {guests}/ticker.wasm 100\n",
+    );
+    assert!(app.cli(&["deploy"]).ok);
+    assert!(compiled(&scrape(), "clock"), "{}", scrape());
+}
