@@ -121,6 +121,17 @@ fn main() {
         "web=1 → web=1000",
         ms(up)
     );
+    // The same through the control API alone: what the host spends, without a CLI process.
+    let host = Host::start(&procfile, &["-m", "web=1"]);
+    let api_up = scale_api(dir.path(), "web=1000");
+    let api_after = ps_counts(dir.path());
+    drop(host);
+    println!(
+        "{:<34} {:>12} ({api_after} instances up after; {:.1} µs per instance)",
+        "web=1 → web=1000, control API",
+        ms(api_up),
+        api_up.as_secs_f64() * 1e6 / 999.0
+    );
     println!(
         "{:<34} {:>12} ({after_down} up after; {served} requests during, {failed} failed)",
         "web=1000 → web=1, under load",
@@ -498,6 +509,27 @@ fn large_component_rows() {
 }
 
 /// Runs `wasmform scale CHANGE` for the app in `dir`; returns how long it took.
+/// `POST /v1/scale` straight on the control socket: the host's own time to apply `change`
+/// (its answer comes once the new instances are up), without starting a CLI process.
+fn scale_api(dir: &Path, change: &str) -> Duration {
+    use std::io::{Read as _, Write as _};
+    let mut conn =
+        std::os::unix::net::UnixStream::connect(dir.join(".wasmform/control.sock")).unwrap();
+    let body = format!("{{\"changes\": [\"{change}\"]}}");
+    let started = Instant::now();
+    write!(
+        conn,
+        "POST /v1/scale HTTP/1.1\r\nHost: wasmform\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut answer = String::new();
+    conn.read_to_string(&mut answer).unwrap();
+    let took = started.elapsed();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    took
+}
+
 fn scale(dir: &Path, change: &str) -> Duration {
     let started = Instant::now();
     let output = Command::new(env!("CARGO_BIN_EXE_wasmform"))
