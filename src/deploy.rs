@@ -208,19 +208,22 @@ impl Deployer {
                 )));
             }
         }
-        let mut compile_times = Vec::new();
+        let compile_times: Vec<(String, Duration)> = staged
+            .app
+            .processes
+            .iter()
+            .zip(&compiled)
+            .map(|(spec, (_, took))| (spec.name.to_string(), *took))
+            .collect();
         let versions = staged
             .app
             .processes
             .iter()
             .cloned()
             .zip(compiled)
-            .map(|(spec, (compiled, took))| {
-                compile_times.push((spec.name.to_string(), took));
-                NewVersion {
-                    spec,
-                    compiled: Arc::new(compiled),
-                }
+            .map(|(spec, (compiled, _))| NewVersion {
+                spec,
+                compiled: Arc::new(compiled),
             })
             .collect();
         let notes = match &current {

@@ -166,12 +166,9 @@ pub async fn serve(listener: TcpListener, router: Arc<Router>, shutdown: Cancell
                         header::HeaderValue::from_static("close"),
                     );
                 }
-                let response = response.map(|body| {
-                    Responding {
-                        body,
-                        _responded: responded,
-                    }
-                    .boxed_unsync()
+                let response = response.map(|body| Responding {
+                    body,
+                    _responded: responded,
                 });
                 Ok::<_, Infallible>(response)
             }
