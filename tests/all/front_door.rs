@@ -900,9 +900,10 @@ fn while_shutting_down_new_connections_are_refused_and_idle_ones_closed() {
     // With no queue, the slow request itself gets 503 if a probe below holds web.1 at that
     // moment: it tries again until web.1 takes it.
     let slow = std::thread::spawn(move || {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
         loop {
             let response = crate::support::get(addr, "/sleep?ms=10000");
-            if response.status != 503 {
+            if response.status != 503 || std::time::Instant::now() > deadline {
                 break response;
             }
         }
