@@ -283,6 +283,11 @@ impl WebInstance {
             match prepared {
                 Ok((req, out)) => {
                     self.in_call = true;
+                    // The epoch deadline is relative to when it was last set: an instance idle
+                    // for a few ticks would yield to the runtime at its first check, and a task
+                    // that yields reschedules itself and unparks another worker. Counted from
+                    // now, a call yields only if it runs into the next tick.
+                    self.store.set_epoch_deadline(1);
                     let call = self.proxy.wasi_http_incoming_handler().call_handle(
                         &mut self.store,
                         req,
@@ -431,6 +436,8 @@ impl Consumer {
 
     /// Delivers one message; at most `timeout` long.
     pub async fn deliver(&mut self, queue: &str, body: Vec<u8>, timeout: Duration) -> Delivery {
+        // As for requests: yield only if the call runs into the next tick.
+        self.store.set_epoch_deadline(1);
         let call = self
             .handle
             .call_async(&mut self.store, (queue.to_string(), body));

@@ -332,7 +332,10 @@ impl Router {
 
     async fn route(&self, req: Request<Incoming>, started: Instant) -> Response<ResponseBody> {
         let method = req.method().clone();
-        let path = req.uri().path().to_string();
+        // A cheap clone (hyper's `Uri` shares the head's bytes): the path is only formatted
+        // when a line is written.
+        let uri = req.uri().clone();
+        let path = uri.path();
         let error = |code: &str, desc: &str, instance: &str, status: StatusCode| {
             self.logs.host(format!(
                 "at=error code={code} desc=\"{desc}\" method={method} path=\"{path}\" instance={instance} service={}ms status={}",
@@ -439,12 +442,23 @@ impl Router {
         let mut interrupted = ClientGone {
             logs: &self.logs,
             method: &method,
-            path: &path,
+            path,
             instance: &name,
             armed: true,
         };
+        // The call is polled first: a guest that answers and returns in one go then sends its
+        // reply (and drops its request body) before either channel holds this task's waker, so
+        // it never wakes its own task. A task that wakes itself is rescheduled as a yield, which
+        // also unparks another worker: a syscall and a thread hop per request.
         let (reply, outcome) = tokio::select! {
             biased;
+            sound = &mut call => match fault_rx.try_recv() {
+                Ok(fault) => {
+                    interrupted.armed = false;
+                    return self.body_fault(fault, &error, &name);
+                }
+                Err(_) => (rx.await, Outcome::Known(sound)),
+            },
             reply = &mut rx => match fault_rx.try_recv() {
                 // The guest answered after its body failed: the router's answer says why.
                 Ok(fault) => {
@@ -467,13 +481,6 @@ impl Router {
                 tokio::spawn(call);
                 return self.body_fault(fault, &error, &name);
             }
-            sound = &mut call => match fault_rx.try_recv() {
-                Ok(fault) => {
-                    interrupted.armed = false;
-                    return self.body_fault(fault, &error, &name);
-                }
-                Err(_) => (rx.await, Outcome::Known(sound)),
-            },
         };
         interrupted.armed = false;
         drop(interrupted);
@@ -505,7 +512,7 @@ impl Router {
                         line: InfoLine {
                             logs: self.logs.clone(),
                             method,
-                            path,
+                            uri: uri.clone(),
                             instance: name,
                             started,
                             connect,
@@ -629,7 +636,7 @@ struct Logged {
 struct InfoLine {
     logs: Logs,
     method: hyper::Method,
-    path: String,
+    uri: hyper::Uri,
     instance: Arc<str>,
     /// When the request arrived; `service` runs from here to the end of the body.
     started: Instant,
@@ -669,12 +676,13 @@ impl Drop for Logged {
         let InfoLine {
             logs,
             method,
-            path,
+            uri,
             instance,
             started,
             connect,
             status,
         } = &self.line;
+        let path = uri.path();
         logs.host(format!(
             "at=info method={method} path=\"{path}\" instance={instance} connect={}ms service={}ms status={status} bytes={}",
             connect.as_millis(),

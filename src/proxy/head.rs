@@ -11,7 +11,8 @@
 //!   the head and nothing after it; the rest of that read waits in a stash.
 //! - hyper parses the head and calls the service, which reports hyper's own framing of the body
 //!   through [`Framing::set`]: its exact length (no body, or `Content-Length`), or unknown
-//!   (chunked). Until then reads wait.
+//!   (chunked). Until then nothing more is handed over: what arrives meanwhile waits in the
+//!   stash.
 //! - A body of known length is passed through uninspected, byte-exact, and the next byte starts
 //!   the next head. A chunked body's end is only known to hyper's decoder, so after a chunked
 //!   request nothing more is inspected and the response closes the connection
@@ -27,15 +28,25 @@
 //! `header_read_timeout` starts when hyper begins waiting for the next head, so it would also
 //! close idle keep-alive connections, at the same timeout. Here (with hyper's switched off):
 //!
-//! - the **header timeout** runs from the connection's first read for its first request, and
+//! - the **header timeout** runs from the connection's acceptance for its first request, and
 //!   from the first byte of each later head; when it fires the read fails (`TimedOut`) and hyper
 //!   closes the connection without an answer, as its own timeout does;
 //! - the **keep-alive timeout** runs while the connection is idle: its last response has ended
 //!   ([`Framing::responded`]) and no byte of the next head has come. When it fires, hyper sees
 //!   the end of the stream and closes the connection gracefully;
 //! - neither runs while a request is being answered: the request and body timeouts bound that.
+//!
+//! Neither the service nor the end of a response wakes the connection's task: both happen inside
+//! that task, and a task that wakes itself is rescheduled as a yield, which in tokio also unparks
+//! another worker (a syscall and a context switch per request, and the connection hops threads).
+//! Instead the reads that wait for a framing also wait on the socket, so new bytes wake them (and
+//! only a read that already holds bytes it may not hand over asks [`Framing::set`] for a wake-up),
+//! and the clocks are lazy: one timer per connection, armed no later than the deadline in force,
+//! which on firing re-reads the state and re-arms at the real deadline if that moved. A timer is
+//! then reset about once per timeout period, not twice per request.
 
 use std::io;
+use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
@@ -43,6 +54,7 @@ use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::Instant;
 
 /// hyper's framing of the current request's body, reported by the service.
 #[derive(Default)]
@@ -54,11 +66,13 @@ pub(crate) struct Framing {
 struct Slot {
     /// `Some(Some(n))`: `n` body bytes follow the head; `Some(None)`: chunked.
     body: Option<Option<u64>>,
-    /// The read waiting for it, or for a response to end.
+    /// A read that holds bytes it may hand over only once the framing is known.
     waker: Option<Waker>,
     /// Requests read whose responses have not ended: while there are any, the connection is
     /// not idle.
     responding: usize,
+    /// When the last response ended: the keep-alive clock runs from here.
+    idle_since: Option<Instant>,
 }
 
 impl Framing {
@@ -73,12 +87,13 @@ impl Framing {
         }
     }
 
-    /// Reports that a response ended (or was dropped unfinished).
+    /// Reports that a response ended (or was dropped unfinished). No wake-up: the guard's timer
+    /// is armed no later than the keep-alive deadline this starts (see the module docs).
     pub(crate) fn responded(&self) {
         let mut slot = self.slot.lock().unwrap_or_else(|e| e.into_inner());
         slot.responding = slot.responding.saturating_sub(1);
-        if let Some(waker) = slot.waker.take() {
-            waker.wake();
+        if slot.responding == 0 {
+            slot.idle_since = Some(Instant::now());
         }
     }
 }
@@ -141,11 +156,16 @@ pub(crate) struct HeadGuard<S> {
     timeouts: Timeouts,
     /// Whether a request head was read: after it, waiting for a head is keep-alive idling.
     served: bool,
-    /// The clock running, if any.
-    timer: Option<Wait>,
-    /// Its deadline: one timer per connection, reset for each wait rather than allocated.
+    /// When the head being read began: the connection's acceptance for the first, the first
+    /// byte of the head for later ones.
+    head_since: Instant,
+    /// The connection's one timer, armed no later than the deadline in force (see the module
+    /// docs); `None` until a read first waits.
     sleep: Option<Pin<Box<tokio::time::Sleep>>>,
 }
+
+/// How far ahead a read waiting for a framing reads into the stash.
+const READ_AHEAD: usize = 8192;
 
 impl<S> HeadGuard<S> {
     pub(crate) fn new(io: S, framing: Arc<Framing>, timeouts: Timeouts) -> Self {
@@ -157,56 +177,84 @@ impl<S> HeadGuard<S> {
             framing,
             timeouts,
             served: false,
-            timer: None,
+            head_since: Instant::now(),
             sleep: None,
         }
     }
 
-    /// Starts, keeps or stops the clock for a read in the current state; `responding`: whether
-    /// a response is on its way.
-    fn set_timer(&mut self, responding: bool) {
-        let wait = match self.state {
-            _ if responding => None,
-            State::Head { started: false, .. } if self.served => Some(Wait::Idle),
-            State::Head { .. } => Some(Wait::Head),
+    /// The clock in force for a read in the current state, and its deadline; `None` while a
+    /// response is on its way (or a body is read).
+    fn clock(&self, slot: &Slot) -> Option<(Wait, Instant)> {
+        if slot.responding > 0 {
+            return None;
+        }
+        match self.state {
+            State::Head { started: false, .. } if self.served => Some((
+                Wait::Idle,
+                slot.idle_since.unwrap_or(self.head_since) + self.timeouts.keepalive,
+            )),
+            State::Head { .. } => Some((Wait::Head, self.head_since + self.timeouts.header)),
             _ => None,
-        };
-        match (wait, self.timer) {
-            (None, _) => self.timer = None,
-            (Some(wait), Some(running)) if running == wait => {}
-            (Some(wait), _) => {
-                let after = match wait {
-                    Wait::Head => self.timeouts.header,
-                    Wait::Idle => self.timeouts.keepalive,
-                };
-                let deadline = tokio::time::Instant::now() + after;
-                match &mut self.sleep {
-                    Some(sleep) => sleep.as_mut().reset(deadline),
-                    None => self.sleep = Some(Box::pin(tokio::time::sleep_until(deadline))),
-                }
-                self.timer = Some(wait);
-            }
         }
     }
 
-    /// For a read that found no data: pending, or the end of the connection if its clock ran
-    /// out (see the module docs).
-    fn expired(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let (Some(wait), Some(sleep)) = (self.timer, self.sleep.as_mut()) else {
-            return Poll::Pending;
+    /// For a read that found no data: pending, or the end of the connection if `clock` ran out
+    /// (see the module docs). Without a clock the timer is still kept armed, no later than now
+    /// plus the shorter timeout: the next clock starts from an event that does not wake this
+    /// task (the end of a response), and no earlier than now.
+    fn expired(
+        &mut self,
+        clock: Option<(Wait, Instant)>,
+        cx: &mut Context<'_>,
+    ) -> Poll<io::Result<()>> {
+        let target = match clock {
+            Some((_, deadline)) => deadline,
+            // The next clock starts no earlier than now, so it ends no earlier than this.
+            None => {
+                let bound = Instant::now() + self.timeouts.header.min(self.timeouts.keepalive);
+                match &self.sleep {
+                    Some(sleep) if !sleep.is_elapsed() && sleep.deadline() <= bound => {
+                        return Poll::Pending;
+                    }
+                    _ => bound,
+                }
+            }
         };
-        if sleep.as_mut().poll(cx).is_pending() {
-            return Poll::Pending;
+        let sleep = match &mut self.sleep {
+            Some(sleep) => {
+                if sleep.deadline() > target || sleep.is_elapsed() {
+                    sleep.as_mut().reset(target);
+                }
+                sleep
+            }
+            None => self
+                .sleep
+                .insert(Box::pin(tokio::time::sleep_until(target))),
+        };
+        loop {
+            if sleep.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            let Some((wait, deadline)) = clock else {
+                // A check-back fired with no clock in force: look again in a while.
+                let next = Instant::now() + self.timeouts.header.min(self.timeouts.keepalive);
+                sleep.as_mut().reset(next);
+                continue;
+            };
+            if sleep.deadline() < deadline {
+                // Armed for an earlier deadline that has since moved on.
+                sleep.as_mut().reset(deadline);
+                continue;
+            }
+            self.state = State::Refused;
+            return Poll::Ready(match wait {
+                Wait::Idle => Ok(()),
+                Wait::Head => Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "no complete request head within the header timeout",
+                )),
+            });
         }
-        self.timer = None;
-        self.state = State::Refused;
-        Poll::Ready(match wait {
-            Wait::Idle => Ok(()),
-            Wait::Head => Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                "no complete request head within the header timeout",
-            )),
-        })
     }
 
     /// Checks `bytes`, just read while in a head. Returns how many to hand over: up to the end
@@ -237,6 +285,10 @@ impl<S> HeadGuard<S> {
                 b'\n' => *line = 0,
                 b'\r' => {}
                 _ => {
+                    if !*started && self.served {
+                        // A later head: its header clock starts at its first byte.
+                        self.head_since = Instant::now();
+                    }
                     *started = true;
                     *line += 1;
                 }
@@ -253,7 +305,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for HeadGuard<S> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = &mut *self;
-        let responding = {
+        let clock = {
             let mut slot = this.framing.slot.lock().unwrap_or_else(|e| e.into_inner());
             if this.state == State::AwaitBody {
                 match slot.body.take() {
@@ -261,18 +313,29 @@ impl<S: AsyncRead + Unpin> AsyncRead for HeadGuard<S> {
                     Some(Some(n)) => this.state = State::Body(n),
                     Some(None) => this.state = State::Unchecked,
                     None => {
+                        if this.stash_pos == this.stash.len() {
+                            // Nothing held back: wait on the socket, so that new bytes (and not
+                            // the service) wake this read; what comes waits in the stash.
+                            let mut ahead = [MaybeUninit::<u8>::uninit(); READ_AHEAD];
+                            let mut ahead = ReadBuf::uninit(&mut ahead);
+                            if Pin::new(&mut this.io)
+                                .poll_read(cx, &mut ahead)?
+                                .is_pending()
+                            {
+                                return Poll::Pending;
+                            }
+                            // Bytes, or the end of the stream (which a later read sees again).
+                            this.stash.clear();
+                            this.stash.extend_from_slice(ahead.filled());
+                            this.stash_pos = 0;
+                        }
                         slot.waker = Some(cx.waker().clone());
                         return Poll::Pending;
                     }
                 }
             }
-            if slot.responding > 0 {
-                // Woken when the response ends, to start the keep-alive clock.
-                slot.waker = Some(cx.waker().clone());
-            }
-            slot.responding > 0
+            this.clock(&slot)
         };
-        this.set_timer(responding);
         let limit = match this.state {
             State::Refused => return Poll::Ready(Ok(())),
             State::Body(n) => usize::try_from(n).unwrap_or(usize::MAX),
@@ -292,7 +355,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for HeadGuard<S> {
                 .poll_read(cx, &mut limited)?
                 .is_pending()
             {
-                return this.expired(cx);
+                return this.expired(clock, cx);
             }
             assert_eq!(
                 before,
@@ -443,6 +506,60 @@ mod tests {
         // The end of the stream, for hyper a graceful close.
         assert_eq!(guard.read(&mut buf).await.unwrap(), 0);
         assert_eq!(guard.read(&mut buf).await.unwrap(), 0);
+    }
+
+    #[tokio::test]
+    async fn the_keepalive_clock_starts_at_the_end_of_a_response_that_did_not_wake_the_read() {
+        use tokio::io::AsyncWriteExt as _;
+
+        let (mut client, server) = tokio::io::duplex(4096);
+        let framing = Arc::new(Framing::default());
+        let timeouts = Timeouts {
+            header: LONG,
+            keepalive: SHORT,
+        };
+        let mut guard = HeadGuard::new(server, framing.clone(), timeouts);
+        let mut buf = [0u8; 64];
+        // A read that waits for the first head arms the timer for the (long) header clock.
+        assert!(
+            tokio::time::timeout(SHORT, guard.read(&mut buf))
+                .await
+                .is_err()
+        );
+        let head = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n";
+        client.write_all(head).await.unwrap();
+        assert_eq!(guard.read(&mut buf).await.unwrap(), head.len());
+        framing.set(Some(0));
+        // Polled by hand, as hyper does: again only once woken.
+        struct Woken(std::sync::atomic::AtomicBool);
+        impl std::task::Wake for Woken {
+            fn wake(self: Arc<Self>) {
+                self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+            }
+        }
+        let woken = Arc::new(Woken(Default::default()));
+        let waker = Waker::from(woken.clone());
+        let mut cx = Context::from_waker(&waker);
+        // The read waits while the response is on its way; the response's end wakes nobody.
+        let poll = Pin::new(&mut guard).poll_read(&mut cx, &mut ReadBuf::new(&mut buf));
+        assert!(poll.is_pending());
+        framing.responded();
+        let deadline = Instant::now() + 40 * SHORT;
+        loop {
+            while !woken.0.swap(false, std::sync::atomic::Ordering::SeqCst) {
+                assert!(
+                    Instant::now() < deadline,
+                    "the idle connection was never woken: no keep-alive clock ran"
+                );
+                tokio::time::sleep(SHORT / 5).await;
+            }
+            let mut read = ReadBuf::new(&mut buf);
+            if let Poll::Ready(done) = Pin::new(&mut guard).poll_read(&mut cx, &mut read) {
+                done.unwrap();
+                assert!(read.filled().is_empty(), "the end of the stream");
+                break;
+            }
+        }
     }
 
     #[tokio::test]
