@@ -926,8 +926,14 @@ fn while_shutting_down_new_connections_are_refused_and_idle_ones_closed() {
             }
         }
     });
+    // Twice 503, 200 ms apart: a single 503 can also come from the previous probe's call, whose
+    // instance goes back to the pool a moment after its response was sent; the slow request
+    // holds web.1 for 10 s.
     let busy = host.wait_until(Duration::from_secs(30), |_| {
-        crate::support::get(addr, "/whoami").status == 503
+        crate::support::get(addr, "/whoami").status == 503 && {
+            std::thread::sleep(Duration::from_millis(200));
+            crate::support::get(addr, "/whoami").status == 503
+        }
     });
     assert!(busy.is_some(), "the slow request never reached web.1");
 
