@@ -951,7 +951,14 @@ fn while_shutting_down_new_connections_are_refused_and_idle_ones_closed() {
             Err(e) => break e,
         }
     };
-    assert_eq!(refused.kind(), std::io::ErrorKind::ConnectionRefused);
+    // Refused, or reset when the handshake raced the listener's close.
+    assert!(
+        matches!(
+            refused.kind(),
+            std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::ConnectionReset
+        ),
+        "{refused}"
+    );
     // An idle keep-alive connection is closed without an answer.
     closed_silently(&mut idle).expect("an idle connection is closed at shutdown");
     if slow.is_finished() {
