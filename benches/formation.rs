@@ -16,7 +16,12 @@ use std::time::{Duration, Instant};
 use http_body_util::{BodyExt as _, Empty};
 use hyper::body::Bytes;
 
+#[path = "../tests/all/tools.rs"]
+mod tools;
+
 const CONNECTIONS: usize = 64;
+/// Width of the first column of the throughput tables.
+const NAME: usize = 52;
 const WARMUP: Duration = Duration::from_secs(1);
 const MEASURE: Duration = Duration::from_secs(5);
 
@@ -147,7 +152,7 @@ fn main() {
         generator_name()
     );
     println!(
-        "{:<40} {:>10} {:>10} {:>10} {:>7} {:>9}",
+        "{:<NAME$} {:>10} {:>10} {:>10} {:>7} {:>9}",
         "server", "req/s", "p50", "p99", "errors", "vs native"
     );
     let native = Server::native();
@@ -251,7 +256,113 @@ fn main() {
         }
         None => println!("wasmtime serve targets skipped: no `wasmtime` binary on PATH"),
     }
+    toolchain_rows();
     queue_rows(&guests);
+}
+
+/// Connections of the toolchain rows: the issue measured JS guests with `wrk -t2 -c16`.
+const TOOLCHAIN_CONNECTIONS: usize = 16;
+
+/// Guests from the other toolchains, which spend their time in their interpreter: the JS
+/// guest (componentize-js), which must get a fresh instance per request, and the Python
+/// guest (componentize-py), single-use and reused, each beside `wasmtime serve` as it comes
+/// (a fresh instance per request) on the same component. The tools come from `PATH` or are
+/// installed as the tests install them (`tests/all/tools.rs`).
+fn toolchain_rows() {
+    println!();
+    println!(
+        "## other toolchains: GET /, {TOOLCHAIN_CONNECTIONS} connections, best of {RUNS}, load from {}",
+        generator_name()
+    );
+    let wasmtime = which("wasmtime");
+    let root = tools::root();
+    let out = tempfile::tempdir().unwrap();
+    let js = out.path().join("js-hello.wasm");
+    let status = Command::new("node")
+        .arg("build.mjs")
+        .arg("app.js")
+        .arg(&js)
+        .current_dir(tools::componentize_js())
+        .status()
+        .expect("failed to run node");
+    assert!(status.success(), "building js-hello failed");
+    let python = out.path().join("python-hello.wasm");
+    let status = tools::componentize_py()
+        .arg("-d")
+        .arg(root.join("wit"))
+        .args(["-w", "wasi:http/proxy@0.2.12", "componentize", "-p"])
+        .arg(root.join("guest-examples/python-hello"))
+        .arg("app")
+        .arg("-o")
+        .arg(&python)
+        .stdout(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success(), "componentize-py failed");
+    println!(
+        "{:<NAME$} {:>10} {:>10} {:>10} {:>7} {:>9}",
+        "server", "req/s", "p50", "p99", "errors", "vs serve"
+    );
+    let mut ratios = Vec::new();
+    for (label, component, reusable) in [("js-hello", &js, false), ("python-hello", &python, true)]
+    {
+        let size = std::fs::metadata(component).unwrap().len() as f64 / 1e6;
+        let serve = wasmtime.as_ref().map(|wasmtime| {
+            let server = Server::wasmtime_serve(wasmtime, component, &[]);
+            load_with(server.port, TOOLCHAIN_CONNECTIONS)
+        });
+        let mut rows = vec![("single-use (max_requests = 1)", "max_requests = 1\n")];
+        if reusable {
+            rows.push(("reused", ""));
+        }
+        if let Some(serve) = &serve {
+            print_load(
+                &format!("{label} ({size:.1} MB): wasmtime serve default"),
+                serve,
+                serve,
+            );
+        }
+        for (how, manifest) in rows {
+            let dir = tempfile::tempdir().unwrap();
+            std::fs::write(
+                dir.path().join("Procfile"),
+                format!("web: {}\n", component.display()),
+            )
+            .unwrap();
+            std::fs::write(
+                dir.path().join("wasmform.toml"),
+                format!("[processes.web]\n{manifest}"),
+            )
+            .unwrap();
+            let host = Host::start(&dir.path().join("Procfile"), &["-m", "web=4"]);
+            let result = load_with(host.port, TOOLCHAIN_CONNECTIONS);
+            let name = format!("{label}: wasmform web=4, {how}");
+            match &serve {
+                Some(serve) => {
+                    print_load(&name, &result, serve);
+                    if !manifest.is_empty() {
+                        ratios.push((label, result.rps / serve.rps));
+                    }
+                }
+                None => print_load(&name, &result, &result),
+            }
+        }
+    }
+    match wasmtime {
+        Some(wasmtime) => {
+            println!("({} serve rows at {})", "wasmtime", wasmtime.display());
+            for (label, ratio) in ratios {
+                println!(
+                    "{:<52} {:>10}  target {:<8} {}",
+                    format!("{label} single-use vs wasmtime serve (default)"),
+                    format!("{ratio:.2}×"),
+                    "≥ 2×",
+                    if ratio >= 2.0 { "met" } else { "NOT met" }
+                );
+            }
+        }
+        None => println!("wasmtime serve rows skipped: no `wasmtime` binary on PATH"),
+    }
 }
 
 /// `wasmtime serve` on the same guest, once as it comes (a fresh instance per request) and
@@ -288,7 +399,7 @@ fn wasmtime_serve_rows(hello: &Path, baseline: &Load) -> Option<(Load, Load)> {
 /// Drain time of a fan-out: `newsletter` enqueues the jobs in one call, `mailer` consumers
 /// "send" each (5 ms of simulated I/O) and count it in the shared store. With 1, 2, 4 and 8
 /// consumer instances, on the embedded store and,
-/// when `redis-server` is on PATH, on a Redis server of the harness's own.
+/// on a Redis server of the harness's own (`redis-server` from PATH, or installed as the tests do).
 /// `WASMFORM_BENCH_JOBS` sets the number of jobs (default 2000; the issue's 20 000 take about
 /// four minutes on the embedded store alone).
 fn queue_rows(guests: &Path) {
@@ -302,15 +413,14 @@ fn queue_rows(guests: &Path) {
         "{:<34} {:>12} {:>12} {:>10}",
         "consumers", "drain", "jobs/s", "speed-up"
     );
-    let redis = which("redis-server").map(|_| Redis::start());
-    let mut backends = vec![("embedded", String::new())];
-    match &redis {
-        Some(redis) => backends.push((
+    let redis = Redis::start();
+    let backends = [
+        ("embedded", String::new()),
+        (
             "redis",
             format!("[state]\nurl = \"{}/?namespace=bench\"\n", redis.url),
-        )),
-        None => println!("(redis rows skipped: no `redis-server` on PATH)"),
-    }
+        ),
+    ];
     for (backend, state) in &backends {
         let mut first = None;
         for consumers in [1u32, 2, 4, 8] {
@@ -333,10 +443,8 @@ fn queue_rows(guests: &Path) {
                 ),
             )
             .unwrap();
-            if let Some(redis) = &redis {
-                // Each row starts from an empty namespace.
-                redis.flush();
-            }
+            // Each row starts from an empty namespace.
+            redis.flush();
             let host = Host::start(&dir.path().join("Procfile"), &[]);
             let started = Instant::now();
             let (status, _) = http(host.port, "POST", &format!("/send?n={jobs}"));
@@ -372,49 +480,24 @@ fn queue_rows(guests: &Path) {
 
 /// A `redis-server` of the harness's own on a free loopback port, without persistence.
 struct Redis {
-    child: Child,
+    server: tools::Redis,
     url: String,
 }
 
 impl Redis {
     fn start() -> Self {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let child = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no"])
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("failed to start redis-server");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "redis-server did not start");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Self {
-            child,
-            url: format!("redis://127.0.0.1:{port}"),
-        }
+        let server = tools::Redis::start();
+        let url = format!("redis://127.0.0.1:{}", server.port);
+        Self { server, url }
     }
 
     fn flush(&self) {
         use std::io::{Read as _, Write as _};
-        let port = self.url.rsplit(':').next().unwrap();
-        let mut conn = std::net::TcpStream::connect(format!("127.0.0.1:{port}")).unwrap();
+        let mut conn = std::net::TcpStream::connect(("127.0.0.1", self.server.port)).unwrap();
         conn.write_all(b"FLUSHALL\r\n").unwrap();
         let mut reply = [0u8; 5];
         conn.read_exact(&mut reply).unwrap();
         assert_eq!(&reply, b"+OK\r\n");
-    }
-}
-
-impl Drop for Redis {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -443,8 +526,7 @@ fn http(port: u16, method: &str, path: &str) -> (u16, String) {
 
 fn print_load(name: &str, load: &Load, baseline: &Load) {
     println!(
-        "{:<40} {:>10.0} {:>10} {:>10} {:>7} {:>8.2}×",
-        name,
+        "{name:<NAME$} {:>10.0} {:>10} {:>10} {:>7} {:>8.2}×",
         load.rps,
         format!("{:.2} ms", load.p50.as_secs_f64() * 1e3),
         format!("{:.2} ms", load.p99.as_secs_f64() * 1e3),
@@ -453,27 +535,15 @@ fn print_load(name: &str, load: &Load, baseline: &Load) {
     );
 }
 
-fn which(program: &str) -> Option<PathBuf> {
-    std::env::var_os("PATH")?
-        .to_str()?
-        .split(':')
-        .map(|dir| Path::new(dir).join(program))
-        .find(|p| p.is_file())
-}
+use tools::which;
 
 /// Cold and warm start of a large component: the Python guest built with componentize-py
-/// (CPython inside, ~18 MB), when `componentize-py` is installed.
+/// (CPython inside, ~18 MB; componentize-py from `PATH` or installed as the tests do).
 fn large_component_rows() {
-    let Some(componentize) = which("componentize-py") else {
-        println!(
-            "large component rows skipped: `componentize-py` is not on PATH (`pip install componentize-py`)"
-        );
-        return;
-    };
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let dir = tempfile::tempdir().unwrap();
     let wasm = dir.path().join("python-hello.wasm");
-    let status = Command::new(componentize)
+    let status = tools::componentize_py()
         .arg("-d")
         .arg(root.join("wit"))
         .args(["-w", "wasi:http/proxy@0.2.12", "componentize", "-p"])
@@ -840,11 +910,16 @@ struct Load {
 /// The best of [`RUNS`] measurements of `port` (the host shares its two cores with the load
 /// generator and whatever else the machine does, so single runs vary by ±10-30 %).
 fn load(port: u16) -> Load {
+    load_with(port, CONNECTIONS)
+}
+
+/// [`load`] over `connections` connections.
+fn load_with(port: u16, connections: usize) -> Load {
     let generator = which("wrk");
     (0..RUNS)
         .map(|_| match &generator {
-            Some(wrk) => load_wrk(wrk, port),
-            None => load_builtin(port),
+            Some(wrk) => load_wrk(wrk, port, connections),
+            None => load_builtin(port, connections),
         })
         .max_by(|a, b| a.rps.total_cmp(&b.rps))
         .expect("at least one run")
@@ -864,13 +939,13 @@ fn generator_name() -> &'static str {
 
 /// `wrk -t2 -c64`, the load generator the issue's figures come from: a `WARMUP` run, then a
 /// `MEASURE` run whose summary is parsed. Errors: socket errors and non-2xx responses.
-fn load_wrk(wrk: &Path, port: u16) -> Load {
+fn load_wrk(wrk: &Path, port: u16, connections: usize) -> Load {
     let url = format!("http://127.0.0.1:{port}/");
     let run = |duration: Duration, latency: bool| {
         let mut command = Command::new(wrk);
         command.args([
             "-t2".to_string(),
-            format!("-c{CONNECTIONS}"),
+            format!("-c{connections}"),
             format!("-d{}s", duration.as_secs()),
         ]);
         if latency {
@@ -920,14 +995,14 @@ fn parse_wrk_duration(text: &str) -> Duration {
     })
 }
 
-/// Drives `CONNECTIONS` keep-alive connections for `WARMUP` + `MEASURE` with hyper's client;
+/// Drives `connections` keep-alive connections for `WARMUP` + `MEASURE` with hyper's client;
 /// every loop is bounded by the deadline.
-fn load_builtin(port: u16) -> Load {
+fn load_builtin(port: u16, connections: usize) -> Load {
     runtime().block_on(async move {
         let start = Instant::now();
         let measure_from = start + WARMUP;
         let deadline = measure_from + MEASURE;
-        let tasks: Vec<_> = (0..CONNECTIONS)
+        let tasks: Vec<_> = (0..connections)
             .map(|_| {
                 tokio::spawn(async move {
                     let mut conn = Conn::open(port).await;

@@ -2,7 +2,7 @@
 //! `wasi:cli/run`. Each owns its `Store`; a trapped instance is dropped, never entered again.
 
 use std::convert::Infallible;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -53,22 +53,77 @@ pub enum Failure {
 /// Why a web instance ended, sent to its slot.
 #[derive(Debug)]
 pub enum Exit {
-    /// It failed (trap, memory quota, timeout, cancelled mid-call): replaced at once.
-    Crashed(String),
-    /// It served its `max_requests`: replaced at once, not counted as a crash.
-    Recycled(String),
+    /// It failed (trap, memory quota, timeout, no response, cancelled mid-call): replaced at
+    /// once. `answered` counts the requests it had answered soundly before.
+    Crashed { reason: String, answered: u64 },
+    /// It is used up: replaced at once, not counted as a crash. `Some`: it served its
+    /// `max_requests` (logged); `None`: a single-use instance, replaced silently since the
+    /// request that took it began.
+    Recycled(Option<String>),
     /// Dropped mid-call because the client went away: replaced at once, not the instance's
     /// failure.
     Cancelled(String),
 }
 
 /// Per-type settings of a web instance.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct WebSettings {
     /// Longest time for response headers; `None`: the router's.
     pub request_timeout: Option<Duration>,
     /// Recycle after this many requests.
     pub max_requests: Option<u64>,
+    /// At most one instance alive, even while one is replaced.
+    pub singleton: bool,
+    /// Whether the type's instances serve more than one request; shared by its instances.
+    pub reuse: Arc<Reuse>,
+}
+
+/// Whether a process type's instances may be reused: not when its manifest says
+/// `max_requests = 1`, nor once its instances were seen to break on their second request
+/// (StarlingMonkey, inside componentize-js, cannot enter its event loop twice). A single-use
+/// type gets a fresh instance for every request: its slot starts the replacement as soon as a
+/// request takes the instance, so the next request finds one ready.
+#[derive(Debug, Default)]
+pub struct Reuse {
+    single_use: AtomicBool,
+    /// An instance of the type answered a second request soundly: it is reusable, and
+    /// failures on second requests are the guest's bugs, not a toolchain's limit.
+    proven: AtomicBool,
+    /// Instances that answered their first request and failed their second.
+    broken_second: AtomicU32,
+}
+
+/// Instances that must break on their second request, with none proven reusable, before a
+/// type is switched to a fresh instance per request.
+pub const BROKEN_SECOND_LIMIT: u32 = 2;
+
+impl Reuse {
+    /// `single_use`: from the manifest (`max_requests = 1`).
+    pub fn new(single_use: bool) -> Self {
+        Self {
+            single_use: AtomicBool::new(single_use),
+            ..Self::default()
+        }
+    }
+
+    /// Whether each instance serves one request only.
+    pub fn single_use(&self) -> bool {
+        self.single_use.load(Ordering::Relaxed)
+    }
+
+    /// Records an instance that answered its first request and failed its second. Returns
+    /// `true` when this switches the type to single use (once).
+    pub fn broke_on_second(&self) -> bool {
+        if self.proven.load(Ordering::Relaxed) || self.single_use() {
+            return false;
+        }
+        let seen = self.broken_second.fetch_add(1, Ordering::Relaxed) + 1;
+        seen >= BROKEN_SECOND_LIMIT && !self.single_use.swap(true, Ordering::Relaxed)
+    }
+
+    fn answered_twice(&self) {
+        self.proven.store(true, Ordering::Relaxed);
+    }
 }
 
 /// A live web instance, owned by whoever is using it: the router's idle list, or the task
@@ -215,8 +270,9 @@ impl WebInstance {
 
     /// Handles one request, sending the response (or why there is none) on `reply` as soon as
     /// it is known. `Ok(Some)`: the call ended soundly and the instance can serve again;
-    /// `Ok(None)`: it ended soundly and the instance served its `max_requests` (its slot
-    /// replaces it); `Err`: it crashed or timed out, was dropped here and its slot told why.
+    /// `Ok(None)`: it ended soundly and the instance is used up (its `max_requests`, or a
+    /// single-use type; its slot replaces it); `Err`: it crashed or timed out, was dropped
+    /// here and its slot told why.
     pub async fn handle<B>(
         mut self,
         request: hyper::Request<B>,
@@ -229,19 +285,34 @@ impl WebInstance {
     {
         self.requests.fetch_add(1, Ordering::Relaxed);
         self.served += 1;
-        let timeout = self.settings.request_timeout.unwrap_or(timeout);
-        let Some(mut instance) = self.call(request, reply, timeout).await else {
-            return Err(());
-        };
-        match instance.settings.max_requests {
-            Some(max) if instance.served >= max => {
-                instance.end(Exit::Recycled(format!(
+        // The last request of this instance: its slot starts the replacement now, while the
+        // guest runs, so the next request finds a fresh instance ready (a crash of this call
+        // then needs no replacement of its own; the router logs it). A singleton's
+        // replacement waits for the end of the call: never two alive.
+        let mut last = if self.settings.reuse.single_use() {
+            Some(None)
+        } else {
+            match self.settings.max_requests {
+                Some(max) if self.served >= max => Some(Some(format!(
                     "served {max} requests (max_requests); recycled"
-                )));
-                Ok(None)
+                ))),
+                _ => None,
             }
-            _ => Ok(Some(instance)),
+        };
+        if !self.settings.singleton
+            && let Some(reason) = last.take()
+        {
+            self.end(Exit::Recycled(reason));
         }
+        let timeout = self.settings.request_timeout.unwrap_or(timeout);
+        let mut instance = self.call(request, reply, timeout).await.ok_or(())?;
+        if instance.served == 2 {
+            instance.settings.reuse.answered_twice();
+        }
+        if let Some(reason) = last {
+            instance.end(Exit::Recycled(reason));
+        }
+        Ok(instance.exit.is_some().then_some(instance))
     }
 
     /// One guest call, not counted as a request.
@@ -260,10 +331,10 @@ impl WebInstance {
         let reply = Arc::new(Mutex::new(Some(reply)));
         let send = {
             let reply = reply.clone();
+            // Whether this sent the reply (`false`: it had been sent).
             move |value: Reply| {
-                if let Some(tx) = reply.lock().unwrap_or_else(|e| e.into_inner()).take() {
-                    let _ = tx.send(value);
-                }
+                let tx = reply.lock().unwrap_or_else(|e| e.into_inner()).take();
+                tx.map(|tx| tx.send(value)).is_some()
             }
         };
         let outcome = {
@@ -276,7 +347,7 @@ impl WebInstance {
                         send(match response {
                             Ok(response) => Reply::Response(response),
                             Err(code) => Reply::Failed(Failure::Guest(code)),
-                        })
+                        });
                     })?;
                     Ok((req, out))
                 });
@@ -300,26 +371,27 @@ impl WebInstance {
                 Err(e) => Ok(Err(e)),
             }
         };
-        match outcome {
-            Ok(Ok(())) => {
-                send(Reply::Failed(Failure::NoResponse));
-                Some(self)
-            }
+        let answered = self.served.saturating_sub(1);
+        let reason = match outcome {
+            // Sound only if the guest set its response: one that returned without it (or whose
+            // toolchain cannot be entered twice) is in an unknown state, and is replaced.
+            Ok(Ok(())) if !send(Reply::Failed(Failure::NoResponse)) => return Some(self),
+            Ok(Ok(())) => "returned without a response".to_string(),
             Ok(Err(e)) => {
                 let reason = describe(&e, &self.store, self.memory);
                 send(Reply::Failed(Failure::Crashed(reason.clone())));
-                self.end(Exit::Crashed(format!("crashed: {reason}")));
-                None
+                format!("crashed: {reason}")
             }
             Err(_elapsed) => {
                 send(Reply::Failed(Failure::Timeout(timeout)));
-                self.end(Exit::Crashed(format!(
+                format!(
                     "request timed out after {}; instance recycled",
                     crate::humanize(timeout)
-                )));
-                None
+                )
             }
-        }
+        };
+        self.end(Exit::Crashed { reason, answered });
+        None
     }
 
     /// Ends this incarnation (the caller drops it); its slot starts a replacement.

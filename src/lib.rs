@@ -82,6 +82,11 @@ pub mod shared;
 pub mod state;
 pub mod supervisor;
 
+/// Outside tools for the unit tests (`redis-server`), shared with the integration tests.
+#[cfg(test)]
+#[path = "../tests/all/tools.rs"]
+mod test_tools;
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;

@@ -36,10 +36,10 @@ use tokio_util::task::TaskTracker;
 use crate::app::{ByteSize, HealthCheck, ProcessName, ProcessSpec, RestartMode};
 use crate::formation::{Formation, Scale};
 use crate::humanize;
-use crate::instance::{self, Exit, WebInstance, WebSettings};
+use crate::instance::{self, Exit, Reuse, WebInstance, WebSettings};
 use crate::logs::{API, Logs};
 use crate::router::{Member as _, Pool};
-use crate::runtime::shared::SharedCtx;
+use crate::runtime::shared::{Denied, SharedCtx};
 use crate::runtime::{Compiled, InstanceSetup, Kind, Runtime};
 use crate::shared::{Nacked, Store};
 use crate::state::StateDir;
@@ -115,6 +115,8 @@ pub struct ProcessType {
     pub release: u32,
     /// The shared store and the buckets and queues the type may use.
     pub shared: SharedCtx,
+    /// Whether its web instances serve more than one request.
+    pub reuse: Arc<Reuse>,
 }
 
 impl ProcessType {
@@ -393,6 +395,9 @@ const RESERVE_WAIT: Duration = Duration::from_secs(10);
 /// calling it a success.
 const SETTLE: Duration = Duration::from_secs(1);
 
+/// What the log says of a type whose instances break on their second request.
+const BROKE_ON_SECOND: &str = "its instances answer their first request and fail their second, so its component cannot serve twice (componentize-js/StarlingMonkey components cannot)";
+
 /// What a consumer says of an answer that came after its message's lease lapsed.
 /// (The lease outlasts the handler's timeout, so only a host stalled past it gets here.)
 const LAPSED: &str = "this answer changed nothing";
@@ -484,7 +489,9 @@ impl Supervisor {
             store: self.shared.clone(),
             buckets: spec.buckets.iter().cloned().collect(),
             queues: spec.queues.iter().cloned().collect(),
+            denied: Some(Arc::new(Denied::new(spec.name.as_str(), self.logs.clone()))),
         };
+        let reuse = Arc::new(Reuse::new(spec.max_requests == Some(1)));
         Arc::new(ProcessType {
             spec,
             compiled,
@@ -492,6 +499,7 @@ impl Supervisor {
             pool,
             release,
             shared,
+            reuse,
         })
     }
 
@@ -721,6 +729,9 @@ impl Supervisor {
         // slot's instance while it does; it stays reserved across an immediate restart so a
         // crash of the only instance makes requests wait for the replacement, not fail.
         let mut reserved = false;
+        // Whether the last incarnation was used up (not a crash): its replacement starts
+        // without a log line or readiness check of its own.
+        let mut recycled = false;
         loop {
             if slot.stopping() {
                 break;
@@ -732,26 +743,32 @@ impl Supervisor {
                 reserved = true;
             }
             // (reason, restart with backoff?, a failure?)
-            let (reason, backoff_applies, failed) =
-                match self.run_once(process, slot, &name, &mut ready).await {
-                    Ok(Ended::Stopped) => break,
-                    Ok(Ended::Recycled(reason)) => {
+            let (reason, backoff_applies, failed) = match self
+                .run_once(process, slot, &name, &mut ready, recycled)
+                .await
+            {
+                Ok(Ended::Stopped) => break,
+                Ok(Ended::Recycled(reason)) => {
+                    if let Some(reason) = reason {
                         self.logs.host(format!("{name} {reason}"));
-                        continue;
                     }
-                    Ok(Ended::Request(reason)) => (reason, false, true),
-                    // As a crash loop would: a sick instance must not restart in a hot loop.
-                    Ok(Ended::Unhealthy(reason)) => (reason, true, true),
-                    // Not the instance's fault: replaced at once, not a failure.
-                    Ok(Ended::Cancelled(reason)) => (reason, false, false),
-                    Ok(Ended::Process { reason, success }) => (reason, true, !success),
-                    Err(boot) => {
-                        if let Some(ready) = ready.take() {
-                            let _ = ready.send(Err(boot.clone()));
-                        }
-                        (format!("failed to start: {boot}"), true, true)
+                    recycled = true;
+                    continue;
+                }
+                Ok(Ended::Request(reason)) => (reason, false, true),
+                // As a crash loop would: a sick instance must not restart in a hot loop.
+                Ok(Ended::Unhealthy(reason)) => (reason, true, true),
+                // Not the instance's fault: replaced at once, not a failure.
+                Ok(Ended::Cancelled(reason)) => (reason, false, false),
+                Ok(Ended::Process { reason, success }) => (reason, true, !success),
+                Err(boot) => {
+                    if let Some(ready) = ready.take() {
+                        let _ = ready.send(Err(boot.clone()));
                     }
-                };
+                    (format!("failed to start: {boot}"), true, true)
+                }
+            };
+            recycled = false;
             if slot.stopping() {
                 break;
             }
@@ -818,13 +835,15 @@ impl Supervisor {
     }
 
     /// Runs one incarnation of an instance until it ends or the slot stops; `Err` says it
-    /// could not start (or, with a health check, never passed it).
+    /// could not start (or, with a health check, never passed it). `recycled`: it replaces an
+    /// instance that was used up, which was logged as up and checked already.
     async fn run_once(
         &self,
         process: &ProcessType,
         slot: &Slot,
         name: &str,
         ready: &mut Option<oneshot::Sender<Result<(), String>>>,
+        recycled: bool,
     ) -> Result<Ended, String> {
         let setup = InstanceSetup {
             instance: name,
@@ -849,6 +868,7 @@ impl Supervisor {
                 Some(ready) => {
                     let _ = ready.send(Ok(()));
                 }
+                None if recycled => {}
                 None => self.logs.host(format!("{name} up")),
             }
         };
@@ -866,19 +886,28 @@ impl Supervisor {
                     WebSettings {
                         request_timeout: process.spec.request_timeout,
                         max_requests: process.spec.max_requests,
+                        singleton: process.spec.singleton,
+                        reuse: process.reuse.clone(),
                     },
                 );
                 let mut instance = tokio::select! {
                     instance = start => instance.map_err(|e| format!("{e:#}"))?,
                     () = slot.cancel.cancelled() => return Ok(Ended::Stopped),
                 };
-                let health = process.spec.health.as_ref();
-                if let Some(check) = health {
+                let single_use = process.reuse.single_use();
+                // A single-use type's instances are checked once, when the slot starts (a
+                // check would use up the instance it ran on), and never while idle.
+                let health = process.spec.health.as_ref().filter(|_| !single_use);
+                if let Some(check) = process.spec.health.as_ref().filter(|_| !recycled) {
                     // Readiness: no traffic until the check passes, within the grace period.
                     instance = tokio::select! {
                         passed = ready_check(instance, check, slot) => passed?,
                         () = slot.cancel.cancelled() => return Ok(Ended::Stopped),
                     };
+                    if single_use {
+                        // The check used this instance up: a fresh one takes the traffic.
+                        return Ok(Ended::Recycled(None));
+                    }
                 }
                 pool.release(instance);
                 mark_up(ready);
@@ -897,7 +926,15 @@ impl Supervisor {
                             // The sender is dropped without a reason only if the instance was
                             // dropped by the pool, which happens only to a retired instance.
                             break match ended {
-                                Ok(Exit::Crashed(reason)) => Ended::Request(reason),
+                                Ok(Exit::Crashed { reason, answered }) => {
+                                    if answered == 1 && process.reuse.broke_on_second() {
+                                        self.logs.host(format!(
+                                            "process type `{type_}`: {BROKE_ON_SECOND}; `{type_}` gets a fresh instance for every request from now on: set `max_requests = 1` under [processes.{type_}] in wasmform.toml to start it that way",
+                                            type_ = process.spec.name
+                                        ));
+                                    }
+                                    Ended::Request(reason)
+                                }
                                 Ok(Exit::Cancelled(reason)) => Ended::Cancelled(reason),
                                 Ok(Exit::Recycled(reason)) => Ended::Recycled(reason),
                                 Err(_) => Ended::Stopped,
@@ -1760,8 +1797,9 @@ enum Ended {
     /// A web instance failed its liveness check `threshold` times: restarted with the crash
     /// backoff.
     Unhealthy(String),
-    /// A web instance served its `max_requests`: replaced at once, not a crash.
-    Recycled(String),
+    /// A web instance was used up (`Some`: its `max_requests`, logged; `None`: a single-use
+    /// instance): replaced at once, not a crash.
+    Recycled(Option<String>),
     /// A web instance was dropped mid-call because its client went away: replaced at once,
     /// not counted as a failure of the instance.
     Cancelled(String),

@@ -115,7 +115,9 @@ impl Runtime {
         config.memory_reservation(settings.max_memory.as_u64());
         config.memory_reservation_for_growth(0);
 
-        let slots = settings.max_instances.max(1);
+        // Twice the instance limit: a single-use type's slot starts its next instance while
+        // the request that used up the last one still runs. Only address space is reserved.
+        let slots = settings.max_instances.max(1).saturating_mul(2);
         let mut pool = PoolingAllocationConfig::default();
         pool.total_component_instances(slots)
             // A Rust wasip2 component holds a few core instances and one or two memories.

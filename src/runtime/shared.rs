@@ -3,10 +3,12 @@
 //! buckets and enqueues only to the queues its manifest entry lists; anything else is
 //! `access-denied`. Store failures reach the guest as `other(text)`, never as a trap.
 
-use std::sync::Arc;
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex};
 
 use wasmtime::component::{HasData, Linker, Resource, ResourceTable};
 
+use crate::logs::Logs;
 use crate::shared::Store;
 
 mod generated {
@@ -38,6 +40,66 @@ pub struct SharedCtx {
     pub buckets: Arc<[String]>,
     /// Queues the type may enqueue to.
     pub queues: Arc<[String]>,
+    /// Says in the log what to add when the type is denied one (`None`: nothing logged).
+    pub denied: Option<Arc<Denied>>,
+}
+
+/// Logs the first denial of each bucket or queue that a type's manifest entry does not list,
+/// with the line to add: least privilege (as Spin's `key_value_stores`), but not in silence.
+pub struct Denied {
+    process: String,
+    logs: Logs,
+    /// (`buckets` or `queues`, name) already logged.
+    seen: Mutex<BTreeSet<(&'static str, String)>>,
+}
+
+/// Distinct denials logged per type version; a guest trying names in a loop stays quiet after.
+const DENIALS_LOGGED: usize = 32;
+
+impl Denied {
+    pub fn new(process: &str, logs: Logs) -> Self {
+        Self {
+            process: process.to_string(),
+            logs,
+            seen: Mutex::default(),
+        }
+    }
+
+    /// Reports that `name` was denied; `key` is the manifest key (`buckets`, `queues`) and
+    /// `listed` what it lists now.
+    fn report(&self, key: &'static str, name: &str, listed: &[String]) {
+        {
+            let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+            if seen.len() >= DENIALS_LOGGED || !seen.insert((key, name.to_string())) {
+                return;
+            }
+        }
+        let what = if key == "buckets" { "bucket" } else { "queue" };
+        let list = listed
+            .iter()
+            .map(String::as_str)
+            .chain([name])
+            .map(|n| format!("{n:?}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let process = &self.process;
+        self.logs.host(format!(
+            "process type `{process}` was denied {what} `{name}`, which its entry in wasmform.toml does not list: add `{key} = [{list}]` under [processes.{process}]"
+        ));
+    }
+}
+
+impl SharedCtx {
+    fn deny(&self, key: &'static str, name: &str) {
+        if let Some(denied) = &self.denied {
+            let listed = if key == "buckets" {
+                &self.buckets
+            } else {
+                &self.queues
+            };
+            denied.report(key, name, listed);
+        }
+    }
 }
 
 /// The borrowed state the host functions work on.
@@ -75,6 +137,7 @@ macro_rules! on_bucket {
 impl store::Host for SharedView<'_> {
     async fn open(&mut self, identifier: String) -> Kv<Resource<Bucket>> {
         if !self.ctx.buckets.contains(&identifier) {
+            self.ctx.deny("buckets", &identifier);
             return Ok(Err(store::Error::AccessDenied));
         }
         if self.ctx.store.is_none() {
@@ -181,6 +244,7 @@ impl queue::Host for SharedView<'_> {
         bodies: Vec<Vec<u8>>,
     ) -> wasmtime::Result<Result<(), queue::Error>> {
         if !self.ctx.queues.contains(&name) {
+            self.ctx.deny("queues", &name);
             return Ok(Err(queue::Error::AccessDenied));
         }
         let Some(store) = self.ctx.store.clone() else {

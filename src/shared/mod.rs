@@ -331,7 +331,7 @@ pub fn parse_counter(key: &str, value: &[u8]) -> StoreResult<u64> {
 /// A `redis-server` of the test's own, for unit tests of the Redis scripts.
 #[cfg(test)]
 pub(crate) struct TestRedis {
-    child: std::process::Child,
+    _server: crate::test_tools::Redis,
     /// `redis://127.0.0.1:PORT/?namespace=test`.
     pub(crate) url: String,
 }
@@ -339,36 +339,12 @@ pub(crate) struct TestRedis {
 #[cfg(test)]
 impl TestRedis {
     pub(crate) fn start() -> Self {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("a free port")
-            .port();
-        let child = std::process::Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no"])
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .expect("redis-server is needed for the Redis backend tests: `apt-get install redis-server`");
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "redis-server did not start"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let server = crate::test_tools::Redis::start();
+        let url = format!("redis://127.0.0.1:{}/?namespace=test", server.port);
         Self {
-            child,
-            url: format!("redis://127.0.0.1:{port}/?namespace=test"),
+            _server: server,
+            url,
         }
-    }
-}
-
-#[cfg(test)]
-impl Drop for TestRedis {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 

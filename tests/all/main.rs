@@ -10,4 +10,6 @@ mod limits;
 mod manifest;
 mod shared;
 mod support;
+mod toolchains;
+mod tools;
 mod wit;

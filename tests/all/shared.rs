@@ -526,6 +526,18 @@ fn buckets_and_queues_are_denied_unless_listed() {
     let news = host.logged_addr("service `news` serving");
     let denied = post(news, "/send?n=1");
     assert_eq!(denied.body, "enqueue failed: Error::AccessDenied\n");
+    // The log says what to add, once per type and name.
+    let bucket_hint = "process type `web` was denied bucket `counter`, which its entry in wasmform.toml does not list: add `buckets = [\"other\", \"counter\"]` under [processes.web]";
+    host.wait_for(bucket_hint, Duration::from_secs(10));
+    host.wait_for(
+        "process type `news` was denied queue `mail`, which its entry in wasmform.toml does not list: add `queues = [\"mail\"]` under [processes.news]",
+        Duration::from_secs(10),
+    );
+    assert_eq!(host.get("/").status, 500);
+    assert_eq!(host.get("/value").status, 500);
+    // The router's line for the last request comes after anything its guest call logged.
+    let out = host.wait_for("path=\"/value\"", Duration::from_secs(10));
+    assert_eq!(out.matches(bucket_hint).count(), 1, "{out}");
 
     // A consumer must name its queue; `consume` on anything else is refused.
     let app = App::new("mailer: {guests}/mailer.wasm\n");

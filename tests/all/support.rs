@@ -514,39 +514,17 @@ impl Load {
 
 /// A `redis-server` of its own on a free loopback port, without persistence; killed on drop.
 pub struct RedisServer {
-    child: Child,
+    _server: crate::tools::Redis,
     pub url: String,
 }
 
 impl RedisServer {
     pub fn start() -> Self {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let child = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("redis-server is needed for the Redis backend tests: `apt-get install redis-server` (.ci/run installs it)");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "redis-server did not start");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let server = crate::tools::Redis::start();
+        let url = format!("redis://127.0.0.1:{}", server.port);
         Self {
-            child,
-            url: format!("redis://127.0.0.1:{port}"),
+            _server: server,
+            url,
         }
-    }
-}
-
-impl Drop for RedisServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }

