@@ -26,6 +26,8 @@ pub struct Cli {
 )]
 enum Command {
     Up(up::UpCommand),
+    // Also `ps:scale`, as Heroku spells it.
+    #[command(alias = "ps:scale")]
     Scale(scale::ScaleCommand),
     Ps(ps::PsCommand),
     Logs(logs::LogsCommand),

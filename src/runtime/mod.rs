@@ -129,6 +129,15 @@ impl Runtime {
             .max_memories_per_component(4)
             .max_tables_per_component(8)
             .max_core_instances_per_component(32);
+        // EXPERIMENT (A/B, removed before commit): keep-resident reset.
+        if let Some(bytes) = std::env::var("WASMFORM_KEEP_RESIDENT")
+            .ok()
+            .and_then(|v| v.parse::<usize>().ok())
+        {
+            pool.linear_memory_keep_resident(bytes)
+                .table_keep_resident(bytes / 16)
+                .pagemap_scan(wasmtime::Enabled::Auto);
+        }
         config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
 
         // Compiled code is cached on disk keyed by content and engine configuration, so a

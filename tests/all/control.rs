@@ -697,3 +697,110 @@ fn tcp_control_refuses_public_addresses_and_loose_token_files() {
         "{out}"
     );
 }
+
+/// Each type's `(desired, memory)` in `ps --json`.
+fn scales(app: &App) -> BTreeMap<String, (u64, u64)> {
+    app.ps()["types"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| {
+            let name = t["name"].as_str().unwrap().to_string();
+            (
+                name,
+                (
+                    t["desired"].as_u64().unwrap(),
+                    t["memory"].as_u64().unwrap(),
+                ),
+            )
+        })
+        .collect()
+}
+
+/// The scales after `reset`.
+fn scales_after_reset(app: &App, reset: &[&str]) -> BTreeMap<String, (u64, u64)> {
+    assert!(app.cli(reset).ok);
+    scales(app)
+}
+
+#[test]
+fn scale_takes_the_words_of_every_platform_as_heroku_does() {
+    let app = App::new(
+        "web: {guests}/hello.wasm\nworker: {guests}/ticker.wasm 60000\ncron: {guests}/ticker.wasm 60000\n",
+    );
+    let _host = app.up(&["--memory", "64MiB"]);
+    let reset = ["scale", "web=1:64MiB", "worker=1:64MiB", "cron=1:64MiB"];
+    // (command, its Heroku equivalent)
+    let forms: &[(&[&str], &[&str])] = &[
+        (&["ps:scale", "web=2", "worker+1"], &["web=2", "worker+1"]),
+        (&["scale", "web", "--count", "2"], &["web=2"]),
+        (&["scale", "web", "--memory", "96"], &["web+0:96MiB"]),
+        (
+            &["scale", "web", "--count", "3", "--memory", "80"],
+            &["web=3:80MiB"],
+        ),
+        (&["scale", "count", "web=2", "cron=2"], &["web=2", "cron=2"]),
+        (&["scale", "count", "3", "-g", "worker"], &["worker=3"]),
+        (
+            &["scale", "memory", "128", "--process-group", "cron"],
+            &["cron+0:128MiB"],
+        ),
+        (
+            &["scale", "--process", "web", "-i", "2", "-m", "96M"],
+            &["web=2:96MiB"],
+        ),
+        (
+            &["scale", "--process", "worker", "-m", "1G"],
+            &["worker+0:1GiB"],
+        ),
+        (
+            &["scale", "web:instances=3", "worker:memory=72M"],
+            &["web=3", "worker+0:72MiB"],
+        ),
+    ];
+    for (form, heroku) in forms {
+        assert!(app.cli(&reset).ok);
+        let out = app.cli(form);
+        assert!(out.ok, "{form:?}: {}", out.stderr);
+        let after_form = scales(&app);
+        assert!(app.cli(&reset).ok);
+        let out = app.cli(&[&["scale"][..], heroku].concat());
+        assert!(out.ok, "{heroku:?}: {}", out.stderr);
+        assert_eq!(after_form, scales(&app), "{form:?} vs {heroku:?}");
+        assert_ne!(
+            after_form,
+            scales_after_reset(&app, &reset),
+            "{form:?} changed nothing"
+        );
+    }
+    // Malformed forms are refused, naming the value, and change nothing.
+    assert!(app.cli(&reset).ok);
+    let before = scales(&app);
+    for (form, needle) in [
+        (&["--count", "2"][..], "`--count 2` needs the process type"),
+        (&["-i", "2"], "`-i 2` needs the process type"),
+        (
+            &["web:instances=x"],
+            "invalid instance count `x` in `web:instances=x`",
+        ),
+        (&["count"], "`scale count` needs `TYPE=N` pairs"),
+        (
+            &["--process", "web", "-k", "1G"],
+            "`-k 1G`: instances have no disk",
+        ),
+        (
+            &["web", "--count", "x"],
+            "invalid instance count `x` in `--count x`",
+        ),
+        (
+            &["--process", "web", "-i", "2", "web=3"],
+            "`--process web` takes only",
+        ),
+        (&["wrk", "--count", "2"], "unknown process type `wrk`"),
+    ] {
+        let out = app.cli(&[&["scale"][..], form].concat());
+        assert!(!out.ok, "{form:?} succeeded: {out:?}");
+        assert!(out.stderr.contains(needle), "{form:?}:\n{}", out.stderr);
+        assert_eq!(scales(&app), before, "{form:?} changed the formation");
+    }
+}

@@ -64,18 +64,28 @@ fn panic_is_502_and_other_instances_keep_their_state() {
     assert_eq!(counts, ["1\n", "2\n"]);
 }
 
+/// A handler that returns without setting its response leaves its instance in an unknown
+/// state: 502, and the instance is never entered again.
 #[test]
-fn no_response_is_502_and_the_instance_is_kept() {
+fn an_instance_that_returned_without_a_response_is_replaced() {
     let app = App::new("web: {guests}/test_web.wasm\n");
     let host = app.up(&[]);
     assert_eq!(host.get("/count").body, "1\n");
+    assert_eq!(host.get("/count").body, "2\n");
     let response = host.get("/no-response");
-    assert_eq!(response.status, 502, "{response:?}");
-    assert_eq!(
-        host.get("/count").body,
-        "2\n",
-        "same instance, state intact"
+    assert_eq!(response.status, 502);
+    host.wait_for(
+        "at=error code=H13 desc=\"No response\"",
+        Duration::from_secs(10),
     );
+    host.wait_for(
+        "web.1 returned without a response; restarting now",
+        Duration::from_secs(10),
+    );
+    // The next request on the slot is served by a fresh instance: its counter starts again.
+    assert_eq!(host.get("/count").body, "1\n");
+    let ps = app.ps();
+    assert_eq!(ps["instances"][0]["restarts"], 1, "{ps:#}");
 }
 
 #[test]

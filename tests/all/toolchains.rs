@@ -1,6 +1,6 @@
 //! Components from the other WASI toolchains, built by the tests from `guest-examples/` with
 //! the registries' own tools (componentize-js from the npm registry, componentize-py from
-//! PyPI; see `tools.rs`), and instances whose state broke.
+//! PyPI; see `tools.rs`).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -168,28 +168,4 @@ fn python_workers_run_on_several_instances() {
             Duration::from_secs(60),
         );
     }
-}
-
-/// A Rust guest whose handler returns without setting its response: 502, and the instance is
-/// never entered again.
-#[test]
-fn an_instance_that_returned_without_a_response_is_replaced() {
-    let app = App::new("web: {guests}/test_web.wasm\n");
-    let host = app.up(&[]);
-    assert_eq!(host.get("/count").body, "1\n");
-    assert_eq!(host.get("/count").body, "2\n");
-    let response = host.get("/no-response");
-    assert_eq!(response.status, 502);
-    host.wait_for(
-        "at=error code=H13 desc=\"No response\"",
-        Duration::from_secs(10),
-    );
-    host.wait_for(
-        "web.1 returned without a response; restarting now",
-        Duration::from_secs(10),
-    );
-    // The next request on the slot is served by a fresh instance: its counter starts again.
-    assert_eq!(host.get("/count").body, "1\n");
-    let ps = app.ps();
-    assert_eq!(ps["instances"][0]["restarts"], 1, "{ps:#}");
 }
