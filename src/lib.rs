@@ -545,6 +545,7 @@ impl Host {
             limits: self.options.http,
             log_requests: self.options.log_requests,
             metrics: metrics.http(&routed_name),
+            refusals: Default::default(),
         });
         let stop_http = CancellationToken::new();
         let server = tokio::spawn(proxy::serve(listener, router, stop_http.clone()));
@@ -565,6 +566,7 @@ impl Host {
                 limits: self.options.http,
                 log_requests: self.options.log_requests,
                 metrics: metrics.http(process.as_str()),
+                refusals: Default::default(),
             });
             services.push(tokio::spawn(proxy::serve(
                 listener,

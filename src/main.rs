@@ -12,6 +12,15 @@ fn main() -> std::process::ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let cli = wasmform::cli::Cli::parse();
+    if !cli.runs_a_host() {
+        // A client prints and exits: a reader that went away (`wasmform ps | head -1`) ends it
+        // quietly, as it ends `ls`, instead of a panic in `println!`. The host keeps Rust's
+        // default (SIGPIPE ignored): a peer closing a socket must never kill it.
+        // SAFETY: called before any thread is started; `SIG_DFL` is a valid disposition.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
     match cli.execute() {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {

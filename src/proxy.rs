@@ -108,6 +108,27 @@ pub struct Router {
     pub log_requests: bool,
     /// Requests are counted and timed here.
     pub metrics: crate::metrics::HttpMetrics,
+    /// Rate-limits the lines of refusals a client can cause at will (H10, H11).
+    pub refusals: Refusals,
+}
+
+/// Requests refused without reaching a guest (H10: none up, H11: the queue is full) are
+/// logged at most once a second per code, the line saying how many there were since the last
+/// one (`refused=N`, when more than one), so a client cannot flood the log.
+#[derive(Default)]
+pub struct Refusals(std::sync::Mutex<[RefusalLog; 2]>);
+
+impl Refusals {
+    /// Counts a refusal with `code`; `Some(n)`: log its line now, for `n` refusals.
+    fn admit(&self, code: &str) -> Option<u64> {
+        let index = match code {
+            "H10" => 0,
+            "H11" => 1,
+            _ => return Some(1),
+        };
+        let mut logs = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        logs[index].admit()
+    }
 }
 
 /// Serves HTTP on `listener` until `shutdown` is cancelled, then waits for in-flight requests.
@@ -281,20 +302,25 @@ struct RefusalLog {
 }
 
 impl RefusalLog {
-    fn count(&mut self, logs: &Logs, max_connections: usize) {
+    /// Counts one refusal; `Some(n)`: write a line now, for the `n` since the last one.
+    fn admit(&mut self) -> Option<u64> {
         self.since += 1;
         if self
             .last
             .is_some_and(|t| t.elapsed() < Duration::from_secs(1))
         {
-            return;
+            return None;
         }
-        logs.host(format!(
-            "at=error code=H11 desc=\"Connection limit reached\" connections={max_connections} refused={} status=503",
-            self.since
-        ));
-        self.since = 0;
         self.last = Some(Instant::now());
+        Some(std::mem::take(&mut self.since))
+    }
+
+    fn count(&mut self, logs: &Logs, max_connections: usize) {
+        if let Some(refused) = self.admit() {
+            logs.host(format!(
+                "at=error code=H11 desc=\"Connection limit reached\" connections={max_connections} refused={refused} status=503"
+            ));
+        }
     }
 }
 
@@ -337,8 +363,16 @@ impl Router {
         let uri = req.uri().clone();
         let path = uri.path();
         let error = |code: &str, desc: &str, instance: &str, status: StatusCode| {
+            let Some(refused) = self.refusals.admit(code) else {
+                return;
+            };
+            let refused = if refused > 1 {
+                format!(" refused={refused}")
+            } else {
+                String::new()
+            };
             self.logs.host(format!(
-                "at=error code={code} desc=\"{desc}\" method={method} path=\"{path}\" instance={instance} service={}ms status={}",
+                "at=error code={code} desc=\"{desc}\" method={method} path=\"{path}\" instance={instance} service={}ms status={}{refused}",
                 started.elapsed().as_millis(),
                 status.as_u16()
             ));

@@ -38,6 +38,11 @@ enum Command {
 }
 
 impl Cli {
+    /// Whether this command runs a host (`up`), rather than being a client of one.
+    pub fn runs_a_host(&self) -> bool {
+        matches!(self.command, Command::Up(_))
+    }
+
     /// Runs the chosen subcommand.
     pub fn execute(self) -> anyhow::Result<()> {
         match self.command {

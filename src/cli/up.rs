@@ -262,7 +262,7 @@ impl UpCommand {
         // change made after it deploys.
         let watched = if self.watch {
             let source = self.procfile.clone();
-            Some(tokio::task::spawn_blocking(move || watched_files(&source, Vec::new())).await?)
+            Some(tokio::task::spawn_blocking(move || snapshot(&source)).await?)
         } else {
             None
         };
@@ -314,10 +314,12 @@ impl Signals {
 
 /// `--watch`: polls the app's files and deploys when they changed and then stayed the same
 /// for one more poll (a build writing a component in several steps deploys once, complete).
-/// Each poll reads the app's files on a blocking thread.
+/// Each poll reads the files' stamps on a blocking thread; only stamps that moved have the
+/// contents read, and only different contents deploy: a file touched but unchanged (a `touch`,
+/// a rebuild to the same bytes) does not, so it cannot undo a rollback.
 async fn watch(
     source: PathBuf,
-    first: (Vec<PathBuf>, Vec<Stamp>),
+    first: Snapshot,
     deployer: std::sync::Arc<crate::deploy::Deployer>,
 ) {
     const POLL: Duration = Duration::from_millis(250);
@@ -329,7 +331,7 @@ async fn watch(
                 .unwrap_or_default()
         }
     };
-    let (mut watched, mut deployed) = first;
+    let (mut watched, mut deployed, mut contents) = first;
     let mut seen = deployed.clone();
     loop {
         tokio::time::sleep(POLL).await;
@@ -345,6 +347,14 @@ async fn watch(
             continue;
         }
         deployed = now;
+        let files = watched.clone();
+        let now_contents = tokio::task::spawn_blocking(move || digests(&files))
+            .await
+            .unwrap_or_default();
+        if now_contents == contents {
+            continue;
+        }
+        contents = now_contents;
         // The outcome (or the reason it failed) is in the log.
         let _ = deployer.deploy().await;
     }
@@ -352,6 +362,36 @@ async fn watch(
 
 /// When and how big a watched file was last (`None`: missing).
 type Stamp = Option<(std::time::SystemTime, u64)>;
+
+/// The watched files, their stamps and their contents' digests, read together.
+type Snapshot = (Vec<PathBuf>, Vec<Stamp>, Vec<Option<Vec<u8>>>);
+
+/// The first [`Snapshot`]: stamps read again after the contents, until they agree, so a file
+/// changed meanwhile is not taken as seen. Blocking.
+fn snapshot(source: &Path) -> Snapshot {
+    let (mut files, mut stamps) = watched_files(source, Vec::new());
+    loop {
+        let contents = digests(&files);
+        let (again, after) = watched_files(source, files.clone());
+        if (&again, &after) == (&files, &stamps) {
+            return (files, stamps, contents);
+        }
+        (files, stamps) = (again, after);
+    }
+}
+
+/// SHA-256 of each file's contents (`None`: unreadable). Blocking.
+fn digests(files: &[PathBuf]) -> Vec<Option<Vec<u8>>> {
+    use sha2::Digest as _;
+    files
+        .iter()
+        .map(|f| {
+            std::fs::read(f)
+                .ok()
+                .map(|bytes| sha2::Sha256::digest(bytes).to_vec())
+        })
+        .collect()
+}
 
 /// The files `--watch` follows (the configuration files and every component; `last` while
 /// the configuration does not load) and their stamps. Blocking.

@@ -804,3 +804,58 @@ fn scale_takes_the_words_of_every_platform_as_heroku_does() {
         assert_eq!(scales(&app), before, "{form:?} changed the formation");
     }
 }
+
+/// `wasmform ps | true`: the reader is gone before anything is printed.
+#[test]
+fn client_commands_end_quietly_when_their_reader_is_gone() {
+    use std::os::unix::process::ExitStatusExt as _;
+    let app = App::new(WEB_AND_TICKER);
+    let _host = app.up(&[]);
+    for args in [
+        &["ps"][..],
+        &["ps", "--json"],
+        &["releases"],
+        &["scale", "web=2"],
+    ] {
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader);
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_wasmform"))
+            .args(args)
+            .arg("--app")
+            .arg(app.dir.path())
+            .stdout(writer)
+            .stderr(std::process::Stdio::piped())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.is_empty(), "{args:?}: {stderr}");
+        assert_eq!(
+            out.status.signal(),
+            Some(libc::SIGPIPE),
+            "{args:?}: {:?}",
+            out.status
+        );
+    }
+}
+
+/// Refusals a client can cause at will are not one log line each.
+#[test]
+fn refusals_of_a_type_scaled_to_zero_are_logged_at_most_once_a_second() {
+    let app = App::new(WEB_AND_TICKER);
+    let host = app.up(&[]);
+    assert!(app.cli(&["scale", "web=0"]).ok);
+    let started = std::time::Instant::now();
+    for _ in 0..300 {
+        assert_eq!(host.get("/").status, 503);
+    }
+    let seconds = started.elapsed().as_secs();
+    std::thread::sleep(Duration::from_millis(1100));
+    // The next line counts the refusals it stood for.
+    assert_eq!(host.get("/").status, 503);
+    let out = host.wait_for("status=503 refused=", Duration::from_secs(5));
+    let lines = out.matches("at=error code=H10").count() as u64;
+    assert!(
+        lines <= seconds + 3,
+        "{lines} H10 lines in {seconds} s:\n{out}"
+    );
+}

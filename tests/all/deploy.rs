@@ -301,6 +301,35 @@ fn watch_deploys_when_a_component_is_rebuilt() {
     );
 }
 
+/// Touching files without changing them (`touch`, a rebuild to the same bytes) deploys
+/// nothing under `--watch`, so it cannot undo a rollback; a real change still deploys.
+#[test]
+fn watch_leaves_a_rollback_alone_when_files_are_touched_but_unchanged() {
+    let app = App::new("web: app.wasm\n");
+    app.install("hello.wasm", "app.wasm");
+    let host = app.up(&["--watch"]);
+    app.install("test_web.wasm", "app.wasm");
+    host.wait_for("Release v2 is live", Duration::from_secs(20));
+    let out = app.cli(&["rollback", "v1"]);
+    assert!(out.ok, "{out:?}");
+    assert!(host.get("/").body.starts_with("hello from"));
+    let later = std::time::SystemTime::now() + Duration::from_secs(5);
+    for file in ["app.wasm", "Procfile"] {
+        let file = std::fs::File::options()
+            .write(true)
+            .open(app.path(file))
+            .unwrap();
+        file.set_modified(later).unwrap();
+    }
+    // Six polls of the watcher, and its settling poll.
+    std::thread::sleep(Duration::from_secs(2));
+    let out = host.output();
+    assert!(!out.contains("Release v4"), "{out}");
+    assert!(host.get("/").body.starts_with("hello from"));
+    app.write("wasmform.toml", "[processes.web.env]\nGREETING = \"hi\"\n");
+    host.wait_for("Release v4 is live", Duration::from_secs(20));
+}
+
 #[test]
 fn control_and_routing_keep_answering_while_a_deploy_compiles() {
     let app = App::new("web: app.wasm\n");
