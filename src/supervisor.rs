@@ -1178,12 +1178,15 @@ impl Supervisor {
         let mut notes = self.await_started(started).await;
         // Rolling replacement of instances whose memory limit changed.
         for (name, scale) in next.iter() {
+            // Highest index first: what does not fit under the budget is the surplus, and
+            // stopping it first makes room for the lower ones.
             let stale: Vec<Arc<Slot>> =
                 self.active_slots(|s| s.process == *name && s.memory != scale.memory);
-            for slot in stale {
+            for slot in stale.iter().rev() {
                 let process = slot.version.clone();
-                if let Err(e) = self.replace(&slot, &process, scale.memory).await {
-                    notes.push(e);
+                match self.replace(slot, &process, scale.memory).await {
+                    Ok(None) => {}
+                    Ok(Some(note)) | Err(note) => notes.push(note),
                 }
             }
         }
@@ -1226,8 +1229,9 @@ impl Supervisor {
         for slot in slots {
             let current = self.lock().types.get(&slot.process).cloned();
             let process = current.unwrap_or_else(|| slot.version.clone());
-            if let Err(e) = self.replace(&slot, &process, slot.memory).await {
-                notes.push(e);
+            match self.replace(&slot, &process, slot.memory).await {
+                Ok(None) => {}
+                Ok(Some(note)) | Err(note) => notes.push(note),
             }
         }
         Ok(Outcome {
@@ -1252,15 +1256,55 @@ impl Supervisor {
     /// drains. If the new one fails to start, it is stopped and `old` keeps running. A
     /// singleton is replaced the other way round: `old` stops first and must have ended before
     /// the new one starts, so two never run at once.
+    ///
+    /// The memory budget holds here, for every path that replaces instances (scale, restart,
+    /// deploy): the new one surges beside `old` only if the budget has room for both; if it
+    /// fits only in `old`'s room, `old` stops first, as a singleton's does; if it does not fit
+    /// even then, `old` stops and its index is pending (`Ok(Some(note))`) until room frees.
+    /// Room is counted once the instances already stopping have ended: the new one waits for
+    /// them.
     async fn replace(
         self: &Arc<Self>,
         old: &Arc<Slot>,
         process: &Arc<ProcessType>,
         memory: ByteSize,
-    ) -> Result<Arc<Slot>, String> {
+    ) -> Result<Option<String>, String> {
         let (new, ready) = {
             let mut state = self.lock();
-            if process.spec.singleton || old.version.spec.singleton {
+            let capacity = self.limits.capacity.as_u64();
+            let staying: u64 = state
+                .slots
+                .iter()
+                .filter(|s| !s.stopping())
+                .map(|s| s.memory.as_u64())
+                .sum();
+            let surge = staying + memory.as_u64() <= capacity;
+            let instead = staying.saturating_sub(old.memory.as_u64()) + memory.as_u64() <= capacity;
+            if !surge && !instead {
+                old.stop();
+                return Ok(Some(format!(
+                    "{} pending: capacity: needs {memory}, {} of {} reserved by the instances staying",
+                    old.name(),
+                    ByteSize::bytes(staying.saturating_sub(old.memory.as_u64())),
+                    self.limits.capacity
+                )));
+            }
+            // The instances still draining hold their memory until they end.
+            let draining = |state: &State| -> Vec<CancellationToken> {
+                state
+                    .slots
+                    .iter()
+                    .filter(|s| s.stopping())
+                    .map(|s| s.ended.clone())
+                    .collect()
+            };
+            if !surge {
+                let mut after = draining(&state);
+                after.push(old.ended.clone());
+                let waiting = self.spawn_slot(&mut state, process, old.index, memory, after);
+                old.stop();
+                waiting
+            } else if process.spec.singleton || old.version.spec.singleton {
                 // The old one stops first; the new one waits for it (and any other instance
                 // of the type still draining) to have ended, holding the index so that nothing
                 // else starts one meanwhile.
@@ -1276,14 +1320,19 @@ impl Supervisor {
                 old.stop();
                 waiting
             } else {
-                self.spawn_slot(&mut state, process, old.index, memory, Vec::new())
+                let after = if reserved(&state) + memory.as_u64() <= capacity {
+                    Vec::new()
+                } else {
+                    draining(&state)
+                };
+                self.spawn_slot(&mut state, process, old.index, memory, after)
             }
         };
         let name = new.name();
         match tokio::time::timeout(READY_WAIT, ready).await {
             Ok(Ok(Ok(()))) => {
                 old.stop();
-                Ok(new)
+                Ok(None)
             }
             Ok(Ok(Err(e))) => {
                 new.stop();
@@ -1426,9 +1475,13 @@ impl Supervisor {
                     let memory = next_desired
                         .get(&slot.process)
                         .map_or(slot.memory, |s| s.memory);
-                    if let Err(e) = self.replace(&slot, &process, memory).await {
-                        failure = Some(e);
-                        break;
+                    match self.replace(&slot, &process, memory).await {
+                        Ok(None) => {}
+                        Ok(Some(note)) => self.logs.host(note),
+                        Err(e) => {
+                            failure = Some(e);
+                            break;
+                        }
                     }
                     failure = self.crashed_during(release);
                     if failure.is_some() {
@@ -1517,8 +1570,9 @@ impl Supervisor {
                 self.active_slots(|s| s.process == *name && !Arc::ptr_eq(&s.version, process));
             for slot in stale {
                 let memory = desired.get(name).map_or(slot.memory, |s| s.memory);
-                if let Err(e) = self.replace(&slot, process, memory).await {
-                    self.logs.host(format!("rollback: {e}"));
+                match self.replace(&slot, process, memory).await {
+                    Ok(None) => {}
+                    Ok(Some(note)) | Err(note) => self.logs.host(format!("rollback: {note}")),
                 }
             }
         }

@@ -859,3 +859,59 @@ fn refusals_of_a_type_scaled_to_zero_are_logged_at_most_once_a_second() {
         "{lines} H10 lines in {seconds} s:\n{out}"
     );
 }
+
+/// `(up, pending)` instances of `web` and the memory reserved, once nothing is starting or
+/// draining.
+fn budget(app: &App) -> (usize, usize, u64) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let ps = app.ps();
+        let states: Vec<String> = ps["instances"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|i| i["type"] == "web")
+            .map(|i| i["state"].as_str().unwrap().to_string())
+            .collect();
+        if states.iter().all(|s| s == "up" || s == "pending") {
+            let count = |state: &str| states.iter().filter(|s| *s == state).count();
+            return (
+                count("up"),
+                count("pending"),
+                ps["reserved"].as_u64().unwrap(),
+            );
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "did not settle: {ps:#}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The memory budget holds for memory changes too: what does not fit is pending.
+#[test]
+fn memory_changes_stay_within_the_capacity() {
+    const MIB: u64 = 1 << 20;
+    let app = App::new("web: {guests}/hello.wasm\n");
+    let _host = app.up(&["--capacity", "600MiB", "-m", "web=4", "--memory", "128MiB"]);
+    assert_eq!(budget(&app), (4, 0, 512 * MIB));
+    // 4 × 512 MiB: only one fits.
+    let out = app.cli(&["scale", "web=4:512MiB"]);
+    assert!(out.ok, "{out:?}");
+    assert!(out.stdout.contains("pending: capacity"), "{}", out.stdout);
+    assert_eq!(budget(&app), (1, 3, 512 * MIB));
+    // `--memory` for a type without a count change: two of 256 MiB fit.
+    let out = app.cli(&["scale", "--memory", "256MiB", "web+0"]);
+    assert!(out.ok, "{out:?}");
+    assert_eq!(budget(&app), (2, 2, 512 * MIB));
+    // A deploy that raises the type's memory.
+    app.write("wasmform.toml", "[processes.web]\nmemory = \"300MiB\"\n");
+    let out = app.cli(&["deploy"]);
+    assert!(out.ok, "{out:?}");
+    assert_eq!(budget(&app), (2, 2, 600 * MIB));
+    // Back down: all four fit again, and the pending ones start by themselves.
+    let out = app.cli(&["scale", "web=4:128MiB"]);
+    assert!(out.ok, "{out:?}");
+    assert_eq!(budget(&app), (4, 0, 512 * MIB));
+}
