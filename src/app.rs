@@ -456,7 +456,10 @@ impl AppSpec {
             .parent()
             .filter(|p| !p.as_os_str().is_empty())
             .unwrap_or(Path::new("."));
-        let dir = std::path::absolute(dir)
+        // Canonical, so `-f ../Procfile` from a subdirectory is the same app (the same state
+        // directory and stored paths) as `-f Procfile` from its own.
+        let dir = std::fs::canonicalize(dir)
+            .or_else(|_| std::path::absolute(dir))
             .with_context(|| format!("failed to resolve `{}`", dir.display()))?;
         let is_manifest = path.extension().is_some_and(|e| e == "toml");
         let (procfile, manifest) = if is_manifest {

@@ -915,3 +915,32 @@ fn memory_changes_stay_within_the_capacity() {
     assert!(out.ok, "{out:?}");
     assert_eq!(budget(&app), (4, 0, 512 * MIB));
 }
+
+/// `cd sub && wasmform up -f ../Procfile` is the same app as `up -f Procfile`: the same state
+/// directory, and no release for a path spelled differently.
+#[test]
+fn a_procfile_path_spelled_differently_is_the_same_app() {
+    let app = App::new(WEB_AND_TICKER);
+    std::fs::create_dir(app.path("sub")).unwrap();
+    let dir = std::fs::canonicalize(app.dir.path()).unwrap();
+    let roundabout = app.path("sub/../Procfile");
+    for procfile in [app.procfile(), roundabout.clone(), app.procfile()] {
+        let mut host =
+            crate::support::Wasmform::spawn(&["up", "-f", procfile.to_str().unwrap(), "-p", "0"]);
+        let out = host.wait_for("listening on", Duration::from_secs(60));
+        assert!(
+            !out.contains("changed since"),
+            "{}: {out}",
+            procfile.display()
+        );
+        assert!(
+            out.contains(&format!(
+                "control API on {}/.wasmform/control.sock",
+                dir.display()
+            )),
+            "{out}"
+        );
+        host.signal(libc::SIGTERM);
+        assert!(host.wait_exit(Duration::from_secs(20)).unwrap().success());
+    }
+}
