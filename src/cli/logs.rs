@@ -8,6 +8,9 @@ use std::io::Write as _;
 use super::client::{AppArgs, Client, block_on};
 
 /// Show recent log lines (guest output and host events), optionally following new ones.
+///
+/// A follower ends when its host stops (shut down or killed), with a line saying so on stderr
+/// and exit status 0.
 #[derive(clap::Args, Debug)]
 pub struct LogsCommand {
     /// Keep printing new lines as they come.
@@ -41,7 +44,17 @@ impl LogsCommand {
             let mut body = client.call(Method::GET, &path, None).await?.into_body();
             let mut out = std::io::stdout();
             while let Some(frame) = body.frame().await {
-                if let Some(data) = frame?.data_ref() {
+                let frame = match frame {
+                    Ok(frame) => frame,
+                    // The host went away mid-stream (it shut down, or was killed): the end of
+                    // what there is to follow, not a failure of this command.
+                    Err(_) if self.follow => {
+                        eprintln!("wasmform: the host stopped; no more lines to follow");
+                        break;
+                    }
+                    Err(e) => return Err(e.into()),
+                };
+                if let Some(data) = frame.data_ref() {
                     out.write_all(data)?;
                     out.flush()?;
                 }

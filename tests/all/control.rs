@@ -944,3 +944,34 @@ fn a_procfile_path_spelled_differently_is_the_same_app() {
         assert!(host.wait_exit(Duration::from_secs(20)).unwrap().success());
     }
 }
+
+/// `logs -f` ends cleanly when its host shuts down.
+#[test]
+fn a_follower_ends_with_a_clear_line_when_the_host_stops() {
+    let app = App::new(WEB_AND_TICKER);
+    let mut host = app.up(&[]);
+    let mut follower = std::process::Command::new(env!("CARGO_BIN_EXE_wasmform"))
+        .args(["logs", "-f", "--app"])
+        .arg(app.dir.path())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Once it follows (a tick arrived through it), stop the host.
+    let mut stdout = std::io::BufReader::new(follower.stdout.take().unwrap());
+    let mut line = String::new();
+    while !line.contains("tick") {
+        line.clear();
+        assert!(std::io::BufRead::read_line(&mut stdout, &mut line).unwrap() > 0);
+    }
+    host.signal(libc::SIGTERM);
+    assert!(host.wait_exit(Duration::from_secs(20)).unwrap().success());
+    std::thread::spawn(move || std::io::copy(&mut stdout, &mut std::io::sink()));
+    let out = follower.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{:?}: {stderr}", out.status);
+    assert!(
+        stderr.contains("the host stopped; no more lines to follow"),
+        "{stderr}"
+    );
+}
