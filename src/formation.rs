@@ -101,6 +101,18 @@ impl Formation {
         memory: Option<ByteSize>,
         max_memory: ByteSize,
     ) -> Result<Self, String> {
+        self.with_named_changes(changes, memory, max_memory)
+            .map(|(next, _)| next)
+    }
+
+    /// [`Formation::with_changes`], also returning the types the changes named (each once, in
+    /// the order named).
+    pub fn with_named_changes(
+        &self,
+        changes: &[String],
+        memory: Option<ByteSize>,
+        max_memory: ByteSize,
+    ) -> Result<(Self, Vec<ProcessName>), String> {
         if changes.is_empty() {
             return Err(
                 "nothing to scale: give changes like `web=3`, `worker+1` or `clock=0`".into(),
@@ -108,6 +120,7 @@ impl Formation {
         }
         let known = self.known();
         let mut next = self.clone();
+        let mut named = Vec::new();
         for change in changes
             .iter()
             .flat_map(|c| c.split([',', ' ']))
@@ -176,9 +189,12 @@ impl Formation {
                     "memory {memory} for `{name}` is above this host's maximum of {max_memory}: restart `wasmform up` with a larger `--max-memory`"
                 ));
             }
+            if !named.contains(&key) {
+                named.push(key.clone());
+            }
             next.types.insert(key, Scale { count, memory });
         }
-        Ok(next)
+        Ok((next, named))
     }
 
     /// Sets one type's scale (used when restoring a stored formation).

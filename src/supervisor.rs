@@ -200,6 +200,14 @@ impl Slot {
         self.cancel.is_cancelled()
     }
 
+    /// Ended and left so by its restart policy.
+    fn exited(&self) -> bool {
+        matches!(
+            self.status.lock().unwrap_or_else(|e| e.into_inner()).0,
+            SlotState::Exited { .. }
+        )
+    }
+
     fn set_health(&self, health: String) {
         *self.health.lock().unwrap_or_else(|e| e.into_inner()) = Some(health);
     }
@@ -1148,8 +1156,8 @@ impl Supervisor {
     ) -> Result<Outcome, ControlError> {
         let _op = self.ops.lock().await;
         let current = self.desired();
-        let next = current
-            .with_changes(changes, memory, self.limits.max_memory)
+        let (next, named) = current
+            .with_named_changes(changes, memory, self.limits.max_memory)
             .map_err(ControlError::Invalid)?;
         self.check_singletons(&next)?;
         // Try every new memory limit on a throwaway instance before changing anything.
@@ -1173,6 +1181,13 @@ impl Supervisor {
         let started = {
             let mut state = self.lock();
             state.desired = next.clone();
+            // A scale that names a type starts its exited instances again (their `restart`
+            // policy left them ended), as a restart or deploy does.
+            for slot in &state.slots {
+                if named.contains(&slot.process) && slot.exited() {
+                    slot.stop();
+                }
+            }
             self.reconcile(&mut state)
         };
         let mut notes = self.await_started(started).await;

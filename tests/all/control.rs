@@ -975,3 +975,41 @@ fn a_follower_ends_with_a_clear_line_when_the_host_stops() {
         "{stderr}"
     );
 }
+
+/// An instance that its restart policy left exited starts again when a scale names its type.
+#[test]
+fn a_scale_naming_a_type_starts_its_exited_instances_again() {
+    let app = App::new("oneshot: {guests}/test-worker.wasm exit 0\n");
+    app.write(
+        "wasmform.toml",
+        "[processes.oneshot]\nrestart = \"on-failure\"\n",
+    );
+    let host = app.up(&[]);
+    let runs = |id: &str| {
+        host.output()
+            .lines()
+            .filter(|l| l.contains(id) && l.ends_with("exiting with 0"))
+            .count()
+    };
+    let exited = |n: usize| {
+        host.wait_until(Duration::from_secs(20), |out| {
+            out.matches("oneshot.1 exited with status 0; not restarted")
+                .count()
+                >= n
+        })
+        .expect("oneshot.1 did not exit")
+    };
+    exited(1);
+    for (i, change) in ["oneshot=1", "oneshot+0"].iter().enumerate() {
+        let out = app.cli(&["scale", change]);
+        assert!(out.ok, "{out:?}");
+        exited(i + 2);
+        assert_eq!(runs("oneshot.1"), i + 2, "{change}: {}", host.output());
+    }
+    let out = app.cli(&["scale", "oneshot=2"]);
+    assert!(out.ok, "{out:?}");
+    exited(4);
+    host.wait_for("oneshot.2 exited with status 0", Duration::from_secs(20));
+    assert_eq!(runs("oneshot.1"), 4);
+    assert_eq!(runs("oneshot.2"), 1);
+}
