@@ -350,7 +350,7 @@ fn toolchain_rows() {
     }
     match wasmtime {
         Some(wasmtime) => {
-            println!("({} serve rows at {})", "wasmtime", wasmtime.display());
+            println!("(wasmtime serve rows: {})", wasmtime.display());
             for (label, ratio) in ratios {
                 println!(
                     "{:<52} {:>10}  target {:<8} {}",

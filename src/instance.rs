@@ -334,7 +334,9 @@ impl WebInstance {
             // Whether this sent the reply (`false`: it had been sent).
             move |value: Reply| {
                 let tx = reply.lock().unwrap_or_else(|e| e.into_inner()).take();
-                tx.map(|tx| tx.send(value)).is_some()
+                let Some(tx) = tx else { return false };
+                let _ = tx.send(value);
+                true
             }
         };
         let outcome = {
