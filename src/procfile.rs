@@ -2,7 +2,12 @@
 //!
 //! Same rules as foreman: `#` comments and blank lines are ignored, names are
 //! `[A-Za-z0-9_-]+`. CRLF line endings and a UTF-8 byte-order mark are accepted. Arguments are
-//! split on whitespace; single or double quotes group words (`"hello world"`).
+//! split as foreman's shell splits them: on whitespace; single or double quotes group words
+//! (`"hello world"`); a backslash escapes the next character outside quotes, and `"`, `\`,
+//! `$` or `` ` `` inside double quotes (elsewhere it stays, as in `"a\b"`); nothing is special
+//! inside single quotes; an unquoted `#` that begins a word starts a comment to the end of the
+//! line (`web: app.wasm 8 # eight workers`). There is no variable expansion: guests get `$PORT`
+//! in their environment, not in their arguments.
 
 use crate::app::ProcessName;
 
@@ -73,19 +78,41 @@ pub fn parse(text: &str) -> Result<Vec<Entry>, Error> {
     Ok(entries)
 }
 
-/// Splits a command on whitespace, honouring single and double quotes.
+/// Splits a command as a POSIX shell splits words (see the module docs), without expansion.
 pub(crate) fn split_words(command: &str) -> Result<Vec<String>, String> {
     let mut words = Vec::new();
     let mut current: Option<String> = None;
     let mut quote: Option<char> = None;
-    for c in command.chars() {
+    let mut chars = command.chars();
+    while let Some(c) = chars.next() {
         match (quote, c) {
             (Some(q), c) if c == q => quote = None,
+            (Some('"'), '\\') => {
+                let word = current.get_or_insert_default();
+                match chars.next() {
+                    Some(next @ ('"' | '\\' | '$' | '`')) => word.push(next),
+                    Some(next) => {
+                        word.push('\\');
+                        word.push(next);
+                    }
+                    None => return Err(format!("unterminated \" quote in `{}`", command.trim())),
+                }
+            }
             (Some(_), c) => current.get_or_insert_default().push(c),
             (None, '"' | '\'') => {
                 quote = Some(c);
                 current.get_or_insert_default();
             }
+            (None, '\\') => match chars.next() {
+                Some(next) => current.get_or_insert_default().push(next),
+                None => {
+                    return Err(format!(
+                        "a trailing `\\` escapes nothing in `{}`: remove it, or quote it ('\\')",
+                        command.trim()
+                    ));
+                }
+            },
+            (None, '#') if current.is_none() => break,
             (None, c) if c.is_whitespace() => words.extend(current.take()),
             (None, c) => current.get_or_insert_default().push(c),
         }
@@ -124,6 +151,24 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn words_split_as_foremans_shell_splits_them() {
+        let words = |command: &str| split_words(command).unwrap();
+        assert_eq!(words("a.wasm 8 # eight workers"), ["a.wasm", "8"]);
+        assert_eq!(words("a.wasm x#y '#quoted'"), ["a.wasm", "x#y", "#quoted"]);
+        assert_eq!(
+            words(r#"a.wasm "say \"hi\"" 'it''s' "a\b""#),
+            ["a.wasm", r#"say "hi""#, "its", r"a\b"]
+        );
+        assert_eq!(
+            words(r"a.wasm one\ word \#not-a-comment"),
+            ["a.wasm", "one word", "#not-a-comment"]
+        );
+        assert_eq!(words(r"a.wasm '\n stays'"), ["a.wasm", r"\n stays"]);
+        let e = split_words(r"a.wasm oops\").unwrap_err();
+        assert!(e.contains(r"a trailing `\` escapes nothing"), "{e}");
     }
 
     #[test]
