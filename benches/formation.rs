@@ -275,30 +275,11 @@ fn toolchain_rows() {
         generator_name()
     );
     let wasmtime = which("wasmtime");
-    let root = tools::root();
     let out = tempfile::tempdir().unwrap();
     let js = out.path().join("js-hello.wasm");
-    let status = Command::new("node")
-        .arg("build.mjs")
-        .arg("app.js")
-        .arg(&js)
-        .current_dir(tools::componentize_js())
-        .status()
-        .expect("failed to run node");
-    assert!(status.success(), "building js-hello failed");
+    tools::build_js_guest(&js);
     let python = out.path().join("python-hello.wasm");
-    let status = tools::componentize_py()
-        .arg("-d")
-        .arg(root.join("wit"))
-        .args(["-w", "wasi:http/proxy@0.2.12", "componentize", "-p"])
-        .arg(root.join("guest-examples/python-hello"))
-        .arg("app")
-        .arg("-o")
-        .arg(&python)
-        .stdout(Stdio::null())
-        .status()
-        .unwrap();
-    assert!(status.success(), "componentize-py failed");
+    tools::build_python_guest("python-hello", "wasi:http/proxy@0.2.12", &python);
     println!(
         "{:<NAME$} {:>10} {:>10} {:>10} {:>7} {:>9}",
         "server", "req/s", "p50", "p99", "errors", "vs serve"
@@ -541,21 +522,9 @@ use tools::which;
 /// Cold and warm start of a large component: the Python guest built with componentize-py
 /// (CPython inside, ~18 MB; componentize-py from `PATH` or installed as the tests do).
 fn large_component_rows() {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let dir = tempfile::tempdir().unwrap();
     let wasm = dir.path().join("python-hello.wasm");
-    let status = tools::componentize_py()
-        .arg("-d")
-        .arg(root.join("wit"))
-        .args(["-w", "wasi:http/proxy@0.2.12", "componentize", "-p"])
-        .arg(root.join("guest-examples/python-hello"))
-        .arg("app")
-        .arg("-o")
-        .arg(&wasm)
-        .stdout(Stdio::null())
-        .status()
-        .unwrap();
-    assert!(status.success(), "componentize-py failed");
+    tools::build_python_guest("python-hello", "wasi:http/proxy@0.2.12", &wasm);
     let size = std::fs::metadata(&wasm).unwrap().len();
     std::fs::write(dir.path().join("Procfile"), "web: python-hello.wasm\n").unwrap();
     let procfile = dir.path().join("Procfile");

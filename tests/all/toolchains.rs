@@ -3,7 +3,6 @@
 //! PyPI; see `tools.rs`).
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::OnceLock;
 use std::time::{Duration, SystemTime};
 
@@ -17,25 +16,17 @@ fn out_dir() -> PathBuf {
     dir
 }
 
-/// Builds `out` with `command` unless it is newer than every file in `inputs`.
-fn build(out: PathBuf, inputs: &[PathBuf], command: &mut Command) -> PathBuf {
+/// `out`, built by `build` unless it is newer than every file in `inputs`.
+fn built(out: PathBuf, inputs: &[PathBuf], build: impl FnOnce(&Path)) -> PathBuf {
     let modified = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
     let newest = inputs
         .iter()
         .map(|p| modified(p).unwrap_or(SystemTime::now()))
         .max()
         .unwrap_or(SystemTime::UNIX_EPOCH);
-    if modified(&out).is_some_and(|built| built > newest) {
-        return out;
+    if modified(&out).is_none_or(|built| built <= newest) {
+        build(&out);
     }
-    let output = command.output().expect("failed to run the guest's build");
-    assert!(
-        output.status.success(),
-        "building {} failed ({command:?}):\n{}{}",
-        out.display(),
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
     out
 }
 
@@ -44,16 +35,11 @@ fn js_hello() -> &'static Path {
     static BUILT: OnceLock<PathBuf> = OnceLock::new();
     BUILT.get_or_init(|| {
         let dir = tools::componentize_js();
-        let out = out_dir().join("js-hello.wasm");
         let inputs = ["app.js", "build.mjs", "package-lock.json"].map(|f| dir.join(f));
-        build(
-            out.clone(),
+        built(
+            out_dir().join("js-hello.wasm"),
             &inputs,
-            Command::new("node")
-                .arg("build.mjs")
-                .arg("app.js")
-                .arg(&out)
-                .current_dir(dir),
+            tools::build_js_guest,
         )
     })
 }
@@ -62,20 +48,10 @@ fn js_hello() -> &'static Path {
 fn python_worker() -> &'static Path {
     static BUILT: OnceLock<PathBuf> = OnceLock::new();
     BUILT.get_or_init(|| {
-        let root = tools::root();
-        let out = out_dir().join("python-worker.wasm");
-        build(
-            out.clone(),
-            &[root.join("guest-examples/python-worker/app.py")],
-            tools::componentize_py()
-                .arg("-d")
-                .arg(root.join("wit"))
-                .args(["-w", "wasi:cli/command@0.2.12", "componentize", "-p"])
-                .arg(root.join("guest-examples/python-worker"))
-                .arg("app")
-                .arg("-o")
-                .arg(&out),
-        )
+        let app = tools::root().join("guest-examples/python-worker/app.py");
+        built(out_dir().join("python-worker.wasm"), &[app], |out| {
+            tools::build_python_guest("python-worker", "wasi:cli/command@0.2.12", out)
+        })
     })
 }
 

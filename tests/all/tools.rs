@@ -192,3 +192,43 @@ impl Drop for Redis {
         let _ = self.child.wait();
     }
 }
+
+/// Builds the componentize-py guest `guest-examples/NAME` (module `app`) for `world` into
+/// `out`.
+pub fn build_python_guest(name: &str, world: &str, out: &Path) {
+    let root = root();
+    run_build(
+        componentize_py()
+            .arg("-d")
+            .arg(root.join("wit"))
+            .args(["-w", world, "componentize", "-p"])
+            .arg(root.join("guest-examples").join(name))
+            .args(["app", "-o"])
+            .arg(out),
+        out,
+    );
+}
+
+/// Builds the componentize-js guest `guest-examples/js-hello` into `out`.
+pub fn build_js_guest(out: &Path) {
+    run_build(
+        Command::new("node")
+            .args(["build.mjs", "app.js"])
+            .arg(out)
+            .current_dir(componentize_js()),
+        out,
+    );
+}
+
+fn run_build(command: &mut Command, out: &Path) {
+    let output = command
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {command:?}: {e}"));
+    assert!(
+        output.status.success(),
+        "building {} failed ({command:?}):\n{}{}",
+        out.display(),
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
