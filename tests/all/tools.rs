@@ -140,12 +140,21 @@ fn pip_install(requirement: &str, name: &str, what: &str) -> PathBuf {
 
 /// Runs an install command; panics with what failed and how to install `what` by hand.
 fn run(command: &mut Command, what: &str) {
+    run_or_explain(
+        command,
+        &format!("installing {what}"),
+        "\nInstall it by hand and put it on PATH.",
+    );
+}
+
+/// Runs `command`; panics with its output if it fails, saying what it was `doing`.
+fn run_or_explain(command: &mut Command, doing: &str, advice: &str) {
     let output = command
         .output()
-        .unwrap_or_else(|e| panic!("cannot run {command:?} to install {what}: {e}"));
+        .unwrap_or_else(|e| panic!("{doing}: cannot run {command:?}: {e}"));
     assert!(
         output.status.success(),
-        "installing {what} failed ({command:?}, {}):\n{}{}\nInstall it by hand and put it on PATH.",
+        "{doing} failed ({command:?}, {}):\n{}{}{advice}",
         output.status,
         String::from_utf8_lossy(&output.stdout),
         String::from_utf8_lossy(&output.stderr),
@@ -197,7 +206,7 @@ impl Drop for Redis {
 /// `out`.
 pub fn build_python_guest(name: &str, world: &str, out: &Path) {
     let root = root();
-    run_build(
+    run_or_explain(
         componentize_py()
             .arg("-d")
             .arg(root.join("wit"))
@@ -205,30 +214,19 @@ pub fn build_python_guest(name: &str, world: &str, out: &Path) {
             .arg(root.join("guest-examples").join(name))
             .args(["app", "-o"])
             .arg(out),
-        out,
+        &format!("building {}", out.display()),
+        "",
     );
 }
 
 /// Builds the componentize-js guest `guest-examples/js-hello` into `out`.
 pub fn build_js_guest(out: &Path) {
-    run_build(
+    run_or_explain(
         Command::new("node")
             .args(["build.mjs", "app.js"])
             .arg(out)
             .current_dir(componentize_js()),
-        out,
-    );
-}
-
-fn run_build(command: &mut Command, out: &Path) {
-    let output = command
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {command:?}: {e}"));
-    assert!(
-        output.status.success(),
-        "building {} failed ({command:?}):\n{}{}",
-        out.display(),
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
+        &format!("building {}", out.display()),
+        "",
     );
 }
