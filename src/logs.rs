@@ -435,12 +435,22 @@ fn receive(entry: Entry) -> Option<(Arc<str>, Option<usize>, String)> {
     }
 }
 
+/// How long the printer lets lines gather after the first one wakes it.
+const LINGER: std::time::Duration = std::time::Duration::from_millis(2);
+
+/// Most lines printed with one `write`.
+const BATCH: usize = 1024;
+
 fn print(mut rx: mpsc::UnboundedReceiver<Entry>, width: usize, colour: bool, shared: Arc<Shared>) {
     let mut buf = String::new();
-    let mut batch = Vec::with_capacity(256);
+    let mut batch = Vec::with_capacity(BATCH);
     while let Some(first) = rx.blocking_recv() {
         batch.push(first);
-        while batch.len() < 256 {
+        // Under load lines come in a stream (the router writes one per request): waiting a
+        // moment lets it gather, so one `write` and one wake-up of this thread serve many
+        // lines instead of each line its own. A lone line is printed [`LINGER`] late.
+        std::thread::sleep(LINGER);
+        while batch.len() < BATCH {
             match rx.try_recv() {
                 Ok(entry) => batch.push(entry),
                 Err(_) => break,
