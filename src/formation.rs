@@ -46,8 +46,9 @@ impl Formation {
     }
 
     /// Applies foreman's `-m` syntax: `web=2,worker=1`, `all=0,web=1`. `all=N` sets every type
-    /// and the named types override it, whatever the order. The whole spec is rejected if any
-    /// part is invalid; `self` is then unchanged.
+    /// and the named types override it, whatever the order. As in `scale`, a count may carry
+    /// the memory limit: `web=2:512MiB`. The whole spec is rejected if any part is invalid;
+    /// `self` is then unchanged.
     pub fn apply_spec(&mut self, spec: &str) -> Result<(), String> {
         let known = || self.known();
         let mut all = None;
@@ -66,7 +67,16 @@ impl Formation {
                     known()
                 ));
             }
-            let count = parse_count(name, count.trim())?;
+            let (count, memory) = match count.trim().split_once(':') {
+                Some((count, size)) => {
+                    let size = size
+                        .parse::<ByteSize>()
+                        .map_err(|e| format!("`{part}`: {e}"))?;
+                    (count, Some(size))
+                }
+                None => (count.trim(), None),
+            };
+            let count = (parse_count(name, count)?, memory);
             if name == "all" {
                 all = Some(count);
                 continue;
@@ -79,13 +89,17 @@ impl Formation {
             };
             named.push((key.clone(), count));
         }
-        if let Some(count) = all {
+        let set = |scale: &mut Scale, (count, memory): (u32, Option<ByteSize>)| {
+            scale.count = count;
+            scale.memory = memory.unwrap_or(scale.memory);
+        };
+        if let Some(all) = all {
             for scale in self.types.values_mut() {
-                scale.count = count;
+                set(scale, all);
             }
         }
         for (name, count) in named {
-            self.types.get_mut(&name).expect("checked above").count = count;
+            set(self.types.get_mut(&name).expect("checked above"), count);
         }
         Ok(())
     }
@@ -512,6 +526,29 @@ mod tests {
         f.apply_spec("web=3,worker=0").unwrap();
         assert_eq!(counts(&f), "clock=1, web=3, worker=0");
         f.apply_spec("web=2,all=0").unwrap();
+        let mut sized = f.clone();
+        sized.apply_spec("all=1:64MiB,web=3:1G").unwrap();
+        let scale = |f: &Formation, name: &str| f.get(&ProcessName::new(name).unwrap()).unwrap();
+        assert_eq!(
+            scale(&sized, "web"),
+            Scale {
+                count: 3,
+                memory: ByteSize::mib(1024)
+            }
+        );
+        assert_eq!(
+            scale(&sized, "clock"),
+            Scale {
+                count: 1,
+                memory: ByteSize::mib(64)
+            }
+        );
+        assert!(
+            f.clone()
+                .apply_spec("web=2:12XB")
+                .unwrap_err()
+                .contains("`web=2:12XB`: invalid memory size `12XB`")
+        );
         assert_eq!(counts(&f), "clock=0, web=2, worker=0");
         assert_eq!(f.total(), 2);
     }

@@ -282,13 +282,14 @@ impl Host {
                 formation.insert(spec.name.clone(), scale);
             }
         }
+        // `--memory` for every type, then `-m`, whose `web=2:64MiB` wins for the types it sizes.
+        if let Some(memory) = options.memory {
+            formation.set_memory(memory);
+        }
         if let Some(spec) = &options.formation {
             formation
                 .apply_spec(spec)
                 .map_err(|e| anyhow::anyhow!("{e}"))?;
-        }
-        if let Some(memory) = options.memory {
-            formation.set_memory(memory);
         }
         for spec in app.processes.iter().filter(|p| p.singleton) {
             if formation.get(&spec.name).is_some_and(|s| s.count > 1) {

@@ -1013,3 +1013,19 @@ fn a_scale_naming_a_type_starts_its_exited_instances_again() {
     assert_eq!(runs("oneshot.1"), 4);
     assert_eq!(runs("oneshot.2"), 1);
 }
+
+/// `up -m` takes `scale`'s `TYPE=N:SIZE`; the size wins over `--memory` for its type.
+#[test]
+fn up_takes_memory_in_its_formation_as_scale_does() {
+    let app = App::new(WEB_AND_TICKER);
+    let _host = app.up(&["--memory", "128MiB", "-m", "web=2:64MiB,worker=1"]);
+    let by_type = scales(&app);
+    assert_eq!(by_type["web"], (2, 64 << 20));
+    assert_eq!(by_type["worker"], (1, 128 << 20));
+    let other = App::new(WEB_AND_TICKER);
+    let out = other.up_fails(&["-m", "web=2:12XB"]);
+    assert!(
+        out.contains("`web=2:12XB`: invalid memory size `12XB`"),
+        "{out}"
+    );
+}
