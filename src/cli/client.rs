@@ -40,6 +40,16 @@ impl Client {
         Ok(Self { dir, socket })
     }
 
+    /// Whether a host answers on the app's control socket.
+    pub fn host_running(&self) -> bool {
+        std::os::unix::net::UnixStream::connect(&self.socket).is_ok()
+    }
+
+    /// The app's state directory.
+    pub fn state(&self) -> StateDir {
+        StateDir::for_app(&self.dir)
+    }
+
     /// Sends one request; a non-2xx answer becomes an error carrying the API's message.
     pub async fn call(
         &self,

@@ -4,8 +4,11 @@ use anyhow::Result;
 use hyper::Method;
 
 use super::client::{AppArgs, Client, block_on};
+use crate::app::ByteSize;
+use crate::release::ReleaseStore;
 
-/// List the app's releases, newest first: version, time, and what changed.
+/// List the app's releases, newest first: version, time, and what changed. Without a running
+/// host they are read from the app's state directory.
 #[derive(clap::Args, Debug)]
 pub struct ReleasesCommand {
     /// Print the API's JSON instead of a table.
@@ -20,7 +23,19 @@ impl ReleasesCommand {
     /// Fetches and prints the list.
     pub fn execute(self) -> Result<()> {
         let client = Client::new(&self.app)?;
-        let answer = block_on(client.json(Method::GET, "/v1/releases", None))??;
+        let answer = match block_on(client.json(Method::GET, "/v1/releases", None))? {
+            Ok(answer) => answer,
+            // Releases persist in the state directory: without a host, they are read there.
+            Err(e) if !client.host_running() => {
+                let store = ReleaseStore::open(Some(client.state()), usize::MAX, ByteSize::mib(1))?;
+                if store.list().is_empty() {
+                    return Err(e);
+                }
+                let newest_first: Vec<_> = store.list().iter().rev().collect();
+                serde_json::json!({ "releases": newest_first })
+            }
+            Err(e) => return Err(e),
+        };
         if self.json {
             println!("{}", serde_json::to_string_pretty(&answer)?);
             return Ok(());

@@ -1029,3 +1029,28 @@ fn up_takes_memory_in_its_formation_as_scale_does() {
         "{out}"
     );
 }
+
+/// Releases persist in the state directory, so listing them needs no host.
+#[test]
+fn releases_are_listed_without_a_host() {
+    let app = App::new("web: app.wasm\n");
+    app.install("hello.wasm", "app.wasm");
+    let mut host = app.up(&[]);
+    app.install("test_web.wasm", "app.wasm");
+    assert!(app.cli(&["deploy"]).ok);
+    let running = app.cli(&["releases"]);
+    assert!(running.ok, "{running:?}");
+    host.signal(libc::SIGTERM);
+    assert!(host.wait_exit(Duration::from_secs(20)).unwrap().success());
+    let stopped = app.cli(&["releases"]);
+    assert!(stopped.ok, "{stopped:?}");
+    assert_eq!(stopped.stdout, running.stdout);
+    assert!(stopped.stdout.starts_with("v2 "), "{}", stopped.stdout);
+    // An app that never ran still says no host runs.
+    let never = App::new(WEB_AND_TICKER);
+    let out = never.cli(&["releases"]);
+    assert!(
+        !out.ok && out.stderr.contains("no wasmform host is running"),
+        "{out:?}"
+    );
+}
