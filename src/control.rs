@@ -354,6 +354,17 @@ impl Api {
     async fn handle(&self, req: Request<Incoming>) -> Response<ApiBody> {
         let path = req.uri().path().to_string();
         let query = req.uri().query().unwrap_or("").to_string();
+        // Only `/v1/logs` takes parameters: anything else given to a route is a mistake
+        // (a typo, a wrong route), refused rather than ignored.
+        if path != "/v1/logs"
+            && let Some(pair) = query.split('&').find(|p| !p.is_empty())
+        {
+            let key = pair.split_once('=').map_or(pair, |(key, _)| key);
+            return error(
+                StatusCode::BAD_REQUEST,
+                &format!("unknown parameter `{key}`: `{path}` takes none"),
+            );
+        }
         match (req.method().clone(), path.as_str()) {
             (Method::GET, "/v1/ps") => {
                 let mut ps = serde_json::to_value(self.supervisor.ps()).expect("ps serializes");
@@ -465,13 +476,47 @@ impl Api {
                     }
                 },
                 "ps" => filter = Some(value.to_string()),
-                "follow" => follow = matches!(value, "" | "1" | "true"),
+                "follow" => {
+                    follow = match value {
+                        "" | "1" | "true" => true,
+                        "0" | "false" => false,
+                        _ => {
+                            return error(
+                                StatusCode::BAD_REQUEST,
+                                &format!("invalid `follow={value}`: expected `true` or `false`"),
+                            );
+                        }
+                    }
+                }
                 _ => {
                     return error(
                         StatusCode::BAD_REQUEST,
                         &format!("unknown parameter `{key}`"),
                     );
                 }
+            }
+        }
+        if let Some(filter) = &filter {
+            let types: Vec<String> = self
+                .supervisor
+                .ps()
+                .types
+                .into_iter()
+                .map(|t| t.name)
+                .collect();
+            let (kind, index) = filter.split_once('.').unwrap_or((filter, ""));
+            let known = [crate::logs::HOST, crate::logs::API].contains(&filter.as_str())
+                || (types.iter().any(|t| t == kind)
+                    && (index.is_empty() || index.bytes().all(|b| b.is_ascii_digit())));
+            if !known {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    &format!(
+                        "unknown process type or instance `{filter}`: known types are {} (an instance is `TYPE.N`; `{}` is the host)",
+                        types.join(", "),
+                        crate::logs::HOST
+                    ),
+                );
             }
         }
         // Subscribe before reading the history so no line falls between the two.
