@@ -315,7 +315,9 @@ fn exposition(metrics: &Metrics, supervisor: &Supervisor) -> Response<ApiBody> {
     let mut response = Response::new(Full::new(Bytes::from(text)).boxed_unsync());
     response.headers_mut().insert(
         hyper::header::CONTENT_TYPE,
-        hyper::header::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+        hyper::header::HeaderValue::from_static(
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        ),
     );
     response
 }

@@ -182,6 +182,12 @@ fn metrics_on_loopback_and_the_control_socket() {
         raw.contains("wasmform_desired_instances{type=\"web\"} 2"),
         "{raw}"
     );
+    // The content type says what the body is: OpenMetrics (`# EOF`, `_total` counters).
+    assert!(
+        raw.contains("content-type: application/openmetrics-text; version=1.0.0; charset=utf-8"),
+        "{raw}"
+    );
+    assert!(raw.trim_end().ends_with("# EOF"), "{raw}");
 }
 
 #[test]
