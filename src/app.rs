@@ -555,7 +555,7 @@ impl AppSpec {
             *env = load_env_file(&file)?;
             self.sources.push(file);
         }
-        env.extend(raw.env.into_iter().map(|(k, v)| (k, v.0)));
+        env.extend(platform_checked(raw.env, "env", &at)?);
         self.capacity = raw.capacity.map(|c| c.0);
         if let Some(url) = raw.state.as_ref().and_then(|s| s.url.as_ref()) {
             if !(url.get_ref().starts_with("redis://") || url.get_ref().starts_with("rediss://")) {
@@ -617,7 +617,7 @@ impl AppSpec {
             let spec = &mut self.processes[index];
             spec.env = env.clone();
             spec.env
-                .extend(settings.env.into_iter().map(|(k, v)| (k, v.0)));
+                .extend(platform_checked(settings.env, &format!("{key}.env"), &at)?);
             let singleton = settings.singleton;
             if let Some(count) = &settings.count {
                 if singleton && *count.get_ref() > 1 {
@@ -785,6 +785,40 @@ fn check_outbound_host(host: &str) -> Result<String> {
 
 fn read(path: &Path) -> Result<String> {
     std::fs::read_to_string(path).with_context(|| format!("failed to read `{}`", path.display()))
+}
+
+/// Variables wasmform gives every instance itself (foreman's `PORT`, Heroku's `DYNO`…): the
+/// environment cannot override them.
+pub const PLATFORM_ENV: [&str; 5] = [
+    "PORT",
+    "WASMFORM_PROCESS",
+    "WASMFORM_INSTANCE",
+    "PS",
+    "DYNO",
+];
+
+/// A manifest's `env` table as plain pairs; a platform variable in it is an error at its key
+/// (`table` is the key path, `env` or `processes.web.env`), since it could only be ignored.
+fn platform_checked(
+    table: BTreeMap<toml::Spanned<String>, manifest::EnvValue>,
+    path: &str,
+    at: &impl Fn(std::ops::Range<usize>) -> String,
+) -> Result<Vec<(String, String)>> {
+    table
+        .into_iter()
+        .map(|(key, value)| {
+            if PLATFORM_ENV.contains(&key.get_ref().as_str()) {
+                anyhow::bail!(
+                    "{}: {path}.{}: wasmform sets {} for every instance ({}), so it cannot be set here: remove it",
+                    at(key.span()),
+                    key.get_ref(),
+                    key.get_ref(),
+                    PLATFORM_ENV.join(", ")
+                );
+            }
+            Ok((key.into_inner(), value.0))
+        })
+        .collect()
 }
 
 /// Loads a `.env` file the way foreman and `heroku local` do: `KEY=value` lines, `#` comments,

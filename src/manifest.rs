@@ -25,7 +25,7 @@ pub const FILE_NAME: &str = "wasmform.toml";
 pub struct Manifest {
     /// Variables every process type gets (after the `.env` file, before the type's own).
     #[serde(default)]
-    pub env: BTreeMap<String, EnvValue>,
+    pub env: BTreeMap<Spanned<String>, EnvValue>,
     /// The env file to load, relative to the manifest (default `.env`, if it exists).
     pub env_file: Option<Spanned<String>>,
     /// Memory budget for all instances (`--capacity` overrides it).
@@ -162,7 +162,7 @@ pub struct Process {
     pub max_requests: Option<Spanned<u64>>,
     /// Variables of this type only.
     #[serde(default)]
-    pub env: BTreeMap<String, EnvValue>,
+    pub env: BTreeMap<Spanned<String>, EnvValue>,
     /// A readiness and liveness check.
     pub health: Option<Health>,
     /// Hosts that outgoing HTTP requests may go to (none by default).

@@ -30,15 +30,8 @@ pub struct InstanceState {
 impl InstanceState {
     pub(super) fn new(setup: &InstanceSetup<'_>) -> Self {
         let mut wasi = WasiCtxBuilder::new();
-        const PLATFORM: [&str; 5] = [
-            "PORT",
-            "WASMFORM_PROCESS",
-            "WASMFORM_INSTANCE",
-            "PS",
-            "DYNO",
-        ];
         for (key, value) in setup.env {
-            if !PLATFORM.contains(&key.as_str()) {
+            if !crate::app::PLATFORM_ENV.contains(&key.as_str()) {
                 wasi.env(key, value);
             }
         }

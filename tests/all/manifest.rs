@@ -44,6 +44,14 @@ fn manifest_errors_name_file_line_column_and_key() {
             "wasmform.toml:2:16: processes.web.max_requests: must be at least 1",
         ),
         (
+            "[env]\nGREETING = \"hi\"\nPORT = \"8080\"\n",
+            "wasmform.toml:3:1: env.PORT: wasmform sets PORT for every instance (PORT, WASMFORM_PROCESS, WASMFORM_INSTANCE, PS, DYNO), so it cannot be set here: remove it",
+        ),
+        (
+            "[processes.web.env]\nDYNO = \"web.9\"\n",
+            "wasmform.toml:2:1: processes.web.env.DYNO: wasmform sets DYNO",
+        ),
+        (
             "[[services]]\nlisten = \"localhost\"\nprocesses = [\"web\"]\n",
             "wasmform.toml:2:10: services[0].listen: invalid listen address `localhost`",
         ),
@@ -92,11 +100,11 @@ fn env_file_app_env_and_type_env_layer_in_order() {
     let app = App::new("web: {guests}/test_web.wasm\n");
     app.write(
         ".env",
-        "# comment\nFROM_DOTENV=dotenv\nSHARED=dotenv\nexport QUOTED=\"a b\"\n",
+        "# comment\nFROM_DOTENV=dotenv\nSHARED=dotenv\nexport QUOTED=\"a b\"\nPORT=1\n",
     );
     app.write(
         "wasmform.toml",
-        "[env]\nSHARED = \"app\"\nNUMBER = 42\nPORT = 1\n[processes.web.env]\nONLY_WEB = true\n",
+        "[env]\nSHARED = \"app\"\nNUMBER = 42\n[processes.web.env]\nONLY_WEB = true\n",
     );
     let host = app.up(&[]);
     let env = |name: &str| host.get(&format!("/env?name={name}")).body;
@@ -105,7 +113,8 @@ fn env_file_app_env_and_type_env_layer_in_order() {
     assert_eq!(env("NUMBER"), "42\n");
     assert_eq!(env("QUOTED"), "a b\n");
     assert_eq!(env("ONLY_WEB"), "true\n");
-    // The platform's variables win.
+    // The platform's variables win over a `.env` file, which foreman users keep a PORT in (a
+    // manifest that sets one is refused: see the errors test).
     assert_eq!(env("PORT"), format!("{}\n", host.addr().port()));
 }
 
