@@ -260,6 +260,11 @@ pub struct ProcessSpec {
     pub consume: Option<String>,
     /// Deliveries of one message before it is dead-lettered.
     pub max_attempts: u32,
+    /// Where the manifest set the keys that only some kinds of process take, by key
+    /// (`consume` → `wasmform.toml:5:11: processes.web.consume`), for the errors found once the
+    /// component is compiled. Not part of the type's settings, nor stored with releases.
+    #[serde(skip)]
+    pub set_at: BTreeMap<String, String>,
 }
 
 impl ProcessSpec {
@@ -283,6 +288,16 @@ impl ProcessSpec {
             queues: Vec::new(),
             consume: None,
             max_attempts: DEFAULT_MAX_ATTEMPTS,
+            set_at: BTreeMap::new(),
+        }
+    }
+
+    /// Where `key` was set (`wasmform.toml:5:11: processes.web.consume`), else where the type
+    /// was declared.
+    pub fn origin_of(&self, key: &str) -> String {
+        match self.set_at.get(key) {
+            Some(at) => at.clone(),
+            None => format!("process type `{}` ({})", self.name, self.origin),
         }
     }
 
@@ -291,6 +306,7 @@ impl ProcessSpec {
     pub fn same_settings(&self, other: &Self) -> bool {
         let strip = |s: &Self| Self {
             origin: String::new(),
+            set_at: BTreeMap::new(),
             component: PathBuf::new(),
             count: None,
             memory: None,
@@ -637,9 +653,34 @@ impl AppSpec {
                 spec.count = Some(*count.get_ref());
             }
             spec.singleton = singleton;
-            spec.memory = settings.memory.map(|m| m.0);
+            // Where each key that only some kinds of process take was set, for the errors
+            // found once the component's kind is known.
+            let spans = [
+                ("memory", settings.memory.as_ref().map(|m| m.span())),
+                (
+                    "request_timeout",
+                    settings.request_timeout.as_ref().map(|d| d.span()),
+                ),
+                (
+                    "max_requests",
+                    settings.max_requests.as_ref().map(|m| m.span()),
+                ),
+                ("health", settings.health.as_ref().map(|h| h.path.span())),
+                ("consume", settings.consume.as_ref().map(|c| c.span())),
+                (
+                    "max_attempts",
+                    settings.max_attempts.as_ref().map(|m| m.span()),
+                ),
+            ];
+            for (name, span) in spans {
+                if let Some(span) = span {
+                    spec.set_at
+                        .insert(name.to_string(), format!("{}: {key}.{name}", at(span)));
+                }
+            }
+            spec.memory = settings.memory.map(|m| m.into_inner().0);
             spec.restart = settings.restart.unwrap_or_default();
-            spec.request_timeout = settings.request_timeout.map(|d| d.0);
+            spec.request_timeout = settings.request_timeout.map(|d| d.into_inner().0);
             if let Some(max) = &settings.max_requests {
                 if *max.get_ref() == 0 {
                     anyhow::bail!(

@@ -679,27 +679,13 @@ pub(crate) fn compile_all(
     for ((spec, _), rx) in work.iter().zip(pending) {
         let left = deadline.saturating_duration_since(Instant::now());
         compiled.push(match rx.recv_timeout(left) {
-            Ok(Ok((c, _))) if !c.is_http() && (spec.health.is_some() || spec.max_requests.is_some()) => bail!(
-                "process type `{}` ({}): `{}` is a background process (it exports `wasi:cli/run`): `health` and `max_requests` apply to HTTP process types only; remove them",
-                spec.name,
-                spec.origin,
-                spec.component.display()
-            ),
-            Ok(Ok((c, _))) if matches!(c.kind, runtime::Kind::Consumer(_)) && spec.consume.is_none() => bail!(
-                "process type `{}` ({}): `{}` is a queue consumer (it exports `wasmform:host/consumer`) but names no queue: add `consume = \"jobs\"` to `[processes.{}]` in wasmform.toml",
-                spec.name,
-                spec.origin,
-                spec.component.display(),
-                spec.name
-            ),
-            Ok(Ok((c, _))) if !matches!(c.kind, runtime::Kind::Consumer(_)) && spec.consume.is_some() => bail!(
-                "process type `{}` ({}): `consume` needs a queue consumer, but `{}` is a {} process (a consumer exports `wasmform:host/consumer`)",
-                spec.name,
-                spec.origin,
-                spec.component.display(),
-                c.kind_name()
-            ),
-            Ok(result) => result?,
+            Ok(Ok((c, took))) => {
+                if let Some(error) = misplaced_setting(spec, &c) {
+                    bail!(error);
+                }
+                (c, took)
+            }
+            Ok(Err(e)) => return Err(e),
             Err(std::sync::mpsc::RecvTimeoutError::Timeout) => bail!(
                 "process type `{}` ({}): component `{}` took longer than {} to compile: \
                  raise `--compile-timeout` if it is meant to be this big",
@@ -714,6 +700,63 @@ pub(crate) fn compile_all(
         });
     }
     Ok(compiled)
+}
+
+/// A setting of `spec` that its compiled component's kind does not take, as the error to
+/// report at the key that set it.
+fn misplaced_setting(spec: &app::ProcessSpec, compiled: &runtime::Compiled) -> Option<String> {
+    let file = spec.component.display();
+    let consumer = matches!(compiled.kind, runtime::Kind::Consumer(_));
+    let background = matches!(compiled.kind, runtime::Kind::Command(_));
+    let kind = compiled.kind_name();
+    if !compiled.is_http()
+        && let Some((key, _)) = [
+            ("health", spec.health.is_some()),
+            ("max_requests", spec.max_requests.is_some()),
+        ]
+        .into_iter()
+        .find(|(_, set)| *set)
+    {
+        return Some(format!(
+            "{}: `{file}` is a {} process (it exports {}): `health` and `max_requests` apply to HTTP process types only; remove them",
+            spec.origin_of(key),
+            if consumer {
+                "queue consumer"
+            } else {
+                "background"
+            },
+            if consumer {
+                "`wasmform:host/consumer`"
+            } else {
+                "`wasi:cli/run`"
+            },
+        ));
+    }
+    if background && spec.set_at.contains_key("request_timeout") {
+        return Some(format!(
+            "{}: `{file}` is a background process (it exports `wasi:cli/run`), which serves no requests: `request_timeout` applies to HTTP types and queue consumers; remove it",
+            spec.origin_of("request_timeout")
+        ));
+    }
+    if consumer && spec.consume.is_none() {
+        return Some(format!(
+            "process type `{}` ({}): `{file}` is a queue consumer (it exports `wasmform:host/consumer`) but names no queue: add `consume = \"jobs\"` to `[processes.{}]` in wasmform.toml",
+            spec.name, spec.origin, spec.name
+        ));
+    }
+    if !consumer && spec.consume.is_some() {
+        return Some(format!(
+            "{}: `consume` needs a queue consumer, but `{file}` is a {kind} process (a consumer exports `wasmform:host/consumer`)",
+            spec.origin_of("consume")
+        ));
+    }
+    if !consumer && spec.set_at.contains_key("max_attempts") {
+        return Some(format!(
+            "{}: `{file}` is a {kind} process: `max_attempts` applies to queue consumers only (deliveries of a message); remove it",
+            spec.origin_of("max_attempts")
+        ));
+    }
+    None
 }
 
 /// A runtime for background processes whose threads run at a lower priority (nice 10): the

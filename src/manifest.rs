@@ -150,14 +150,14 @@ pub struct Process {
     /// Instances when the type first runs, or when this value changes in a deploy.
     pub count: Option<Spanned<u32>>,
     /// Memory limit per instance.
-    pub memory: Option<Memory>,
+    pub memory: Option<Spanned<Memory>>,
     /// At most one instance, ever (a clock).
     #[serde(default)]
     pub singleton: bool,
     /// When an instance that ended is started again.
     pub restart: Option<RestartMode>,
     /// Longest time for a response's headers (504 after).
-    pub request_timeout: Option<DurationValue>,
+    pub request_timeout: Option<Spanned<DurationValue>>,
     /// Recycle an instance after this many requests (as gunicorn's `max_requests`).
     pub max_requests: Option<Spanned<u64>>,
     /// Variables of this type only.
@@ -455,7 +455,7 @@ mod tests {
         let m = parse(text, Path::new("docs/manifest.md")).unwrap();
         assert_eq!(m.env["RETRIES"].0, "3");
         let web = &m.processes["web"];
-        assert_eq!(web.memory.unwrap().0, ByteSize::mib(128));
+        assert_eq!(web.memory.as_ref().unwrap().get_ref().0, ByteSize::mib(128));
         assert_eq!(*web.count.as_ref().unwrap().get_ref(), 4);
         let health = Manifest::health(web.health.as_ref().unwrap()).unwrap();
         assert_eq!(health.threshold, 3);

@@ -1393,8 +1393,9 @@ impl Supervisor {
             let memory = spec.memory.unwrap_or(self.default_memory);
             if memory > self.limits.max_memory {
                 return Err(ControlError::Invalid(format!(
-                    "process type `{name}` ({}): memory {memory} is above this host's maximum of {}: restart `wasmform up` with a larger `--max-memory`",
-                    spec.origin, self.limits.max_memory
+                    "{}: memory {memory} is above this host's maximum of {}: restart `wasmform up` with a larger `--max-memory`",
+                    spec.origin_of("memory"),
+                    self.limits.max_memory
                 )));
             }
             let limit = |count: u32| if spec.singleton { count.min(1) } else { count };

@@ -735,3 +735,18 @@ fn a_deploy_records_the_compile_time_of_its_types() {
     assert!(app.cli(&["deploy"]).ok);
     assert!(compiled(&scrape(), "clock"), "{}", scrape());
 }
+
+/// A deploy's memory above `--max-memory` is refused at the manifest key that set it.
+#[test]
+fn a_deploy_over_the_max_memory_names_the_key() {
+    let app = App::new("web: {guests}/hello.wasm\n");
+    let _host = app.up(&[]);
+    app.write("wasmform.toml", "[processes.web]\nmemory = \"2GiB\"\n");
+    let out = app.cli(&["deploy"]);
+    assert!(!out.ok, "{out:?}");
+    assert!(
+        out.stderr.contains("wasmform.toml:2:10: processes.web.memory: memory 2 GiB is above this host's maximum of 1 GiB"),
+        "{}",
+        out.stderr
+    );
+}

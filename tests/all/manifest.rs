@@ -82,12 +82,53 @@ fn manifest_errors_name_file_line_column_and_key() {
         );
     }
 
-    // Settings that do not fit the component's kind are refused after compiling.
-    let app = App::new("worker: {guests}/ticker.wasm\n");
+    // Settings that do not fit the component's kind are refused after compiling, at the key
+    // that set them.
+    let app = App::new("worker: {guests}/ticker.wasm\nweb: {guests}/hello.wasm\n");
+    for (manifest, expected) in [
+        (
+            "[processes.worker]\nmax_requests = 5\n",
+            "wasmform.toml:2:16: processes.worker.max_requests: `",
+        ),
+        (
+            "[processes.worker]\nrequest_timeout = \"5s\"\n",
+            "wasmform.toml:2:19: processes.worker.request_timeout: `",
+        ),
+        (
+            "[processes.web]\nmax_attempts = 3\n",
+            "wasmform.toml:2:16: processes.web.max_attempts: `",
+        ),
+        (
+            "[processes.web]\nconsume = \"mail\"\n",
+            "wasmform.toml:2:11: processes.web.consume: `consume` needs a queue consumer",
+        ),
+    ] {
+        app.write("wasmform.toml", manifest);
+        let out = app.up_fails(&[]);
+        assert!(
+            out.contains(expected),
+            "for {manifest:?} expected {expected:?} in:\n{out}"
+        );
+    }
     app.write("wasmform.toml", "[processes.worker]\nmax_requests = 5\n");
     let out = app.up_fails(&[]);
     assert!(out.contains("is a background process"), "{out}");
     assert!(out.contains("apply to HTTP process types only"), "{out}");
+    app.write(
+        "wasmform.toml",
+        "[processes.worker]\nrequest_timeout = \"5s\"\n",
+    );
+    let out = app.up_fails(&[]);
+    assert!(
+        out.contains("`request_timeout` applies to HTTP types and queue consumers"),
+        "{out}"
+    );
+    app.write("wasmform.toml", "[processes.web]\nmax_attempts = 3\n");
+    let out = app.up_fails(&[]);
+    assert!(
+        out.contains("`max_attempts` applies to queue consumers only"),
+        "{out}"
+    );
 
     let app = App::new("web: {guests}/hello.wasm\n");
     app.write(".env", "GOOD=1\nnot a line\n");
