@@ -74,9 +74,16 @@ impl RedisStore {
             .with_context(|| format!("state.url `{url}` is not a valid Redis URL"))?;
         // No response timeout: a script that ran must not be reported as failed because the
         // answer was slow (the caller would retry it and, say, enqueue twice).
+        // A server that went away fails calls fast: one reconnection attempt per failure
+        // (a refused connection answers at once), not the six with growing delays (~9 s) of
+        // redis-rs's defaults, which held a guest's call and its instance that long. The next
+        // call tries again, so the store comes back by itself with the server.
         let config = redis::aio::ConnectionManagerConfig::new()
             .set_response_timeout(None)
-            .set_connection_timeout(Some(std::time::Duration::from_secs(5)));
+            .set_connection_timeout(Some(std::time::Duration::from_secs(2)))
+            .set_number_of_retries(1)
+            .set_min_delay(std::time::Duration::from_millis(50))
+            .set_max_delay(std::time::Duration::from_millis(500));
         let conn = tokio::time::timeout(
             std::time::Duration::from_secs(5),
             ConnectionManager::new_with_config(client, config),

@@ -577,3 +577,46 @@ fn buckets_and_queues_are_denied_unless_listed() {
         "{out}"
     );
 }
+
+/// A Redis server that goes away fails the calls that need it fast, leaves what does not need
+/// it serving, and is used again once it is back.
+#[test]
+fn a_redis_store_that_goes_away_fails_fast_and_comes_back() {
+    let server = crate::tools::Redis::start();
+    let port = server.port;
+    let app = App::new("web: {guests}/counter.wasm\nhello: {guests}/hello.wasm\n");
+    app.write(
+        "wasmform.toml",
+        &format!(
+            "[state]\nurl = \"redis://127.0.0.1:{port}/?namespace=gone\"\n[processes.web]\nbuckets = [\"counter\"]\n\n[[services]]\nlisten = \"127.0.0.1:0\"\nprocesses = [\"hello\"]\n"
+        ),
+    );
+    let host = app.up(&[]);
+    let hello = host.logged_addr("service `hello` serving");
+    assert_eq!(host.get("/").body, "1\n");
+    drop(server);
+    for _ in 0..3 {
+        let started = std::time::Instant::now();
+        let response = host.get("/");
+        assert_eq!(response.status, 500, "{response:?}");
+        // redis-rs's default reconnection held each call ~9 s.
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{:?}",
+            started.elapsed()
+        );
+        assert_eq!(crate::support::get(hello, "/").status, 200);
+    }
+    // Back on the same port: the next calls reconnect by themselves (an empty server now).
+    let _server = crate::tools::Redis::start_on(port);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let response = host.get("/");
+        if response.status == 200 {
+            assert_eq!(response.body, "1\n");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{response:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}

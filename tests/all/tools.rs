@@ -174,6 +174,11 @@ impl Redis {
             .and_then(|l| l.local_addr())
             .expect("a free port")
             .port();
+        Self::start_on(port)
+    }
+
+    /// A server on `port` of 127.0.0.1 (e.g. to bring back one that was stopped).
+    pub fn start_on(port: u16) -> Self {
         let server = redis_server();
         let child = Command::new(server)
             .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
