@@ -230,7 +230,7 @@ impl Deployer {
             Some(current) => unapplied(&current.app, &staged.app),
             None => Vec::new(),
         };
-        let changes = self.supervisor.deploy(versions, version).await?;
+        let changes = self.supervisor.deploy(versions, version, what).await?;
         for (name, took) in &compile_times {
             self.metrics.compiled(name, took.as_secs_f64());
         }

@@ -575,6 +575,13 @@ impl Host {
                 stop_http.clone(),
             )));
             logs.host(format!("service `{process}` serving http://{addr}"));
+            // As the control API needs `--control-public` for it, a service reachable from
+            // other machines is said so, once, where the operator reads.
+            if !addr.ip().is_loopback() {
+                logs.host(format!(
+                    "service `{process}` listens on {addr}, which other machines can reach, not only this one: use 127.0.0.1 in its `listen` unless that is meant"
+                ));
+            }
         }
         let deployer = Arc::new(deploy::Deployer {
             source: self.options.source.clone(),

@@ -1379,6 +1379,7 @@ impl Supervisor {
         self: &Arc<Self>,
         types: Vec<NewVersion>,
         release: u32,
+        what: &str,
     ) -> Result<Changes, ControlError> {
         let _op = self.ops.lock().await;
         let (old_types, old_desired) = {
@@ -1438,7 +1439,7 @@ impl Supervisor {
         }
         let summary = describe_changes(&changes);
         self.logs
-            .event(API, format!("Deploy v{release}: {summary}"));
+            .event(API, format!("{what}: v{release} rolling out, {summary}"));
         let started = {
             let mut state = self.lock();
             // Removed types keep serving until the rest of the release is live: a release that

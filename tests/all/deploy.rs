@@ -750,3 +750,23 @@ fn a_deploy_over_the_max_memory_names_the_key() {
         out.stderr
     );
 }
+
+/// A rollback is logged as a rollback, not as a deploy.
+#[test]
+fn a_rollback_is_logged_as_one() {
+    let app = App::new("web: app.wasm\n");
+    app.install("hello.wasm", "app.wasm");
+    let host = app.up(&[]);
+    app.install("test_web.wasm", "app.wasm");
+    assert!(app.cli(&["deploy"]).ok);
+    host.wait_for(
+        "Deploy: v2 rolling out, web changed",
+        Duration::from_secs(20),
+    );
+    assert!(app.cli(&["rollback", "v1"]).ok);
+    let out = host.wait_for(
+        "Rollback to v1: v3 rolling out, web changed",
+        Duration::from_secs(20),
+    );
+    assert!(!out.contains("Deploy: v3"), "{out}");
+}
