@@ -581,6 +581,8 @@ impl AppSpec {
                     url.get_ref()
                 );
             }
+            crate::shared::redis::namespace(url.get_ref())
+                .map_err(|e| anyhow::anyhow!("{}: {e}", at(url.span())))?;
             self.state_url = Some(url.get_ref().clone());
         }
         self.build = raw.build.map(|b| b.command);

@@ -44,6 +44,10 @@ fn manifest_errors_name_file_line_column_and_key() {
             "wasmform.toml:2:16: processes.web.max_requests: must be at least 1",
         ),
         (
+            "[state]\nurl = \"redis://127.0.0.1:6379\"\n",
+            "wasmform.toml:2:7: state.url `redis://127.0.0.1:6379` names no namespace",
+        ),
+        (
             "[env]\nGREETING = \"hi\"\nPORT = \"8080\"\n",
             "wasmform.toml:3:1: env.PORT: wasmform sets PORT for every instance (PORT, WASMFORM_PROCESS, WASMFORM_INSTANCE, PS, DYNO), so it cannot be set here: remove it",
         ),
