@@ -234,7 +234,13 @@ impl Deployer {
         for (name, took) in &compile_times {
             self.metrics.compiled(name, took.as_secs_f64());
         }
-        let description = format!("{what}: {}", describe_changes(&changes));
+        // What changed for the next `up` only is part of what the release is.
+        let deferred = notes
+            .iter()
+            .filter_map(|n| n.split_once(" changed: ").map(|(what, _)| what))
+            .map(|what| format!("; {what} changed (at the next `up`)"))
+            .collect::<String>();
+        let description = format!("{what}: {}{deferred}", describe_changes(&changes));
         if let Err(e) = self
             .releases
             .lock()

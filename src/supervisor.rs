@@ -434,12 +434,18 @@ pub struct Changes {
     pub changed: Vec<String>,
     /// Types that disappeared (stopped).
     pub removed: Vec<String>,
+    /// Types left as they were but for their count (a manifest `count` that changed), with
+    /// the new count.
+    pub scaled: Vec<(String, u32)>,
 }
 
 impl Changes {
     /// Whether nothing changed.
     pub fn is_empty(&self) -> bool {
-        self.added.is_empty() && self.changed.is_empty() && self.removed.is_empty()
+        self.added.is_empty()
+            && self.changed.is_empty()
+            && self.removed.is_empty()
+            && self.scaled.is_empty()
     }
 }
 
@@ -1417,6 +1423,8 @@ impl Supervisor {
                     // A new memory limit rolls the type as a new version does.
                     if !old.same_as(&spec, &compiled) || scale.memory != before.memory {
                         changes.changed.push(name.to_string());
+                    } else if scale.count != before.count {
+                        changes.scaled.push((name.to_string(), scale.count));
                     }
                     next_types.insert(name, self.version(spec, compiled, release));
                 }
@@ -1853,6 +1861,9 @@ pub fn describe_changes(changes: &Changes) -> String {
         if !names.is_empty() {
             parts.push(format!("{} {what}", names.join(", ")));
         }
+    }
+    for (name, count) in &changes.scaled {
+        parts.push(format!("{name} scaled to {count}"));
     }
     if parts.is_empty() {
         "no process type changed".to_string()

@@ -429,6 +429,28 @@ fn manifest_count_and_memory_apply_when_they_change_and_scale_wins_otherwise() {
     let instances = ps["instances"].as_array().unwrap();
     assert_eq!(instances.len(), 1, "{ps:#}");
     assert_eq!(instances[0]["memory_limit"], 64 << 20);
+    // A count-only change says so, and so does one that applies at the next `up`.
+    app.write(
+        "wasmform.toml",
+        "[processes.web]\ncount = 2\nmemory = \"64MiB\"\nenv = { A = 1 }\n",
+    );
+    let out = app.cli(&["deploy"]);
+    assert_eq!(
+        out.stdout.trim(),
+        "Released v4: Deploy: web scaled to 2",
+        "{out:?}"
+    );
+    app.write(
+        "wasmform.toml",
+        "capacity = \"8GiB\"\n[processes.web]\ncount = 2\nmemory = \"64MiB\"\nenv = { A = 1 }\n",
+    );
+    let out = app.cli(&["deploy"]);
+    assert!(
+        out.stdout.starts_with(
+            "Released v5: Deploy: no process type changed; capacity changed (at the next `up`)"
+        ),
+        "{out:?}"
+    );
 }
 
 #[test]
