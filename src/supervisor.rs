@@ -1227,19 +1227,30 @@ impl Supervisor {
             Some(t) => s.process.as_str() == t || s.name() == t,
         });
         if slots.is_empty() {
-            let running: Vec<String> = self
+            let (exited, running): (Vec<Arc<Slot>>, Vec<Arc<Slot>>) = self
                 .active_slots(|_| true)
-                .iter()
-                .map(|s| s.name())
-                .collect();
-            return Err(ControlError::Invalid(format!(
-                "nothing to restart: no running instance matches `{}` (running: {})",
-                target.unwrap_or("*"),
-                if running.is_empty() {
+                .into_iter()
+                .partition(|s| s.exited());
+            let names = |slots: &[Arc<Slot>]| {
+                if slots.is_empty() {
                     "none".to_string()
                 } else {
-                    running.join(", ")
+                    slots
+                        .iter()
+                        .map(|s| s.name())
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 }
+            };
+            let exited = if exited.is_empty() {
+                String::new()
+            } else {
+                format!("; exited: {}", names(&exited))
+            };
+            return Err(ControlError::Invalid(format!(
+                "nothing to restart: no running instance matches `{}` (running: {}{exited})",
+                target.unwrap_or("*"),
+                names(&running)
             )));
         }
         self.logs.event(

@@ -1000,6 +1000,13 @@ fn a_scale_naming_a_type_starts_its_exited_instances_again() {
         .expect("oneshot.1 did not exit")
     };
     exited(1);
+    // An exited instance is not listed as running.
+    let out = app.cli(&["restart", "oneshot.9"]);
+    assert!(
+        out.stderr.contains("(running: none; exited: oneshot.1)"),
+        "{}",
+        out.stderr
+    );
     for (i, change) in ["oneshot=1", "oneshot+0"].iter().enumerate() {
         let out = app.cli(&["scale", change]);
         assert!(out.ok, "{out:?}");
