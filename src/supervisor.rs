@@ -746,6 +746,10 @@ impl Supervisor {
         // Whether the last incarnation was used up (not a crash): its replacement starts
         // without a log line or readiness check of its own.
         let mut recycled = false;
+        // Whether a command (scale, restart, deploy) was told that this slot's first start
+        // failed: it decides whether the slot goes on (a deploy rolls back and stops it), so the
+        // restart waits at least the backoff base and is logged only when it happens.
+        let mut awaited = false;
         loop {
             if slot.stopping() {
                 break;
@@ -778,6 +782,7 @@ impl Supervisor {
                 Err(boot) => {
                     if let Some(ready) = ready.take() {
                         let _ = ready.send(Err(boot.clone()));
+                        awaited = true;
                     }
                     (format!("failed to start: {boot}"), true, true)
                 }
@@ -818,6 +823,28 @@ impl Supervisor {
                 backoff.next(started.elapsed())
             } else {
                 Duration::ZERO
+            };
+            let delay = if std::mem::take(&mut awaited) {
+                self.logs.host(format!("{name} {reason}"));
+                self.metrics.restart(process.spec.name.as_str(), &reason);
+                let delay = delay.max(self.restart.base);
+                if let Some(pool) = process.pool.as_ref().filter(|_| reserved) {
+                    pool.gone();
+                    reserved = false;
+                }
+                slot.set(SlotState::Crashed {
+                    reason: reason.clone(),
+                    restart_at: Instant::now() + delay,
+                });
+                tokio::select! {
+                    () = tokio::time::sleep(delay) => {}
+                    () = slot.cancel.cancelled() => break,
+                }
+                self.logs
+                    .host(format!("{name} restarting after failing to start"));
+                continue;
+            } else {
+                delay
             };
             if let Some(pool) = process
                 .pool

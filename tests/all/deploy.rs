@@ -122,6 +122,18 @@ fn broken_releases_are_rejected_and_the_old_version_keeps_serving() {
     assert!(host.get("/").body.starts_with("hello from"));
     let out = host.wait_for("Deploy failed", Duration::from_secs(5));
     assert!(out.contains("did not pass its health check"), "{out}");
+    // The new instance that failed is not said to restart: the deploy stopped it.
+    let failed = out
+        .lines()
+        .find(|l| l.contains("failed to start: did not pass its health check"))
+        .unwrap_or_else(|| panic!("{out}"));
+    assert!(!failed.contains("restarting"), "{failed}");
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(
+        !host.output().contains("restarting after failing to start"),
+        "{}",
+        host.output()
+    );
     assert_eq!(release_versions(&app), [1]);
     app.wait_settled(Duration::from_secs(30));
     // What the rejected releases staged is not kept.
