@@ -641,14 +641,31 @@ impl Supervisor {
     }
 
     /// Instances desired but not started, with the reason.
+    /// Instances desired but not started, with the reason. An instance that will fit once the
+    /// stopping ones have ended (a roll in progress) is said to wait for them, not to lack
+    /// room: the room is counted for the pending instances in order, as they will start.
     fn pending(&self, state: &State) -> Vec<(String, String)> {
+        let mut staying: u64 = state
+            .slots
+            .iter()
+            .filter(|s| !s.stopping())
+            .map(|s| s.memory.as_u64())
+            .sum();
         let mut pending = Vec::new();
         for (name, scale) in state.desired.iter() {
             for index in missing(state, name, scale.count) {
-                let reason = self
-                    .room(state, scale.memory)
-                    .err()
-                    .unwrap_or_else(|| "waiting for a stopping instance to end".to_string());
+                let reason = match self.room(state, scale.memory) {
+                    Err(e)
+                        if !e.starts_with("capacity:")
+                            || staying + scale.memory.as_u64() > self.limits.capacity.as_u64() =>
+                    {
+                        e
+                    }
+                    _ => {
+                        staying += scale.memory.as_u64();
+                        "waiting for a stopping instance to end".to_string()
+                    }
+                };
                 pending.push((format!("{name}.{index}"), reason));
             }
         }
