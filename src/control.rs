@@ -296,12 +296,16 @@ pub async fn serve_metrics(
         let (supervisor, metrics) = (supervisor.clone(), metrics.clone());
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req: Request<Incoming>| {
-                let response = if req.method() == Method::GET && req.uri().path() == "/metrics" {
-                    exposition(&metrics, &supervisor)
-                } else {
-                    error(StatusCode::NOT_FOUND, "only GET /metrics is served here")
-                };
-                async move { Ok::<_, Infallible>(response) }
+                let (supervisor, metrics) = (supervisor.clone(), metrics.clone());
+                async move {
+                    Ok::<_, Infallible>(
+                        if req.method() == Method::GET && req.uri().path() == "/metrics" {
+                            exposition(&metrics, &supervisor).await
+                        } else {
+                            error(StatusCode::NOT_FOUND, "only GET /metrics is served here")
+                        },
+                    )
+                }
             });
             let _ = http1_builder()
                 .serve_connection(TokioIo::new(stream), service)
@@ -310,8 +314,9 @@ pub async fn serve_metrics(
     }
 }
 
-fn exposition(metrics: &Metrics, supervisor: &Supervisor) -> Response<ApiBody> {
-    let text = metrics.render(&supervisor.ps(), &supervisor.queues());
+async fn exposition(metrics: &Metrics, supervisor: &Supervisor) -> Response<ApiBody> {
+    let store = supervisor.store_status().await.map(|s| s.reachable);
+    let text = metrics.render(&supervisor.ps(), &supervisor.queues(), store);
     let mut response = Response::new(Full::new(Bytes::from(text)).boxed_unsync());
     response.headers_mut().insert(
         hyper::header::CONTENT_TYPE,
@@ -372,6 +377,8 @@ impl Api {
                 let mut ps = serde_json::to_value(self.supervisor.ps()).expect("ps serializes");
                 ps["queues"] = serde_json::to_value(self.supervisor.queue_stats().await)
                     .expect("stats serialize");
+                ps["store"] = serde_json::to_value(self.supervisor.store_status().await)
+                    .expect("status serializes");
                 json(StatusCode::OK, &ps)
             }
             (Method::GET, "/v1/formation") => json(
@@ -444,7 +451,7 @@ impl Api {
                 &serde_json::json!({ "releases": self.deployer.releases().await }),
             ),
             (Method::GET, "/v1/logs") => self.logs(&query),
-            (Method::GET, "/metrics") => exposition(&self.metrics, &self.supervisor),
+            (Method::GET, "/metrics") => exposition(&self.metrics, &self.supervisor).await,
             (
                 _,
                 "/v1/ps" | "/v1/formation" | "/v1/scale" | "/v1/restart" | "/v1/logs"

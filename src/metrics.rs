@@ -89,6 +89,7 @@ pub struct Metrics {
     queue: Family<TypeLabel, Gauge>,
     capacity: Gauge,
     reserved: Gauge,
+    store_up: Gauge,
 }
 
 impl Default for Metrics {
@@ -180,6 +181,12 @@ impl Metrics {
             "Memory limits of existing instances, summed",
             reserved.clone(),
         );
+        let store_up = Gauge::default();
+        registry.register(
+            "wasmform_state_store_up",
+            "1 while the shared store answers, 0 while it cannot be reached (a Redis server that went away)",
+            store_up.clone(),
+        );
         Self {
             registry,
             requests,
@@ -195,6 +202,7 @@ impl Metrics {
             queue,
             capacity,
             reserved,
+            store_up,
         }
     }
 
@@ -257,7 +265,10 @@ impl Metrics {
     }
 
     /// The exposition text, with the formation's state as of `ps` and `queues`.
-    pub fn render(&self, ps: &PsReport, queues: &[(String, usize)]) -> String {
+    pub fn render(&self, ps: &PsReport, queues: &[(String, usize)], store: Option<bool>) -> String {
+        if let Some(reachable) = store {
+            self.store_up.set(i64::from(reachable));
+        }
         self.instances.clear();
         self.memory.clear();
         for t in &ps.types {

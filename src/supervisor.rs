@@ -294,6 +294,19 @@ pub struct InstanceReport {
     pub release: u32,
 }
 
+/// The shared store in `ps`.
+#[derive(Debug, Serialize)]
+pub struct StoreStatus {
+    /// `embedded (…/shared.db)` or `redis (url)`.
+    pub backend: String,
+    /// Whether calls reach it.
+    pub reachable: bool,
+    /// Unix time of the first failed call, while unreachable.
+    pub since: Option<f64>,
+    /// What the first failed call said, while unreachable.
+    pub error: Option<String>,
+}
+
 /// `ps`: every type and every instance, pending ones included.
 #[derive(Debug, Serialize)]
 pub struct PsReport {
@@ -1723,6 +1736,22 @@ impl Supervisor {
     }
 
     /// Depth of every queue a current type consumes.
+    /// The shared store's state for `ps` and metrics: `None` without a store; else its
+    /// backend and, when it cannot be reached, since when and why.
+    pub async fn store_status(&self) -> Option<StoreStatus> {
+        let store = self.shared.as_ref()?;
+        let down = store.unreachable().await;
+        Some(StoreStatus {
+            backend: store.describe(),
+            reachable: down.is_none(),
+            since: down.as_ref().map(|(t, _)| {
+                t.duration_since(SystemTime::UNIX_EPOCH)
+                    .map_or(0.0, |d| d.as_secs_f64())
+            }),
+            error: down.map(|(_, e)| e),
+        })
+    }
+
     pub async fn queue_stats(&self) -> Vec<crate::shared::QueueStats> {
         let consumers: Vec<(Store, String)> = self
             .lock()

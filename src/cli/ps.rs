@@ -54,6 +54,14 @@ impl PsCommand {
                 q["dead"]
             );
         }
+        let store = &report["store"];
+        if store["reachable"] == false {
+            println!(
+                "shared state: {} cannot be reached ({}): calls that need it fail until it is back",
+                store["backend"].as_str().unwrap_or("?"),
+                store["error"].as_str().unwrap_or("?")
+            );
+        }
         println!(
             "capacity: {} of {} reserved",
             size(report["reserved"].as_u64().unwrap_or(0)),

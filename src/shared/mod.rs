@@ -102,6 +102,15 @@ impl Store {
         }
     }
 
+    /// Since when and why the store cannot be reached (a Redis server that went away), or
+    /// `None`. The embedded store is always there.
+    pub async fn unreachable(&self) -> Option<(std::time::SystemTime, String)> {
+        match self {
+            Self::Embedded(_) => None,
+            Self::Redis(r) => r.unreachable().await,
+        }
+    }
+
     /// The backend's name, for the start-up line.
     pub fn describe(&self) -> String {
         match self {

@@ -23,6 +23,8 @@ use super::{Job, Nacked, PAGE, QueueStats, StoreResult};
 #[derive(Clone)]
 pub struct RedisStore {
     conn: ConnectionManager,
+    /// Since when and why calls fail (the server went away), until a check finds it back.
+    down: std::sync::Arc<std::sync::Mutex<Option<(std::time::SystemTime, String)>>>,
     url: String,
     /// `wasmform:{namespace}:`, before every key: the app's own part of the server.
     prefix: String,
@@ -93,9 +95,41 @@ impl RedisStore {
         .with_context(|| format!("cannot connect to Redis at `{url}`: is it running?"))?;
         Ok(Self {
             conn,
+            down: Default::default(),
             url: url.to_string(),
             prefix,
         })
+    }
+
+    /// A failed call: noted as the server being unreachable (the first failure's time is
+    /// kept) until [`RedisStore::unreachable`] finds it back; the text for the caller.
+    fn failed(&self, e: redis::RedisError) -> String {
+        let text = err(e);
+        let mut down = self.down.lock().unwrap_or_else(|e| e.into_inner());
+        if down.is_none() {
+            *down = Some((std::time::SystemTime::now(), text.clone()));
+        }
+        text
+    }
+
+    /// Since when and why the server is unreachable, or `None`: after a failure, a `PING`
+    /// (at most 1 s) tells whether it is back.
+    pub async fn unreachable(&self) -> Option<(std::time::SystemTime, String)> {
+        let down = self
+            .down
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()?;
+        let mut conn = self.conn.clone();
+        let ping = redis::cmd("PING");
+        let ping = ping.query_async::<String>(&mut conn);
+        match tokio::time::timeout(std::time::Duration::from_secs(1), ping).await {
+            Ok(Ok(_)) => {
+                *self.down.lock().unwrap_or_else(|e| e.into_inner()) = None;
+                None
+            }
+            _ => Some(down),
+        }
     }
 
     /// `redis (url)`.
@@ -108,7 +142,7 @@ impl RedisStore {
             .clone()
             .hget(self.kv(bucket), key)
             .await
-            .map_err(err)
+            .map_err(|e| self.failed(e))
     }
 
     pub(crate) async fn list_keys(
@@ -121,7 +155,7 @@ impl RedisStore {
             .clone()
             .hkeys(self.kv(bucket))
             .await
-            .map_err(err)?;
+            .map_err(|e| self.failed(e))?;
         keys.sort();
         let offset = cursor.unwrap_or(0);
         let rest: Vec<String> = keys
@@ -175,7 +209,7 @@ impl RedisStore {
                 format!("cannot increment `{key}`: its value is not a decimal number up to 2^53-1")
             }
             Some("OVERFLOW") => format!("cannot increment `{key}`: the value would pass 2^53-1"),
-            _ => err(e),
+            _ => self.failed(e),
         })
     }
 
@@ -208,7 +242,7 @@ impl RedisStore {
             .arg(new)
             .invoke_async(&mut self.conn.clone())
             .await
-            .map_err(err)?;
+            .map_err(|e| self.failed(e))?;
         Ok(swapped == 1)
     }
 
@@ -224,7 +258,7 @@ impl RedisStore {
             .clone()
             .hset_multiple::<_, _, _, ()>(self.kv(bucket), &pairs)
             .await
-            .map_err(err)
+            .map_err(|e| self.failed(e))
     }
 
     pub(crate) async fn delete_many(&self, bucket: &str, keys: Vec<String>) -> StoreResult<()> {
@@ -235,7 +269,7 @@ impl RedisStore {
             .clone()
             .hdel::<_, _, ()>(self.kv(bucket), keys)
             .await
-            .map_err(err)
+            .map_err(|e| self.failed(e))
     }
 
     pub(crate) async fn enqueue(&self, queue: &str, bodies: Vec<Vec<u8>>) -> StoreResult<()> {
@@ -270,7 +304,7 @@ impl RedisStore {
         let _: i64 = invocation
             .invoke_async(&mut self.conn.clone())
             .await
-            .map_err(err)?;
+            .map_err(|e| self.failed(e))?;
         Ok(())
     }
 
@@ -321,7 +355,7 @@ impl RedisStore {
             .arg(super::embedded::POISON)
             .invoke_async(&mut self.conn.clone())
             .await
-            .map_err(err)?;
+            .map_err(|e| self.failed(e))?;
         Ok(found.map(|(id, body, attempts, lease)| Job {
             id: id.parse().unwrap_or_default(),
             queue: queue.to_string(),
@@ -362,7 +396,7 @@ impl RedisStore {
             .arg(job.lease)
             .invoke_async(&mut self.conn.clone())
             .await
-            .map_err(err)?;
+            .map_err(|e| self.failed(e))?;
         Ok(acked == 1)
     }
 
@@ -409,7 +443,7 @@ impl RedisStore {
             .arg(super::retry_delay(job.attempts).as_millis() as u64)
             .invoke_async(&mut self.conn.clone())
             .await
-            .map_err(err)?;
+            .map_err(|e| self.failed(e))?;
         Ok(match (applied == 1, dead) {
             (false, _) => Nacked::Lapsed,
             (true, true) => Nacked::DeadLettered,
@@ -438,7 +472,7 @@ impl RedisStore {
             .arg(job.lease)
             .invoke_async(&mut self.conn.clone())
             .await
-            .map_err(err)?;
+            .map_err(|e| self.failed(e))?;
         Ok(released == 1)
     }
 
@@ -448,7 +482,7 @@ impl RedisStore {
             .hlen(self.q(queue, "dead"))
             .query_async(&mut self.conn.clone())
             .await
-            .map_err(err)?;
+            .map_err(|e| self.failed(e))?;
         Ok(QueueStats {
             queue: queue.to_string(),
             pending,

@@ -607,6 +607,23 @@ fn a_redis_store_that_goes_away_fails_fast_and_comes_back() {
         );
         assert_eq!(crate::support::get(hello, "/").status, 200);
     }
+    // `ps` and the metrics say so.
+    let store = app.ps()["store"].clone();
+    assert_eq!(store["reachable"], false, "{store}");
+    assert!(
+        store["error"].as_str().unwrap().starts_with("redis: "),
+        "{store}"
+    );
+    assert!(store["since"].as_f64().is_some(), "{store}");
+    let out = app.cli(&["ps"]);
+    assert!(
+        out.stdout.contains(&format!(
+            "shared state: redis (redis://127.0.0.1:{port}/?namespace=gone) cannot be reached"
+        )),
+        "{}",
+        out.stdout
+    );
+    assert!(metrics(&app).contains("wasmform_state_store_up 0"));
     // Back on the same port: the next calls reconnect by themselves (an empty server now).
     let _server = crate::tools::Redis::start_on(port);
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
@@ -619,4 +636,19 @@ fn a_redis_store_that_goes_away_fails_fast_and_comes_back() {
         assert!(std::time::Instant::now() < deadline, "{response:?}");
         std::thread::sleep(Duration::from_millis(100));
     }
+    assert_eq!(app.ps()["store"]["reachable"], true);
+    assert!(metrics(&app).contains("wasmform_state_store_up 1"));
+}
+
+/// `GET /metrics` on the app's control socket.
+fn metrics(app: &App) -> String {
+    use std::io::{Read as _, Write as _};
+    let mut socket =
+        std::os::unix::net::UnixStream::connect(app.path(".wasmform/control.sock")).unwrap();
+    socket
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut raw = String::new();
+    socket.read_to_string(&mut raw).unwrap();
+    raw
 }
