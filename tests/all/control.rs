@@ -1064,37 +1064,22 @@ fn releases_are_listed_without_a_host() {
     );
 }
 
-/// One raw request on the control socket: the status line and the body.
-fn control_get(app: &App, target: &str) -> String {
-    use std::io::{Read as _, Write as _};
-    let mut socket =
-        std::os::unix::net::UnixStream::connect(app.path(".wasmform/control.sock")).unwrap();
-    write!(
-        socket,
-        "GET {target} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut raw = String::new();
-    socket.read_to_string(&mut raw).unwrap();
-    raw
-}
-
 /// Parameters a route does not take, and log filters naming nothing, are refused.
 #[test]
 fn the_control_api_refuses_parameters_it_does_not_take() {
     let app = App::new(WEB_AND_TICKER);
     let _host = app.up(&[]);
     for target in ["/v1/ps?verbose=1", "/v1/releases?all", "/v1/formation?x=y"] {
-        let raw = control_get(&app, target);
+        let raw = app.control_get(target);
         assert!(raw.starts_with("HTTP/1.1 400"), "{target}: {raw}");
         assert!(raw.contains("unknown parameter"), "{target}: {raw}");
     }
-    let raw = control_get(&app, "/v1/logs?follow=yes");
+    let raw = app.control_get("/v1/logs?follow=yes");
     assert!(
         raw.contains("invalid `follow=yes`: expected `true` or `false`"),
         "{raw}"
     );
-    assert!(control_get(&app, "/v1/ps").starts_with("HTTP/1.1 200"));
+    assert!(app.control_get("/v1/ps").starts_with("HTTP/1.1 200"));
     let out = app.cli(&["logs", "--ps", "bogus"]);
     assert!(!out.ok, "{out:?}");
     assert!(

@@ -102,8 +102,6 @@ fn trap_after_the_body_started_aborts_the_connection() {
 
 #[test]
 fn metrics_on_loopback_and_the_control_socket() {
-    use std::io::{Read as _, Write as _};
-
     let app = App::new("web: {guests}/test_web.wasm\n");
     let host = app.up(&["-m", "web=2", "--metrics", "127.0.0.1:0"]);
     for _ in 0..3 {
@@ -170,13 +168,7 @@ fn metrics_on_loopback_and_the_control_socket() {
     );
 
     // The same exposition on the control socket.
-    let mut socket =
-        std::os::unix::net::UnixStream::connect(app.path(".wasmform/control.sock")).unwrap();
-    socket
-        .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        .unwrap();
-    let mut raw = String::new();
-    socket.read_to_string(&mut raw).unwrap();
+    let raw = app.control_get("/metrics");
     assert!(raw.starts_with("HTTP/1.1 200"), "{raw}");
     assert!(
         raw.contains("wasmform_desired_instances{type=\"web\"} 2"),

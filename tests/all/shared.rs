@@ -623,7 +623,10 @@ fn a_redis_store_that_goes_away_fails_fast_and_comes_back() {
         "{}",
         out.stdout
     );
-    assert!(metrics(&app).contains("wasmform_state_store_up 0"));
+    assert!(
+        app.control_get("/metrics")
+            .contains("wasmform_state_store_up 0")
+    );
     // Back on the same port: the next calls reconnect by themselves (an empty server now).
     let _server = crate::tools::Redis::start_on(port);
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
@@ -637,18 +640,8 @@ fn a_redis_store_that_goes_away_fails_fast_and_comes_back() {
         std::thread::sleep(Duration::from_millis(100));
     }
     assert_eq!(app.ps()["store"]["reachable"], true);
-    assert!(metrics(&app).contains("wasmform_state_store_up 1"));
-}
-
-/// `GET /metrics` on the app's control socket.
-fn metrics(app: &App) -> String {
-    use std::io::{Read as _, Write as _};
-    let mut socket =
-        std::os::unix::net::UnixStream::connect(app.path(".wasmform/control.sock")).unwrap();
-    socket
-        .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        .unwrap();
-    let mut raw = String::new();
-    socket.read_to_string(&mut raw).unwrap();
-    raw
+    assert!(
+        app.control_get("/metrics")
+            .contains("wasmform_state_store_up 1")
+    );
 }

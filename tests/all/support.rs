@@ -103,6 +103,20 @@ impl App {
         }
     }
 
+    /// `GET target` on the app's control socket, raw: status line, headers and body.
+    pub fn control_get(&self, target: &str) -> String {
+        let mut socket =
+            std::os::unix::net::UnixStream::connect(self.path(".wasmform/control.sock")).unwrap();
+        write!(
+            socket,
+            "GET {target} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut raw = String::new();
+        socket.read_to_string(&mut raw).unwrap();
+        raw
+    }
+
     /// `wasmform ps --json`, parsed.
     pub fn ps(&self) -> serde_json::Value {
         let out = self.cli(&["ps", "--json"]);
