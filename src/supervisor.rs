@@ -653,7 +653,6 @@ impl Supervisor {
             .collect()
     }
 
-    /// Instances desired but not started, with the reason.
     /// Instances desired but not started, with the reason. An instance that will fit once the
     /// stopping ones have ended (a roll in progress) is said to wait for them, not to lack
     /// room: the room is counted for the pending instances in order, as they will start.
@@ -854,25 +853,11 @@ impl Supervisor {
             } else {
                 Duration::ZERO
             };
-            let delay = if std::mem::take(&mut awaited) {
-                self.logs.host(format!("{name} {reason}"));
-                self.metrics.restart(process.spec.name.as_str(), &reason);
-                let delay = delay.max(self.restart.base);
-                if let Some(pool) = process.pool.as_ref().filter(|_| reserved) {
-                    pool.gone();
-                    reserved = false;
-                }
-                slot.set(SlotState::Crashed {
-                    reason: reason.clone(),
-                    restart_at: Instant::now() + delay,
-                });
-                tokio::select! {
-                    () = tokio::time::sleep(delay) => {}
-                    () = slot.cancel.cancelled() => break,
-                }
-                self.logs
-                    .host(format!("{name} restarting after failing to start"));
-                continue;
+            // A command awaiting this start was told it failed and decides first: the restart
+            // waits at least the backoff base and is logged when it happens.
+            let awaited = std::mem::take(&mut awaited);
+            let delay = if awaited {
+                delay.max(self.restart.base)
             } else {
                 delay
             };
@@ -884,12 +869,16 @@ impl Supervisor {
                 pool.gone();
                 reserved = false;
             }
-            let when = if delay.is_zero() {
-                "restarting now".to_string()
+            if awaited {
+                self.logs.host(format!("{name} {reason}"));
+            } else if delay.is_zero() {
+                self.logs.host(format!("{name} {reason}; restarting now"));
             } else {
-                format!("restarting in {}", humanize(delay))
-            };
-            self.logs.host(format!("{name} {reason}; {when}"));
+                self.logs.host(format!(
+                    "{name} {reason}; restarting in {}",
+                    humanize(delay)
+                ));
+            }
             self.metrics.restart(process.spec.name.as_str(), &reason);
             slot.set(SlotState::Crashed {
                 reason,
@@ -898,6 +887,10 @@ impl Supervisor {
             tokio::select! {
                 () = tokio::time::sleep(delay) => {}
                 () = slot.cancel.cancelled() => break,
+            }
+            if awaited {
+                self.logs
+                    .host(format!("{name} restarting after failing to start"));
             }
         }
         if let Some(pool) = process.pool.as_ref().filter(|_| reserved) {
