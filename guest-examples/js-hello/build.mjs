@@ -7,6 +7,11 @@
 // second copy of the WASI interfaces, this writes the repository's `wit/deps` (WASI 0.2.12) to
 // a temporary directory at 0.2.10, leaving out the one item gated on 0.2.12; wasmtime links
 // the component's imports semver-compatibly.
+//
+// package.json lists `@bytecodealliance/preview2-shim` next to componentize-js because
+// componentize-js 0.23 imports it at run time (lib/spidermonkey-embedding-splicer.js) but
+// declares it only as a devDependency: without it, `npm ci` on a fresh machine installs a
+// componentize-js that fails with ERR_MODULE_NOT_FOUND.
 import { componentize } from "@bytecodealliance/componentize-js";
 import { mkdtemp, mkdir, readdir, readFile, rm, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";

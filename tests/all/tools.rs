@@ -83,15 +83,16 @@ pub fn componentize_py() -> Command {
 }
 
 /// The JavaScript guests' directory, with componentize-js installed (`npm ci`) from its lock
-/// file if it is not yet.
+/// file unless `node_modules` was installed from this very lock file (a copy of the lock is
+/// kept there after each install, so a changed lock or an older install is redone).
 pub fn componentize_js() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
         let dir = root().join("guest-examples/js-hello");
-        if !dir
-            .join("node_modules/@bytecodealliance/componentize-js/package.json")
-            .is_file()
-        {
+        let lock = std::fs::read(dir.join("package-lock.json"))
+            .expect("guest-examples/js-hello/package-lock.json is part of the repository");
+        let installed_from = dir.join("node_modules/.wasmform-installed-lock.json");
+        if std::fs::read(&installed_from).ok().as_ref() != Some(&lock) {
             let npm = which("npm").unwrap_or_else(|| {
                 panic!("npm is needed to build the JavaScript guests (componentize-js): install Node.js 20 or later with npm")
             });
@@ -101,6 +102,7 @@ pub fn componentize_js() -> &'static Path {
                     .current_dir(&dir),
                 "componentize-js (`npm ci` in guest-examples/js-hello)",
             );
+            std::fs::write(&installed_from, &lock).expect("writing into node_modules");
         }
         dir
     })
