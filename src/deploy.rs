@@ -170,11 +170,12 @@ impl Deployer {
             .zip(staged.files.iter().cloned())
             .collect();
         let (runtime, timeout) = (self.runtime.clone(), self.compile_timeout);
-        let compiled =
-            tokio::task::spawn_blocking(move || crate::compile_all(&runtime, &work, timeout))
-                .await
-                .map_err(|e| ControlError::Failed(format!("compiling failed: {e}")))?
-                .map_err(|e| ControlError::Invalid(format!("{e:#}; {keeps}")))?;
+        let compiled = tokio::task::spawn_blocking(move || {
+            crate::runtime::compile_all(&runtime, &work, timeout)
+        })
+        .await
+        .map_err(|e| ControlError::Failed(format!("compiling failed: {e}")))?
+        .map_err(|e| ControlError::Invalid(format!("{e:#}; {keeps}")))?;
         let kind = |process: &str| {
             let at = staged
                 .app

@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 
-use crate::app::{AppSpec, ByteSize, ProcessName};
+use crate::app::{AppSpec, ByteSize, ProcessName, ProcessSpec};
 
 /// The largest count accepted for one process type.
 pub const MAX_COUNT: u32 = 10_000;
@@ -18,6 +18,37 @@ pub struct Scale {
     pub count: u32,
     /// Memory limit of each instance (sum of its linear memories).
     pub memory: ByteSize,
+}
+
+impl Scale {
+    /// A type's scale once a new release of its manifest entry replaces `old`: the manifest's
+    /// `count` and `memory` apply where they changed between the two; otherwise the live scale
+    /// (the last `scale`) stays. The same rule for `up` over a stored formation and for a
+    /// deploy over the running one. `default_memory` is the memory of a type whose manifest
+    /// entry no longer sets one.
+    pub fn follow_manifest(
+        self,
+        old: &ProcessSpec,
+        new: &ProcessSpec,
+        default_memory: ByteSize,
+    ) -> Scale {
+        let mut scale = self;
+        if new.count != old.count {
+            scale.count = new.count.unwrap_or(1);
+        }
+        if new.memory != old.memory {
+            scale.memory = new.memory.unwrap_or(default_memory);
+        }
+        scale
+    }
+
+    /// The scale of a type a release adds: its manifest's `count` (else 1) and `memory`.
+    pub fn of_new(spec: &ProcessSpec, default_memory: ByteSize) -> Scale {
+        Scale {
+            count: spec.count.unwrap_or(1),
+            memory: spec.memory.unwrap_or(default_memory),
+        }
+    }
 }
 
 /// Desired state of every process type of an app.

@@ -42,7 +42,9 @@ pub enum Reply {
 pub enum Failure {
     /// No response headers within the request timeout (504).
     Timeout(Duration),
-    /// The instance trapped, exited or ran out of memory (502).
+    /// The instance went over its memory limit (502, R14).
+    MemoryQuota(String),
+    /// The instance trapped or exited (502).
     Crashed(String),
     /// The handler returned without setting a response (502).
     NoResponse,
@@ -228,8 +230,8 @@ impl WebInstance {
             match rx.await {
                 Ok(Reply::Response(_)) if started.elapsed() > timeout => Err(format!(
                     "GET {path} answered after {} (timeout {})",
-                    crate::humanize(started.elapsed()),
-                    crate::humanize(timeout)
+                    crate::units::humanize(started.elapsed()),
+                    crate::units::humanize(timeout)
                 )),
                 Ok(Reply::Response(response)) => {
                     let status = response.status();
@@ -251,9 +253,9 @@ impl WebInstance {
                 }
                 Ok(Reply::Failed(Failure::Timeout(bound))) => Err(format!(
                     "GET {path} got no answer within {}",
-                    crate::humanize(bound)
+                    crate::units::humanize(bound)
                 )),
-                Ok(Reply::Failed(Failure::Crashed(reason))) => {
+                Ok(Reply::Failed(Failure::Crashed(reason) | Failure::MemoryQuota(reason))) => {
                     Err(format!("GET {path} crashed the instance: {reason}"))
                 }
                 Ok(Reply::Failed(Failure::NoResponse)) => {
@@ -381,14 +383,20 @@ impl WebInstance {
             Ok(Ok(())) => "returned without a response".to_string(),
             Ok(Err(e)) => {
                 let reason = describe(&e, &self.store, self.memory);
-                send(Reply::Failed(Failure::Crashed(reason.clone())));
+                send(Reply::Failed(
+                    if self.store.data().limiter.denied().is_some() {
+                        Failure::MemoryQuota(reason.clone())
+                    } else {
+                        Failure::Crashed(reason.clone())
+                    },
+                ));
                 format!("crashed: {reason}")
             }
             Err(_elapsed) => {
                 send(Reply::Failed(Failure::Timeout(timeout)));
                 format!(
                     "request timed out after {}; instance recycled",
-                    crate::humanize(timeout)
+                    crate::units::humanize(timeout)
                 )
             }
         };
@@ -521,7 +529,7 @@ impl Consumer {
             Ok(Err(e)) => Delivery::Crashed(describe(&e, &self.store, self.memory)),
             Err(_) => Delivery::Crashed(format!(
                 "handling a message took longer than {}",
-                crate::humanize(timeout)
+                crate::units::humanize(timeout)
             )),
         }
     }

@@ -15,7 +15,7 @@ use prometheus_client::registry::Registry;
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 
-use crate::supervisor::PsReport;
+use crate::supervisor::{InstanceState, PsReport};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct TypeLabel {
@@ -282,10 +282,10 @@ impl Metrics {
             self.instances
                 .get_or_create(&StateLabels {
                     r#type: i.process.clone(),
-                    state: i.state,
+                    state: i.state.as_str(),
                 })
                 .inc();
-            if i.state != "pending" {
+            if i.state != InstanceState::Pending {
                 self.memory
                     .get_or_create(&InstanceLabels {
                         r#type: i.process.clone(),

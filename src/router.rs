@@ -58,6 +58,7 @@ struct Inner<T> {
 
 impl<T: Member> Pool<T> {
     /// An empty pool letting `queue_limit` requests wait, rotating over [`HOT`] instances.
+    #[cfg(test)]
     pub fn new(queue_limit: usize) -> Self {
         Self::with_rotation(queue_limit, HOT)
     }

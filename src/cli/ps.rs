@@ -78,7 +78,7 @@ fn instance_line(i: &serde_json::Value) -> String {
         "pending" | "exited" => i["reason"].as_str().unwrap_or_default().to_string(),
         "crashed" => format!(
             "restart in {}: {}",
-            crate::humanize(Duration::from_millis(
+            crate::units::humanize(Duration::from_millis(
                 i["restart_in_ms"].as_u64().unwrap_or(0)
             )),
             i["reason"].as_str().unwrap_or_default()

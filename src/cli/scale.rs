@@ -292,7 +292,7 @@ mod tests {
 
     #[test]
     fn every_platform_says_the_same_change() {
-        let cases: &[(Grammar, Request)] = &[
+        let cases: &[(Grammar<'_>, Request)] = &[
             (
                 Grammar {
                     changes: &strings(&["web=2", "worker+1"]),
@@ -385,7 +385,7 @@ mod tests {
 
     #[test]
     fn malformed_and_ambiguous_forms_name_the_value() {
-        let cases: &[(Grammar, &str)] = &[
+        let cases: &[(Grammar<'_>, &str)] = &[
             (
                 Grammar {
                     count: Some("2"),

@@ -276,7 +276,7 @@ impl UpCommand {
         let name = signal.next().await;
         running.log(format!(
             "{name} received: shutting down (grace {}; send it again to exit at once)",
-            crate::humanize(self.grace)
+            crate::units::humanize(self.grace)
         ));
         tokio::spawn(async move {
             let name = signal.next().await;

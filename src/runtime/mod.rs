@@ -4,6 +4,7 @@
 //! Everything above this module (supervisor, router, CLI) talks about process types and
 //! instances, never about wasmtime types, except through [`crate::instance`].
 
+mod compile;
 mod limiter;
 pub mod shared;
 mod state;
@@ -23,6 +24,7 @@ use wasmtime_wasi_http::p2::bindings::ProxyPre;
 use crate::app::{ByteSize, ProcessSpec};
 use crate::logs::LogSink;
 
+pub use self::compile::compile_all;
 pub use self::limiter::MemoryLimiter;
 pub use self::state::InstanceState;
 

@@ -365,7 +365,7 @@ mod tests {
     async fn on_both<F, Fut>(scenario: F)
     where
         F: Fn(Store, &'static str) -> Fut,
-        Fut: std::future::Future<Output = ()>,
+        Fut: Future<Output = ()>,
     {
         scenario(Store::open(None, None).await.unwrap(), "embedded").await;
         let redis = TestRedis::start();

@@ -596,7 +596,7 @@ fn a_redis_store_that_goes_away_fails_fast_and_comes_back() {
     assert_eq!(host.get("/").body, "1\n");
     drop(server);
     for _ in 0..3 {
-        let started = std::time::Instant::now();
+        let started = Instant::now();
         let response = host.get("/");
         assert_eq!(response.status, 500, "{response:?}");
         // redis-rs's default reconnection held each call ~9 s.
@@ -605,7 +605,7 @@ fn a_redis_store_that_goes_away_fails_fast_and_comes_back() {
             "{:?}",
             started.elapsed()
         );
-        assert_eq!(crate::support::get(hello, "/").status, 200);
+        assert_eq!(get(hello, "/").status, 200);
     }
     // `ps` and the metrics say so.
     let store = app.ps()["store"].clone();
@@ -629,14 +629,14 @@ fn a_redis_store_that_goes_away_fails_fast_and_comes_back() {
     );
     // Back on the same port: the next calls reconnect by themselves (an empty server now).
     let _server = crate::tools::Redis::start_on(port);
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let response = host.get("/");
         if response.status == 200 {
             assert_eq!(response.body, "1\n");
             break;
         }
-        assert!(std::time::Instant::now() < deadline, "{response:?}");
+        assert!(Instant::now() < deadline, "{response:?}");
         std::thread::sleep(Duration::from_millis(100));
     }
     assert_eq!(app.ps()["store"]["reachable"], true);

@@ -446,7 +446,7 @@ mod tests {
     #[test]
     fn parses_the_documented_example() {
         // The annotated example in docs/manifest.md, so the docs cannot drift from the schema.
-        let doc = include_str!("../docs/manifest.md");
+        let doc = include_str!("../../docs/manifest.md");
         let text = doc
             .split("```toml\n")
             .nth(1)

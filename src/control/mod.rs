@@ -1,0 +1,263 @@
+//! The local control API: HTTP + JSON on a Unix socket in the app's state directory. The CLI's
+//! `scale`, `ps`, `logs` and `restart` are clients of it, and `curl --unix-socket` works too;
+//! every route is documented in `docs/control-api.md`.
+//!
+//! The socket is created mode 0600 inside the 0700 state directory, so only the owner can reach
+//! it. A socket file left by a host that died is replaced; one that answers belongs to a live
+//! host, and a second `up` refuses to start. Mutations are serialized by the supervisor.
+//!
+//! | file | what it holds |
+//! |---|---|
+//! | `mod.rs` | the routes and their JSON |
+//! | `transport.rs` | the listeners (Unix socket, TCP with a token, metrics), one accept loop |
+//! | `follow.rs` | `GET /v1/logs`: the history and, with `follow`, the live stream |
+
+mod follow;
+mod transport;
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt as _, Full, Limited};
+use hyper::body::Incoming;
+use hyper::{Method, Request, Response, StatusCode};
+use serde::Deserialize;
+
+pub use self::transport::{
+    TcpControl, bind, bind_tcp, ensure_no_live_host, serve, serve_metrics,
+    serve_tcp,
+};
+use crate::app::ByteSize;
+use crate::deploy::Deployer;
+use crate::logs::Logs;
+use crate::metrics::Metrics;
+use crate::supervisor::{ControlError, Supervisor};
+
+/// Largest request body the API reads.
+const MAX_BODY: usize = 64 * 1024;
+
+pub(crate) type ApiBody = http_body_util::combinators::UnsyncBoxBody<Bytes, Infallible>;
+
+/// The routes, shared by the Unix socket and the optional TCP listener.
+pub struct Api {
+    supervisor: Arc<Supervisor>,
+    logs: Logs,
+    metrics: Arc<Metrics>,
+    deployer: Arc<Deployer>,
+}
+
+impl Api {
+    /// The API over a running supervisor.
+    pub fn new(
+        supervisor: Arc<Supervisor>,
+        logs: Logs,
+        metrics: Arc<Metrics>,
+        deployer: Arc<Deployer>,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            supervisor,
+            logs,
+            metrics,
+            deployer,
+        })
+    }
+}
+
+/// `POST /v1/scale`
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ScaleRequest {
+    changes: Vec<String>,
+    #[serde(default)]
+    memory: Option<String>,
+}
+
+/// `POST /v1/deploy`
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DeployRequest {}
+
+/// `POST /v1/rollback`
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RollbackRequest {
+    /// `3` or `"v3"`.
+    version: serde_json::Value,
+}
+
+/// `POST /v1/restart`
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RestartRequest {
+    #[serde(default)]
+    target: Option<String>,
+}
+
+impl Api {
+    /// Answers one request. One arm per route, as `docs/control-api.md` lists them: a table,
+    /// kept whole so that it reads as one.
+    pub(crate) async fn handle(&self, req: Request<Incoming>) -> Response<ApiBody> {
+        let path = req.uri().path().to_string();
+        let query = req.uri().query().unwrap_or("").to_string();
+        // Only `/v1/logs` takes parameters: anything else given to a route is a mistake
+        // (a typo, a wrong route), refused rather than ignored.
+        if path != "/v1/logs"
+            && let Some(pair) = query.split('&').find(|p| !p.is_empty())
+        {
+            let key = pair.split_once('=').map_or(pair, |(key, _)| key);
+            return error(
+                StatusCode::BAD_REQUEST,
+                &format!("unknown parameter `{key}`: `{path}` takes none"),
+            );
+        }
+        match (req.method().clone(), path.as_str()) {
+            (Method::GET, "/v1/ps") => {
+                let mut ps = serde_json::to_value(self.supervisor.ps()).expect("ps serializes");
+                ps["queues"] = serde_json::to_value(self.supervisor.queue_stats().await)
+                    .expect("stats serialize");
+                ps["store"] = serde_json::to_value(self.supervisor.store_status().await)
+                    .expect("status serializes");
+                json(StatusCode::OK, &ps)
+            }
+            (Method::GET, "/v1/formation") => json(
+                StatusCode::OK,
+                &serde_json::json!({ "formation": self.supervisor.ps().types }),
+            ),
+            (Method::POST, "/v1/scale") => {
+                let request: ScaleRequest = match read_json(req).await {
+                    Ok(r) => r,
+                    Err(response) => return response,
+                };
+                let memory = match request
+                    .memory
+                    .as_deref()
+                    .map(str::parse::<ByteSize>)
+                    .transpose()
+                {
+                    Ok(m) => m,
+                    Err(e) => return error(StatusCode::BAD_REQUEST, &e),
+                };
+                let supervisor = self.supervisor.clone();
+                outcome(
+                    detached(async move { supervisor.scale(&request.changes, memory).await }).await,
+                )
+            }
+            (Method::POST, "/v1/restart") => {
+                let request: RestartRequest = match read_json(req).await {
+                    Ok(r) => r,
+                    Err(response) => return response,
+                };
+                let supervisor = self.supervisor.clone();
+                outcome(
+                    detached(async move { supervisor.restart(request.target.as_deref()).await })
+                        .await,
+                )
+            }
+            (Method::POST, "/v1/deploy") => {
+                if let Err(response) = read_json::<DeployRequest>(req).await {
+                    return response;
+                }
+                let deployer = self.deployer.clone();
+                outcome(detached(async move { deployer.deploy().await }).await)
+            }
+            (Method::POST, "/v1/rollback") => {
+                let request: RollbackRequest = match read_json(req).await {
+                    Ok(r) => r,
+                    Err(response) => return response,
+                };
+                let version = match &request.version {
+                    serde_json::Value::Number(n) => n.as_u64(),
+                    serde_json::Value::String(s) => s.trim_start_matches('v').parse().ok(),
+                    _ => None,
+                };
+                match version.and_then(|v| u32::try_from(v).ok()) {
+                    Some(version) => {
+                        let deployer = self.deployer.clone();
+                        outcome(detached(async move { deployer.rollback(version).await }).await)
+                    }
+                    None => error(
+                        StatusCode::BAD_REQUEST,
+                        &format!(
+                            "invalid release `{}`: expected a release such as `v3` (see `wasmform releases`)",
+                            request.version
+                        ),
+                    ),
+                }
+            }
+            (Method::GET, "/v1/releases") => json(
+                StatusCode::OK,
+                &serde_json::json!({ "releases": self.deployer.releases().await }),
+            ),
+            (Method::GET, "/v1/logs") => self.logs(&query),
+            (Method::GET, "/metrics") => transport::exposition(&self.metrics, &self.supervisor).await,
+            (
+                _,
+                "/v1/ps" | "/v1/formation" | "/v1/scale" | "/v1/restart" | "/v1/logs"
+                | "/v1/deploy" | "/v1/rollback" | "/v1/releases",
+            ) => error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method not allowed on this route",
+            ),
+            _ => error(
+                StatusCode::NOT_FOUND,
+                &format!("no such route `{path}`: see docs/control-api.md"),
+            ),
+        }
+    }
+}
+
+async fn read_json<T: serde::de::DeserializeOwned>(
+    req: Request<Incoming>,
+) -> Result<T, Response<ApiBody>> {
+    let body = Limited::new(req.into_body(), MAX_BODY)
+        .collect()
+        .await
+        .map_err(|e| {
+            error(
+                StatusCode::BAD_REQUEST,
+                &format!("cannot read the request body: {e}"),
+            )
+        })?
+        .to_bytes();
+    serde_json::from_slice(&body).map_err(|e| {
+        error(
+            StatusCode::BAD_REQUEST,
+            &format!("invalid JSON request: {e}"),
+        )
+    })
+}
+
+/// Runs a formation change in a task of its own: a client that hangs up must not cancel it
+/// half-way (a roll-out stopped between two instances would never finish or roll back).
+async fn detached<T: Send + 'static>(
+    change: impl Future<Output = Result<T, ControlError>> + Send + 'static,
+) -> Result<T, ControlError> {
+    tokio::spawn(change)
+        .await
+        .unwrap_or_else(|e| Err(ControlError::Failed(format!("the change failed: {e}"))))
+}
+
+fn outcome(result: Result<impl serde::Serialize, ControlError>) -> Response<ApiBody> {
+    match result {
+        Ok(outcome) => json(StatusCode::OK, &outcome),
+        Err(e @ ControlError::Invalid(_)) => error(StatusCode::BAD_REQUEST, &e.to_string()),
+        Err(e @ ControlError::Failed(_)) => error(StatusCode::CONFLICT, &e.to_string()),
+    }
+}
+
+fn json(status: StatusCode, value: &impl serde::Serialize) -> Response<ApiBody> {
+    let mut body = serde_json::to_vec_pretty(value).expect("reports serialize");
+    body.push(b'\n');
+    let mut response = Response::new(Full::new(Bytes::from(body)).boxed_unsync());
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+pub(crate) fn error(status: StatusCode, message: &str) -> Response<ApiBody> {
+    json(status, &serde_json::json!({ "error": message }))
+}

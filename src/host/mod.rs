@@ -1,0 +1,405 @@
+//! The host: an app validated, compiled and started.
+//!
+//! [`Host::new`] does everything that can fail before anything runs, as named steps: take the
+//! state directory, stage the release, layer the formation, size the engine, compile, check
+//! the services and the routed type, record the release. [`Host::start`](start) binds every
+//! listener before it spawns anything, starts the formation and serves;
+//! [`RunningHost`](running) shuts it all down.
+
+mod running;
+mod start;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Result, bail};
+
+pub use self::running::RunningHost;
+use crate::app::{AppSpec, ProcessSpec, Service};
+use crate::control;
+use crate::formation::{Formation, Scale};
+use crate::release::{Release, ReleaseStore, Staged};
+use crate::runtime::{Compiled, EngineSettings, Runtime, compile_all};
+use crate::state::StateDir;
+use crate::supervisor::{Limits, RestartPolicy};
+use crate::units::ByteSize;
+
+/// Default memory limit per instance.
+pub const DEFAULT_MEMORY: ByteSize = ByteSize::mib(256);
+
+/// Settings of a host, as `wasmform up` takes them.
+#[derive(Clone, Debug)]
+pub struct HostOptions {
+    /// foreman's `-m`: `web=2,worker=1`, `all=0`. Default: the stored formation, else one
+    /// instance of each type.
+    pub formation: Option<String>,
+    /// Memory limit of each instance of every type. Default: the stored limits, else 256 MiB.
+    pub memory: Option<ByteSize>,
+    /// Largest memory limit `scale` may set; sizes the engine's memory slots. Default: 1 GiB or
+    /// the formation's largest limit.
+    pub max_memory: Option<ByteSize>,
+    /// Memory budget for all instances. Default: the machine's (or cgroup's) memory.
+    pub capacity: Option<ByteSize>,
+    /// Longest time for a guest to produce response headers (504 after).
+    pub request_timeout: Duration,
+    /// Requests that may wait for a free instance before 503.
+    pub queue_limit: usize,
+    /// How many free instances of a type rotate round-robin (0: all); see [`crate::router`].
+    pub rotate: usize,
+    /// Limits of the HTTP front door.
+    pub http: crate::proxy::HttpLimits,
+    /// One `at=info` log line per request, Heroku router style.
+    pub log_requests: bool,
+    /// Also serve `/metrics` on this loopback TCP address.
+    pub metrics: Option<SocketAddr>,
+    /// Also serve the control API on TCP, with a bearer token.
+    pub control_tcp: Option<control::TcpControl>,
+    /// Restart backoff for crashed instances.
+    pub restart: RestartPolicy,
+    /// Instances that may exist at once (sizes the pooling allocator). Default: enough for the
+    /// formation with room to scale, at least 1024.
+    pub max_instances: Option<u32>,
+    /// Cache compiled components on disk.
+    pub cache: bool,
+    /// Largest component file accepted.
+    pub max_component_size: ByteSize,
+    /// Longest a component may take to compile at start.
+    pub compile_timeout: Duration,
+    /// State directory (persisted formation, releases, control socket). `None`: none of
+    /// them (releases are then kept in memory).
+    pub state_dir: Option<PathBuf>,
+    /// The Procfile or manifest the app was read from: `deploy` reads it again. `None`: the
+    /// app was built in code and cannot be redeployed from files.
+    pub source: Option<PathBuf>,
+    /// Releases kept; older ones and the components only they used are pruned.
+    pub keep_releases: usize,
+}
+
+impl Default for HostOptions {
+    fn default() -> Self {
+        Self {
+            formation: None,
+            memory: None,
+            max_memory: None,
+            capacity: None,
+            request_timeout: Duration::from_secs(30),
+            queue_limit: 1024,
+            rotate: crate::router::HOT,
+            http: crate::proxy::HttpLimits::default(),
+            log_requests: true,
+            metrics: None,
+            control_tcp: None,
+            restart: RestartPolicy::default(),
+            max_instances: None,
+            cache: true,
+            max_component_size: ByteSize::mib(512),
+            compile_timeout: Duration::from_secs(300),
+            state_dir: None,
+            source: None,
+            keep_releases: crate::release::DEFAULT_KEEP,
+        }
+    }
+}
+
+/// A validated, compiled app, ready to start.
+pub struct Host {
+    formation: Formation,
+    runtime: Arc<Runtime>,
+    /// Every process type with its compiled component, in Procfile order.
+    processes: Vec<(ProcessSpec, Arc<Compiled>)>,
+    /// Index into `processes` of the type HTTP is routed to.
+    routed: Option<usize>,
+    options: HostOptions,
+    limits: Limits,
+    state: Option<StateDir>,
+    /// Notes for the log once it exists (e.g. stored types no longer in the Procfile).
+    notes: Vec<String>,
+    /// How long compiling took, for the start-up line.
+    compile_time: Duration,
+    /// Per type, for the metrics.
+    compile_times: Vec<(String, Duration)>,
+    /// Extra HTTP listeners from the manifest.
+    services: Vec<Service>,
+    /// The app's releases.
+    releases: ReleaseStore,
+    /// The release being started.
+    release: u32,
+    /// `[state] url`, if shared state lives in Redis.
+    shared_url: Option<String>,
+}
+
+impl Host {
+    /// Validates the formation, compiles every component (in parallel) and checks each one's
+    /// world. Blocking: call it off the async runtime.
+    ///
+    /// The formation is, in order: one instance of each type at 256 MiB; the formation stored
+    /// in the state directory; the manifest's `count` and `memory` where they changed since the
+    /// last release; `options.memory`, then `options.formation`. The result is stored.
+    pub fn new(app: AppSpec, options: HostOptions) -> Result<Self> {
+        let mut notes = Vec::new();
+        let state = take_state_dir(&options)?;
+        let mut releases = ReleaseStore::open(
+            state.clone(),
+            options.keep_releases,
+            options.max_component_size,
+        )?;
+        let previous = releases.current().cloned();
+        let staged = stage(&mut releases, app, previous.as_ref(), &mut notes)?;
+        let formation = layer_formation(
+            &staged.app,
+            state.as_ref(),
+            previous.as_ref(),
+            &options,
+            &mut notes,
+        )?;
+        let limits = size(&options, &formation, &staged.app)?;
+        let runtime = Arc::new(Runtime::new(&EngineSettings {
+            max_instances: limits.max_instances,
+            max_memory: limits.max_memory,
+            cache: options.cache,
+            max_component_size: options.max_component_size,
+        })?);
+
+        let started = Instant::now();
+        let work: Vec<_> = staged
+            .app
+            .processes
+            .iter()
+            .cloned()
+            .zip(staged.files.iter().cloned())
+            .collect();
+        let compiled = compile_all(&runtime, &work, options.compile_timeout)?;
+        let compile_time = started.elapsed();
+        let mut processes = Vec::new();
+        let mut compile_times = Vec::new();
+        for ((spec, _), (compiled, took)) in work.into_iter().zip(compiled) {
+            compile_times.push((spec.name.to_string(), took));
+            processes.push((spec, Arc::new(compiled)));
+        }
+        check_services(&staged.app.services, &processes)?;
+        let routed = routed_type(&processes)?;
+        let release = record(&mut releases, &staged, previous.as_ref())?;
+        if let Some(state) = &state {
+            state.store_formation(&formation)?;
+        }
+        Ok(Self {
+            formation,
+            runtime,
+            processes,
+            routed,
+            limits: Limits {
+                drain_timeout: options.request_timeout + Duration::from_secs(1),
+                ..limits
+            },
+            options,
+            state,
+            notes,
+            compile_time,
+            compile_times,
+            services: staged.app.services.clone(),
+            shared_url: staged.app.state_url.clone(),
+            releases,
+            release,
+        })
+    }
+
+    /// The release this host starts (`vN`).
+    pub fn release(&self) -> u32 {
+        self.release
+    }
+
+    /// The formation this host will start.
+    pub fn formation(&self) -> &Formation {
+        &self.formation
+    }
+}
+
+/// The state directory, created, once no live host owns it: before anything is read or stored.
+fn take_state_dir(options: &HostOptions) -> Result<Option<StateDir>> {
+    let state = options.state_dir.clone().map(StateDir::new);
+    if let Some(state) = &state {
+        control::ensure_no_live_host(state)?;
+        state.create()?;
+    }
+    Ok(state)
+}
+
+/// Stages `app` as the next release; or, when the app's files are as they were when the
+/// current release (a rollback) replaced them, that release again.
+fn stage(
+    releases: &mut ReleaseStore,
+    app: AppSpec,
+    previous: Option<&Release>,
+    notes: &mut Vec<String>,
+) -> Result<Staged> {
+    let staged = releases.stage(app, None)?;
+    if let Some(previous) = previous
+        && previous.config_digest != staged.config_digest
+        && previous.source.as_deref() == Some(staged.config_digest.as_str())
+    {
+        // The rollback keeps running, as it would have without the restart.
+        notes.push(format!(
+            "v{} keeps running ({}): the app's files are unchanged since; `wasmform deploy` runs them",
+            previous.version, previous.description
+        ));
+        return releases.stage(previous.app.clone(), Some(previous));
+    }
+    Ok(staged)
+}
+
+/// The formation to start: one instance of each type at the default memory; over it the
+/// stored formation; the manifest's changes since the last release; `--memory` for every
+/// type; then `-m`, whose `web=2:64MiB` wins for the types it sizes. A singleton above 1 is
+/// refused.
+fn layer_formation(
+    app: &AppSpec,
+    state: Option<&StateDir>,
+    previous: Option<&Release>,
+    options: &HostOptions,
+    notes: &mut Vec<String>,
+) -> Result<Formation> {
+    let mut formation = Formation::default_for(app, DEFAULT_MEMORY);
+    if let Some(state) = state
+        && let Some((stored, dropped)) = state.load_formation(&formation)?
+    {
+        formation = stored;
+        for name in dropped {
+            notes.push(format!(
+                "stored formation names `{name}`, which the Procfile no longer defines: ignored"
+            ));
+        }
+    }
+    if let Some(previous) = previous {
+        for spec in &app.processes {
+            let scale = match previous.app.process(spec.name.as_str()) {
+                None => Scale::of_new(spec, DEFAULT_MEMORY),
+                Some(old) => match formation.get(&spec.name) {
+                    Some(live) => live.follow_manifest(old, spec, DEFAULT_MEMORY),
+                    None => continue,
+                },
+            };
+            formation.insert(spec.name.clone(), scale);
+        }
+    }
+    if let Some(memory) = options.memory {
+        formation.set_memory(memory);
+    }
+    if let Some(spec) = &options.formation {
+        formation
+            .apply_spec(spec)
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+    }
+    for spec in app.processes.iter().filter(|p| p.singleton) {
+        if formation.get(&spec.name).is_some_and(|s| s.count > 1) {
+            bail!(
+                "`{}` is a singleton ({}): it runs at most 1 instance, so its scheduled work is never done twice; use `{}=1`",
+                spec.name,
+                spec.origin,
+                spec.name
+            );
+        }
+    }
+    Ok(formation)
+}
+
+/// The host's limits (the drain timeout aside): the engine's largest memory slot and instance
+/// pool, sized for the formation with room to scale, and the memory budget.
+fn size(options: &HostOptions, formation: &Formation, app: &AppSpec) -> Result<Limits> {
+    let largest = formation
+        .iter()
+        .map(|(_, s)| s.memory)
+        .max()
+        .unwrap_or(DEFAULT_MEMORY);
+    let max_memory = options
+        .max_memory
+        .unwrap_or(ByteSize::mib(1024))
+        .max(largest);
+    let max_instances = match options.max_instances {
+        Some(n) => n,
+        None => u32::try_from(formation.total() + 64)
+            .unwrap_or(u32::MAX)
+            .max(1024),
+    };
+    if formation.total() > u64::from(max_instances) {
+        bail!(
+            "the formation ({formation}) has {} instances, more than --max-instances {max_instances}",
+            formation.total()
+        );
+    }
+    let capacity = options
+        .capacity
+        .or(app.capacity)
+        .unwrap_or_else(running::system_memory);
+    Ok(Limits {
+        capacity,
+        max_instances,
+        max_memory,
+        drain_timeout: Duration::ZERO,
+    })
+}
+
+/// Refuses a service that routes HTTP to a background process.
+fn check_services(services: &[Service], processes: &[(ProcessSpec, Arc<Compiled>)]) -> Result<()> {
+    for service in services {
+        let (spec, compiled) = processes
+            .iter()
+            .find(|(p, _)| p.name == service.process)
+            .expect("services name known types");
+        if !compiled.is_http() {
+            bail!(
+                "{}: services.processes: `{}` is a background process ({}), not an HTTP one: a service routes HTTP to a component exporting `wasi:http/incoming-handler`",
+                service.origin,
+                spec.name,
+                spec.component.display()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// The type the main HTTP port routes to: `web`, else the only HTTP type.
+fn routed_type(processes: &[(ProcessSpec, Arc<Compiled>)]) -> Result<Option<usize>> {
+    let http: Vec<usize> = (0..processes.len())
+        .filter(|&i| processes[i].1.is_http())
+        .collect();
+    match http
+        .iter()
+        .find(|&&i| processes[i].0.name.as_str() == "web")
+    {
+        Some(&web) => Ok(Some(web)),
+        None if http.len() <= 1 => Ok(http.first().copied()),
+        None => {
+            let names: Vec<&str> = http.iter().map(|&i| processes[i].0.name.as_str()).collect();
+            bail!(
+                "several HTTP process types ({}) and none is named `web`: name the one that should receive traffic `web`",
+                names.join(", ")
+            );
+        }
+    }
+}
+
+/// Records the staged app as a release if it differs from the current one; its number.
+fn record(releases: &mut ReleaseStore, staged: &Staged, previous: Option<&Release>) -> Result<u32> {
+    Ok(match previous {
+        Some(previous) if previous.config_digest == staged.config_digest => previous.version,
+        Some(previous) => {
+            releases
+                .record(
+                    staged,
+                    format!(
+                        "Deploy by `up`: the app changed since v{}",
+                        previous.version
+                    ),
+                    true,
+                )?
+                .version
+        }
+        None => {
+            releases
+                .record(staged, "Initial release".to_string(), true)?
+                .version
+        }
+    })
+}
