@@ -15,8 +15,6 @@ use prometheus_client::registry::Registry;
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 
-use crate::supervisor::{InstanceState, PsReport};
-
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct TypeLabel {
     r#type: String,
@@ -70,6 +68,18 @@ impl HttpMetrics {
             .inc();
         self.latency.observe(seconds);
     }
+}
+
+/// The formation's state as the gauges show it, read from `ps` at each scrape.
+pub struct Gauges<'a> {
+    /// Per type: name, desired and running instances.
+    pub types: Vec<(&'a str, u32, u32)>,
+    /// Per instance: its type, id, state, and linear memory in use (`None`: pending).
+    pub instances: Vec<(&'a str, &'a str, &'static str, Option<u64>)>,
+    /// The memory budget, in bytes.
+    pub capacity: u64,
+    /// Memory reserved by existing instances, in bytes.
+    pub reserved: u64,
 }
 
 /// All metrics of one host.
@@ -265,33 +275,38 @@ impl Metrics {
     }
 
     /// The exposition text, with the formation's state as of `ps` and `queues`.
-    pub fn render(&self, ps: &PsReport, queues: &[(String, usize)], store: Option<bool>) -> String {
+    pub fn render(
+        &self,
+        ps: &Gauges<'_>,
+        queues: &[(String, usize)],
+        store: Option<bool>,
+    ) -> String {
         if let Some(reachable) = store {
             self.store_up.set(i64::from(reachable));
         }
         self.instances.clear();
         self.memory.clear();
-        for t in &ps.types {
+        for &(name, desired, running) in &ps.types {
             let label = TypeLabel {
-                r#type: t.name.clone(),
+                r#type: name.to_string(),
             };
-            self.desired.get_or_create(&label).set(i64::from(t.desired));
-            self.running.get_or_create(&label).set(i64::from(t.running));
+            self.desired.get_or_create(&label).set(i64::from(desired));
+            self.running.get_or_create(&label).set(i64::from(running));
         }
-        for i in &ps.instances {
+        for &(process, id, state, memory) in &ps.instances {
             self.instances
                 .get_or_create(&StateLabels {
-                    r#type: i.process.clone(),
-                    state: i.state.as_str(),
+                    r#type: process.to_string(),
+                    state,
                 })
                 .inc();
-            if i.state != InstanceState::Pending {
+            if let Some(memory) = memory {
                 self.memory
                     .get_or_create(&InstanceLabels {
-                        r#type: i.process.clone(),
-                        instance: i.id.clone(),
+                        r#type: process.to_string(),
+                        instance: id.to_string(),
                     })
-                    .set(i64::try_from(i.memory_used).unwrap_or(i64::MAX));
+                    .set(i64::try_from(memory).unwrap_or(i64::MAX));
             }
         }
         for (name, depth) in queues {

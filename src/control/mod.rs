@@ -25,8 +25,7 @@ use hyper::{Method, Request, Response, StatusCode};
 use serde::Deserialize;
 
 pub use self::transport::{
-    TcpControl, bind, bind_tcp, ensure_no_live_host, serve, serve_metrics,
-    serve_tcp,
+    TcpControl, bind, bind_tcp, ensure_no_live_host, serve, serve_metrics, serve_tcp,
 };
 use crate::app::ByteSize;
 use crate::deploy::Deployer;
@@ -190,7 +189,9 @@ impl Api {
                 &serde_json::json!({ "releases": self.deployer.releases().await }),
             ),
             (Method::GET, "/v1/logs") => self.logs(&query),
-            (Method::GET, "/metrics") => transport::exposition(&self.metrics, &self.supervisor).await,
+            (Method::GET, "/metrics") => {
+                transport::exposition(&self.metrics, &self.supervisor).await
+            }
             (
                 _,
                 "/v1/ps" | "/v1/formation" | "/v1/scale" | "/v1/restart" | "/v1/logs"

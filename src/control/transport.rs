@@ -326,7 +326,8 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 /// `GET /metrics`: the exposition text.
 pub(super) async fn exposition(metrics: &Metrics, supervisor: &Supervisor) -> Response<ApiBody> {
     let store = supervisor.store_status().await.map(|s| s.reachable);
-    let text = metrics.render(&supervisor.ps(), &supervisor.queues(), store);
+    let ps = supervisor.ps();
+    let text = metrics.render(&ps.gauges(), &supervisor.queues(), store);
     let mut response = Response::new(Full::new(Bytes::from(text)).boxed_unsync());
     response.headers_mut().insert(
         hyper::header::CONTENT_TYPE,

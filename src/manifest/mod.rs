@@ -13,4 +13,3 @@ mod dotenv;
 pub mod procfile;
 mod resolve;
 pub mod schema;
-

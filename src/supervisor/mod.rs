@@ -55,7 +55,7 @@ use crate::shared::Store;
 use crate::state::StateDir;
 use crate::units::humanize;
 
-pub use report::{InstanceState, Outcome, PsReport};
+pub use report::Outcome;
 pub use restart::RestartPolicy;
 pub use rollout::{Changes, NewVersion, describe_changes};
 use slot::{ProcessType, Slot};

@@ -10,6 +10,29 @@ use super::slot::SlotState;
 use super::{State, Supervisor, reserved};
 use crate::shared::{QueueStats, Store};
 
+impl PsReport {
+    /// What the metrics' gauges show of it.
+    pub fn gauges(&self) -> crate::metrics::Gauges<'_> {
+        crate::metrics::Gauges {
+            types: self
+                .types
+                .iter()
+                .map(|t| (t.name.as_str(), t.desired, t.running))
+                .collect(),
+            instances: self
+                .instances
+                .iter()
+                .map(|i| {
+                    let memory = (i.state != InstanceState::Pending).then_some(i.memory_used);
+                    (i.process.as_str(), i.id.as_str(), i.state.as_str(), memory)
+                })
+                .collect(),
+            capacity: self.capacity,
+            reserved: self.reserved,
+        }
+    }
+}
+
 /// What an instance is doing, in `ps` and metrics.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "lowercase")]

@@ -1,5 +1,5 @@
-//! One running instance: a web instance serving requests one at a time, or a worker running
-//! `wasi:cli/run`. Each owns its `Store`; a trapped instance is dropped, never entered again.
+//! A web instance: requests one at a time, health checks, recycling, and what it tells its
+//! slot when it ends.
 
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
@@ -10,14 +10,13 @@ use bytes::Bytes;
 use http_body_util::{BodyExt as _, Full};
 use tokio::sync::oneshot;
 use wasmtime::Store;
-use wasmtime_wasi::I32Exit;
-use wasmtime_wasi::p2::bindings::CommandPre;
 use wasmtime_wasi_http::WasiHttpView as _;
 use wasmtime_wasi_http::p2::bindings::http::types::{ErrorCode, Scheme};
 use wasmtime_wasi_http::p2::bindings::{Proxy, ProxyPre};
 
+use super::describe;
 use crate::app::ByteSize;
-use crate::runtime::{Compiled, InstanceSetup, InstanceState, Kind, Runtime};
+use crate::runtime::{InstanceSetup, InstanceState, Runtime};
 
 /// Body of every response the host sends, from a guest or its own.
 pub type ResponseBody = wasmtime_wasi_http::p2::body::HyperOutgoingBody;
@@ -408,129 +407,6 @@ impl WebInstance {
     fn end(&mut self, reason: Exit) {
         if let Some(exit) = self.exit.take() {
             let _ = exit.send(reason);
-        }
-    }
-}
-
-/// Runs a worker to completion and says how it ended (`exited with status 0`, a trap, the
-/// memory quota…). Dropping the future stops the worker at its next epoch tick.
-pub async fn run_worker(
-    runtime: &Runtime,
-    pre: &CommandPre<InstanceState>,
-    setup: InstanceSetup<'_>,
-    started: impl FnOnce(),
-) -> Result<(String, bool), String> {
-    let memory = setup.memory;
-    let mut store = runtime.new_store(setup);
-    let command = pre
-        .instantiate_async(&mut store)
-        .await
-        .map_err(|e| describe(&e, &store, memory))?;
-    started();
-    Ok(match command.wasi_cli_run().call_run(&mut store).await {
-        Ok(Ok(())) => ("exited with status 0".to_string(), true),
-        Ok(Err(())) => ("exited with status 1".to_string(), false),
-        Err(e) => {
-            let success = e.downcast_ref::<I32Exit>().is_some_and(|exit| exit.0 == 0);
-            (describe(&e, &store, memory), success)
-        }
-    })
-}
-
-/// Instantiates `compiled` once and drops it: checks that the component starts with the
-/// limits in `setup` (e.g. a new memory limit) without running any of its exports.
-pub async fn probe(
-    runtime: &Runtime,
-    compiled: &Compiled,
-    setup: InstanceSetup<'_>,
-) -> Result<(), String> {
-    let memory = setup.memory;
-    let mut store = runtime.new_store(setup);
-    let result = match &compiled.kind {
-        Kind::Http(pre) => pre.instantiate_async(&mut store).await.map(drop),
-        Kind::Command(pre) => pre.instantiate_async(&mut store).await.map(drop),
-        Kind::Consumer(consumer) => consumer.pre.instantiate_async(&mut store).await.map(drop),
-    };
-    result.map_err(|e| describe(&e, &store, memory))
-}
-
-/// Turns a guest failure into the reason users read in the log.
-fn describe(err: &wasmtime::Error, store: &Store<InstanceState>, memory: ByteSize) -> String {
-    if let Some(exit) = err.downcast_ref::<I32Exit>() {
-        return format!("exited with status {}", exit.0);
-    }
-    if store.data().limiter.denied().is_some() {
-        return format!("memory quota exceeded ({memory})");
-    }
-    if let Some(trap) = err.downcast_ref::<wasmtime::Trap>() {
-        return trap.to_string();
-    }
-    let text = format!("{err:#}");
-    text.lines().next().unwrap_or("unknown error").to_string()
-}
-
-/// `wasmform:host/consumer.handle`: `(queue, body) -> result<_, string>`.
-type HandleFn = wasmtime::component::TypedFunc<(String, Vec<u8>), (Result<(), String>,)>;
-
-/// A live queue consumer instance: handles one message at a time.
-pub struct Consumer {
-    store: Store<InstanceState>,
-    handle: HandleFn,
-    memory: ByteSize,
-}
-
-/// How one delivery went.
-pub enum Delivery {
-    /// `handle` returned `ok`: acknowledge.
-    Done,
-    /// `handle` returned `err(text)`: redeliver; the instance is fine.
-    Failed(String),
-    /// It trapped, ran out of memory or time: redeliver; the instance is gone.
-    Crashed(String),
-}
-
-impl Consumer {
-    /// Instantiates a consumer.
-    pub async fn start(
-        runtime: &Runtime,
-        pre: &crate::runtime::ConsumerPre,
-        setup: InstanceSetup<'_>,
-    ) -> anyhow::Result<Self> {
-        let memory = setup.memory;
-        let mut store = runtime.new_store(setup);
-        let instance = match pre.pre.instantiate_async(&mut store).await {
-            Ok(instance) => instance,
-            Err(e) => return Err(anyhow::anyhow!(describe(&e, &store, memory))),
-        };
-        let handle = instance
-            .get_typed_func(&mut store, pre.handle)
-            .map_err(|e| {
-                anyhow::anyhow!(
-                    "`wasmform:host/consumer.handle` has the wrong signature: {e}; build the component against wit/world.wit"
-                )
-            })?;
-        Ok(Self {
-            store,
-            handle,
-            memory,
-        })
-    }
-
-    /// Delivers one message; at most `timeout` long.
-    pub async fn deliver(&mut self, queue: &str, body: Vec<u8>, timeout: Duration) -> Delivery {
-        // As for requests: yield only if the call runs into the next tick.
-        self.store.set_epoch_deadline(1);
-        let call = self
-            .handle
-            .call_async(&mut self.store, (queue.to_string(), body));
-        match tokio::time::timeout(timeout, call).await {
-            Ok(Ok((Ok(()),))) => Delivery::Done,
-            Ok(Ok((Err(text),))) => Delivery::Failed(text),
-            Ok(Err(e)) => Delivery::Crashed(describe(&e, &self.store, self.memory)),
-            Err(_) => Delivery::Crashed(format!(
-                "handling a message took longer than {}",
-                crate::units::humanize(timeout)
-            )),
         }
     }
 }

@@ -1,0 +1,54 @@
+//! One running instance in its own `Store`: a web instance serving requests one at a time
+//! (`web.rs`), a worker running `wasi:cli/run` (`worker.rs`), or a queue consumer
+//! (`consumer.rs`). A trapped instance is dropped, never entered again.
+
+mod consumer;
+mod web;
+mod worker;
+
+use wasmtime::Store;
+use wasmtime_wasi::I32Exit;
+
+pub use self::consumer::{Consumer, Delivery};
+pub use self::web::{
+    Exit, Failure, Reply, ResponseBody, Reuse, WebInstance, WebSettings, text_body,
+};
+pub use self::worker::run_worker;
+use crate::app::ByteSize;
+use crate::runtime::{Compiled, InstanceSetup, InstanceState, Kind, Runtime};
+
+/// Instantiates `compiled` once and drops it: checks that the component starts with the
+/// limits in `setup` (e.g. a new memory limit) without running any of its exports.
+pub async fn probe(
+    runtime: &Runtime,
+    compiled: &Compiled,
+    setup: InstanceSetup<'_>,
+) -> Result<(), String> {
+    let memory = setup.memory;
+    let mut store = runtime.new_store(setup);
+    let result = match &compiled.kind {
+        Kind::Http(pre) => pre.instantiate_async(&mut store).await.map(drop),
+        Kind::Command(pre) => pre.instantiate_async(&mut store).await.map(drop),
+        Kind::Consumer(consumer) => consumer.pre.instantiate_async(&mut store).await.map(drop),
+    };
+    result.map_err(|e| describe(&e, &store, memory))
+}
+
+/// Turns a guest failure into the reason users read in the log.
+pub(crate) fn describe(
+    err: &wasmtime::Error,
+    store: &Store<InstanceState>,
+    memory: ByteSize,
+) -> String {
+    if let Some(exit) = err.downcast_ref::<I32Exit>() {
+        return format!("exited with status {}", exit.0);
+    }
+    if store.data().limiter.denied().is_some() {
+        return format!("memory quota exceeded ({memory})");
+    }
+    if let Some(trap) = err.downcast_ref::<wasmtime::Trap>() {
+        return trap.to_string();
+    }
+    let text = format!("{err:#}");
+    text.lines().next().unwrap_or("unknown error").to_string()
+}
