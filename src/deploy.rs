@@ -15,8 +15,8 @@ use serde::Serialize;
 
 use crate::app::AppSpec;
 use crate::logs::{API, Logs};
-use crate::release::{Release, ReleaseStore};
-use crate::runtime::Runtime;
+use crate::release::{Release, ReleaseStore, Staged};
+use crate::runtime::{Compiled, Runtime};
 use crate::supervisor::{Changes, ControlError, NewVersion, Supervisor, describe_changes};
 
 /// Deploys new configurations to a running supervisor.
@@ -162,53 +162,8 @@ impl Deployer {
                 notes: Vec::new(),
             });
         }
-        let work: Vec<_> = staged
-            .app
-            .processes
-            .iter()
-            .cloned()
-            .zip(staged.files.iter().cloned())
-            .collect();
-        let (runtime, timeout) = (self.runtime.clone(), self.compile_timeout);
-        let compiled = tokio::task::spawn_blocking(move || {
-            crate::runtime::compile_all(&runtime, &work, timeout)
-        })
-        .await
-        .map_err(|e| ControlError::Failed(format!("compiling failed: {e}")))?
-        .map_err(|e| ControlError::Invalid(format!("{e:#}; {keeps}")))?;
-        let kind = |process: &str| {
-            let at = staged
-                .app
-                .processes
-                .iter()
-                .position(|p| p.name.as_str() == process);
-            at.map(|i| &compiled[i].0)
-        };
-        for (listener, process) in &self.routes {
-            match kind(process) {
-                Some(compiled) if compiled.is_http() => {}
-                found => {
-                    let what = found.map_or("removed".to_string(), |c| {
-                        format!("made a {} process", c.kind_name())
-                    });
-                    return Err(ControlError::Invalid(format!(
-                        "{listener} routes HTTP to `{process}`, which this release {what}: the listener stays until the next `wasmform up`, so keep `{process}` an HTTP process type; {keeps}"
-                    )));
-                }
-            }
-        }
-        for service in &staged.app.services {
-            if let Some(compiled) = kind(service.process.as_str())
-                && !compiled.is_http()
-            {
-                return Err(ControlError::Invalid(format!(
-                    "{}: services.processes: `{}` would become a {} process, but a service routes HTTP to it; {keeps}",
-                    service.origin,
-                    service.process,
-                    compiled.kind_name()
-                )));
-            }
-        }
+        let compiled = self.compile(&staged, &keeps).await?;
+        self.check_routes(&staged, &compiled, &keeps)?;
         let compile_times: Vec<(String, Duration)> = staged
             .app
             .processes
@@ -264,6 +219,70 @@ impl Deployer {
             changes,
             notes,
         })
+    }
+
+    /// Compiles every component of `staged` off the async runtime.
+    async fn compile(
+        &self,
+        staged: &Staged,
+        keeps: &str,
+    ) -> Result<Vec<(Compiled, Duration)>, ControlError> {
+        let work: Vec<_> = staged
+            .app
+            .processes
+            .iter()
+            .cloned()
+            .zip(staged.files.iter().cloned())
+            .collect();
+        let (runtime, timeout) = (self.runtime.clone(), self.compile_timeout);
+        tokio::task::spawn_blocking(move || crate::runtime::compile_all(&runtime, &work, timeout))
+            .await
+            .map_err(|e| ControlError::Failed(format!("compiling failed: {e}")))?
+            .map_err(|e| ControlError::Invalid(format!("{e:#}; {keeps}")))
+    }
+
+    /// Refuses a release that would leave a bound listener (the main port, a service) routing
+    /// HTTP to a type that is gone or no longer HTTP.
+    fn check_routes(
+        &self,
+        staged: &Staged,
+        compiled: &[(Compiled, Duration)],
+        keeps: &str,
+    ) -> Result<(), ControlError> {
+        let kind = |process: &str| {
+            let at = staged
+                .app
+                .processes
+                .iter()
+                .position(|p| p.name.as_str() == process);
+            at.map(|i| &compiled[i].0)
+        };
+        for (listener, process) in &self.routes {
+            match kind(process) {
+                Some(compiled) if compiled.is_http() => {}
+                found => {
+                    let what = found.map_or("removed".to_string(), |c| {
+                        format!("made a {} process", c.kind_name())
+                    });
+                    return Err(ControlError::Invalid(format!(
+                        "{listener} routes HTTP to `{process}`, which this release {what}: the listener stays until the next `wasmform up`, so keep `{process}` an HTTP process type; {keeps}"
+                    )));
+                }
+            }
+        }
+        for service in &staged.app.services {
+            if let Some(compiled) = kind(service.process.as_str())
+                && !compiled.is_http()
+            {
+                return Err(ControlError::Invalid(format!(
+                    "{}: services.processes: `{}` would become a {} process, but a service routes HTTP to it; {keeps}",
+                    service.origin,
+                    service.process,
+                    compiled.kind_name()
+                )));
+            }
+        }
+        Ok(())
     }
 }
 

@@ -151,7 +151,8 @@ impl Formation {
     }
 
     /// [`Formation::with_changes`], also returning the types the changes named (each once, in
-    /// the order named).
+    /// the order named). One pass over the changes, each checked where it is read, so that the
+    /// error names the change at fault.
     pub fn with_named_changes(
         &self,
         changes: &[String],

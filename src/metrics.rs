@@ -109,7 +109,8 @@ impl Default for Metrics {
 }
 
 impl Metrics {
-    /// Registers every metric.
+    /// Registers every metric: one block per metric, with its help text (a list, longer than
+    /// most functions, read top to bottom).
     pub fn new() -> Self {
         let mut registry = Registry::default();
         let requests = Family::<RequestLabels, Counter>::default();

@@ -153,12 +153,12 @@ enum Gate {
 }
 
 impl Gate {
-    /// `Err`: the answer to a request that may not pass.
-    fn check(&self, req: &Request<Incoming>) -> Result<(), Response<ApiBody>> {
+    /// The answer to a request that may not pass; `None` lets it through.
+    fn refuse(&self, req: &Request<Incoming>) -> Option<Response<ApiBody>> {
         match self {
-            Gate::Open => Ok(()),
-            Gate::PeerUid { owner, peer } if *peer == Some(*owner) => Ok(()),
-            Gate::PeerUid { owner, peer } => Err(error(
+            Gate::Open => None,
+            Gate::PeerUid { owner, peer } if *peer == Some(*owner) => None,
+            Gate::PeerUid { owner, peer } => Some(error(
                 StatusCode::FORBIDDEN,
                 &format!(
                     "this host's control API belongs to uid {owner}; you are uid {}",
@@ -181,14 +181,14 @@ impl Gate {
                         hyper::header::WWW_AUTHENTICATE,
                         hyper::header::HeaderValue::from_static("Bearer"),
                     );
-                    return Err(response);
+                    return Some(response);
                 }
                 let host = req
                     .headers()
                     .get(hyper::header::HOST)
                     .and_then(|v| v.to_str().ok());
                 if host != Some(auth.host.as_str()) {
-                    return Err(error(
+                    return Some(error(
                         StatusCode::FORBIDDEN,
                         &format!(
                             "wrong Host header: this control API answers to `{}`",
@@ -196,7 +196,7 @@ impl Gate {
                         ),
                     ));
                 }
-                Ok(())
+                None
             }
         }
     }
@@ -244,9 +244,9 @@ async fn serve_connections<S, F>(
             let service = hyper::service::service_fn(move |req: Request<Incoming>| {
                 let (gate, routes) = (gate.clone(), routes.clone());
                 async move {
-                    Ok::<_, Infallible>(match gate.check(&req) {
-                        Ok(()) => routes.handle(req).await,
-                        Err(refused) => refused,
+                    Ok::<_, Infallible>(match gate.refuse(&req) {
+                        None => routes.handle(req).await,
+                        Some(refused) => refused,
                     })
                 }
             });

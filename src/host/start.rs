@@ -158,7 +158,8 @@ impl Host {
         })
     }
 
-    /// The formation is up: opens the front doors (HTTP, services, control API, metrics).
+    /// The formation is up: opens the front doors (HTTP, services, control API, metrics), in
+    /// the order their lines appear in the log.
     fn serve(self, listeners: Listeners, s: Serving) -> Result<RunningHost> {
         let logs = &s.logs;
         let routed = self.routed.map(|i| self.processes[i].0.name.clone());
@@ -204,30 +205,13 @@ impl Host {
             routes,
             metrics: s.metrics.clone(),
         });
-        let api = control::Api::new(
-            s.supervisor.clone(),
-            logs.clone(),
-            s.metrics.clone(),
+        let (control, mut others) = serve_control(
+            &s,
             deployer.clone(),
-        );
-        let control = listeners.control.map(|(listener, path)| {
-            let task = tokio::spawn(control::serve(listener, api.clone(), stop_http.clone()));
-            (task, path)
-        });
-        let mut others = Vec::new();
-        if let Some((listener, token, host)) = listeners.control_tcp {
-            let addr = listener.local_addr()?;
-            others.push(tokio::spawn(control::serve_tcp(
-                listener,
-                api.clone(),
-                token,
-                host,
-                stop_http.clone(),
-            )));
-            logs.host(format!(
-                "control API on http://{addr} (bearer token required)"
-            ));
-        }
+            listeners.control,
+            listeners.control_tcp,
+            &stop_http,
+        )?;
         logs.host(format!(
             "release v{}: formation {} up in {} (compiled {} components in {})",
             self.release,
@@ -268,6 +252,12 @@ impl Host {
     }
 }
 
+/// A server's task.
+type Task = tokio::task::JoinHandle<()>;
+
+/// The control API's task on the Unix socket, and the socket's path.
+type UnixControl = (Task, PathBuf);
+
 /// What a started formation hands to [`Host::serve`].
 struct Serving {
     addr: SocketAddr,
@@ -279,6 +269,43 @@ struct Serving {
     printer: tokio::task::JoinHandle<()>,
     background: BackgroundRuntime,
     shared: Option<Store>,
+}
+
+/// The control API on the Unix socket and, with `--control-tcp`, on TCP; the TCP server
+/// is the first of the returned tasks.
+fn serve_control(
+    s: &Serving,
+    deployer: Arc<Deployer>,
+    unix: Option<(UnixListener, PathBuf)>,
+    tcp: Option<(TcpListener, String, String)>,
+    stop_http: &CancellationToken,
+) -> Result<(Option<UnixControl>, Vec<Task>)> {
+    let logs = &s.logs;
+    let api = control::Api::new(
+        s.supervisor.clone(),
+        logs.clone(),
+        s.metrics.clone(),
+        deployer,
+    );
+    let control = unix.map(|(listener, path)| {
+        let task = tokio::spawn(control::serve(listener, api.clone(), stop_http.clone()));
+        (task, path)
+    });
+    let mut others = Vec::new();
+    if let Some((listener, token, host)) = tcp {
+        let addr = listener.local_addr()?;
+        others.push(tokio::spawn(control::serve_tcp(
+            listener,
+            api.clone(),
+            token,
+            host,
+            stop_http.clone(),
+        )));
+        logs.host(format!(
+            "control API on http://{addr} (bearer token required)"
+        ));
+    }
+    Ok((control, others))
 }
 
 /// The metrics listener, on a loopback address only.

@@ -299,6 +299,9 @@ impl<S> HeadGuard<S> {
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for HeadGuard<S> {
+    /// The guard's whole state machine in one poll (which clock runs, where the head ends,
+    /// what hyper may read): split up, its states would be spread over functions that each
+    /// need all of them.
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,

@@ -6,7 +6,7 @@ use std::time::{Instant, SystemTime};
 
 use serde::Serialize;
 
-use super::slot::SlotState;
+use super::slot::{Slot, SlotState};
 use super::{State, Supervisor, reserved};
 use crate::shared::{QueueStats, Store};
 
@@ -207,59 +207,8 @@ impl Supervisor {
     /// `ps`.
     pub fn ps(&self) -> PsReport {
         let state = self.lock();
-        let mut instances: Vec<InstanceReport> = state
-            .slots
-            .iter()
-            .map(|slot| {
-                let (status, since) = slot
-                    .status
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .clone();
-                let (state, reason, restart_in_ms) = match status {
-                    SlotState::Starting => (InstanceState::Starting, None, None),
-                    SlotState::Up => (InstanceState::Up, None, None),
-                    SlotState::Draining => (InstanceState::Draining, None, None),
-                    SlotState::Exited { reason } => (InstanceState::Exited, Some(reason), None),
-                    SlotState::Waiting => (
-                        InstanceState::Pending,
-                        Some("waiting for the instance it replaces to stop (singleton)".into()),
-                        None,
-                    ),
-                    SlotState::Crashed { reason, restart_at } => (
-                        InstanceState::Crashed,
-                        Some(reason),
-                        Some(
-                            restart_at
-                                .saturating_duration_since(Instant::now())
-                                .as_millis() as u64,
-                        ),
-                    ),
-                };
-                InstanceReport {
-                    id: slot.name(),
-                    process: slot.process.to_string(),
-                    index: slot.index,
-                    state,
-                    since: since
-                        .duration_since(SystemTime::UNIX_EPOCH)
-                        .ok()
-                        .map(|d| d.as_secs_f64()),
-                    reason,
-                    restart_in_ms,
-                    memory_used: slot.memory_used.load(Ordering::Relaxed),
-                    memory_limit: slot.memory.as_u64(),
-                    requests: slot.requests.load(Ordering::Relaxed),
-                    restarts: slot.restarts.load(Ordering::Relaxed),
-                    health: slot
-                        .health
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .clone(),
-                    release: slot.version.release,
-                }
-            })
-            .collect();
+        let mut instances: Vec<InstanceReport> =
+            state.slots.iter().map(|slot| slot.report()).collect();
         for (process, index, reason) in self.plan(&state).pending {
             let release = state.types.get(&process).map_or(0, |t| t.release);
             let memory = state.desired.get(&process).map_or(0, |s| s.memory.as_u64());
@@ -329,5 +278,59 @@ impl Supervisor {
                 }
             })
             .collect()
+    }
+}
+
+impl Slot {
+    /// This slot in `ps`.
+    fn report(&self) -> InstanceReport {
+        let slot = self;
+        let (status, since) = slot
+            .status
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let (state, reason, restart_in_ms) = match status {
+            SlotState::Starting => (InstanceState::Starting, None, None),
+            SlotState::Up => (InstanceState::Up, None, None),
+            SlotState::Draining => (InstanceState::Draining, None, None),
+            SlotState::Exited { reason } => (InstanceState::Exited, Some(reason), None),
+            SlotState::Waiting => (
+                InstanceState::Pending,
+                Some("waiting for the instance it replaces to stop (singleton)".into()),
+                None,
+            ),
+            SlotState::Crashed { reason, restart_at } => (
+                InstanceState::Crashed,
+                Some(reason),
+                Some(
+                    restart_at
+                        .saturating_duration_since(Instant::now())
+                        .as_millis() as u64,
+                ),
+            ),
+        };
+        InstanceReport {
+            id: slot.name(),
+            process: slot.process.to_string(),
+            index: slot.index,
+            state,
+            since: since
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .ok()
+                .map(|d| d.as_secs_f64()),
+            reason,
+            restart_in_ms,
+            memory_used: slot.memory_used.load(Ordering::Relaxed),
+            memory_limit: slot.memory.as_u64(),
+            requests: slot.requests.load(Ordering::Relaxed),
+            restarts: slot.restarts.load(Ordering::Relaxed),
+            health: slot
+                .health
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone(),
+            release: slot.version.release,
+        }
     }
 }

@@ -8,7 +8,7 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
@@ -130,6 +130,12 @@ impl Slot {
         )
     }
 
+    /// Counts a failed incarnation and keeps its reason, for a deploy's verdict.
+    fn record_failure(&self, reason: &str) {
+        self.failures.fetch_add(1, Ordering::Relaxed);
+        *self.last_failure.lock().unwrap_or_else(|e| e.into_inner()) = Some(reason.to_string());
+    }
+
     pub(super) fn set_health(&self, health: String) {
         *self.health.lock().unwrap_or_else(|e| e.into_inner()) = Some(health);
     }
@@ -212,7 +218,9 @@ impl Supervisor {
     }
 
     /// The slot's task: one incarnation after the other until the slot stops or its restart
-    /// policy leaves it exited. `ready` is told how the first start went.
+    /// policy leaves it exited. `ready` is told how the first start went. One loop, since its
+    /// state (`reserved`, `recycled`, `awaited`, the backoff) lives across incarnations; what
+    /// each end means is decided by [`Backoff::decide`].
     async fn run_slot(
         &self,
         process: &ProcessType,
@@ -273,31 +281,17 @@ impl Supervisor {
                 break;
             }
             if end.failed {
-                slot.failures.fetch_add(1, Ordering::Relaxed);
-                *slot.last_failure.lock().unwrap_or_else(|e| e.into_inner()) = Some(reason.clone());
+                slot.record_failure(&reason);
             }
             let awaited = std::mem::take(&mut awaited);
             let mode = process.spec.restart;
-            let delay = match backoff.decide(mode, end, started.elapsed(), awaited) {
-                Next::Restart { delay } => delay,
-                Next::Exit => {
-                    if let Some(pool) = process.pool.as_ref().filter(|_| reserved) {
-                        pool.gone();
-                        reserved = false;
-                    }
-                    self.logs.host(format!(
-                        "{name} {reason}; not restarted (restart = \"{}\")",
-                        match mode {
-                            RestartMode::OnFailure => "on-failure",
-                            _ => "never",
-                        }
-                    ));
-                    slot.set(SlotState::Exited { reason });
-                    // The slot keeps its place (so the formation does not start another) until
-                    // a restart, scale or deploy stops it.
-                    slot.cancel.cancelled().await;
-                    break;
+            let Next::Restart { delay } = backoff.decide(mode, end, started.elapsed(), awaited)
+            else {
+                if let Some(pool) = process.pool.as_ref().filter(|_| reserved) {
+                    pool.gone();
                 }
+                self.exit(slot, &name, mode, reason).await;
+                return;
             };
             slot.restarts.fetch_add(1, Ordering::Relaxed);
             if let Some(pool) = process
@@ -308,19 +302,7 @@ impl Supervisor {
                 pool.gone();
                 reserved = false;
             }
-            // A command awaiting this start was told it failed and decides first: the restart
-            // is logged when it happens.
-            if awaited {
-                self.logs.host(format!("{name} {reason}"));
-            } else if delay.is_zero() {
-                self.logs.host(format!("{name} {reason}; restarting now"));
-            } else {
-                self.logs.host(format!(
-                    "{name} {reason}; restarting in {}",
-                    humanize(delay)
-                ));
-            }
-            self.metrics.restart(process.spec.name.as_str(), &reason);
+            self.log_restart(process, &name, &reason, delay, awaited);
             slot.set(SlotState::Crashed {
                 reason,
                 restart_at: Instant::now() + delay,
@@ -337,6 +319,44 @@ impl Supervisor {
         if let Some(pool) = process.pool.as_ref().filter(|_| reserved) {
             pool.gone();
         }
+    }
+
+    /// Logs an ended incarnation that restarts after `delay`, and counts the restart. A
+    /// command awaiting this start (`awaited`) was told it failed and decides first: the
+    /// restart is logged when it happens.
+    fn log_restart(
+        &self,
+        process: &ProcessType,
+        name: &str,
+        reason: &str,
+        delay: Duration,
+        awaited: bool,
+    ) {
+        if awaited {
+            self.logs.host(format!("{name} {reason}"));
+        } else if delay.is_zero() {
+            self.logs.host(format!("{name} {reason}; restarting now"));
+        } else {
+            self.logs.host(format!(
+                "{name} {reason}; restarting in {}",
+                humanize(delay)
+            ));
+        }
+        self.metrics.restart(process.spec.name.as_str(), reason);
+    }
+
+    /// Leaves the slot exited, as its restart policy says: it keeps its place (so the formation
+    /// does not start another) until a restart, scale or deploy stops it.
+    async fn exit(&self, slot: &Slot, name: &str, mode: RestartMode, reason: String) {
+        self.logs.host(format!(
+            "{name} {reason}; not restarted (restart = \"{}\")",
+            match mode {
+                RestartMode::OnFailure => "on-failure",
+                _ => "never",
+            }
+        ));
+        slot.set(SlotState::Exited { reason });
+        slot.cancel.cancelled().await;
     }
 
     /// Runs one incarnation of an instance until it ends or the slot stops; `Err` says it

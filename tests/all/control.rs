@@ -206,6 +206,7 @@ fn socket_is_private_and_other_users_are_refused() {
     // Let another user reach the directory, so the socket's own mode is what refuses them.
     std::fs::set_permissions(app.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o711)).unwrap();
+    // SAFETY: geteuid has no preconditions and cannot fail.
     if unsafe { libc::geteuid() } != 0 {
         eprintln!("not root: cannot run the client as another user; skipping that part");
         return;

@@ -324,6 +324,7 @@ impl Wasmform {
     }
 
     pub fn signal(&self, signal: i32) {
+        // SAFETY: kill has no memory preconditions; the pid is our own child's.
         unsafe {
             libc::kill(self.child.id() as i32, signal);
         }

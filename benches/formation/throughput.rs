@@ -1,0 +1,192 @@
+//! HTTP throughput of `GET /` on hello: native hyper (the baseline), wasmform at several
+//! formations, with spinning workers beside it, `wasmtime serve`; and the issue's targets.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use crate::harness::{Host, Load, RUNS, Server, generator_name, load, print_load, which};
+use crate::{CONNECTIONS, MEASURE, NAME, WARMUP};
+
+/// What the targets are computed from.
+pub struct Figures {
+    baseline: Load,
+    /// The best wasmform row: its formation, req/s and p99.
+    best: (u32, f64, Duration),
+    /// web=1000's req/s.
+    thousand: f64,
+    /// web=2's req/s without and with 4 spinning workers.
+    spinning: Vec<f64>,
+    /// `wasmtime serve` as it comes and reusing instances.
+    serve: Option<(Load, Load)>,
+}
+
+/// The throughput table.
+pub fn rows(procfile: &Path, hello: &Path, guests: &Path) -> Figures {
+    println!(
+        "## HTTP throughput: GET /, {CONNECTIONS} keep-alive connections, {}s after {}s warm-up, best of {RUNS}, load from {}",
+        MEASURE.as_secs(),
+        WARMUP.as_secs(),
+        generator_name()
+    );
+    println!(
+        "{:<NAME$} {:>10} {:>10} {:>10} {:>7} {:>9}",
+        "server", "req/s", "p50", "p99", "errors", "vs native"
+    );
+    let native = Server::native();
+    let baseline = load(native.port);
+    drop(native);
+    print_load("native hyper hello (baseline)", &baseline, &baseline);
+    let mut best = (0u32, 0.0f64, Duration::ZERO);
+    let mut thousand = 0.0;
+    for n in [1u32, 2, 64, 1000] {
+        let host = Host::start(procfile, &["-m", &format!("web={n}"), "--queue", "4096"]);
+        let result = load(host.port);
+        print_load(&format!("wasmform web={n}"), &result, &baseline);
+        if result.rps > best.1 {
+            best = (n, result.rps, result.p99);
+        }
+        if n == 1000 {
+            thousand = result.rps;
+        }
+    }
+    {
+        let host = Host::start(
+            procfile,
+            &["-m", "web=64", "--queue", "4096", "--no-router-log"],
+        );
+        let result = load(host.port);
+        print_load("wasmform web=64, --no-router-log", &result, &baseline);
+    }
+    let spin_dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        spin_dir.path().join("Procfile"),
+        format!(
+            "web: {}\nworker: {} spin\n",
+            hello.display(),
+            guests.join("test-worker.wasm").display()
+        ),
+    )
+    .unwrap();
+    let spin_procfile = spin_dir.path().join("Procfile");
+    let mut spinning = Vec::new();
+    for workers in [0u32, 4] {
+        let host = Host::start(
+            &spin_procfile,
+            &["-m", &format!("web=2,worker={workers}"), "--queue", "4096"],
+        );
+        let result = load(host.port);
+        print_load(
+            &format!("wasmform web=2 + {workers} spinning workers"),
+            &result,
+            &baseline,
+        );
+        spinning.push(result.rps);
+    }
+    let serve = wasmtime_serve_rows(hello, &baseline);
+    Figures {
+        baseline,
+        best,
+        thousand,
+        spinning,
+        serve,
+    }
+}
+
+/// The targets of the performance issues, as ratios within this run.
+pub fn targets(figures: &Figures) {
+    println!("## against the targets (ratios within this run)");
+    let Figures {
+        baseline,
+        best,
+        thousand,
+        spinning,
+        serve,
+    } = figures;
+    let target = |what: &str, value: String, goal: &str, met: bool| {
+        println!(
+            "{what:<52} {value:>10}  target {goal:<8} {}",
+            if met { "met" } else { "NOT met" }
+        );
+    };
+    let ratio = best.1 / baseline.rps;
+    target(
+        &format!("best wasmform (web={}) vs native", best.0),
+        format!("{ratio:.2}×"),
+        "≥ 0.65×",
+        ratio >= 0.65,
+    );
+    let ratio = thousand / baseline.rps;
+    target(
+        "wasmform web=1000 vs native",
+        format!("{ratio:.2}×"),
+        "≥ 0.55×",
+        ratio >= 0.55,
+    );
+    let p99 = best.2.as_secs_f64() / baseline.p99.as_secs_f64();
+    target(
+        &format!("p99 of web={} vs native's", best.0),
+        format!("{p99:.2}×"),
+        "≤ 2×",
+        p99 <= 2.0,
+    );
+    let share = 1.0 - spinning[1] / spinning[0];
+    target(
+        "web req/s lost to 4 spinning workers",
+        format!("{:.0} %", share * 100.0),
+        "fair",
+        // Two web instances and four workers on two cores: a fair scheduler would leave web
+        // at least its share of 2 in 6 runnable instances; idle priority should leave it all.
+        share <= 1.0 - 2.0 / 6.0,
+    );
+    match serve {
+        Some((default, reuse)) => {
+            let ratio = best.1 / reuse.rps;
+            target(
+                "best wasmform vs wasmtime serve (instance reuse)",
+                format!("{ratio:.2}×"),
+                "≥ 1.3×",
+                ratio >= 1.3,
+            );
+            let ratio = best.1 / default.rps;
+            target(
+                "best wasmform vs wasmtime serve (default)",
+                format!("{ratio:.2}×"),
+                "≥ 5×",
+                ratio >= 5.0,
+            );
+        }
+        None => println!("wasmtime serve targets skipped: no `wasmtime` binary on PATH"),
+    }
+}
+
+/// `wasmtime serve` on the same guest, once as it comes (a fresh instance per request) and
+/// once reusing instances, when a `wasmtime` binary is on PATH: `(default, reuse)`.
+fn wasmtime_serve_rows(hello: &Path, baseline: &Load) -> Option<(Load, Load)> {
+    let Some(wasmtime) = which("wasmtime") else {
+        println!("wasmtime serve rows skipped: no `wasmtime` binary on PATH");
+        return None;
+    };
+    let version = Command::new(&wasmtime)
+        .arg("--version")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default();
+    let mut rows = Vec::new();
+    for (name, extra) in [
+        ("default", &[][..]),
+        (
+            "--max-instance-reuse-count 1000000000",
+            &["--max-instance-reuse-count", "1000000000"][..],
+        ),
+    ] {
+        let server = Server::wasmtime_serve(&wasmtime, hello, extra);
+        let result = load(server.port);
+        drop(server);
+        print_load(&format!("wasmtime serve {name}"), &result, baseline);
+        rows.push(result);
+    }
+    println!("({version} at {})", wasmtime.display());
+    let reuse = rows.pop()?;
+    Some((rows.pop()?, reuse))
+}
