@@ -179,8 +179,8 @@ impl Host {
             processes.push((spec, Arc::new(compiled)));
         }
         check_services(&staged.app.services, &processes)?;
-        let routed = routed_type(&processes)?;
         let release = record(&mut releases, &staged, previous.as_ref())?;
+        let routed = routed_type(&processes)?;
         if let Some(state) = &state {
             state.store_formation(&formation)?;
         }

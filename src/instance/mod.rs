@@ -34,6 +34,12 @@ pub async fn probe(
     result.map_err(|e| describe(&e, &store, memory))
 }
 
+/// Whether a guest failure is its memory limit: the limiter refused it memory, and it did not
+/// exit on its own (the order [`describe`] tells them apart in).
+pub(crate) fn out_of_memory(err: &wasmtime::Error, store: &Store<InstanceState>) -> bool {
+    err.downcast_ref::<I32Exit>().is_none() && store.data().limiter.denied().is_some()
+}
+
 /// Turns a guest failure into the reason users read in the log.
 pub(crate) fn describe(
     err: &wasmtime::Error,

@@ -14,7 +14,7 @@ use wasmtime_wasi_http::WasiHttpView as _;
 use wasmtime_wasi_http::p2::bindings::http::types::{ErrorCode, Scheme};
 use wasmtime_wasi_http::p2::bindings::{Proxy, ProxyPre};
 
-use super::describe;
+use super::{describe, out_of_memory};
 use crate::app::ByteSize;
 use crate::runtime::{InstanceSetup, InstanceState, Runtime};
 
@@ -382,13 +382,11 @@ impl WebInstance {
             Ok(Ok(())) => "returned without a response".to_string(),
             Ok(Err(e)) => {
                 let reason = describe(&e, &self.store, self.memory);
-                send(Reply::Failed(
-                    if self.store.data().limiter.denied().is_some() {
-                        Failure::MemoryQuota(reason.clone())
-                    } else {
-                        Failure::Crashed(reason.clone())
-                    },
-                ));
+                send(Reply::Failed(if out_of_memory(&e, &self.store) {
+                    Failure::MemoryQuota(reason.clone())
+                } else {
+                    Failure::Crashed(reason.clone())
+                }));
                 format!("crashed: {reason}")
             }
             Err(_elapsed) => {

@@ -102,6 +102,12 @@ impl Body for Answer {
     }
 
     fn size_hint(&self) -> hyper::body::SizeHint {
+        // A guarded body is sent chunked, whatever its size: a length announced up front
+        // (wasi-http's empty body has one) would make a response the guard then aborts look
+        // complete.
+        if self.guard.is_some() {
+            return hyper::body::SizeHint::default();
+        }
         self.body.size_hint()
     }
 }
