@@ -22,7 +22,7 @@ fn main() -> std::process::ExitCode {
         }
     }
     match cli.execute() {
-        Ok(()) => std::process::ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
             std::process::ExitCode::FAILURE

@@ -45,6 +45,11 @@ impl Client {
         std::os::unix::net::UnixStream::connect(&self.socket).is_ok()
     }
 
+    /// The app's directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
     /// The app's state directory.
     pub fn state(&self) -> StateDir {
         StateDir::for_app(&self.dir)

@@ -3,6 +3,7 @@
 
 mod client;
 mod deploy;
+mod down;
 mod logs;
 mod ps;
 mod releases;
@@ -35,6 +36,7 @@ enum Command {
     Deploy(deploy::DeployCommand),
     Releases(releases::ReleasesCommand),
     Rollback(rollback::RollbackCommand),
+    Down(down::DownCommand),
 }
 
 impl Cli {
@@ -43,10 +45,10 @@ impl Cli {
         matches!(self.command, Command::Up(_))
     }
 
-    /// Runs the chosen subcommand.
-    pub fn execute(self) -> anyhow::Result<()> {
-        match self.command {
-            Command::Up(cmd) => cmd.execute(),
+    /// Runs the chosen subcommand; its exit code (`up -- CMD` exits with CMD's).
+    pub fn execute(self) -> anyhow::Result<std::process::ExitCode> {
+        let done = match self.command {
+            Command::Up(cmd) => return cmd.execute(),
             Command::Scale(cmd) => cmd.execute(),
             Command::Ps(cmd) => cmd.execute(),
             Command::Logs(cmd) => cmd.execute(),
@@ -54,6 +56,8 @@ impl Cli {
             Command::Deploy(cmd) => cmd.execute(),
             Command::Releases(cmd) => cmd.execute(),
             Command::Rollback(cmd) => cmd.execute(),
-        }
+            Command::Down(cmd) => cmd.execute(),
+        };
+        done.map(|()| std::process::ExitCode::SUCCESS)
     }
 }

@@ -1,6 +1,10 @@
-//! `wasmform up`: run the app's formation in the foreground until SIGINT or SIGTERM.
+//! `wasmform up`: run the app's formation in the foreground until SIGINT or SIGTERM, until
+//! `wasmform down` asks, or, with `up -- CMD`, until CMD exits.
 
+use std::net::SocketAddr;
+use std::os::unix::process::ExitStatusExt as _;
 use std::path::{Path, PathBuf};
+use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{Context as _, Result};
@@ -126,7 +130,7 @@ pub struct UpCommand {
     /// Also serve Prometheus metrics at http://ADDR/metrics (loopback only), e.g.
     /// `127.0.0.1:9090`. They are always at `/metrics` on the control socket.
     #[arg(long = "metrics", value_name = "ADDR")]
-    metrics: Option<std::net::SocketAddr>,
+    metrics: Option<SocketAddr>,
 
     /// Also serve the control API on this TCP address (for edge nodes managed remotely).
     /// Requests need `Authorization: Bearer TOKEN` with the token from `--control-token-file`.
@@ -135,7 +139,7 @@ pub struct UpCommand {
         value_name = "ADDR",
         requires = "control_token_file"
     )]
-    control_tcp: Option<std::net::SocketAddr>,
+    control_tcp: Option<SocketAddr>,
 
     /// File holding the control API's bearer token (mode 0600, at least 16 characters).
     #[arg(long = "control-token-file", value_name = "PATH")]
@@ -169,6 +173,12 @@ pub struct UpCommand {
     /// Procfile's directory (as for the example guests).
     #[arg(long = "build")]
     build: bool,
+
+    /// After `--`: a command to run once the formation is up (a test suite, a load test). It
+    /// gets `WASMFORM_URL`, `PORT` and `WASMFORM_CONTROL` (the control socket) in its
+    /// environment; when it exits the formation drains and `up` exits with its status.
+    #[arg(last = true, value_name = "CMD")]
+    command: Vec<String>,
 }
 
 fn parse_size(s: &str) -> Result<ByteSize, String> {
@@ -200,8 +210,9 @@ impl UpCommand {
 }
 
 impl UpCommand {
-    /// Runs the formation until a signal arrives.
-    pub fn execute(self) -> Result<()> {
+    /// Runs the formation until a signal arrives, `wasmform down` asks, or the command given
+    /// after `--` exits; the exit code is that command's status, else success.
+    pub fn execute(self) -> Result<ExitCode> {
         let mut app = AppSpec::load(&self.procfile)?;
         if self.build {
             build(&app)?;
@@ -211,6 +222,7 @@ impl UpCommand {
             .state_dir
             .clone()
             .unwrap_or_else(|| StateDir::for_app(&app.dir).path().to_path_buf());
+        let control = StateDir::new(state_dir.clone()).socket();
         let options = HostOptions {
             formation: self.formation.clone(),
             memory: self.memory,
@@ -246,14 +258,14 @@ impl UpCommand {
             .enable_all()
             .build()
             .context("failed to start the async runtime")?;
-        let result = runtime.block_on(self.serve(host));
+        let result = runtime.block_on(self.serve(host, &control));
         // Do not wait for the log printer if stdout stopped reading: it runs on a blocking
         // thread, which a plain drop of the runtime would wait for.
         runtime.shutdown_timeout(Duration::from_secs(1));
         result
     }
 
-    async fn serve(&self, host: Host) -> Result<()> {
+    async fn serve(&self, host: Host, control: &Path) -> Result<ExitCode> {
         let addr = format!("{}:{}", self.host, self.port);
         let listener = tokio::net::TcpListener::bind(&addr).await.with_context(|| {
             format!("cannot listen on {addr}: is another server using the port? pick another with `-p PORT` (or `-p 0` for any free port)")
@@ -273,9 +285,29 @@ impl UpCommand {
             tokio::spawn(async move { watch(source, first, deployer).await });
         }
         let mut signal = Signals::new()?;
-        let name = signal.next().await;
+        let mut command = match self.command.split_first() {
+            Some((program, args)) => {
+                match Foreground::spawn(program, args, running.local_addr(), control) {
+                    Ok(command) => Some(command),
+                    Err(e) => {
+                        running.log(format!("{e:#}: shutting down"));
+                        running.shutdown(self.grace).await;
+                        return Err(e);
+                    }
+                }
+            }
+            None => None,
+        };
+        let (why, code) = tokio::select! {
+            name = signal.next() => (format!("{name} received"), signal_exit(name)),
+            () = running.stop_requested() => (
+                "shutdown requested (`wasmform down`)".to_string(),
+                ExitCode::SUCCESS,
+            ),
+            ended = Foreground::wait(&mut command) => ended,
+        };
         running.log(format!(
-            "{name} received: shutting down (grace {}; send it again to exit at once)",
+            "{why}: shutting down (grace {}; send SIGINT or SIGTERM again to exit at once)",
             crate::units::humanize(self.grace)
         ));
         tokio::spawn(async move {
@@ -283,8 +315,89 @@ impl UpCommand {
             eprintln!("wasmform: second {name}: exiting now");
             std::process::exit(130);
         });
+        if let Some(command) = command {
+            // Nothing outlives `up`: a command still running (wasmform was signalled, or
+            // `down` asked) is stopped first.
+            command.stop().await;
+        }
         running.shutdown(self.grace).await;
-        Ok(())
+        Ok(code)
+    }
+}
+
+/// The exit status of `up` stopped by signal `name`, as a shell reports it (128 + signal).
+fn signal_exit(name: &str) -> ExitCode {
+    ExitCode::from(if name == "SIGINT" { 130 } else { 143 })
+}
+
+/// The command after `--`, running beside the formation.
+struct Foreground {
+    program: String,
+    pid: u32,
+    waiter: tokio::task::JoinHandle<std::io::Result<std::process::ExitStatus>>,
+}
+
+impl Foreground {
+    /// Starts `program` with the host's address and control socket in its environment.
+    fn spawn(program: &str, args: &[String], addr: SocketAddr, control: &Path) -> Result<Self> {
+        let mut child = std::process::Command::new(program)
+            .args(args)
+            .env("WASMFORM_URL", format!("http://{addr}"))
+            .env("PORT", addr.port().to_string())
+            .env("WASMFORM_CONTROL", control)
+            .spawn()
+            .with_context(|| {
+                format!(
+                    "cannot run `{program}` (the command after `--`): is it installed and on PATH?"
+                )
+            })?;
+        let pid = child.id();
+        let waiter = tokio::task::spawn_blocking(move || child.wait());
+        Ok(Self {
+            program: program.to_string(),
+            pid,
+            waiter,
+        })
+    }
+
+    /// Waits for the command to exit: why the host stops, and `up`'s exit code (the command's
+    /// status; 128 + the signal that killed it). Never resolves without a command.
+    async fn wait(command: &mut Option<Self>) -> (String, ExitCode) {
+        let Some(foreground) = command else {
+            return std::future::pending().await;
+        };
+        let status = (&mut foreground.waiter).await;
+        let program = foreground.program.clone();
+        *command = None;
+        match status {
+            Ok(Ok(status)) => {
+                let code = status
+                    .code()
+                    .or_else(|| status.signal().map(|s| 128 + s))
+                    .unwrap_or(1);
+                (
+                    format!("`{program}` exited with status {code}"),
+                    ExitCode::from(u8::try_from(code).unwrap_or(1)),
+                )
+            }
+            _ => (format!("lost track of `{program}`"), ExitCode::FAILURE),
+        }
+    }
+
+    /// Stops the command: SIGTERM, then SIGKILL if it is still running after 5 s.
+    async fn stop(mut self) {
+        let pid = libc::pid_t::try_from(self.pid).unwrap_or(0);
+        // SAFETY: kill has no memory preconditions; the pid is our own child's, not yet
+        // waited for (`waiter` holds it), so it cannot have been reused.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+        if tokio::time::timeout(Duration::from_secs(5), &mut self.waiter)
+            .await
+            .is_err()
+        {
+            // SAFETY: as above.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            let _ = self.waiter.await;
+        }
     }
 }
 

@@ -23,13 +23,14 @@ use http_body_util::{BodyExt as _, Full, Limited};
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
 use serde::Deserialize;
+use tokio_util::sync::CancellationToken;
 
 pub use self::transport::{
     TcpControl, bind, bind_tcp, ensure_no_live_host, serve, serve_metrics, serve_tcp,
 };
 use crate::app::ByteSize;
 use crate::deploy::Deployer;
-use crate::logs::Logs;
+use crate::logs::{API, Logs};
 use crate::metrics::Metrics;
 use crate::supervisor::{ControlError, Supervisor};
 
@@ -44,6 +45,8 @@ pub struct Api {
     logs: Logs,
     metrics: Arc<Metrics>,
     deployer: Arc<Deployer>,
+    /// Cancelled by `POST /v1/shutdown`: the host's owner (`wasmform up`) then shuts down.
+    stop: CancellationToken,
 }
 
 impl Api {
@@ -53,12 +56,14 @@ impl Api {
         logs: Logs,
         metrics: Arc<Metrics>,
         deployer: Arc<Deployer>,
+        stop: CancellationToken,
     ) -> Arc<Self> {
         Arc::new(Self {
             supervisor,
             logs,
             metrics,
             deployer,
+            stop,
         })
     }
 }
@@ -71,6 +76,11 @@ struct ScaleRequest {
     #[serde(default)]
     memory: Option<String>,
 }
+
+/// `POST /v1/shutdown`
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ShutdownRequest {}
 
 /// `POST /v1/deploy`
 #[derive(Deserialize)]
@@ -153,6 +163,20 @@ impl Api {
                         .await,
                 )
             }
+            (Method::POST, "/v1/shutdown") => {
+                if let Err(response) = read_json::<ShutdownRequest>(req).await {
+                    return response;
+                }
+                if !self.stop.is_cancelled() {
+                    self.logs
+                        .event(API, "Shutdown requested (`wasmform down`)".to_string());
+                    self.stop.cancel();
+                }
+                json(
+                    StatusCode::ACCEPTED,
+                    &serde_json::json!({ "stopping": true, "pid": std::process::id() }),
+                )
+            }
             (Method::POST, "/v1/deploy") => {
                 if let Err(response) = read_json::<DeployRequest>(req).await {
                     return response;
@@ -195,7 +219,7 @@ impl Api {
             (
                 _,
                 "/v1/ps" | "/v1/formation" | "/v1/scale" | "/v1/restart" | "/v1/logs"
-                | "/v1/deploy" | "/v1/rollback" | "/v1/releases",
+                | "/v1/deploy" | "/v1/rollback" | "/v1/releases" | "/v1/shutdown",
             ) => error(
                 StatusCode::METHOD_NOT_ALLOWED,
                 "method not allowed on this route",

@@ -30,6 +30,8 @@ pub struct RunningHost {
     pub(super) supervisor: Arc<Supervisor>,
     /// Cancelled to stop accepting connections (HTTP and control).
     pub(super) stop_http: CancellationToken,
+    /// Cancelled when the control API is asked to shut the host down (`wasmform down`).
+    pub(super) stop_requested: CancellationToken,
     /// The control API task on the Unix socket and the socket's path, removed at shutdown.
     pub(super) control: Option<(JoinHandle<()>, PathBuf)>,
     pub(super) printer: JoinHandle<()>,
@@ -47,6 +49,12 @@ impl RunningHost {
     /// Deploys and rollbacks of this host.
     pub fn deployer(&self) -> Arc<Deployer> {
         self.deployer.clone()
+    }
+
+    /// Resolves once the control API was asked to shut this host down (`wasmform down`);
+    /// the owner then calls [`RunningHost::shutdown`].
+    pub async fn stop_requested(&self) {
+        self.stop_requested.cancelled().await;
     }
 
     /// Logs a host event.

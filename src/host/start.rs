@@ -165,6 +165,7 @@ impl Host {
         let routed = self.routed.map(|i| self.processes[i].0.name.clone());
         let routed_name = routed.as_ref().map(ToString::to_string).unwrap_or_default();
         let stop_http = CancellationToken::new();
+        let stop_requested = CancellationToken::new();
         let router = self.router(&s, &routed_name, routed.clone());
         let mut servers = vec![tokio::spawn(proxy::serve(
             listeners.http,
@@ -208,6 +209,7 @@ impl Host {
         let (control, mut others) = serve_control(
             &s,
             deployer.clone(),
+            stop_requested.clone(),
             listeners.control,
             listeners.control_tcp,
             &stop_http,
@@ -245,6 +247,7 @@ impl Host {
             supervisor: s.supervisor,
             background: s.background,
             stop_http,
+            stop_requested,
             control,
             printer: s.printer,
             logs: s.logs,
@@ -276,6 +279,7 @@ struct Serving {
 fn serve_control(
     s: &Serving,
     deployer: Arc<Deployer>,
+    stop_requested: CancellationToken,
     unix: Option<(UnixListener, PathBuf)>,
     tcp: Option<(TcpListener, String, String)>,
     stop_http: &CancellationToken,
@@ -286,6 +290,7 @@ fn serve_control(
         logs.clone(),
         s.metrics.clone(),
         deployer,
+        stop_requested,
     );
     let control = unix.map(|(listener, path)| {
         let task = tokio::spawn(control::serve(listener, api.clone(), stop_http.clone()));

@@ -6,6 +6,7 @@ mod control;
 mod deploy;
 mod formation;
 mod front_door;
+mod lifecycle;
 mod limits;
 mod manifest;
 mod shared;

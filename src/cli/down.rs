@@ -1,0 +1,118 @@
+//! `wasmform down`: stop the app's running host gracefully and wait until it is gone.
+
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{Context as _, Result, bail};
+use hyper::Method;
+
+use super::client::{AppArgs, Client, block_on};
+use crate::app::parse_duration;
+
+/// Stop the running host: it drains (in-flight requests finish, every instance stops) and
+/// exits. Returns once the process is gone; idempotent (succeeds when nothing runs).
+#[derive(clap::Args, Debug)]
+pub struct DownCommand {
+    /// How long to wait for the host to exit before killing it (SIGKILL, after 5 s more).
+    /// Its own drain is bounded by `up --grace`.
+    #[arg(long = "grace", default_value = "30s", value_parser = parse_duration)]
+    grace: Duration,
+
+    /// Also delete the app's state: the stored formation, releases and embedded store (the
+    /// whole state directory), as `docker compose down -v` deletes volumes.
+    #[arg(long = "purge")]
+    purge: bool,
+
+    #[command(flatten)]
+    app: AppArgs,
+}
+
+/// How long past `--grace` a host gets before SIGKILL.
+const MARGIN: Duration = Duration::from_secs(5);
+
+impl DownCommand {
+    /// Asks the host to stop and waits for its process to end.
+    pub fn execute(self) -> Result<()> {
+        let client = Client::new(&self.app)?;
+        if client.host_running() {
+            let answer =
+                block_on(client.json(Method::POST, "/v1/shutdown", Some(serde_json::json!({}))))??;
+            let pid = answer["pid"]
+                .as_u64()
+                .and_then(|p| libc::pid_t::try_from(p).ok())
+                .context("the host's answer to `/v1/shutdown` names no pid")?;
+            wait_gone(pid, self.grace)?;
+            eprintln!("stopped the host (pid {pid})");
+        } else {
+            eprintln!(
+                "no wasmform host is running for `{}`: nothing to stop",
+                client.dir().display()
+            );
+        }
+        if self.purge {
+            purge(client.state().path())?;
+        }
+        Ok(())
+    }
+}
+
+/// Waits until process `pid` has exited: through a pidfd, so a pid reused by another process
+/// cannot be mistaken for the host. SIGKILL after `grace` and [`MARGIN`].
+fn wait_gone(pid: libc::pid_t, grace: Duration) -> Result<()> {
+    // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if fd < 0 {
+        let error = std::io::Error::last_os_error();
+        if error.raw_os_error() == Some(libc::ESRCH) {
+            return Ok(()); // Already gone.
+        }
+        bail!("cannot watch the host's process {pid}: {error}");
+    }
+    let fd = i32::try_from(fd).expect("a descriptor fits an int");
+    let exited = |timeout: Duration| {
+        let mut poll = libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
+        // SAFETY: `poll` is one valid pollfd for the duration of the call.
+        unsafe { libc::poll(&mut poll, 1, ms) > 0 }
+    };
+    let mut gone = exited(grace + MARGIN);
+    if !gone {
+        eprintln!(
+            "the host (pid {pid}) did not stop within {}: killing it",
+            crate::units::humanize(grace + MARGIN)
+        );
+        // SAFETY: pidfd_send_signal on our descriptor; no memory is passed.
+        unsafe {
+            libc::syscall(
+                libc::SYS_pidfd_send_signal,
+                fd,
+                libc::SIGKILL,
+                std::ptr::null::<libc::siginfo_t>(),
+                0,
+            )
+        };
+        gone = exited(Duration::from_secs(5));
+    }
+    // SAFETY: `fd` is ours and closed once.
+    unsafe { libc::close(fd) };
+    if !gone {
+        bail!("the host (pid {pid}) is still running after SIGKILL");
+    }
+    Ok(())
+}
+
+/// Deletes the app's state directory (after its host is gone).
+fn purge(state: &Path) -> Result<()> {
+    match std::fs::remove_dir_all(state) {
+        Ok(()) => {
+            eprintln!("deleted the app's state `{}`", state.display());
+            Ok(())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e).with_context(|| format!("cannot delete `{}`", state.display())),
+    }
+}

@@ -1,0 +1,146 @@
+//! The lifecycle a CI job scripts: `wasmform down`, and `wasmform up -- CMD`.
+
+use std::time::{Duration, Instant};
+
+use crate::support::{App, Wasmform};
+
+/// `wasmform up -f PROCFILE -p 0 ARGS…` for `app`, not waiting for anything.
+fn up(app: &App, args: &[&str]) -> Wasmform {
+    let procfile = app.procfile();
+    let mut all = vec!["up", "-f", procfile.to_str().unwrap(), "-p", "0"];
+    all.extend_from_slice(args);
+    Wasmform::spawn(&all)
+}
+
+#[test]
+fn down_stops_the_host_and_succeeds_again_when_nothing_runs() {
+    let app = App::new("web: {guests}/hello.wasm\nworker: {guests}/ticker.wasm 50\n");
+    let mut host = app.up(&[]);
+    assert_eq!(host.get("/").status, 200);
+    let down = app.cli(&["down"]);
+    assert!(down.ok, "{}", down.stderr);
+    assert!(
+        down.stderr.contains("stopped the host (pid"),
+        "{}",
+        down.stderr
+    );
+    // `down` returns once the process has exited, so there is nothing left to wait for.
+    let status = host
+        .wait_exit(Duration::ZERO)
+        .expect("the host is gone when `down` returns");
+    assert!(status.success(), "{status}\n{}", host.output());
+    let output = host.output();
+    assert!(
+        output.contains("Shutdown requested (`wasmform down`)"),
+        "{output}"
+    );
+    assert!(output.contains("stopped"), "{output}");
+    assert!(!app.path(".wasmform/control.sock").exists());
+    // Idempotent: nothing runs, nothing to do, success.
+    let again = app.cli(&["down"]);
+    assert!(again.ok, "{}", again.stderr);
+    assert!(
+        again.stderr.contains("no wasmform host is running"),
+        "{}",
+        again.stderr
+    );
+    // The formation and releases stay for the next `up`, unless purged.
+    assert!(app.path(".wasmform").exists());
+    let purge = app.cli(&["down", "--purge"]);
+    assert!(purge.ok, "{}", purge.stderr);
+    assert!(!app.path(".wasmform").exists(), "{}", purge.stderr);
+}
+
+#[test]
+fn up_with_a_command_exits_with_its_status_and_leaves_nothing_running() {
+    let app = App::new("web: {guests}/hello.wasm\n");
+    let mut host = up(&app, &["--", "sh", "-c", "exit 7"]);
+    let status = host
+        .wait_exit(Duration::from_secs(60))
+        .expect("`up` exits when its command does");
+    let output = host.output();
+    assert_eq!(status.code(), Some(7), "{output}");
+    assert!(
+        output.contains("`sh` exited with status 7: shutting down"),
+        "{output}"
+    );
+    assert!(!app.path(".wasmform/control.sock").exists(), "{output}");
+}
+
+#[test]
+fn the_command_after_the_double_dash_reaches_the_formation() {
+    let app = App::new("web: {guests}/hello.wasm\n");
+    app.write(
+        "check.py",
+        "import os, urllib.request\n\
+         url = os.environ['WASMFORM_URL']\n\
+         body = urllib.request.urlopen(url + '/from-ci').read().decode()\n\
+         assert body.startswith('hello from web.1'), body\n\
+         assert url.endswith(':' + os.environ['PORT']), url\n\
+         assert os.path.exists(os.environ['WASMFORM_CONTROL'])\n\
+         print('check passed')\n",
+    );
+    let script = app.path("check.py");
+    let mut host = up(&app, &["--", "python3", script.to_str().unwrap()]);
+    let status = host
+        .wait_exit(Duration::from_secs(60))
+        .expect("`up` exits when its command does");
+    let output = host.output();
+    assert!(status.success(), "{status}\n{output}");
+    assert!(output.contains("check passed"), "{output}");
+    assert!(output.contains("path=\"/from-ci\""), "{output}");
+}
+
+#[test]
+fn a_command_that_cannot_start_fails_up_with_the_reason() {
+    let app = App::new("web: {guests}/hello.wasm\n");
+    let mut host = up(&app, &["--", "no-such-command-wasmform-test"]);
+    let status = host.wait_exit(Duration::from_secs(60)).expect("`up` exits");
+    let output = host.output();
+    assert_eq!(status.code(), Some(1), "{output}");
+    assert!(
+        output.contains(
+            "cannot run `no-such-command-wasmform-test` (the command after `--`): is it installed and on PATH?"
+        ),
+        "{output}"
+    );
+    assert!(!app.path(".wasmform/control.sock").exists(), "{output}");
+}
+
+#[test]
+fn a_signal_to_up_stops_its_command_too() {
+    let app = App::new("web: {guests}/hello.wasm\n");
+    let pid_file = app.path("command.pid");
+    let script = format!("echo $$ > {}; exec sleep 600", pid_file.display());
+    let mut host = up(&app, &["--", "sh", "-c", &script]);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let pid = loop {
+        if let Some(pid) = std::fs::read_to_string(&pid_file)
+            .ok()
+            .and_then(|p| p.trim().parse::<u32>().ok())
+        {
+            break pid;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the command never started:\n{}",
+            host.output()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    host.signal(libc::SIGTERM);
+    let status = host
+        .wait_exit(Duration::from_secs(60))
+        .expect("`up` exits on SIGTERM");
+    let output = host.output();
+    assert_eq!(status.code(), Some(143), "{output}");
+    assert!(
+        output.contains("SIGTERM received: shutting down"),
+        "{output}"
+    );
+    // `up` stopped and reaped its command before exiting.
+    assert!(
+        !std::path::Path::new(&format!("/proc/{pid}")).exists(),
+        "the command (pid {pid}) outlived `up`:\n{output}"
+    );
+}
