@@ -299,7 +299,7 @@ impl UpCommand {
             None => None,
         };
         let (why, code) = tokio::select! {
-            name = signal.next() => (format!("{name} received"), signal_exit(name)),
+            name = signal.next() => (format!("{name} received"), signal_exit(name, &command)),
             () = running.stop_requested() => (
                 "shutdown requested (`wasmform down`)".to_string(),
                 ExitCode::SUCCESS,
@@ -325,9 +325,14 @@ impl UpCommand {
     }
 }
 
-/// The exit status of `up` stopped by signal `name`, as a shell reports it (128 + signal).
-fn signal_exit(name: &str) -> ExitCode {
-    ExitCode::from(if name == "SIGINT" { 130 } else { 143 })
+/// The exit status of `up` stopped by signal `name`: success for a graceful stop, as foreman
+/// and Heroku treat SIGTERM; with a command after `--`, which did not finish, the status a
+/// shell reports for a command killed by that signal (128 + signal).
+fn signal_exit(name: &str, command: &Option<Foreground>) -> ExitCode {
+    match command {
+        None => ExitCode::SUCCESS,
+        Some(_) => ExitCode::from(if name == "SIGINT" { 130 } else { 143 }),
+    }
 }
 
 /// The command after `--`, running beside the formation.
