@@ -7,6 +7,7 @@ use anyhow::{Context as _, Result, bail};
 use hyper::Method;
 
 use super::client::{AppArgs, Client, block_on};
+use super::pidfd::Pidfd;
 use crate::app::parse_duration;
 
 /// Stop the running host: it drains (in-flight requests finish, every instance stops) and
@@ -59,47 +60,21 @@ impl DownCommand {
 /// Waits until process `pid` has exited: through a pidfd, so a pid reused by another process
 /// cannot be mistaken for the host. SIGKILL after `grace` and [`MARGIN`].
 fn wait_gone(pid: libc::pid_t, grace: Duration) -> Result<()> {
-    // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
-    if fd < 0 {
-        let error = std::io::Error::last_os_error();
-        if error.raw_os_error() == Some(libc::ESRCH) {
-            return Ok(()); // Already gone.
-        }
-        bail!("cannot watch the host's process {pid}: {error}");
-    }
-    let fd = i32::try_from(fd).expect("a descriptor fits an int");
-    let exited = |timeout: Duration| {
-        let mut poll = libc::pollfd {
-            fd,
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        let ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
-        // SAFETY: `poll` is one valid pollfd for the duration of the call.
-        unsafe { libc::poll(&mut poll, 1, ms) > 0 }
+    let process = match Pidfd::open(pid) {
+        Ok(process) => process,
+        // Already gone.
+        Err(e) if e.raw_os_error() == Some(libc::ESRCH) => return Ok(()),
+        Err(e) => bail!("cannot watch the host's process {pid}: {e}"),
     };
-    let mut gone = exited(grace + MARGIN);
-    if !gone {
-        eprintln!(
-            "the host (pid {pid}) did not stop within {}: killing it",
-            crate::units::humanize(grace + MARGIN)
-        );
-        // SAFETY: pidfd_send_signal on our descriptor; no memory is passed.
-        unsafe {
-            libc::syscall(
-                libc::SYS_pidfd_send_signal,
-                fd,
-                libc::SIGKILL,
-                std::ptr::null::<libc::siginfo_t>(),
-                0,
-            )
-        };
-        gone = exited(Duration::from_secs(5));
+    if process.wait_blocking(grace + MARGIN) {
+        return Ok(());
     }
-    // SAFETY: `fd` is ours and closed once.
-    unsafe { libc::close(fd) };
-    if !gone {
+    eprintln!(
+        "the host (pid {pid}) did not stop within {}: killing it",
+        crate::units::humanize(grace + MARGIN)
+    );
+    process.kill(libc::SIGKILL);
+    if !process.wait_blocking(Duration::from_secs(5)) {
         bail!("the host (pid {pid}) is still running after SIGKILL");
     }
     Ok(())

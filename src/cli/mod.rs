@@ -5,6 +5,7 @@ mod client;
 mod deploy;
 mod down;
 mod logs;
+mod pidfd;
 mod ps;
 mod releases;
 mod restart;

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use anyhow::{Context as _, Result};
 
+use super::pidfd::Pidfd;
 use crate::app::{
     AppSpec, ByteSize, HttpSettings, parse_capacity, parse_duration, parse_head_bytes,
     parse_http_size,
@@ -174,6 +175,17 @@ pub struct UpCommand {
     #[arg(long = "build")]
     build: bool,
 
+    /// Drain and exit when process PID ends (e.g. `--exit-with $$` from a CI job's shell), so
+    /// a host left in the background cannot outlive the job that started it. Watched through
+    /// a pidfd: a pid reused by another process cannot keep the host alive.
+    #[arg(long = "exit-with", value_name = "PID")]
+    exit_with: Option<libc::pid_t>,
+
+    /// A hard deadline: drain and exit once the formation has been up this long (`up` then
+    /// exits 124, as `timeout` does), e.g. `--ttl 30m` for a CI job's formation.
+    #[arg(long = "ttl", value_name = "DURATION", value_parser = parse_timeout)]
+    ttl: Option<Duration>,
+
     /// After `--`: a command to run once the formation is up (a test suite, a load test). It
     /// gets `WASMFORM_URL`, `PORT` and `WASMFORM_CONTROL` (the control socket) in its
     /// environment; when it exits the formation drains and `up` exits with its status.
@@ -213,6 +225,15 @@ impl UpCommand {
     /// Runs the formation until a signal arrives, `wasmform down` asks, or the command given
     /// after `--` exits; the exit code is that command's status, else success.
     pub fn execute(self) -> Result<ExitCode> {
+        // Before anything starts: a process that is already gone would reap the host at once.
+        let exit_with = match self.exit_with {
+            Some(pid) => Some(Pidfd::open(pid).map_err(|e| {
+                anyhow::anyhow!(
+                    "--exit-with {pid}: cannot watch process {pid} ({e}): give the pid of a running process, e.g. `--exit-with $$` for the calling shell"
+                )
+            })?),
+            None => None,
+        };
         let mut app = AppSpec::load(&self.procfile)?;
         if self.build {
             build(&app)?;
@@ -258,14 +279,19 @@ impl UpCommand {
             .enable_all()
             .build()
             .context("failed to start the async runtime")?;
-        let result = runtime.block_on(self.serve(host, &control));
+        let result = runtime.block_on(self.serve(host, &control, exit_with));
         // Do not wait for the log printer if stdout stopped reading: it runs on a blocking
         // thread, which a plain drop of the runtime would wait for.
         runtime.shutdown_timeout(Duration::from_secs(1));
         result
     }
 
-    async fn serve(&self, host: Host, control: &Path) -> Result<ExitCode> {
+    async fn serve(
+        &self,
+        host: Host,
+        control: &Path,
+        exit_with: Option<Pidfd>,
+    ) -> Result<ExitCode> {
         let addr = format!("{}:{}", self.host, self.port);
         let listener = tokio::net::TcpListener::bind(&addr).await.with_context(|| {
             format!("cannot listen on {addr}: is another server using the port? pick another with `-p PORT` (or `-p 0` for any free port)")
@@ -305,6 +331,17 @@ impl UpCommand {
                 ExitCode::SUCCESS,
             ),
             ended = Foreground::wait(&mut command) => ended,
+            pid = reaped(exit_with) => (
+                format!("process {pid} ended (--exit-with)"),
+                ExitCode::SUCCESS,
+            ),
+            () = expired(self.ttl) => (
+                format!(
+                    "--ttl {} reached",
+                    crate::units::humanize(self.ttl.unwrap_or_default())
+                ),
+                ExitCode::from(124),
+            ),
         };
         running.log(format!(
             "{why}: shutting down (grace {}; send SIGINT or SIGTERM again to exit at once)",
@@ -322,6 +359,26 @@ impl UpCommand {
         }
         running.shutdown(self.grace).await;
         Ok(code)
+    }
+}
+
+/// Resolves with the pid once the `--exit-with` process has ended; never without one.
+async fn reaped(process: Option<Pidfd>) -> libc::pid_t {
+    match process {
+        Some(process) => {
+            let pid = process.pid();
+            process.exited().await;
+            pid
+        }
+        None => std::future::pending().await,
+    }
+}
+
+/// Resolves once `--ttl` has passed since the host started; never without one.
+async fn expired(ttl: Option<Duration>) {
+    match ttl {
+        Some(ttl) => tokio::time::sleep(ttl).await,
+        None => std::future::pending().await,
     }
 }
 

@@ -144,3 +144,62 @@ fn a_signal_to_up_stops_its_command_too() {
         "the command (pid {pid}) outlived `up`:\n{output}"
     );
 }
+
+#[test]
+fn exit_with_drains_the_host_when_its_process_ends() {
+    let app = App::new("web: {guests}/hello.wasm\n");
+    let mut job = std::process::Command::new("sleep")
+        .arg("600")
+        .spawn()
+        .unwrap();
+    let pid = job.id().to_string();
+    let mut host = app.up(&["--exit-with", &pid]);
+    assert_eq!(host.get("/").status, 200);
+    job.kill().unwrap();
+    job.wait().unwrap();
+    let status = host
+        .wait_exit(Duration::from_secs(60))
+        .expect("the host exits once its --exit-with process has ended");
+    let output = host.output();
+    assert!(status.success(), "{status}\n{output}");
+    assert!(
+        output.contains(&format!("process {pid} ended (--exit-with): shutting down")),
+        "{output}"
+    );
+    assert!(!app.path(".wasmform/control.sock").exists(), "{output}");
+}
+
+#[test]
+fn exit_with_a_process_that_does_not_exist_is_refused() {
+    let app = App::new("web: {guests}/hello.wasm\n");
+    let procfile = app.procfile();
+    let out = crate::support::run_fails(&[
+        "up",
+        "-f",
+        procfile.to_str().unwrap(),
+        "-p",
+        "0",
+        "--exit-with",
+        "999999999",
+    ]);
+    assert!(
+        out.contains("--exit-with 999999999: cannot watch process 999999999"),
+        "{out}"
+    );
+}
+
+#[test]
+fn ttl_is_a_hard_deadline_with_the_status_of_timeout() {
+    let app = App::new("web: {guests}/hello.wasm\n");
+    let mut host = app.up(&["--ttl", "1s"]);
+    let status = host
+        .wait_exit(Duration::from_secs(60))
+        .expect("the host exits at its --ttl");
+    let output = host.output();
+    assert_eq!(status.code(), Some(124), "{output}");
+    assert!(
+        output.contains("--ttl 1 s reached: shutting down"),
+        "{output}"
+    );
+    assert!(!app.path(".wasmform/control.sock").exists(), "{output}");
+}
