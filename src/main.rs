@@ -25,7 +25,7 @@ fn main() -> std::process::ExitCode {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
-            std::process::ExitCode::FAILURE
+            wasmform::cli::exit_code(&e)
         }
     }
 }

@@ -22,6 +22,12 @@ pub struct AppArgs {
     app: Option<PathBuf>,
 }
 
+/// No host answers on the app's control socket: a client command then exits with
+/// [`NO_HOST`](super::NO_HOST), so a script can tell it from a refused command.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct NoHost(String);
+
 /// A connection target: the app's control socket.
 pub struct Client {
     dir: PathBuf,
@@ -116,11 +122,11 @@ impl Client {
     fn connect_error(&self, e: std::io::Error) -> anyhow::Error {
         match e.kind() {
             std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => {
-                anyhow::anyhow!(
+                anyhow::Error::new(NoHost(format!(
                     "no wasmform host is running for `{}` (nothing answers on `{}`): start one with `wasmform up` there, or name the app with `--app DIR`",
                     self.dir.display(),
                     self.socket.display()
-                )
+                )))
             }
             std::io::ErrorKind::PermissionDenied => anyhow::anyhow!(
                 "permission denied on the control socket `{}`: it belongs to another user; run this as the user who started `wasmform up`",

@@ -13,6 +13,19 @@ mod rollback;
 mod scale;
 mod up;
 
+/// The exit status of a client command that found no host running for the app (the shared
+/// codes: 0 ok, 1 failed with the reason on stderr, 2 usage, 3 no host, 124 timed out).
+pub const NO_HOST: u8 = 3;
+
+/// The exit status for a command that failed with `error`.
+pub fn exit_code(error: &anyhow::Error) -> std::process::ExitCode {
+    if error.downcast_ref::<client::NoHost>().is_some() {
+        std::process::ExitCode::from(NO_HOST)
+    } else {
+        std::process::ExitCode::FAILURE
+    }
+}
+
 /// Runs a Procfile of WebAssembly components as a formation of isolated instances.
 #[derive(clap::Parser, Debug)]
 #[command(name = "wasmform", version, about)]

@@ -203,3 +203,21 @@ fn ttl_is_a_hard_deadline_with_the_status_of_timeout() {
     );
     assert!(!app.path(".wasmform/control.sock").exists(), "{output}");
 }
+
+#[test]
+fn client_commands_without_a_host_exit_3_and_refusals_exit_1() {
+    let app = App::new("web: {guests}/hello.wasm\n");
+    for args in [&["ps"][..], &["scale", "web=2"], &["restart"], &["deploy"]] {
+        let out = app.cli(args);
+        assert_eq!(out.code, Some(3), "{args:?}: {}", out.stderr);
+        assert!(
+            out.stderr.contains("no wasmform host is running for"),
+            "{args:?}: {}",
+            out.stderr
+        );
+    }
+    let host = app.up(&[]);
+    assert_eq!(host.get("/").status, 200);
+    let refused = app.cli(&["scale", "nosuchtype=2"]);
+    assert_eq!(refused.code, Some(1), "{}", refused.stderr);
+}

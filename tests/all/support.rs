@@ -98,6 +98,7 @@ impl App {
             .expect("failed to run wasmform");
         Cli {
             ok: output.status.success(),
+            code: output.status.code(),
             stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
             stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
         }
@@ -183,6 +184,8 @@ impl App {
 #[derive(Debug)]
 pub struct Cli {
     pub ok: bool,
+    /// The exit status (`None`: killed by a signal).
+    pub code: Option<i32>,
     pub stdout: String,
     pub stderr: String,
 }
