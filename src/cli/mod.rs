@@ -3,6 +3,7 @@
 
 mod client;
 mod deploy;
+mod detach;
 mod down;
 mod logs;
 mod pidfd;

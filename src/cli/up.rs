@@ -175,6 +175,27 @@ pub struct UpCommand {
     #[arg(long = "build")]
     build: bool,
 
+    /// Start the host in the background (in a session of its own, its output in `host.log` in
+    /// the state directory) and return once the formation is ready: every desired instance up
+    /// and past its health check. Fails fast, with the failing instance's last lines, if an
+    /// instance crashes or the host exits. Prints the URL; stop it with `wasmform down`.
+    #[arg(long = "detach", conflicts_with = "command")]
+    detach: bool,
+
+    /// With `--detach`: print one JSON object (`url`, `pid`, `control`, `release`,
+    /// `formation`, `ready_ms`, `log`) instead of the URL.
+    #[arg(long = "json", requires = "detach")]
+    json: bool,
+
+    /// With `--detach`: how long to wait for the formation to be ready (exit 124 after).
+    #[arg(long = "wait-timeout", default_value = "60s", value_parser = parse_timeout, requires = "detach")]
+    wait_timeout: Duration,
+
+    /// With `--detach`: leave the host running when its formation fails to become ready (to
+    /// look at it), instead of stopping it.
+    #[arg(long = "keep-on-failure", requires = "detach")]
+    keep_on_failure: bool,
+
     /// Drain and exit when process PID ends (e.g. `--exit-with $$` from a CI job's shell), so
     /// a host left in the background cannot outlive the job that started it. Watched through
     /// a pidfd: a pid reused by another process cannot keep the host alive.
@@ -238,6 +259,18 @@ impl UpCommand {
         if self.build {
             build(&app)?;
             app = AppSpec::load(&self.procfile)?;
+        }
+        // A build runs here, before the wait for readiness starts (the host's own build is
+        // then a no-op).
+        if self.detach && std::env::var_os(super::detach::DETACHED_ENV).is_none() {
+            // The foreground half: the host itself is this command again, detached.
+            return super::detach::Detach {
+                state: super::detach::state_dir(self.state_dir.as_ref(), &app.dir),
+                wait_timeout: self.wait_timeout,
+                json: self.json,
+                keep_on_failure: self.keep_on_failure,
+            }
+            .run();
         }
         let state_dir = self
             .state_dir

@@ -221,3 +221,111 @@ fn client_commands_without_a_host_exit_3_and_refusals_exit_1() {
     let refused = app.cli(&["scale", "nosuchtype=2"]);
     assert_eq!(refused.code, Some(1), "{}", refused.stderr);
 }
+
+/// `wasmform up --detach -f PROCFILE ARGS…` for `app`, run to its end: (status, stdout,
+/// stderr). The detached host, if any, is stopped when the returned guard drops.
+fn up_detached<'a>(app: &'a App, args: &[&str]) -> (std::process::Output, Teardown<'a>) {
+    let procfile = app.procfile();
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_wasmform"))
+        .args(["up", "--detach", "-f", procfile.to_str().unwrap()])
+        .args(args)
+        .env_remove("PORT")
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .expect("failed to run wasmform");
+    (output, Teardown(app))
+}
+
+/// Runs `wasmform down` for the app when dropped, so a failed test leaves no host behind.
+struct Teardown<'a>(&'a App);
+
+impl Drop for Teardown<'_> {
+    fn drop(&mut self) {
+        let _ = self.0.cli(&["down", "--grace", "5s"]);
+    }
+}
+
+/// Whether process `pid` is gone (reaped, or never existed).
+fn gone(pid: &str) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::path::Path::new(&format!("/proc/{pid}")).exists() {
+        if Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    true
+}
+
+#[test]
+fn up_detach_returns_once_requests_succeed_and_down_stops_it() {
+    let app = App::new("web: {guests}/hello.wasm\nworker: {guests}/ticker.wasm 50\n");
+    let (output, _teardown) = up_detached(&app, &["-p", "0", "--json", "-m", "web=2"]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    let answer: serde_json::Value = serde_json::from_slice(&output.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&output.stdout)));
+    let url = answer["url"].as_str().unwrap();
+    let addr: std::net::SocketAddr = url.strip_prefix("http://").unwrap().parse().unwrap();
+    // Ready means requests succeed now, on every instance.
+    for _ in 0..4 {
+        assert_eq!(crate::support::get(addr, "/").status, 200);
+    }
+    assert_eq!(answer["formation"], "web=2,worker=1", "{answer}");
+    assert_eq!(answer["release"], 1, "{answer}");
+    assert!(answer["ready_ms"].as_u64().is_some(), "{answer}");
+    assert!(
+        std::path::Path::new(answer["control"].as_str().unwrap()).exists(),
+        "{answer}"
+    );
+    let log = std::fs::read_to_string(answer["log"].as_str().unwrap()).unwrap();
+    assert!(log.contains("listening on"), "{log}");
+    let ps = app.ps();
+    for instance in ps["instances"].as_array().unwrap() {
+        assert_eq!(instance["state"], "up", "{instance}");
+    }
+    let pid = answer["pid"].to_string();
+    let down = app.cli(&["down"]);
+    assert!(down.ok, "{}", down.stderr);
+    assert!(gone(&pid), "the detached host (pid {pid}) outlived `down`");
+}
+
+#[test]
+fn up_detach_fails_fast_on_a_crash_looping_worker_and_leaves_nothing_running() {
+    let app = App::new("web: {guests}/hello.wasm\nworker: {guests}/test-worker.wasm panic\n");
+    let (output, _teardown) = up_detached(&app, &["-p", "0", "--wait-timeout", "120s"]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    // 1, not 124: it failed at the crash, not at the timeout.
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("the formation cannot become ready"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("--- last lines of worker.1"), "{stderr}");
+    assert!(
+        stderr.contains("about to panic"),
+        "the worker's own output: {stderr}"
+    );
+    let pid = std::fs::read_to_string(app.path(".wasmform/host.pid")).unwrap();
+    assert!(
+        gone(pid.trim()),
+        "the failed host was left running:\n{stderr}"
+    );
+    assert!(!app.path(".wasmform/control.sock").exists(), "{stderr}");
+}
+
+#[test]
+fn up_detach_of_an_app_that_cannot_start_says_why() {
+    let app = App::new("web: {guests}/no-such-component.wasm\n");
+    let (output, _teardown) = up_detached(&app, &["-p", "0"]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("the host exited (exit status: 1) before its formation was ready"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("no-such-component.wasm"),
+        "the host's own error: {stderr}"
+    );
+}
