@@ -302,11 +302,12 @@ impl Supervisor {
                 pool.gone();
                 reserved = false;
             }
-            self.log_restart(process, &name, &reason, delay, awaited);
+            // The state first: whoever reads the log line then finds it in `ps`.
             slot.set(SlotState::Crashed {
-                reason,
+                reason: reason.clone(),
                 restart_at: Instant::now() + delay,
             });
+            self.log_restart(process, &name, &reason, delay, awaited);
             tokio::select! {
                 () = tokio::time::sleep(delay) => {}
                 () = slot.cancel.cancelled() => break,
@@ -348,14 +349,16 @@ impl Supervisor {
     /// Leaves the slot exited, as its restart policy says: it keeps its place (so the formation
     /// does not start another) until a restart, scale or deploy stops it.
     async fn exit(&self, slot: &Slot, name: &str, mode: RestartMode, reason: String) {
-        self.logs.host(format!(
+        let line = format!(
             "{name} {reason}; not restarted (restart = \"{}\")",
             match mode {
                 RestartMode::OnFailure => "on-failure",
                 _ => "never",
             }
-        ));
+        );
+        // The state first: whoever reads the log line then finds it in `ps`.
         slot.set(SlotState::Exited { reason });
+        self.logs.host(line);
         slot.cancel.cancelled().await;
     }
 
