@@ -227,13 +227,7 @@ impl Deployer {
         staged: &Staged,
         keeps: &str,
     ) -> Result<Vec<(Compiled, Duration)>, ControlError> {
-        let work: Vec<_> = staged
-            .app
-            .processes
-            .iter()
-            .cloned()
-            .zip(staged.files.iter().cloned())
-            .collect();
+        let work = staged.work();
         let (runtime, timeout) = (self.runtime.clone(), self.compile_timeout);
         tokio::task::spawn_blocking(move || crate::runtime::compile_all(&runtime, &work, timeout))
             .await

@@ -15,7 +15,7 @@ use anyhow::{Context as _, Result, bail};
 use serde::{Deserialize, Serialize};
 use sha2::Digest as _;
 
-use crate::app::{AppSpec, ByteSize};
+use crate::app::{AppSpec, ByteSize, ProcessSpec};
 use crate::state::StateDir;
 
 /// How many releases are kept by default.
@@ -58,6 +58,18 @@ pub struct Staged {
     pub components: BTreeMap<String, String>,
     /// See [`Release::config_digest`].
     pub config_digest: String,
+}
+
+impl Staged {
+    /// What to compile: each process type with its file, in order.
+    pub fn work(&self) -> Vec<(ProcessSpec, PathBuf)> {
+        self.app
+            .processes
+            .iter()
+            .cloned()
+            .zip(self.files.iter().cloned())
+            .collect()
+    }
 }
 
 /// On-disk form of the list.

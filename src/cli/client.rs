@@ -46,6 +46,15 @@ impl Client {
         Ok(Self { dir, socket })
     }
 
+    /// The client of the host whose state directory is `state` (`up --state-dir` may put it
+    /// anywhere).
+    pub fn for_state(state: &StateDir) -> Self {
+        Self {
+            dir: state.path().parent().unwrap_or(state.path()).to_path_buf(),
+            socket: state.socket(),
+        }
+    }
+
     /// Whether a host answers on the app's control socket.
     pub fn host_running(&self) -> bool {
         std::os::unix::net::UnixStream::connect(&self.socket).is_ok()

@@ -9,13 +9,15 @@
 //! so for [`SETTLE`], since they report up once instantiated. A host that exits, or an
 //! instance that crashes, fails at once; nothing is left running unless `--keep-on-failure`.
 
-use std::io::{Read as _, Write as _};
 use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result};
+use hyper::Method;
+
+use super::client::Client;
 
 use crate::state::StateDir;
 
@@ -122,6 +124,22 @@ impl Detach {
         log: &Path,
         deadline: Instant,
     ) -> Result<Ready, Failure> {
+        let client = Client::for_state(&self.state);
+        // One runtime for every poll of the control API.
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| Failure {
+                reason: format!("failed to start the async runtime: {e}"),
+                of: String::new(),
+                lines: Vec::new(),
+                code: 1,
+            })?;
+        let ps = || {
+            runtime
+                .block_on(client.json(Method::GET, "/v1/ps", None))
+                .ok()
+        };
         let mut steady_since: Option<Instant> = None;
         loop {
             let text = std::fs::read_to_string(log).unwrap_or_default();
@@ -138,7 +156,7 @@ impl Detach {
                 .find_map(|l| l.split("listening on ").nth(1))
                 .map(|u| u.trim().to_string());
             if let Some(url) = url
-                && let Some(ps) = ps(&self.state.socket())
+                && let Some(ps) = ps()
             {
                 match judge(&ps) {
                     Verdict::Failed(id, why) => {
@@ -260,26 +278,6 @@ fn judge(ps: &serde_json::Value) -> Verdict {
         settle |= desired > 0 && t["kind"] != "http";
     }
     Verdict::Ready { settle }
-}
-
-/// `GET /v1/ps` on the control socket; `None` while it does not answer.
-fn ps(socket: &Path) -> Option<serde_json::Value> {
-    let mut stream = std::os::unix::net::UnixStream::connect(socket).ok()?;
-    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(
-        stream,
-        "GET /v1/ps HTTP/1.1\r\nHost: wasmform\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut raw = String::new();
-    stream.read_to_string(&mut raw).ok()?;
-    let (head, body) = raw.split_once("\r\n\r\n")?;
-    if !head.starts_with("HTTP/1.1 200") {
-        return None;
-    }
-    // The body may be chunked: the JSON object is between its first `{` and last `}`.
-    let body = &body[body.find('{')?..=body.rfind('}')?];
-    serde_json::from_str(body).ok()
 }
 
 /// The last [`TAIL`] lines of the host's output, or of one instance's (`web.1 | …` lines and

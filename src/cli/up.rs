@@ -14,7 +14,6 @@ use crate::app::{
     AppSpec, ByteSize, HttpSettings, parse_capacity, parse_duration, parse_head_bytes,
     parse_http_size,
 };
-use crate::state::StateDir;
 use crate::{Host, HostOptions, RestartPolicy};
 
 /// Start the formation described by a Procfile, serve HTTP, and stream every instance's output.
@@ -272,11 +271,9 @@ impl UpCommand {
             }
             .run();
         }
-        let state_dir = self
-            .state_dir
-            .clone()
-            .unwrap_or_else(|| StateDir::for_app(&app.dir).path().to_path_buf());
-        let control = StateDir::new(state_dir.clone()).socket();
+        let state = super::detach::state_dir(self.state_dir.as_ref(), &app.dir);
+        let control = state.socket();
+        let state_dir = state.path().to_path_buf();
         let options = HostOptions {
             formation: self.formation.clone(),
             memory: self.memory,

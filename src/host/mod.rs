@@ -163,13 +163,7 @@ impl Host {
         })?);
 
         let started = Instant::now();
-        let work: Vec<_> = staged
-            .app
-            .processes
-            .iter()
-            .cloned()
-            .zip(staged.files.iter().cloned())
-            .collect();
+        let work = staged.work();
         let compiled = compile_all(&runtime, &work, options.compile_timeout)?;
         let compile_time = started.elapsed();
         let mut processes = Vec::new();

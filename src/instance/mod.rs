@@ -35,7 +35,7 @@ pub async fn probe(
 }
 
 /// Whether a guest failure is its memory limit: the limiter refused it memory, and it did not
-/// exit on its own (the order [`describe`] tells them apart in).
+/// exit on its own. [`describe`] words the failure by the same test.
 pub(crate) fn out_of_memory(err: &wasmtime::Error, store: &Store<InstanceState>) -> bool {
     err.downcast_ref::<I32Exit>().is_none() && store.data().limiter.denied().is_some()
 }
@@ -49,7 +49,7 @@ pub(crate) fn describe(
     if let Some(exit) = err.downcast_ref::<I32Exit>() {
         return format!("exited with status {}", exit.0);
     }
-    if store.data().limiter.denied().is_some() {
+    if out_of_memory(err, store) {
         return format!("memory quota exceeded ({memory})");
     }
     if let Some(trap) = err.downcast_ref::<wasmtime::Trap>() {

@@ -81,7 +81,11 @@ fn the_command_after_the_double_dash_reaches_the_formation() {
          print('check passed')\n",
     );
     let script = app.path("check.py");
-    let mut host = up(&app, &["--", "python3", script.to_str().unwrap()]);
+    let python = crate::tools::python();
+    let mut host = up(
+        &app,
+        &["--", python.to_str().unwrap(), script.to_str().unwrap()],
+    );
     let status = host
         .wait_exit(Duration::from_secs(60))
         .expect("`up` exits when its command does");

@@ -109,7 +109,7 @@ pub fn componentize_js() -> &'static Path {
 }
 
 /// `python3`, or `python` if that is the only one.
-fn python() -> PathBuf {
+pub fn python() -> PathBuf {
     which("python3")
         .or_else(|| which("python"))
         .unwrap_or_else(|| panic!("Python 3 with pip is needed to install the tests' tools"))
