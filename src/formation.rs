@@ -52,7 +52,7 @@ impl Scale {
 }
 
 /// Desired state of every process type of an app.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Formation {
     /// Keyed by type; every type of the app is present (count 0 if it should not run).
     types: BTreeMap<ProcessName, Scale>,
@@ -288,6 +288,18 @@ impl Formation {
     /// Every type with its scale, in name order.
     pub fn iter(&self) -> impl Iterator<Item = (&ProcessName, Scale)> {
         self.types.iter().map(|(k, v)| (k, *v))
+    }
+
+    /// As events show it: type → `{"count": N, "memory": BYTES}`.
+    pub fn to_json(&self) -> serde_json::Value {
+        self.iter()
+            .map(|(name, scale)| {
+                let value =
+                    serde_json::json!({ "count": scale.count, "memory": scale.memory.as_u64() });
+                (name.to_string(), value)
+            })
+            .collect::<serde_json::Map<_, _>>()
+            .into()
     }
 
     /// Total number of instances.

@@ -42,12 +42,13 @@
 //!                                    ├── workers (wasi:cli/run, idle-priority runtime)
 //!                                    └── consumers ◄── shared::Store (queues, buckets)
 //!   guest stdout/stderr and host events ─► logs ─► stdout, history, followers
+//!   instance, formation, release and host changes ─► events ─► `GET /v1/events` (JSON Lines)
 //! ```
 //!
 //! | module | its job |
 //! |---|---|
 //! | `units` | validated values: process names, sizes, durations |
-//! | `logs`, `metrics`, `net` | the log stream, Prometheus metrics, accepting connections |
+//! | `logs`, `events`, `metrics`, `net` | the log stream, the event stream (JSON Lines), Prometheus metrics, accepting connections |
 //! | `manifest` | reading an app: Procfile, `wasmform.toml`, `.env` (errors with file and line) |
 //! | `app` | the resolved app: process types and their settings |
 //! | `formation` | desired counts and memory per type, foreman's `-m`, the layering rule |
@@ -70,6 +71,7 @@ mod app;
 pub mod cli;
 mod control;
 mod deploy;
+mod events;
 mod formation;
 mod host;
 mod instance;

@@ -222,6 +222,9 @@ enum Entry {
     },
     /// Lines of this budget were dropped: the printer reports how many, here.
     Dropped(Arc<Budget>),
+    /// The host has stopped: print what came before, then end (handles that outlive the
+    /// host, such as instances parked in a pool, must not hold the shutdown up).
+    Close,
 }
 
 /// Cloneable handle for writing to the log stream.
@@ -253,6 +256,12 @@ impl Logs {
         (logs, printer)
     }
 
+    /// A log stream that prints and keeps nothing: a one-off's own host, whose process's
+    /// output is attached instead.
+    pub fn silent() -> Self {
+        Self::new().0
+    }
+
     fn new() -> (Self, mpsc::UnboundedReceiver<Entry>) {
         // Unbounded as a channel, bounded by the budgets: nothing is queued without room.
         let (tx, rx) = mpsc::unbounded_channel();
@@ -267,6 +276,11 @@ impl Logs {
             }),
         };
         (logs, rx)
+    }
+
+    /// Ends the printer once every line sent before this one is printed.
+    pub fn close(&self) {
+        let _ = self.tx.send(Entry::Close);
     }
 
     /// Logs a host event under the name `wasmform`.
@@ -432,6 +446,7 @@ fn receive(entry: Entry) -> Option<(Arc<str>, Option<usize>, String)> {
                 (budget.source.clone(), budget.colour, text)
             })
         }
+        Entry::Close => None,
     }
 }
 
@@ -456,6 +471,10 @@ fn print(mut rx: mpsc::UnboundedReceiver<Entry>, width: usize, colour: bool, sha
                 Err(_) => break,
             }
         }
+        let closing = batch.iter().position(|e| matches!(e, Entry::Close));
+        if let Some(end) = closing {
+            batch.truncate(end);
+        }
         buf.clear();
         let time = jiff::Zoned::now().strftime("%H:%M:%S").to_string();
         let mut history = shared.history.lock().unwrap_or_else(|e| e.into_inner());
@@ -476,6 +495,9 @@ fn print(mut rx: mpsc::UnboundedReceiver<Entry>, width: usize, colour: bool, sha
         let mut out = std::io::stdout().lock();
         // A closed stdout (e.g. `wasmform up | head`) must not take the host down.
         let _ = out.write_all(buf.as_bytes()).and_then(|()| out.flush());
+        if closing.is_some() {
+            return;
+        }
     }
 }
 

@@ -9,10 +9,12 @@
 //!
 //! One file per table: `startup.rs`, `scaling.rs` (memory per instance and live scaling),
 //! `throughput.rs` (HTTP, against native hyper and `wasmtime serve`, and the targets),
-//! `toolchains.rs` (JavaScript and Python guests), `queues.rs` (queue drain); `harness.rs`
+//! `toolchains.rs` (JavaScript and Python guests), `queues.rs` (queue drain), `journey.rs`
+//! (the CI journey: `up --detach`, scale, `down`); `harness.rs`
 //! starts the hosts and servers and drives the load.
 
 mod harness;
+mod journey;
 mod queues;
 mod scaling;
 mod startup;
@@ -59,6 +61,8 @@ fn main() {
     scaling::memory_rows(&procfile);
     println!();
     scaling::scale_rows(dir.path(), &procfile);
+    println!();
+    journey::rows(&procfile);
     println!();
     let figures = throughput::rows(&procfile, &hello, &guests);
     println!();

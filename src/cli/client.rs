@@ -70,6 +70,26 @@ impl Client {
         StateDir::for_app(&self.dir)
     }
 
+    /// A connection to the app's control socket, for a request [`call`](Self::call) cannot
+    /// make (an upgraded one).
+    pub async fn connect(&self) -> Result<UnixStream> {
+        UnixStream::connect(&self.socket)
+            .await
+            .map_err(|e| self.connect_error(e))
+    }
+
+    /// The message of a non-2xx answer: the API's `error`, else the body.
+    pub async fn refusal(response: Response<Incoming>) -> String {
+        let bytes = match response.into_body().collect().await {
+            Ok(body) => body.to_bytes(),
+            Err(e) => return format!("the control API's answer was cut off: {e}"),
+        };
+        serde_json::from_slice::<serde_json::Value>(&bytes)
+            .ok()
+            .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_string))
+            .unwrap_or_else(|| String::from_utf8_lossy(&bytes).into_owned())
+    }
+
     /// Sends one request; a non-2xx answer becomes an error carrying the API's message.
     pub async fn call(
         &self,
@@ -100,11 +120,7 @@ impl Client {
             return Ok(response);
         }
         let status = response.status();
-        let bytes = response.into_body().collect().await?.to_bytes();
-        let message = serde_json::from_slice::<serde_json::Value>(&bytes)
-            .ok()
-            .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_string))
-            .unwrap_or_else(|| String::from_utf8_lossy(&bytes).into_owned());
+        let message = Self::refusal(response).await;
         if status == StatusCode::FORBIDDEN {
             bail!("permission denied by the control API: {message}");
         }

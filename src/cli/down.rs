@@ -43,6 +43,8 @@ impl DownCommand {
                 .and_then(|p| libc::pid_t::try_from(p).ok())
                 .context("the host's answer to `/v1/shutdown` names no pid")?;
             wait_gone(pid, self.grace)?;
+            // `up --detach` recorded it; the process is gone, so is the record.
+            let _ = std::fs::remove_file(client.state().path().join("host.pid"));
             eprintln!("stopped the host (pid {pid})");
         } else {
             eprintln!(

@@ -5,14 +5,17 @@ mod client;
 mod deploy;
 mod detach;
 mod down;
+mod events;
 mod logs;
 mod pidfd;
 mod ps;
 mod releases;
 mod restart;
 mod rollback;
+mod run;
 mod scale;
 mod up;
+mod wait;
 
 /// The exit status of a client command that found no host running for the app (the shared
 /// codes: 0 ok, 1 failed with the reason on stderr, 2 usage, 3 no host, 124 timed out).
@@ -52,6 +55,9 @@ enum Command {
     Releases(releases::ReleasesCommand),
     Rollback(rollback::RollbackCommand),
     Down(down::DownCommand),
+    Wait(wait::WaitCommand),
+    Events(events::EventsCommand),
+    Run(run::RunCommand),
 }
 
 impl Cli {
@@ -64,6 +70,8 @@ impl Cli {
     pub fn execute(self) -> anyhow::Result<std::process::ExitCode> {
         let done = match self.command {
             Command::Up(cmd) => return cmd.execute(),
+            Command::Wait(cmd) => return cmd.execute(),
+            Command::Run(cmd) => return cmd.execute(),
             Command::Scale(cmd) => cmd.execute(),
             Command::Ps(cmd) => cmd.execute(),
             Command::Logs(cmd) => cmd.execute(),
@@ -72,6 +80,7 @@ impl Cli {
             Command::Releases(cmd) => cmd.execute(),
             Command::Rollback(cmd) => cmd.execute(),
             Command::Down(cmd) => cmd.execute(),
+            Command::Events(cmd) => cmd.execute(),
         };
         done.map(|()| std::process::ExitCode::SUCCESS)
     }

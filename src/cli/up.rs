@@ -83,9 +83,15 @@ pub struct UpCommand {
     rotate: usize,
 
     /// Delay before the second restart of a crash-looping instance; it doubles each time, up
-    /// to 5 minutes. The first restart is immediate.
+    /// to `--restart-max`. The first restart is immediate.
     #[arg(long = "restart-delay", default_value = "1s", value_parser = parse_duration)]
     restart_delay: Duration,
+
+    /// Longest delay between restarts of a crash-looping instance. An instance whose delay
+    /// reached it is shown as crash-looping (`backoff_capped` in `ps --json`), which makes
+    /// `wasmform wait` fail at once.
+    #[arg(long = "restart-max", default_value = "5m", value_parser = parse_duration)]
+    restart_max: Duration,
 
     /// Instances that may exist at once; sizes the instance pool (default: the formation plus
     /// room to scale, at least 1024).
@@ -294,6 +300,7 @@ impl UpCommand {
             }),
             restart: RestartPolicy {
                 base: self.restart_delay,
+                max: self.restart_max.max(self.restart_delay),
                 ..RestartPolicy::default()
             },
             max_instances: self.max_instances,

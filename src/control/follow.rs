@@ -62,8 +62,9 @@ impl Api {
                 .map(|t| t.name)
                 .collect();
             let (kind, index) = filter.split_once('.').unwrap_or((filter, ""));
+            // `run` and `run.N`: one-off processes (`wasmform run --detach`).
             let known = [crate::logs::HOST, crate::logs::API].contains(&filter.as_str())
-                || (types.iter().any(|t| t == kind)
+                || ((kind == "run" || types.iter().any(|t| t == kind))
                     && (index.is_empty() || index.bytes().all(|b| b.is_ascii_digit())));
             if !known {
                 return error(
@@ -97,6 +98,91 @@ impl Api {
             hyper::header::HeaderValue::from_static("text/plain; charset=utf-8"),
         );
         response
+    }
+}
+
+impl Api {
+    /// `GET /v1/events?since=SEQ&follow=false`: JSON Lines, one event each (see
+    /// `docs/events.md`). Without `since`, only events from now on; `since=0` replays every
+    /// kept event first. With `follow=false`, the kept events and no more.
+    pub(super) fn events(&self, query: &str) -> Response<ApiBody> {
+        let mut since = None;
+        let mut follow = true;
+        for pair in query.split('&').filter(|p| !p.is_empty()) {
+            let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+            match key {
+                "since" => match value.parse::<u64>() {
+                    Ok(n) => since = Some(n),
+                    Err(_) => {
+                        return error(
+                            StatusCode::BAD_REQUEST,
+                            &format!(
+                                "invalid `since={value}`: expected an event's sequence number (`seq`), 0 for every kept event"
+                            ),
+                        );
+                    }
+                },
+                "follow" => match value {
+                    "" | "1" | "true" => follow = true,
+                    "0" | "false" => follow = false,
+                    _ => {
+                        return error(
+                            StatusCode::BAD_REQUEST,
+                            &format!("invalid `follow={value}`: expected `true` or `false`"),
+                        );
+                    }
+                },
+                _ => {
+                    return error(
+                        StatusCode::BAD_REQUEST,
+                        &format!(
+                            "unknown parameter `{key}`: `/v1/events` takes `since` and `follow`"
+                        ),
+                    );
+                }
+            }
+        }
+        let (history, live) = self.events.subscribe(since.or((!follow).then_some(0)));
+        let mut text = String::new();
+        for event in &history {
+            text.push_str(&event.json);
+            text.push('\n');
+        }
+        let body = if follow {
+            let (tx, rx) = mpsc::channel(256);
+            tokio::spawn(forward_events(text, live, self.events.clone(), tx));
+            ChannelBody(rx).boxed_unsync()
+        } else {
+            Full::new(Bytes::from(text)).boxed_unsync()
+        };
+        let mut response = Response::new(body);
+        response.headers_mut().insert(
+            hyper::header::CONTENT_TYPE,
+            hyper::header::HeaderValue::from_static("application/jsonl"),
+        );
+        response
+    }
+}
+
+/// Streams the kept events, then every new one, until the client goes away.
+async fn forward_events(
+    history: String,
+    mut live: broadcast::Receiver<Arc<crate::events::Event>>,
+    events: crate::events::Events,
+    tx: mpsc::Sender<Bytes>,
+) {
+    if !history.is_empty() && tx.send(Bytes::from(history)).await.is_err() {
+        return;
+    }
+    loop {
+        let line = match live.recv().await {
+            Ok(event) => format!("{}\n", event.json),
+            Err(broadcast::error::RecvError::Lagged(n)) => format!("{}\n", events.skipped(n)),
+            Err(broadcast::error::RecvError::Closed) => return,
+        };
+        if tx.send(Bytes::from(line)).await.is_err() {
+            return;
+        }
     }
 }
 

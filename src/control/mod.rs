@@ -10,8 +10,10 @@
 //! |---|---|
 //! | `mod.rs` | the routes and their JSON |
 //! | `transport.rs` | the listeners (Unix socket, TCP with a token, metrics), one accept loop |
-//! | `follow.rs` | `GET /v1/logs`: the history and, with `follow`, the live stream |
+//! | `attach.rs` | `POST /v1/run`: one-off processes, their streams attached over an upgraded connection |
+//! | `follow.rs` | `GET /v1/logs` and `GET /v1/events`: the history and, with `follow`, the live stream |
 
+mod attach;
 mod follow;
 mod transport;
 
@@ -25,11 +27,16 @@ use hyper::{Method, Request, Response, StatusCode};
 use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
 
+pub use self::attach::{
+    CANCEL, EXIT, MAX_FRAME, PROTOCOL, REQUEST_HEADER, STARTED, STDERR, STDIN, STDIN_EOF, STDOUT,
+    read_frame, write_frame,
+};
 pub use self::transport::{
     TcpControl, bind, bind_tcp, ensure_no_live_host, serve, serve_metrics, serve_tcp,
 };
 use crate::app::ByteSize;
 use crate::deploy::Deployer;
+use crate::events::Events;
 use crate::logs::{API, Logs};
 use crate::metrics::Metrics;
 use crate::supervisor::{ControlError, Supervisor};
@@ -47,6 +54,10 @@ pub struct Api {
     deployer: Arc<Deployer>,
     /// Cancelled by `POST /v1/shutdown`: the host's owner (`wasmform up`) then shuts down.
     stop: CancellationToken,
+    /// `GET /v1/events`.
+    events: Events,
+    /// The front door's URL, in `ps`.
+    url: String,
 }
 
 impl Api {
@@ -57,6 +68,8 @@ impl Api {
         metrics: Arc<Metrics>,
         deployer: Arc<Deployer>,
         stop: CancellationToken,
+        events: Events,
+        url: String,
     ) -> Arc<Self> {
         Arc::new(Self {
             supervisor,
@@ -64,6 +77,8 @@ impl Api {
             metrics,
             deployer,
             stop,
+            events,
+            url,
         })
     }
 }
@@ -112,6 +127,7 @@ impl Api {
         // Only `/v1/logs` takes parameters: anything else given to a route is a mistake
         // (a typo, a wrong route), refused rather than ignored.
         if path != "/v1/logs"
+            && path != "/v1/events"
             && let Some(pair) = query.split('&').find(|p| !p.is_empty())
         {
             let key = pair.split_once('=').map_or(pair, |(key, _)| key);
@@ -123,6 +139,8 @@ impl Api {
         match (req.method().clone(), path.as_str()) {
             (Method::GET, "/v1/ps") => {
                 let mut ps = serde_json::to_value(self.supervisor.ps()).expect("ps serializes");
+                ps["url"] = self.url.clone().into();
+                ps["pid"] = std::process::id().into();
                 ps["queues"] = serde_json::to_value(self.supervisor.queue_stats().await)
                     .expect("stats serialize");
                 ps["store"] = serde_json::to_value(self.supervisor.store_status().await)
@@ -213,13 +231,16 @@ impl Api {
                 &serde_json::json!({ "releases": self.deployer.releases().await }),
             ),
             (Method::GET, "/v1/logs") => self.logs(&query),
+            (Method::GET, "/v1/events") => self.events(&query),
+            (Method::POST, "/v1/run") => self.run(req).await,
             (Method::GET, "/metrics") => {
                 transport::exposition(&self.metrics, &self.supervisor).await
             }
             (
                 _,
                 "/v1/ps" | "/v1/formation" | "/v1/scale" | "/v1/restart" | "/v1/logs"
-                | "/v1/deploy" | "/v1/rollback" | "/v1/releases" | "/v1/shutdown",
+                | "/v1/deploy" | "/v1/rollback" | "/v1/releases" | "/v1/shutdown" | "/v1/events"
+                | "/v1/run",
             ) => error(
                 StatusCode::METHOD_NOT_ALLOWED,
                 "method not allowed on this route",

@@ -252,6 +252,8 @@ async fn serve_connections<S, F>(
             });
             if let Err(e) = http1_builder()
                 .serve_connection(TokioIo::new(stream), service)
+                // `POST /v1/run` attaches a one-off's streams on the upgraded connection.
+                .with_upgrades()
                 .await
             {
                 tracing::debug!(cause = %e, "control connection ended with an error");

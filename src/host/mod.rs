@@ -6,6 +6,7 @@
 //! listener before it spawns anything, starts the formation and serves;
 //! [`RunningHost`](running) shuts it all down.
 
+mod alone;
 mod running;
 mod start;
 
@@ -16,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Result, bail};
 
+pub(crate) use self::alone::run_alone;
 pub use self::running::RunningHost;
 use crate::app::{AppSpec, ProcessSpec, Service};
 use crate::control;

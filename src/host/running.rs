@@ -11,6 +11,8 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::deploy::Deployer;
+use crate::events::{Events, Fields};
+use crate::formation::Formation;
 use crate::logs::Logs;
 use crate::supervisor::Supervisor;
 use crate::units::ByteSize;
@@ -36,6 +38,8 @@ pub struct RunningHost {
     pub(super) control: Option<(JoinHandle<()>, PathBuf)>,
     pub(super) printer: JoinHandle<()>,
     pub(super) logs: Logs,
+    /// The event stream.
+    pub(super) events: Events,
     /// The background processes' runtime; shut down after the supervisor.
     pub(super) background: BackgroundRuntime,
 }
@@ -57,6 +61,28 @@ impl RunningHost {
         self.stop_requested.cancelled().await;
     }
 
+    /// Applies Heroku-style changes (`web=3`, `worker+1`, `web=2:512MiB`) live, as
+    /// `wasmform scale` does; returns the desired formation once new instances are up.
+    /// Invalid changes are refused and change nothing.
+    pub async fn scale(&self, changes: &[&str]) -> Result<Formation> {
+        let changes: Vec<String> = changes.iter().map(|c| c.to_string()).collect();
+        self.supervisor
+            .scale(&changes, None)
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        Ok(self.supervisor.desired())
+    }
+
+    /// Instances up, per process type.
+    pub fn running(&self) -> std::collections::BTreeMap<String, u32> {
+        self.supervisor
+            .ps()
+            .types
+            .into_iter()
+            .map(|t| (t.name, t.running))
+            .collect()
+    }
+
     /// Logs a host event.
     pub fn log(&self, text: impl Into<String>) {
         self.logs.host(text);
@@ -66,6 +92,7 @@ impl RunningHost {
     /// `grace`, then stop every instance (workers included) and flush the log.
     pub async fn shutdown(self, grace: Duration) {
         let deadline = Instant::now() + grace;
+        self.events.emit("host.stopping", Fields::default());
         self.stop_http.cancel();
         for (i, mut server) in self.servers.into_iter().enumerate() {
             let left = deadline.saturating_duration_since(Instant::now());
@@ -88,6 +115,7 @@ impl RunningHost {
             tracing::warn!("some instances did not stop within the grace period");
         }
         self.logs.host("stopped");
+        self.logs.close();
         let Self {
             supervisor,
             logs,
@@ -96,7 +124,8 @@ impl RunningHost {
             ..
         } = self;
         drop((supervisor, logs, background));
-        // Instances still parked in pools hold log sinks; give the printer a moment to drain.
+        // The printer ends at the close, once every line before it is out; bounded in case
+        // stdout blocks.
         let _ = tokio::time::timeout(Duration::from_millis(500), printer).await;
     }
 }

@@ -17,6 +17,7 @@ use super::{DEFAULT_MEMORY, Host};
 use crate::app::ProcessName;
 use crate::control;
 use crate::deploy::Deployer;
+use crate::events::{Events, Fields};
 use crate::logs::Logs;
 use crate::metrics::Metrics;
 use crate::proxy::{self, Router};
@@ -52,6 +53,7 @@ impl Host {
             .unwrap_or(0);
         let (logs, printer) = Logs::stdout(width);
         let metrics = Arc::new(Metrics::new());
+        let events = Events::new();
         for (name, took) in &self.compile_times {
             metrics.compiled(name, took.as_secs_f64());
         }
@@ -78,6 +80,7 @@ impl Host {
             shared: shared.clone(),
             formation: self.formation.clone(),
             store: self.state.clone(),
+            events: events.clone(),
         });
         if let Err(failure) = supervisor.start().await {
             supervisor.shutdown(Duration::from_secs(5)).await;
@@ -94,6 +97,7 @@ impl Host {
                 printer,
                 background,
                 shared,
+                events,
             },
         )
     }
@@ -239,6 +243,16 @@ impl Host {
             logs.host(format!("shared state: {}", shared.describe()));
         }
         logs.host(format!("listening on http://{}", s.addr));
+        s.events.emit(
+            "host.listening",
+            Fields {
+                url: Some(format!("http://{}", s.addr)),
+                pid: Some(std::process::id()),
+                release: (self.release > 0).then_some(self.release),
+                formation: Some(self.formation.to_json()),
+                ..Fields::default()
+            },
+        );
         Ok(RunningHost {
             addr: s.addr,
             deployer,
@@ -251,6 +265,7 @@ impl Host {
             control,
             printer: s.printer,
             logs: s.logs,
+            events: s.events,
         })
     }
 }
@@ -272,6 +287,7 @@ struct Serving {
     printer: tokio::task::JoinHandle<()>,
     background: BackgroundRuntime,
     shared: Option<Store>,
+    events: Events,
 }
 
 /// The control API on the Unix socket and, with `--control-tcp`, on TCP; the TCP server
@@ -291,6 +307,8 @@ fn serve_control(
         s.metrics.clone(),
         deployer,
         stop_requested,
+        s.events.clone(),
+        format!("http://{}", s.addr),
     );
     let control = unix.map(|(listener, path)| {
         let task = tokio::spawn(control::serve(listener, api.clone(), stop_http.clone()));

@@ -253,8 +253,9 @@ impl Runtime {
     }
 
     /// Creates the store for one instance: its own WASI context, memory limiter and output.
-    pub fn new_store(&self, setup: InstanceSetup<'_>) -> Store<InstanceState> {
-        let state = InstanceState::new(&setup);
+    pub fn new_store(&self, mut setup: InstanceSetup<'_>) -> Store<InstanceState> {
+        let stdio = setup.stdio.take();
+        let state = InstanceState::new(&setup, stdio);
         let mut store = Store::new(&self.engine, state);
         store.limiter(|state| &mut state.limiter);
         // Yield to the async runtime at every epoch tick so a spinning guest never holds a
@@ -291,6 +292,15 @@ pub struct InstanceSetup<'a> {
     pub allowed_outbound_hosts: &'a [String],
     /// The shared store and the buckets and queues this type may use.
     pub shared: &'a shared::SharedCtx,
+    /// Attached standard streams (`wasmform run`) instead of the log and an empty stdin.
+    pub stdio: Option<Attached>,
+}
+
+/// A one-off process's standard streams, attached to its client.
+pub struct Attached {
+    pub stdin: wasmtime_wasi::cli::AsyncStdinStream,
+    pub stdout: wasmtime_wasi::cli::AsyncStdoutStream,
+    pub stderr: wasmtime_wasi::cli::AsyncStdoutStream,
 }
 
 /// Reads a component file and checks that it is a component, with a helpful message if it is

@@ -28,7 +28,7 @@ pub struct InstanceState {
 }
 
 impl InstanceState {
-    pub(super) fn new(setup: &InstanceSetup<'_>) -> Self {
+    pub(super) fn new(setup: &InstanceSetup<'_>, stdio: Option<super::Attached>) -> Self {
         let mut wasi = WasiCtxBuilder::new();
         for (key, value) in setup.env {
             if !crate::app::PLATFORM_ENV.contains(&key.as_str()) {
@@ -42,9 +42,18 @@ impl InstanceState {
             .env("PS", setup.instance)
             .env("DYNO", setup.instance)
             .arg(setup.program)
-            .args(setup.args)
-            .stdout(GuestOutput(setup.stdout.clone()))
-            .stderr(GuestOutput(setup.stderr.clone()));
+            .args(setup.args);
+        match stdio {
+            Some(stdio) => {
+                wasi.stdin(stdio.stdin)
+                    .stdout(stdio.stdout)
+                    .stderr(stdio.stderr);
+            }
+            None => {
+                wasi.stdout(GuestOutput(setup.stdout.clone()))
+                    .stderr(GuestOutput(setup.stderr.clone()));
+            }
+        }
         Self {
             wasi: wasi.build(),
             http: WasiHttpCtx::new(),

@@ -24,10 +24,12 @@
 //! | `consume.rs` | a queue consumer's loop |
 //! | `scale.rs` | scale, rolling restart, the replacement of one slot, memory probes |
 //! | `rollout.rs` | deploys and their roll-back |
+//! | `oneoff.rs` | one-off processes (`wasmform run`): `run.N` beside the formation |
 //! | `report.rs` | `ps`, command outcomes, the shared store's status |
 
 mod consume;
 mod health;
+mod oneoff;
 mod plan;
 mod report;
 mod restart;
@@ -36,7 +38,7 @@ mod scale;
 mod slot;
 mod web;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -45,6 +47,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::app::{ByteSize, ProcessName, ProcessSpec};
+use crate::events::{Events, Fields};
 use crate::formation::Formation;
 use crate::instance::{Reuse, WebInstance};
 use crate::logs::Logs;
@@ -55,6 +58,7 @@ use crate::shared::Store;
 use crate::state::StateDir;
 use crate::units::humanize;
 
+pub use oneoff::{OneOff, Prepared, RunOutcome};
 pub use report::Outcome;
 pub use restart::RestartPolicy;
 pub use rollout::{Changes, NewVersion, describe_changes};
@@ -66,6 +70,8 @@ struct State {
     slots: Vec<Arc<Slot>>,
     /// The current version of each type; new slots start with it.
     types: BTreeMap<ProcessName, Arc<ProcessType>>,
+    /// Instances the last plan left pending, so each is told once as an event.
+    pending: BTreeSet<(ProcessName, u32)>,
 }
 
 /// Why a formation change was refused; nothing changed.
@@ -125,6 +131,10 @@ pub struct Supervisor {
     background: tokio::runtime::Handle,
     /// Restarts and instantiation times are counted here.
     metrics: Arc<crate::metrics::Metrics>,
+    /// What happens is told here (`wasmform events`).
+    events: Events,
+    /// One-off processes started so far (`run.N`).
+    runs: std::sync::atomic::AtomicU32,
 }
 
 /// What [`Supervisor::new`] needs.
@@ -160,6 +170,8 @@ pub struct SupervisorConfig {
     pub background: tokio::runtime::Handle,
     /// Metrics.
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// The event stream.
+    pub events: Events,
 }
 
 type Ready = oneshot::Receiver<Result<(), String>>;
@@ -190,6 +202,7 @@ impl Supervisor {
                 desired: config.formation,
                 slots: Vec::new(),
                 types: BTreeMap::new(),
+                pending: BTreeSet::new(),
             }),
             registry: Mutex::default(),
             queue_limit: config.queue_limit,
@@ -201,6 +214,8 @@ impl Supervisor {
             store: config.store,
             background: config.background,
             metrics: config.metrics,
+            events: config.events,
+            runs: Default::default(),
         };
         let types = config
             .types
@@ -321,6 +336,22 @@ impl Supervisor {
             let (slot, ready) = self.spawn_slot(state, &process, index, memory, Vec::new());
             started.push((slot.name(), ready));
         }
+        let pending: BTreeSet<(ProcessName, u32)> = plan
+            .pending
+            .iter()
+            .map(|(name, index, why)| {
+                let id = (name.clone(), *index);
+                if !state.pending.contains(&id) {
+                    let release = state.types.get(name).map_or(0, |t| t.release);
+                    let fields =
+                        Fields::instance(&format!("{name}.{index}"), name.as_str(), release);
+                    self.events
+                        .emit("instance.pending", fields.because(&why.to_string()));
+                }
+                id
+            })
+            .collect();
+        state.pending = pending;
         started
     }
 

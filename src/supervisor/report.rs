@@ -116,6 +116,11 @@ pub struct InstanceReport {
     pub reason: Option<String>,
     /// For crashed instances: milliseconds until the restart.
     pub restart_in_ms: Option<u64>,
+    /// For crashed instances: the restart delay has reached the policy's longest
+    /// (`--restart-max`): it crash-loops.
+    pub backoff_capped: bool,
+    /// For exited workers: their exit status, when they exited with one.
+    pub exit_code: Option<i32>,
     /// Linear memory in use, in bytes.
     pub memory_used: u64,
     /// Memory limit, in bytes.
@@ -220,6 +225,8 @@ impl Supervisor {
                 since: None,
                 reason: Some(reason.to_string()),
                 restart_in_ms: None,
+                backoff_capped: false,
+                exit_code: None,
                 memory_used: 0,
                 memory_limit: memory,
                 requests: 0,
@@ -310,7 +317,14 @@ impl Slot {
                 ),
             ),
         };
+        let crashed = state == InstanceState::Crashed;
+        let exit_code = reason
+            .as_deref()
+            .filter(|_| state == InstanceState::Exited)
+            .and_then(crate::events::exit_code);
         InstanceReport {
+            backoff_capped: crashed && slot.capped.load(Ordering::Relaxed),
+            exit_code,
             id: slot.name(),
             process: slot.process.to_string(),
             index: slot.index,

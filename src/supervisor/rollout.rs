@@ -11,6 +11,7 @@ use serde::Serialize;
 use super::slot::ProcessType;
 use super::{ControlError, Supervisor};
 use crate::app::{ProcessName, ProcessSpec};
+use crate::events::Fields;
 use crate::formation::{Formation, Scale};
 use crate::logs::API;
 use crate::runtime::Compiled;
@@ -101,6 +102,14 @@ impl Supervisor {
         }
         if let Some(failure) = failure {
             self.roll_back(old_types, old_desired).await;
+            self.events.emit(
+                "release.failed",
+                Fields {
+                    release: Some(release),
+                    reason: Some(failure.clone()),
+                    ..Fields::default()
+                },
+            );
             return Err(ControlError::Failed(format!(
                 "release v{release} failed and was rolled back: {failure}"
             )));
@@ -118,6 +127,18 @@ impl Supervisor {
         {
             tracing::warn!("failed to store the formation: {e:#}");
         }
+        self.events.emit(
+            if what.starts_with("Rollback") {
+                "release.rolled_back"
+            } else {
+                "release.deployed"
+            },
+            Fields {
+                release: Some(release),
+                formation: Some(next_desired.to_json()),
+                ..Fields::default()
+            },
+        );
         Ok(changes)
     }
 

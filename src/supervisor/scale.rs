@@ -7,6 +7,7 @@ use super::plan::{self, Budget, Replacement};
 use super::slot::{ProcessType, Slot};
 use super::{ControlError, Outcome, READY_WAIT, State, Supervisor, reserved};
 use crate::app::{ByteSize, ProcessName};
+use crate::events::Fields;
 use crate::instance;
 use crate::logs::API;
 use crate::runtime::InstanceSetup;
@@ -74,6 +75,13 @@ impl Supervisor {
         }
         let state = self.lock();
         notes.extend(self.pending_notes(&state));
+        self.events.emit(
+            "formation.scaled",
+            Fields {
+                formation: Some(state.desired.to_json()),
+                ..Fields::default()
+            },
+        );
         Ok(Outcome {
             formation: self.type_reports(&state),
             notes,
@@ -127,6 +135,14 @@ impl Supervisor {
                 Ok(Some(note)) | Err(note) => notes.push(note),
             }
         }
+        self.events.emit(
+            "formation.restarted",
+            Fields {
+                instance: target.filter(|t| t.contains('.')).map(str::to_string),
+                process: target.filter(|t| !t.contains('.')).map(str::to_string),
+                ..Fields::default()
+            },
+        );
         Ok(Outcome {
             formation: self.type_reports(&self.lock()),
             notes,
@@ -252,6 +268,7 @@ impl Supervisor {
             env: &process.spec.env,
             allowed_outbound_hosts: &process.spec.allowed_outbound_hosts,
             shared: &process.shared,
+            stdio: None,
         };
         instance::probe(&self.runtime, &process.compiled, setup).await
     }

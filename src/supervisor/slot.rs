@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 use super::restart::{Backoff, End, Next};
 use super::{Ready, State, Supervisor};
 use crate::app::{ByteSize, ProcessName, ProcessSpec, RestartMode};
+use crate::events::{Events, Fields};
 use crate::instance::{self, Reuse, WebInstance};
 use crate::router::Pool;
 use crate::runtime::shared::SharedCtx;
@@ -98,6 +99,10 @@ pub struct Slot {
     pub(super) failures: AtomicU32,
     /// The last failure, for the deploy's message.
     pub(super) last_failure: Mutex<Option<String>>,
+    /// Where its state changes are told.
+    pub(super) events: Events,
+    /// Its last restart delay was the policy's longest: it crash-loops.
+    pub(super) capped: AtomicBool,
 }
 
 impl Slot {
@@ -105,8 +110,50 @@ impl Slot {
         format!("{}.{}", self.process, self.index)
     }
 
+    /// Sets the state shown in `ps` and tells the event stream.
     pub(super) fn set(&self, state: SlotState) {
+        let fields = self.fields();
+        let (event, fields) = match &state {
+            SlotState::Starting => ("instance.starting", fields),
+            SlotState::Up => ("instance.up", fields),
+            SlotState::Draining => ("instance.draining", fields),
+            SlotState::Waiting => (
+                "instance.pending",
+                fields.because("waiting for the instance it replaces to end"),
+            ),
+            SlotState::Crashed { reason, restart_at } => (
+                "instance.crashed",
+                Fields {
+                    restart_in_ms: Some(
+                        restart_at
+                            .saturating_duration_since(Instant::now())
+                            .as_millis() as u64,
+                    ),
+                    ..fields.because(reason)
+                },
+            ),
+            SlotState::Exited { reason } => (
+                "instance.exited",
+                Fields {
+                    exit_code: crate::events::exit_code(reason),
+                    ..fields.because(reason)
+                },
+            ),
+        };
+        // The state first: a client that reads the event then finds it in `ps`.
+        self.set_quietly(state);
+        self.events.emit(event, fields);
+    }
+
+    /// Sets the state without an event: a single-use instance's replacement after each request
+    /// is not news.
+    pub(super) fn set_quietly(&self, state: SlotState) {
         *self.status.lock().unwrap_or_else(|e| e.into_inner()) = (state, SystemTime::now());
+    }
+
+    /// The fields of this slot's events.
+    pub(super) fn fields(&self) -> Fields {
+        Fields::instance(&self.name(), self.process.as_str(), self.version.release)
     }
 
     /// Stops the slot: it leaves the pool, finishes what it is doing, and ends.
@@ -136,8 +183,31 @@ impl Slot {
         *self.last_failure.lock().unwrap_or_else(|e| e.into_inner()) = Some(reason.to_string());
     }
 
+    /// Sets the health shown in `ps` (`passing`, `failing (1/3)`, `checking`); a change between
+    /// passing and failing is an event.
     pub(super) fn set_health(&self, health: String) {
-        *self.health.lock().unwrap_or_else(|e| e.into_inner()) = Some(health);
+        let verdict = |h: &str| {
+            if h.starts_with("passing") {
+                Some("health.passing")
+            } else if h.starts_with("failing") {
+                Some("health.failing")
+            } else {
+                None
+            }
+        };
+        let event = {
+            let mut current = self.health.lock().unwrap_or_else(|e| e.into_inner());
+            let before = current.as_deref().and_then(verdict);
+            let after = verdict(&health);
+            let changed = after
+                .filter(|a| before != Some(*a))
+                .map(|a| (a, health.clone()));
+            *current = Some(health);
+            changed
+        };
+        if let Some((event, health)) = event {
+            self.events.emit(event, self.fields().because(&health));
+        }
     }
 }
 
@@ -173,7 +243,16 @@ impl Supervisor {
             restarts: AtomicU32::new(0),
             failures: AtomicU32::new(0),
             last_failure: Mutex::new(None),
+            events: self.events.clone(),
+            capped: AtomicBool::new(false),
         });
+        if waiting {
+            slot.events.emit(
+                "instance.pending",
+                slot.fields()
+                    .because("waiting for the instance it replaces to end"),
+            );
+        }
         state.slots.push(slot.clone());
         let slot_for_caller = slot.clone();
         let (tx, rx) = oneshot::channel();
@@ -212,6 +291,7 @@ impl Supervisor {
         let mut state = self.lock();
         state.slots.retain(|s| !Arc::ptr_eq(s, slot));
         slot.ended.cancel();
+        self.events.emit("instance.stopped", slot.fields());
         if !self.cancel.is_cancelled() {
             drop(self.reconcile(&mut state));
         }
@@ -245,7 +325,11 @@ impl Supervisor {
             if slot.stopping() {
                 break;
             }
-            slot.set(SlotState::Starting);
+            if recycled {
+                slot.set_quietly(SlotState::Starting);
+            } else {
+                slot.set(SlotState::Starting);
+            }
             let started = Instant::now();
             if let Some(pool) = process.pool.as_ref().filter(|_| !reserved) {
                 pool.reserve();
@@ -294,6 +378,8 @@ impl Supervisor {
                 return;
             };
             slot.restarts.fetch_add(1, Ordering::Relaxed);
+            slot.capped
+                .store(delay >= self.restart.max, Ordering::Relaxed);
             if let Some(pool) = process
                 .pool
                 .as_ref()
@@ -386,6 +472,7 @@ impl Supervisor {
             env: &process.spec.env,
             allowed_outbound_hosts: &process.spec.allowed_outbound_hosts,
             shared: &process.shared,
+            stdio: None,
         };
         let sinks = (setup.stdout.clone(), setup.stderr.clone());
         let up = Up {
@@ -430,7 +517,11 @@ impl Supervisor {
         ready: &mut Option<oneshot::Sender<Result<(), String>>>,
     ) {
         self.metrics.instantiated(up.since.elapsed().as_secs_f64());
-        up.slot.set(SlotState::Up);
+        if up.recycled {
+            up.slot.set_quietly(SlotState::Up);
+        } else {
+            up.slot.set(SlotState::Up);
+        }
         match ready.take() {
             Some(ready) => {
                 let _ = ready.send(Ok(()));

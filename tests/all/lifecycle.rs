@@ -292,6 +292,7 @@ fn up_detach_returns_once_requests_succeed_and_down_stops_it() {
     let down = app.cli(&["down"]);
     assert!(down.ok, "{}", down.stderr);
     assert!(gone(&pid), "the detached host (pid {pid}) outlived `down`");
+    assert!(!app.path(".wasmform/host.pid").exists());
 }
 
 #[test]

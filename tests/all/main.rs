@@ -2,8 +2,10 @@
 //! real HTTP over loopback. One test binary so wasmtime is linked once.
 
 mod bad_input;
+mod ci;
 mod control;
 mod deploy;
+mod embedding;
 mod formation;
 mod front_door;
 mod lifecycle;

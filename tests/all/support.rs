@@ -104,6 +104,20 @@ impl App {
         }
     }
 
+    /// Starts a client command in the background, its output piped.
+    pub fn cli_spawn(&self, args: &[&str]) -> Child {
+        Command::new(env!("CARGO_BIN_EXE_wasmform"))
+            .args(args)
+            .arg("--app")
+            .arg(self.dir.path())
+            .env("RUST_BACKTRACE", "0")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("failed to run wasmform")
+    }
+
     /// `GET target` on the app's control socket, raw: status line, headers and body.
     pub fn control_get(&self, target: &str) -> String {
         let mut socket =

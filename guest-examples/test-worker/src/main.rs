@@ -7,7 +7,7 @@ use std::io::Write;
 use std::time::Duration;
 
 const USAGE: &str = "usage: test-worker (exit <code> | exit-std <code> | panic | spin \
-                     | print <n> [ms] | alloc <mb> | sleep | env)";
+                     | print <n> [ms] | alloc <mb> | sleep | env | cat | getenv <name>)";
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
@@ -78,6 +78,22 @@ fn main() {
             }
             sleep_forever();
         }
+        ["cat"] => {
+            // stdin to stdout until it closes, then a line on stderr: what `wasmform run`
+            // attaches.
+            let mut input = String::new();
+            let _ = std::io::Read::read_to_string(&mut std::io::stdin(), &mut input);
+            print!("{input}");
+            let _ = std::io::stdout().flush();
+            eprintln!("stdin closed after {} bytes", input.len());
+        }
+        ["getenv", name] => match std::env::var(name) {
+            Ok(value) => say(&format!("{name}={value}")),
+            Err(_) => {
+                say(&format!("{name} is not set"));
+                exit(3);
+            }
+        },
         _ => usage(),
     }
 }
