@@ -190,6 +190,8 @@ pub struct HttpSettings {
     pub keepalive_timeout: Option<Duration>,
     /// Most open client connections (`max_connections`).
     pub max_connections: Option<usize>,
+    /// Largest wasi:http fields resource in a guest (`max_fields_size`).
+    pub max_fields_size: Option<ByteSize>,
 }
 
 impl HttpSettings {
@@ -208,6 +210,7 @@ impl HttpSettings {
             body_timeout: self.body_timeout.or(fallback.body_timeout),
             keepalive_timeout: self.keepalive_timeout.or(fallback.keepalive_timeout),
             max_connections: self.max_connections.or(fallback.max_connections),
+            max_fields_size: self.max_fields_size.or(fallback.max_fields_size),
         }
     }
 }

@@ -113,6 +113,13 @@ pub struct UpCommand {
     #[arg(long = "max-head-bytes", value_parser = parse_head_bytes)]
     max_head_bytes: Option<ByteSize>,
 
+    /// Largest wasi:http fields resource (headers or trailers) a guest may hold, measured as
+    /// wasi-http measures it (its in-memory form, above the wire size), as `wasmtime serve -S
+    /// max-http-fields-size`. A request over it gets 431. Default: `[http] max_fields_size`,
+    /// else 128KiB.
+    #[arg(long = "max-http-fields-size", value_parser = parse_http_size)]
+    max_http_fields_size: Option<ByteSize>,
+
     /// How long a client may take to send a request head (the connection is closed after).
     /// Default: `[http] header_timeout`, else 30s.
     #[arg(long = "header-timeout", value_parser = parse_timeout)]
@@ -162,6 +169,12 @@ pub struct UpCommand {
     /// Do not log a line per request (router errors are still logged).
     #[arg(long = "no-router-log")]
     no_router_log: bool,
+
+    /// Name the failing instance and its failure (a trap, a memory quota) in the router's
+    /// error bodies, for local development. By default a client gets only what went wrong in
+    /// general, the router's code and a request id, which the log line carries with the rest.
+    #[arg(long = "error-detail")]
+    error_detail: bool,
 
     /// Largest component file accepted.
     #[arg(long = "max-component-size", default_value = "512MiB", value_parser = parse_size)]
@@ -243,6 +256,7 @@ impl UpCommand {
             body_timeout: self.body_timeout,
             keepalive_timeout: self.keepalive_timeout,
             max_connections: self.max_connections.map(|n| n as usize),
+            max_fields_size: self.max_http_fields_size,
         }
     }
 }
@@ -291,6 +305,7 @@ impl UpCommand {
             rotate: self.rotate,
             http: crate::proxy::HttpLimits::from_settings(self.http_flags().or(app.http)),
             log_requests: !self.no_router_log,
+            error_detail: self.error_detail,
             metrics: self.metrics,
             control_tcp: self.control_tcp.map(|addr| crate::control::TcpControl {
                 addr,

@@ -56,6 +56,7 @@ pub(crate) async fn run_alone(
         max_memory,
         cache: true,
         max_component_size: ByteSize::mib(512),
+        max_fields_size: crate::proxy::DEFAULT_FIELDS_SIZE,
     })?);
     // Only the component it runs is compiled.
     let mut types = Vec::new();

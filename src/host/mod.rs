@@ -54,6 +54,9 @@ pub struct HostOptions {
     pub http: crate::proxy::HttpLimits,
     /// One `at=info` log line per request, Heroku router style.
     pub log_requests: bool,
+    /// Router error bodies name the failing instance and its failure (local development);
+    /// by default they carry only the code and a request id.
+    pub error_detail: bool,
     /// Also serve `/metrics` on this loopback TCP address.
     pub metrics: Option<SocketAddr>,
     /// Also serve the control API on TCP, with a bearer token.
@@ -91,6 +94,7 @@ impl Default for HostOptions {
             rotate: crate::router::HOT,
             http: crate::proxy::HttpLimits::default(),
             log_requests: true,
+            error_detail: false,
             metrics: None,
             control_tcp: None,
             restart: RestartPolicy::default(),
@@ -162,6 +166,7 @@ impl Host {
             max_memory: limits.max_memory,
             cache: options.cache,
             max_component_size: options.max_component_size,
+            max_fields_size: options.http.max_fields_size,
         })?);
 
         let started = Instant::now();

@@ -159,6 +159,7 @@ impl Host {
             log_requests: self.options.log_requests,
             metrics: s.metrics.http(process),
             refusals: Default::default(),
+            error_detail: self.options.error_detail,
         })
     }
 
@@ -241,6 +242,12 @@ impl Host {
         }
         if let Some(shared) = &s.shared {
             logs.host(format!("shared state: {}", shared.describe()));
+        }
+        if self.options.error_detail && !s.addr.ip().is_loopback() {
+            logs.host(format!(
+                "--error-detail on {}, which other machines can reach: their clients read your instances' failures in error bodies; use it on 127.0.0.1 only",
+                s.addr
+            ));
         }
         logs.host(format!("listening on http://{}", s.addr));
         s.events.emit(

@@ -55,6 +55,46 @@ pub(crate) fn describe(
     if let Some(trap) = err.downcast_ref::<wasmtime::Trap>() {
         return trap.to_string();
     }
-    let text = format!("{err:#}");
-    text.lines().next().unwrap_or("unknown error").to_string()
+    cause_chain(err)
+}
+
+/// Every message of `err`'s chain, outermost first, joined by `: ` (`error while executing:
+/// total size of fields exceeds limit`), without the wasm backtrace a context lists after its
+/// first line.
+fn cause_chain(err: &wasmtime::Error) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    for cause in err.chain() {
+        let text = cause.to_string();
+        let first = text.lines().next().unwrap_or("").trim_end();
+        let first = first
+            .strip_suffix(" at wasm backtrace:")
+            .or_else(|| first.strip_suffix(':'))
+            .unwrap_or(first)
+            .trim();
+        if !first.is_empty() && parts.last().is_none_or(|last| last != first) {
+            parts.push(first.to_string());
+        }
+    }
+    if parts.is_empty() {
+        return "unknown error".to_string();
+    }
+    parts.join(": ")
+}
+
+#[cfg(test)]
+mod tests {
+    use wasmtime::error::Context as _;
+
+    use super::cause_chain;
+
+    #[test]
+    fn a_reason_keeps_the_cause_chain_without_the_backtrace() {
+        let err = Err::<(), _>(wasmtime::format_err!("total size of fields exceeds limit"))
+            .context("error while executing at wasm backtrace:\n    0:  0x1234 - handler")
+            .unwrap_err();
+        assert_eq!(
+            cause_chain(&err),
+            "error while executing: total size of fields exceeds limit"
+        );
+    }
 }

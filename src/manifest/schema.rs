@@ -63,6 +63,8 @@ pub struct Http {
     pub keepalive_timeout: Option<DurationValue>,
     /// Most open client connections (503 past it).
     pub max_connections: Option<Spanned<usize>>,
+    /// Largest size of one wasi:http fields resource (headers, trailers) in a guest.
+    pub max_fields_size: Option<HttpSize>,
 }
 
 impl Http {
@@ -99,6 +101,7 @@ impl Http {
             body_timeout: self.body_timeout.map(|d| d.0),
             keepalive_timeout: self.keepalive_timeout.map(|d| d.0),
             max_connections: at_least_one(&self.max_connections, "max_connections")?,
+            max_fields_size: self.max_fields_size.as_ref().map(|s| s.0),
         })
     }
 }

@@ -152,7 +152,16 @@ pub(super) struct InfoLine {
 /// How the guest call behind a response ended: known already, or reported when it ends.
 pub(super) enum Outcome {
     Known(bool),
-    Later(oneshot::Receiver<bool>),
+    Later(oneshot::Receiver<Ended>),
+}
+
+/// How a call whose response was already streaming ended.
+pub(super) enum Ended {
+    /// Soundly (`true`) or not.
+    Call(bool),
+    /// Its request body was cut at `--max-body`: what the guest answered is incomplete
+    /// whatever it did next.
+    BodyCut,
 }
 
 /// The end of a guest's response body, held until its call is known to have ended soundly.
@@ -161,6 +170,8 @@ pub(super) struct Guard {
     /// Logged when the body is aborted (H18).
     pub logs: Logs,
     pub line: String,
+    /// `--max-body`, for the H25 line of a response aborted because its request body was cut.
+    pub max_body: u64,
 }
 
 impl Guard {
@@ -169,19 +180,29 @@ impl Guard {
         &mut self,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, wasmtime_wasi_http::Error>>> {
-        let sound = match &mut self.outcome {
-            Outcome::Known(sound) => *sound,
+        let ended = match &mut self.outcome {
+            Outcome::Known(sound) => Ended::Call(*sound),
             Outcome::Later(rx) => match Pin::new(rx).poll(cx) {
                 Poll::Pending => return Poll::Pending,
-                Poll::Ready(sound) => sound.unwrap_or(false),
+                Poll::Ready(ended) => ended.unwrap_or(Ended::Call(false)),
             },
         };
-        if sound {
-            Poll::Ready(None)
-        } else {
-            self.logs.host(std::mem::take(&mut self.line));
-            Poll::Ready(Some(Err(wasmtime_wasi_http::Error::HttpResponseIncomplete)))
-        }
+        let line = match ended {
+            Ended::Call(true) => return Poll::Ready(None),
+            Ended::Call(false) => std::mem::take(&mut self.line),
+            // Formatted only when it happens: the H18 line with the H25 code and the reason.
+            Ended::BodyCut => format!(
+                "{} (response aborted: the request body went over {} bytes after the response had started)",
+                self.line.replacen(
+                    "code=H18 desc=\"Response aborted\"",
+                    "code=H25 desc=\"Request body too large\"",
+                    1
+                ),
+                self.max_body
+            ),
+        };
+        self.logs.host(line);
+        Poll::Ready(Some(Err(wasmtime_wasi_http::Error::HttpResponseIncomplete)))
     }
 }
 

@@ -16,6 +16,9 @@ use crate::units::humanize;
 pub(super) enum RouterError {
     /// H25: the body is larger than `--max-body` (declared, or as it arrived).
     BodyTooLarge { limit: u64 },
+    /// H25: the header fields are larger than `--max-http-fields-size`, as wasi:http counts
+    /// them: the guest could not copy them.
+    FieldsTooLarge { limit: usize },
     /// H28: the body stalled while the guest read it.
     BodyIdle { after: Duration },
     /// H10: the app has no HTTP process type.
@@ -42,7 +45,7 @@ impl RouterError {
     /// Heroku's code.
     pub(super) fn code(&self) -> &'static str {
         match self {
-            RouterError::BodyTooLarge { .. } => "H25",
+            RouterError::BodyTooLarge { .. } | RouterError::FieldsTooLarge { .. } => "H25",
             RouterError::BodyIdle { .. } => "H28",
             RouterError::NoHttpType | RouterError::NoneUp { .. } => "H10",
             RouterError::Busy { .. } => "H11",
@@ -58,6 +61,7 @@ impl RouterError {
     pub(super) fn description(&self) -> &'static str {
         match self {
             RouterError::BodyTooLarge { .. } => "Request body too large",
+            RouterError::FieldsTooLarge { .. } => "Request header fields too large",
             RouterError::BodyIdle { .. } => "Request body idle",
             RouterError::NoHttpType => "No HTTP process type",
             RouterError::NoneUp { .. } => "No instance up",
@@ -74,6 +78,7 @@ impl RouterError {
     pub(super) fn status(&self) -> StatusCode {
         match self {
             RouterError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            RouterError::FieldsTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             RouterError::BodyIdle { .. } => StatusCode::REQUEST_TIMEOUT,
             RouterError::NoHttpType | RouterError::NoneUp { .. } | RouterError::Busy { .. } => {
                 StatusCode::SERVICE_UNAVAILABLE
@@ -96,36 +101,102 @@ impl RouterError {
         }
     }
 
-    /// The response the client gets; `instance` names the instance that failed. (A body
-    /// fault also closes the connection: see `Router::body_fault`.)
-    pub(super) fn response(&self, instance: &str) -> Response<ResponseBody> {
+    /// The response the client gets: what went wrong in words safe for anyone, the router's
+    /// code and the request id an operator finds in the log line. With `detail` (`up
+    /// --error-detail`, for local development) it also names the instance and its failure
+    /// (a trap, a reason), which a client of a public listener must not see. (A body fault also
+    /// closes the connection: see `Router::body_fault`.)
+    pub(super) fn response(
+        &self,
+        instance: &str,
+        request_id: &str,
+        detail: bool,
+    ) -> Response<ResponseBody> {
         let text = match self {
-            RouterError::BodyTooLarge { limit } => format!("request body over {limit} bytes\n"),
+            RouterError::BodyTooLarge { limit } => format!("request body over {limit} bytes"),
+            RouterError::FieldsTooLarge { limit } => {
+                format!("request header fields over {limit} bytes (as wasi:http counts them)")
+            }
             RouterError::BodyIdle { after } => {
-                format!("request body stalled for {}\n", humanize(*after))
+                format!("request body stalled for {}", humanize(*after))
             }
-            RouterError::NoHttpType => "no HTTP process type in this app\n".to_string(),
-            RouterError::NoneUp { process } => format!("no `{process}` instance is up\n"),
-            RouterError::Busy { process } => format!("all `{process}` instances are busy\n"),
+            RouterError::NoHttpType => "no HTTP process type in this app".to_string(),
+            RouterError::NoneUp { process } => format!("no `{process}` instance is up"),
+            RouterError::Busy { process } => format!("all `{process}` instances are busy"),
+            RouterError::Timeout { after } if detail => {
+                format!("{instance} gave no response within {}", humanize(*after))
+            }
             RouterError::Timeout { after } => {
-                format!("{instance} gave no response within {}\n", humanize(*after))
+                format!("the app gave no response within {}", humanize(*after))
             }
-            RouterError::MemoryQuota { reason } | RouterError::Crashed { reason } => {
-                format!("{instance} crashed: {reason}\n")
+            RouterError::MemoryQuota { reason } | RouterError::Crashed { reason } if detail => {
+                format!("{instance} crashed: {reason}")
             }
-            RouterError::NoResponse => format!("{instance} returned without a response\n"),
-            RouterError::Invalid { code } => {
-                format!("{instance} answered with an error: {code:?}\n")
+            RouterError::MemoryQuota { .. } | RouterError::Crashed { .. } => {
+                "application error: the app failed while answering this request".to_string()
             }
-            RouterError::Lost => "wasmform lost track of this request (a bug)\n".to_string(),
+            RouterError::NoResponse if detail => {
+                format!("{instance} returned without a response")
+            }
+            RouterError::NoResponse => {
+                "application error: the app returned without a response".to_string()
+            }
+            RouterError::Invalid { code } if detail => {
+                format!("{instance} answered with an error: {code:?}")
+            }
+            RouterError::Invalid { .. } => {
+                "application error: the app answered with an error".to_string()
+            }
+            RouterError::Lost => "wasmform lost track of this request (a bug)".to_string(),
         };
+        let text = format!("{text} ({}, request id {request_id})\n", self.code());
         let mut response = plain(self.status(), text);
         let headers = response.headers_mut();
         if self.status() == StatusCode::SERVICE_UNAVAILABLE {
             headers.insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
         }
+        if let Ok(id) = header::HeaderValue::from_str(request_id) {
+            headers.insert(REQUEST_ID, id);
+        }
         response
     }
+}
+
+/// The header a client may send its own request id in, and the router answers with.
+pub(super) const REQUEST_ID: header::HeaderName = header::HeaderName::from_static("x-request-id");
+
+/// The request id of a router line: the client's `X-Request-Id` if it is 1 to 200 of
+/// `[A-Za-z0-9._:-]` (as Heroku accepts them), else a new one, 16 hex digits unique within
+/// this host.
+pub(super) fn request_id(given: Option<&header::HeaderValue>) -> String {
+    if let Some(value) = given {
+        let bytes = value.as_bytes();
+        let valid = (1..=200).contains(&bytes.len())
+            && bytes
+                .iter()
+                .all(|b| b.is_ascii_alphanumeric() || b"._:-".contains(b));
+        if valid {
+            return String::from_utf8_lossy(bytes).into_owned();
+        }
+    }
+    use std::sync::OnceLock;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static SEED: OnceLock<u64> = OnceLock::new();
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let seed = *SEED.get_or_init(|| {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+        now ^ (u64::from(std::process::id()) << 32)
+    });
+    // splitmix64: distinct counters give distinct, well-spread ids.
+    let mut z = seed.wrapping_add(
+        NEXT.fetch_add(1, Ordering::Relaxed)
+            .wrapping_mul(0x9E37_79B9_7F4A_7C15),
+    );
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    format!("{:016x}", z ^ (z >> 31))
 }
 
 /// A plain-text response.

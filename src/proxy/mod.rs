@@ -63,7 +63,13 @@ pub struct HttpLimits {
     pub max_connections: usize,
     /// How long a request body may stall while the guest reads it before the answer is 408.
     pub body_idle_timeout: Duration,
+    /// Largest wasi:http fields resource (request or response headers, trailers) a guest may
+    /// hold, bytes of its in-memory form (wasmtime serve's `-S max-http-fields-size`).
+    pub max_fields_size: usize,
 }
+
+/// wasi-http's own default for [`HttpLimits::max_fields_size`].
+pub const DEFAULT_FIELDS_SIZE: usize = 128 * 1024;
 
 impl Default for HttpLimits {
     fn default() -> Self {
@@ -75,11 +81,20 @@ impl Default for HttpLimits {
             max_body: 10 * 1024 * 1024,
             max_connections: 10_000,
             body_idle_timeout: Duration::from_secs(30),
+            max_fields_size: DEFAULT_FIELDS_SIZE,
         }
     }
 }
 
 impl HttpLimits {
+    /// Whether a request within the head limits could still be over `max_fields_size` (not
+    /// with the defaults: 100 fields of 64 KiB in all count under 128 KiB), so the router
+    /// measures its fields only then.
+    pub(super) fn fields_may_overflow(&self) -> bool {
+        let per_field = size_of::<header::HeaderName>() + size_of::<header::HeaderValue>();
+        self.max_head_bytes + self.max_headers * per_field > self.max_fields_size
+    }
+
     /// The limits `settings` set, the defaults for the rest.
     pub fn from_settings(settings: crate::app::HttpSettings) -> Self {
         let default = Self::default();
@@ -97,6 +112,9 @@ impl HttpLimits {
             max_body: settings.max_body.map_or(default.max_body, |s| s.as_u64()),
             max_connections: settings.max_connections.unwrap_or(default.max_connections),
             body_idle_timeout: settings.body_timeout.unwrap_or(default.body_idle_timeout),
+            max_fields_size: settings
+                .max_fields_size
+                .map_or(default.max_fields_size, |s| s.as_usize()),
         }
     }
 }
@@ -117,6 +135,9 @@ pub struct Router {
     pub log_requests: bool,
     /// Requests are counted and timed here.
     pub metrics: crate::metrics::HttpMetrics,
+    /// Error bodies name the instance and its failure (`up --error-detail`); by default they
+    /// say only what a client may know, the code and the request id.
+    pub error_detail: bool,
     /// Rate-limits the lines of refusals a client can cause at will (H10, H11).
     pub refusals: Refusals,
 }

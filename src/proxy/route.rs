@@ -9,8 +9,8 @@ use hyper::{Request, Response, StatusCode, header};
 use tokio::sync::oneshot;
 
 use super::Router;
-use super::body::{Answer, BodyFault, Guard, InfoLine, Outcome, RequestBody};
-use super::error::{RouterError, plain};
+use super::body::{Answer, BodyFault, Ended, Guard, InfoLine, Outcome, RequestBody};
+use super::error::{REQUEST_ID, RouterError, plain, request_id};
 use crate::instance::{Failure, Reply, ResponseBody, WebInstance};
 use crate::router::Busy;
 
@@ -19,6 +19,8 @@ struct Line<'a> {
     method: &'a hyper::Method,
     path: &'a str,
     started: Instant,
+    /// The client's `X-Request-Id`, if it sent one (a refcount, not a copy).
+    request_id: Option<header::HeaderValue>,
 }
 
 impl Router {
@@ -40,6 +42,7 @@ impl Router {
             method: &method,
             path: uri.path(),
             started,
+            request_id: req.headers().get(&REQUEST_ID).cloned(),
         };
         if let Some(refused) = self.refuse_early(&req, &line) {
             return refused.map(Answer::new);
@@ -79,6 +82,7 @@ impl Router {
                     "at=error code=H18 desc=\"Response aborted\" method={method} path=\"{}\" instance={name} status={status}",
                     uri.path()
                 ),
+                max_body: self.limits.max_body,
             }),
         };
         response.map(|body| {
@@ -129,6 +133,14 @@ impl Router {
         if declared.is_some_and(|len| len > self.limits.max_body) {
             let error = RouterError::BodyTooLarge {
                 limit: self.limits.max_body,
+            };
+            return Some(self.fail(&error, line, "-"));
+        }
+        if self.limits.fields_may_overflow()
+            && fields_size(req.headers()) > self.limits.max_fields_size
+        {
+            let error = RouterError::FieldsTooLarge {
+                limit: self.limits.max_fields_size,
             };
             return Some(self.fail(&error, line, "-"));
         }
@@ -218,9 +230,19 @@ impl Router {
                     Err(fault)
                 }
                 Err(_) => {
+                    // The response streams while the call goes on. If the request body is cut
+                    // meanwhile (over `--max-body`), the guest may still end its response
+                    // cleanly, with what it read: the end is then an abort, not a complete
+                    // answer.
                     let (done_tx, done_rx) = oneshot::channel();
                     tokio::spawn(async move {
-                        let _ = done_tx.send(call.await);
+                        let sound = call.await;
+                        let cut = matches!(fault_rx.try_recv(), Ok(BodyFault::TooLarge));
+                        let _ = done_tx.send(if cut {
+                            Ended::BodyCut
+                        } else {
+                            Ended::Call(sound)
+                        });
                     });
                     Ok((reply, Outcome::Later(done_rx)))
                 }
@@ -238,6 +260,7 @@ impl Router {
 
     /// The router's answer for `error`, logged (`at=error`, rate-limited for refusals).
     fn fail(&self, error: &RouterError, line: &Line<'_>, instance: &str) -> Response<ResponseBody> {
+        let id = request_id(line.request_id.as_ref());
         let admitted = match error.refusal() {
             Some(kind) => self.refusals.admit(kind),
             None => Some(1),
@@ -252,16 +275,17 @@ impl Router {
                 method,
                 path,
                 started,
+                ..
             } = line;
             self.logs.host(format!(
-                "at=error code={} desc=\"{}\" method={method} path=\"{path}\" instance={instance} service={}ms status={}{refused}",
+                "at=error code={} desc=\"{}\" method={method} path=\"{path}\" instance={instance} request_id={id} service={}ms status={}{refused}",
                 error.code(),
                 error.description(),
                 started.elapsed().as_millis(),
                 error.status().as_u16()
             ));
         }
-        error.response(instance)
+        error.response(instance, &id, self.error_detail)
     }
 
     /// The router's answer when the request body failed before the guest answered.
@@ -321,4 +345,19 @@ fn plain_transfer_encoding(headers: &header::HeaderMap) -> bool {
             .eq_ignore_ascii_case(b"chunked"),
         _ => false,
     }
+}
+
+/// The size of `headers` as wasi-http counts a fields resource: each name and each value with
+/// the size of its in-memory type (`wasmtime_wasi_http::FieldMap::content_size`). A guest that
+/// copies the request's headers (a proxy does) traps past its limit.
+fn fields_size(headers: &header::HeaderMap) -> usize {
+    let names: usize = headers
+        .keys()
+        .map(|k| k.as_str().len() + size_of::<header::HeaderName>())
+        .sum();
+    let values: usize = headers
+        .values()
+        .map(|v| v.len() + size_of::<header::HeaderValue>())
+        .sum();
+    names + values
 }

@@ -50,6 +50,8 @@ pub struct EngineSettings {
     pub cache: bool,
     /// Largest component file accepted.
     pub max_component_size: ByteSize,
+    /// Largest wasi:http fields resource of an instance ([`crate::proxy::HttpLimits`]).
+    pub max_fields_size: usize,
 }
 
 /// The engine, the linker shared by every process type, and the epoch ticker.
@@ -58,6 +60,8 @@ pub struct Runtime {
     linker: Linker<InstanceState>,
     /// Largest component file accepted.
     max_component_size: ByteSize,
+    /// Largest wasi:http fields resource of an instance.
+    max_fields_size: usize,
     /// Stops the epoch thread when the runtime is dropped.
     _epoch: EpochTicker,
 }
@@ -169,6 +173,7 @@ impl Runtime {
             engine,
             linker,
             max_component_size: settings.max_component_size,
+            max_fields_size: settings.max_fields_size,
             _epoch: epoch,
         })
     }
@@ -255,7 +260,7 @@ impl Runtime {
     /// Creates the store for one instance: its own WASI context, memory limiter and output.
     pub fn new_store(&self, mut setup: InstanceSetup<'_>) -> Store<InstanceState> {
         let stdio = setup.stdio.take();
-        let state = InstanceState::new(&setup, stdio);
+        let state = InstanceState::new(&setup, stdio, self.max_fields_size);
         let mut store = Store::new(&self.engine, state);
         store.limiter(|state| &mut state.limiter);
         // Yield to the async runtime at every epoch tick so a spinning guest never holds a

@@ -28,7 +28,11 @@ pub struct InstanceState {
 }
 
 impl InstanceState {
-    pub(super) fn new(setup: &InstanceSetup<'_>, stdio: Option<super::Attached>) -> Self {
+    pub(super) fn new(
+        setup: &InstanceSetup<'_>,
+        stdio: Option<super::Attached>,
+        max_fields_size: usize,
+    ) -> Self {
         let mut wasi = WasiCtxBuilder::new();
         for (key, value) in setup.env {
             if !crate::app::PLATFORM_ENV.contains(&key.as_str()) {
@@ -56,7 +60,11 @@ impl InstanceState {
         }
         Self {
             wasi: wasi.build(),
-            http: WasiHttpCtx::new(),
+            http: {
+                let mut http = WasiHttpCtx::new();
+                http.set_field_size_limit(max_fields_size);
+                http
+            },
             table: ResourceTable::new(),
             limiter: MemoryLimiter::new(setup.memory.as_usize(), setup.memory_used.clone()),
             hooks: Outbound {

@@ -15,7 +15,7 @@ fn memory_bomb_is_502_and_the_instance_is_replaced() {
         let response = host.get("/alloc?mb=64");
         assert_eq!(response.status, 502, "{response:?}");
         assert!(
-            response.body.contains("memory quota exceeded (32 MiB)"),
+            response.body.contains("(R14, request id "),
             "{}",
             response.body
         );
@@ -48,13 +48,23 @@ fn panic_is_502_and_other_instances_keep_their_state() {
     assert_eq!(host.get("/count").body, "1\n");
     let response = host.get("/panic");
     assert_eq!(response.status, 502, "{response:?}");
-    // `web.N crashed: wasm trap: …`
-    let crashed = response.body.split_whitespace().next().unwrap().to_string();
+    // The body says H13 and the request id; the log line with that id names the instance.
     assert!(
-        response.body.starts_with(&format!("{crashed} crashed: ")),
+        response.body.contains("(H13, request id "),
         "{}",
         response.body
     );
+    let id = response.header("x-request-id").unwrap().to_string();
+    let out = host.wait_for(&format!("request_id={id}"), Duration::from_secs(10));
+    let line = out.lines().find(|l| l.contains(&id)).unwrap();
+    let crashed = line
+        .split("instance=")
+        .nth(1)
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string();
     let out = host.wait_for(&format!("{crashed} crashed: "), Duration::from_secs(10));
     assert!(out.contains("test-web panic requested"), "{out}");
     host.wait_for(&format!("{crashed} up"), Duration::from_secs(30));
@@ -193,9 +203,9 @@ fn a_guest_answering_with_an_error_code_is_502_and_keeps_serving() {
     let response = host.get("/error-code");
     assert_eq!(response.status, 502, "{response:?}");
     assert!(
-        response.body.contains(
-            "web.1 answered with an error: ErrorCode::InternalError(Some(\"test-web error code\"))"
-        ),
+        response
+            .body
+            .starts_with("application error: the app answered with an error (H17, request id "),
         "{}",
         response.body
     );

@@ -6,6 +6,7 @@ mod ci;
 mod control;
 mod deploy;
 mod embedding;
+mod errors;
 mod formation;
 mod front_door;
 mod lifecycle;

@@ -40,6 +40,7 @@ impl wasip2::exports::http::incoming_handler::Guest for TestWeb {
         // Routes that need the request body or misuse the response protocol.
         match path {
             "/echo" => return echo(&request, response_out),
+            "/stream-echo" => return stream_echo(&request, response_out),
             "/consume" => return consume(&request, response_out),
             // Dropping the outparam unset: the host must notice no response came.
             "/no-response" => return,
@@ -298,6 +299,35 @@ fn echo(request: &IncomingRequest, response_out: ResponseOutparam) {
         }
     }
     // Child resources go before their parents.
+    drop(in_stream);
+    drop(IncomingBody::finish(in_body));
+    finish(out_stream, out_body);
+}
+
+/// Streams the body back as it arrives, like wasmtime's `p2_api_proxy_streaming` echo: a read
+/// error is reported on stderr and the response ends normally with what was read.
+fn stream_echo(request: &IncomingRequest, response_out: ResponseOutparam) {
+    let in_body = request.consume().expect("request body consumed once");
+    let in_stream = in_body.stream().expect("request stream taken once");
+    let out_body = send_head(response_out, 200, "application/octet-stream");
+    let out_stream = out_body.write().expect("body stream taken once");
+    let mut total = 0usize;
+    loop {
+        match in_stream.blocking_read(64 * 1024) {
+            Ok(chunk) => {
+                total += chunk.len();
+                write_all(&out_stream, &chunk);
+            }
+            Err(StreamError::Closed) => break,
+            Err(StreamError::LastOperationFailed(e)) => {
+                eprintln!(
+                    "stream-echo: reading the request body failed after {total} bytes: {}",
+                    e.to_debug_string()
+                );
+                break;
+            }
+        }
+    }
     drop(in_stream);
     drop(IncomingBody::finish(in_body));
     finish(out_stream, out_body);
