@@ -133,14 +133,7 @@ impl Events {
         let mut ring = self.ring.lock().unwrap_or_else(|e| e.into_inner());
         let seq = ring.next;
         ring.next += 1;
-        let envelope = Envelope {
-            v: VERSION,
-            seq,
-            time: jiff::Timestamp::now().to_string(),
-            event,
-            fields: &fields,
-        };
-        let json = serde_json::to_string(&envelope).expect("events serialize");
+        let json = line(seq, event, &fields);
         let event = Arc::new(Event { seq, json });
         if ring.kept.len() == HISTORY {
             ring.kept.pop_front();
@@ -176,25 +169,20 @@ impl Events {
             skipped: Some(count),
             ..Fields::default()
         };
-        serde_json::to_string(&Envelope {
-            v: VERSION,
-            seq: 0,
-            time: jiff::Timestamp::now().to_string(),
-            event: "events.skipped",
-            fields: &fields,
-        })
-        .expect("events serialize")
+        line(0, "events.skipped", &fields)
     }
 }
 
-/// A worker's exit status in a reason such as `exited with status 3`.
-pub fn exit_code(reason: &str) -> Option<i32> {
-    reason
-        .strip_prefix("exited with status ")?
-        .split(|c: char| !c.is_ascii_digit() && c != '-')
-        .next()?
-        .parse()
-        .ok()
+/// One event's JSON line, stamped now.
+fn line(seq: u64, event: &str, fields: &Fields) -> String {
+    serde_json::to_string(&Envelope {
+        v: VERSION,
+        seq,
+        time: jiff::Timestamp::now().to_string(),
+        event,
+        fields,
+    })
+    .expect("events serialize")
 }
 
 #[cfg(test)]
@@ -222,13 +210,5 @@ mod tests {
         assert!(line["time"].as_str().unwrap().ends_with('Z'));
         assert!(events.subscribe(None).0.is_empty());
         assert_eq!(events.subscribe(Some(0)).0.len(), 2);
-    }
-
-    #[test]
-    fn exit_codes_are_read_from_reasons() {
-        assert_eq!(exit_code("exited with status 0"), Some(0));
-        assert_eq!(exit_code("exited with status 7"), Some(7));
-        assert_eq!(exit_code("exited with status -1"), Some(-1));
-        assert_eq!(exit_code("memory quota exceeded"), None);
     }
 }

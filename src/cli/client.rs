@@ -165,6 +165,41 @@ impl Client {
     }
 }
 
+/// The lines of a streamed answer (`/v1/events`, `/v1/logs?follow`), as they arrive.
+pub struct Lines {
+    body: Incoming,
+    pending: Vec<u8>,
+}
+
+impl Lines {
+    pub fn new(response: Response<Incoming>) -> Self {
+        Self {
+            body: response.into_body(),
+            pending: Vec::new(),
+        }
+    }
+
+    /// The next complete line, without its newline; `None` at the end of the stream, an error
+    /// if it broke (the host went away mid-stream).
+    pub async fn next(&mut self) -> Option<Result<Vec<u8>, hyper::Error>> {
+        loop {
+            if let Some(end) = self.pending.iter().position(|&b| b == b'\n') {
+                let mut line: Vec<u8> = self.pending.drain(..=end).collect();
+                line.pop();
+                return Some(Ok(line));
+            }
+            match self.body.frame().await? {
+                Ok(frame) => {
+                    if let Some(data) = frame.data_ref() {
+                        self.pending.extend_from_slice(data);
+                    }
+                }
+                Err(e) => return Some(Err(e)),
+            }
+        }
+    }
+}
+
 /// A current-thread runtime for a CLI client command.
 pub fn block_on<F: Future>(future: F) -> Result<F::Output> {
     let runtime = tokio::runtime::Builder::new_current_thread()

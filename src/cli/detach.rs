@@ -250,7 +250,7 @@ fn judge(ps: &serde_json::Value) -> Verdict {
         let reason = i["reason"].as_str().unwrap_or("").to_string();
         match i["state"].as_str().unwrap_or("") {
             "crashed" => return Verdict::Failed(id, format!("crashed ({reason})")),
-            "exited" if !reason.contains("exited with status 0") => {
+            "exited" if i["exit_code"] != 0 => {
                 return Verdict::Failed(id, format!("exited ({reason})"));
             }
             _ if i["restarts"].as_u64().unwrap_or(0) > 0 => {

@@ -3,10 +3,9 @@
 use std::io::Write as _;
 
 use anyhow::Result;
-use http_body_util::BodyExt as _;
 use hyper::Method;
 
-use super::client::{AppArgs, Client, block_on};
+use super::client::{AppArgs, Client, Lines, block_on};
 
 /// Stream what happens: instances starting, up, crashed, exited, draining, stopped, pending;
 /// health checks passing or failing; scales, restarts, releases; the host listening and
@@ -49,31 +48,22 @@ impl EventsCommand {
             path.push_str(&format!("&since={since}"));
         }
         block_on(async move {
-            let mut body = client.call(Method::GET, &path, None).await?.into_body();
+            let mut lines = Lines::new(client.call(Method::GET, &path, None).await?);
             let mut out = std::io::stdout();
-            let mut pending = Vec::new();
-            while let Some(frame) = body.frame().await {
-                let frame = match frame {
-                    Ok(frame) => frame,
+            while let Some(line) = lines.next().await {
+                let line = match line {
+                    Ok(line) => line,
                     // The host went away mid-stream: the end of what there is to follow.
                     Err(_) if !self.no_follow => break,
                     Err(e) => return Err(e.into()),
                 };
-                let Some(data) = frame.data_ref() else {
-                    continue;
-                };
-                pending.extend_from_slice(data);
-                while let Some(end) = pending.iter().position(|&b| b == b'\n') {
-                    let line: Vec<u8> = pending.drain(..=end).collect();
-                    let line = &line[..line.len() - 1];
-                    if self.json {
-                        out.write_all(line)?;
-                        out.write_all(b"\n")?;
-                    } else if let Ok(event) = serde_json::from_slice(line) {
-                        writeln!(out, "{}", readable(&event))?;
-                    }
-                    out.flush()?;
+                if self.json {
+                    out.write_all(&line)?;
+                    out.write_all(b"\n")?;
+                } else if let Ok(event) = serde_json::from_slice(&line) {
+                    writeln!(out, "{}", readable(&event))?;
                 }
+                out.flush()?;
             }
             if !self.no_follow {
                 eprintln!("wasmform: the host stopped; no more events to follow");

@@ -83,7 +83,7 @@ fn parse_size(s: &str) -> Result<ByteSize, String> {
 impl RunCommand {
     pub fn execute(self) -> Result<ExitCode> {
         let client = Client::new(&self.app)?;
-        let target = if self.target.ends_with(".wasm") || self.target.contains('/') {
+        let target = if crate::supervisor::is_file(&self.target) {
             // The host's working directory is not this one.
             let path = std::path::absolute(&self.target)
                 .with_context(|| format!("cannot resolve `{}`", self.target))?;
@@ -130,7 +130,7 @@ impl RunCommand {
             .find(|p| p.exists());
         let app = match procfile {
             Some(path) => Some(crate::app::AppSpec::load(&path)?),
-            None if target.ends_with(".wasm") => None,
+            None if crate::supervisor::is_file(&target) => None,
             None => bail!(
                 "no Procfile or wasmform.toml in `{}` to find process type `{target}` in: run it where the app is, name the app with `--app DIR`, or give a component file",
                 client.dir().display()

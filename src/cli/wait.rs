@@ -11,7 +11,7 @@ use http_body_util::{BodyExt as _, Empty};
 use hyper::Method;
 use serde_json::Value;
 
-use super::client::{AppArgs, Client, NoHost, block_on};
+use super::client::{AppArgs, Client, Lines, NoHost, block_on};
 use crate::app::parse_duration;
 use crate::units::humanize;
 
@@ -335,6 +335,14 @@ fn evaluate(condition: &Condition, ps: &Value, scope: Option<&str>) -> Check {
         .collect();
     let id = |i: &Value| i["id"].as_str().unwrap_or("?").to_string();
     let state = |i: &Value| i["state"].as_str().unwrap_or("").to_string();
+    // `web.1 up, web.2 draining`: what `stopped` and `exited` still wait for.
+    let not_exited = || -> Vec<String> {
+        instances
+            .iter()
+            .filter(|i| state(i) != "exited")
+            .map(|i| format!("{} {}", id(i), state(i)))
+            .collect()
+    };
     match condition {
         Condition::Ready | Condition::Healthy => {
             for i in &instances {
@@ -413,11 +421,7 @@ fn evaluate(condition: &Condition, ps: &Value, scope: Option<&str>) -> Check {
             Check::Holds
         }
         Condition::Stopped => {
-            let running: Vec<String> = instances
-                .iter()
-                .filter(|i| state(i) != "exited")
-                .map(|i| format!("{} {}", id(i), state(i)))
-                .collect();
+            let running = not_exited();
             if scope.is_none() {
                 Check::NotYet("the host is running".into())
             } else if running.is_empty() {
@@ -442,11 +446,7 @@ fn evaluate(condition: &Condition, ps: &Value, scope: Option<&str>) -> Check {
                     ));
                 }
             }
-            let running: Vec<String> = instances
-                .iter()
-                .filter(|i| state(i) != "exited")
-                .map(|i| format!("{} {}", id(i), state(i)))
-                .collect();
+            let running = not_exited();
             if running.is_empty() {
                 Check::Holds
             } else {
@@ -523,19 +523,11 @@ async fn watch_log(
     let Ok(response) = client.call(Method::GET, &path, None).await else {
         return;
     };
-    let mut body = response.into_body();
-    let mut pending = Vec::new();
-    while let Some(Ok(frame)) = body.frame().await {
-        let Some(data) = frame.data_ref() else {
-            continue;
-        };
-        pending.extend_from_slice(data);
-        while let Some(end) = pending.iter().position(|&b| b == b'\n') {
-            let line: Vec<u8> = pending.drain(..=end).collect();
-            if re.is_match(&String::from_utf8_lossy(&line[..line.len() - 1])) {
-                matched.store(true, Ordering::Release);
-                return;
-            }
+    let mut lines = Lines::new(response);
+    while let Some(Ok(line)) = lines.next().await {
+        if re.is_match(&String::from_utf8_lossy(&line)) {
+            matched.store(true, Ordering::Release);
+            return;
         }
     }
 }

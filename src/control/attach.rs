@@ -21,7 +21,6 @@ use tokio_util::sync::CancellationToken;
 use wasmtime_wasi::cli::{AsyncStdinStream, AsyncStdoutStream};
 
 use super::{Api, ApiBody, error, json, read_json};
-use crate::app::ByteSize;
 use crate::runtime::Attached;
 use crate::supervisor::{OneOff, Prepared, Supervisor};
 
@@ -146,14 +145,9 @@ impl Api {
                 ),
             );
         }
-        let memory = match request
-            .memory
-            .as_deref()
-            .map(str::parse::<ByteSize>)
-            .transpose()
-        {
+        let memory = match super::parse_memory(request.memory.as_deref()) {
             Ok(m) => m,
-            Err(e) => return error(StatusCode::BAD_REQUEST, &format!("--memory: {e}")),
+            Err(e) => return error(StatusCode::BAD_REQUEST, &e),
         };
         let timeout = match request.timeout.map(std::time::Duration::try_from_secs_f64) {
             Some(Err(_)) => {

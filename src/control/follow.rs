@@ -33,18 +33,10 @@ impl Api {
                     }
                 },
                 "ps" => filter = Some(value.to_string()),
-                "follow" => {
-                    follow = match value {
-                        "" | "1" | "true" => true,
-                        "0" | "false" => false,
-                        _ => {
-                            return error(
-                                StatusCode::BAD_REQUEST,
-                                &format!("invalid `follow={value}`: expected `true` or `false`"),
-                            );
-                        }
-                    }
-                }
+                "follow" => match parse_follow(value) {
+                    Ok(f) => follow = f,
+                    Err(e) => return error(StatusCode::BAD_REQUEST, &e),
+                },
                 _ => {
                     return error(
                         StatusCode::BAD_REQUEST,
@@ -122,15 +114,9 @@ impl Api {
                         );
                     }
                 },
-                "follow" => match value {
-                    "" | "1" | "true" => follow = true,
-                    "0" | "false" => follow = false,
-                    _ => {
-                        return error(
-                            StatusCode::BAD_REQUEST,
-                            &format!("invalid `follow={value}`: expected `true` or `false`"),
-                        );
-                    }
+                "follow" => match parse_follow(value) {
+                    Ok(f) => follow = f,
+                    Err(e) => return error(StatusCode::BAD_REQUEST, &e),
                 },
                 _ => {
                     return error(
@@ -161,6 +147,17 @@ impl Api {
             hyper::header::HeaderValue::from_static("application/jsonl"),
         );
         response
+    }
+}
+
+/// `follow=` of `/v1/logs` and `/v1/events`.
+fn parse_follow(value: &str) -> Result<bool, String> {
+    match value {
+        "" | "1" | "true" => Ok(true),
+        "0" | "false" => Ok(false),
+        _ => Err(format!(
+            "invalid `follow={value}`: expected `true` or `false`"
+        )),
     }
 }
 

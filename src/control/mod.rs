@@ -156,12 +156,7 @@ impl Api {
                     Ok(r) => r,
                     Err(response) => return response,
                 };
-                let memory = match request
-                    .memory
-                    .as_deref()
-                    .map(str::parse::<ByteSize>)
-                    .transpose()
-                {
+                let memory = match parse_memory(request.memory.as_deref()) {
                     Ok(m) => m,
                     Err(e) => return error(StatusCode::BAD_REQUEST, &e),
                 };
@@ -251,6 +246,11 @@ impl Api {
             ),
         }
     }
+}
+
+/// A request's `memory` field: `512MiB`, `1GiB`, or MiB; the error names the value.
+fn parse_memory(text: Option<&str>) -> Result<Option<ByteSize>, String> {
+    text.map(str::parse::<ByteSize>).transpose()
 }
 
 async fn read_json<T: serde::de::DeserializeOwned>(

@@ -76,11 +76,7 @@ pub(crate) async fn run_alone(
     }
     let dir = state.as_ref().map(|s| s.path().to_path_buf());
     let state_url = app.as_ref().and_then(|a| a.state_url.clone());
-    let shared = match (&state_url, &dir) {
-        (Some(url), _) => Store::open(Some(url), None).await?,
-        (None, Some(dir)) if dir.exists() => Store::open(None, Some(dir)).await?,
-        (None, _) => Store::open(None, None).await?,
-    };
+    let shared = Store::open(state_url.as_deref(), dir.as_deref()).await?;
     let background = BackgroundRuntime::start()?;
     let supervisor = Supervisor::new(SupervisorConfig {
         runtime,

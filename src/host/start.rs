@@ -139,13 +139,8 @@ impl Host {
     /// The app's shared store: Redis at `[state] url`, else embedded in the state directory
     /// (in memory without one).
     async fn open_store(&self) -> Result<Option<Store>> {
-        Ok(Some(match &self.shared_url {
-            Some(url) => Store::open(Some(url), None).await?,
-            None => {
-                let dir = self.state.as_ref().map(|s| s.path().to_path_buf());
-                Store::open(None, dir.as_deref()).await?
-            }
-        }))
+        let dir = self.state.as_ref().map(|s| s.path());
+        Ok(Some(Store::open(self.shared_url.as_deref(), dir).await?))
     }
 
     /// A router for the pool of `process`.

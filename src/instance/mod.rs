@@ -13,7 +13,7 @@ pub use self::consumer::{Consumer, Delivery};
 pub use self::web::{
     Exit, Failure, Reply, ResponseBody, Reuse, WebInstance, WebSettings, text_body,
 };
-pub use self::worker::{RunEnd, run_command, run_worker};
+pub use self::worker::{RunEnd, run_command};
 use crate::app::ByteSize;
 use crate::runtime::{Compiled, InstanceSetup, InstanceState, Kind, Runtime};
 

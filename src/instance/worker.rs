@@ -1,4 +1,5 @@
-//! A background worker: `wasi:cli/run`, awaited until it returns.
+//! A command: `wasi:cli/run`, awaited until it returns (a background worker, or a one-off
+//! process of `wasmform run`).
 
 use wasmtime_wasi::I32Exit;
 use wasmtime_wasi::p2::bindings::CommandPre;
@@ -6,32 +7,7 @@ use wasmtime_wasi::p2::bindings::CommandPre;
 use super::describe;
 use crate::runtime::{InstanceSetup, InstanceState, Runtime};
 
-/// Runs a worker to completion and says how it ended (`exited with status 0`, a trap, the
-/// memory quota…). Dropping the future stops the worker at its next epoch tick.
-pub async fn run_worker(
-    runtime: &Runtime,
-    pre: &CommandPre<InstanceState>,
-    setup: InstanceSetup<'_>,
-    started: impl FnOnce(),
-) -> Result<(String, bool), String> {
-    let memory = setup.memory;
-    let mut store = runtime.new_store(setup);
-    let command = pre
-        .instantiate_async(&mut store)
-        .await
-        .map_err(|e| describe(&e, &store, memory))?;
-    started();
-    Ok(match command.wasi_cli_run().call_run(&mut store).await {
-        Ok(Ok(())) => ("exited with status 0".to_string(), true),
-        Ok(Err(())) => ("exited with status 1".to_string(), false),
-        Err(e) => {
-            let success = e.downcast_ref::<I32Exit>().is_some_and(|exit| exit.0 == 0);
-            (describe(&e, &store, memory), success)
-        }
-    })
-}
-
-/// How a one-off process (`wasmform run`) ended.
+/// How a command (a worker, or a one-off process of `wasmform run`) ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RunEnd {
     /// `run` returned (0 or 1) or the guest exited with a status.
@@ -44,11 +20,32 @@ pub enum RunEnd {
     FailedToStart(String),
 }
 
-/// Runs a one-off process to completion. Dropping the future stops it at its next epoch tick.
+impl RunEnd {
+    /// Its exit status, if it exited with one.
+    pub fn exit_code(&self) -> Option<i32> {
+        match self {
+            RunEnd::Exited(code) => Some(*code),
+            _ => None,
+        }
+    }
+
+    /// As the log says it: `exited with status 3`, `wasm trap: …`.
+    pub fn reason(&self) -> String {
+        match self {
+            RunEnd::Exited(code) => format!("exited with status {code}"),
+            RunEnd::FailedToStart(why) => format!("failed to start: {why}"),
+            RunEnd::Trapped(why) | RunEnd::OutOfMemory(why) => why.clone(),
+        }
+    }
+}
+
+/// Runs `wasi:cli/run` to completion; `started` is called once it is instantiated. Dropping
+/// the future stops it at its next epoch tick.
 pub async fn run_command(
     runtime: &Runtime,
     pre: &CommandPre<InstanceState>,
     setup: InstanceSetup<'_>,
+    started: impl FnOnce(),
 ) -> RunEnd {
     let memory = setup.memory;
     let mut store = runtime.new_store(setup);
@@ -56,6 +53,7 @@ pub async fn run_command(
         Ok(command) => command,
         Err(e) => return RunEnd::FailedToStart(describe(&e, &store, memory)),
     };
+    started();
     match command.wasi_cli_run().call_run(&mut store).await {
         Ok(Ok(())) => RunEnd::Exited(0),
         Ok(Err(())) => RunEnd::Exited(1),

@@ -167,9 +167,10 @@ pub(super) enum Ended {
 /// The end of a guest's response body, held until its call is known to have ended soundly.
 pub(super) struct Guard {
     pub outcome: Outcome,
-    /// Logged when the body is aborted (H18).
+    /// Where the abort is logged (H18, or H25 for a cut request body).
     pub logs: Logs,
-    pub line: String,
+    /// The request in the abort's line: `method=GET path="/" instance=web.1 status=200`.
+    pub request: String,
     /// `--max-body`, for the H25 line of a response aborted because its request body was cut.
     pub max_body: u64,
 }
@@ -187,21 +188,15 @@ impl Guard {
                 Poll::Ready(ended) => ended.unwrap_or(Ended::Call(false)),
             },
         };
-        let line = match ended {
+        let request = &self.request;
+        self.logs.host(match ended {
             Ended::Call(true) => return Poll::Ready(None),
-            Ended::Call(false) => std::mem::take(&mut self.line),
-            // Formatted only when it happens: the H18 line with the H25 code and the reason.
+            Ended::Call(false) => format!("at=error code=H18 desc=\"Response aborted\" {request}"),
             Ended::BodyCut => format!(
-                "{} (response aborted: the request body went over {} bytes after the response had started)",
-                self.line.replacen(
-                    "code=H18 desc=\"Response aborted\"",
-                    "code=H25 desc=\"Request body too large\"",
-                    1
-                ),
+                "at=error code=H25 desc=\"Request body too large\" {request} (response aborted: the request body went over {} bytes after the response had started)",
                 self.max_body
             ),
-        };
-        self.logs.host(line);
+        });
         Poll::Ready(Some(Err(wasmtime_wasi_http::Error::HttpResponseIncomplete)))
     }
 }

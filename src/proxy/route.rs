@@ -78,8 +78,8 @@ impl Router {
             outcome => Some(Guard {
                 outcome,
                 logs: self.logs.clone(),
-                line: format!(
-                    "at=error code=H18 desc=\"Response aborted\" method={method} path=\"{}\" instance={name} status={status}",
+                request: format!(
+                    "method={method} path=\"{}\" instance={name} status={status}",
                     uri.path()
                 ),
                 max_body: self.limits.max_body,

@@ -58,7 +58,7 @@ use crate::shared::Store;
 use crate::state::StateDir;
 use crate::units::humanize;
 
-pub use oneoff::{OneOff, Prepared, RunOutcome};
+pub use oneoff::{OneOff, Prepared, RunOutcome, is_file};
 pub use report::Outcome;
 pub use restart::RestartPolicy;
 pub use rollout::{Changes, NewVersion, describe_changes};

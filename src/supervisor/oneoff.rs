@@ -36,6 +36,12 @@ pub struct OneOff {
     pub timeout: Option<Duration>,
 }
 
+/// Whether `target` names a component file rather than a process type: a path (a `/`) or a
+/// `.wasm` name. The client resolves such a target against its own directory.
+pub fn is_file(target: &str) -> bool {
+    target.ends_with(".wasm") || target.contains('/')
+}
+
 /// A one-off checked and ready to start.
 pub struct Prepared {
     /// `run.3`
@@ -80,9 +86,7 @@ impl RunOutcome {
     /// For the log and the client: `exited with status 3`, `wasm trap: …`.
     pub fn reason(&self) -> String {
         match self {
-            RunOutcome::Ended(RunEnd::Exited(code)) => format!("exited with status {code}"),
-            RunOutcome::Ended(RunEnd::FailedToStart(why)) => format!("failed to start: {why}"),
-            RunOutcome::Ended(RunEnd::Trapped(why) | RunEnd::OutOfMemory(why)) => why.clone(),
+            RunOutcome::Ended(end) => end.reason(),
             RunOutcome::TimedOut(after) => format!(
                 "stopped after its timeout of {}",
                 crate::units::humanize(*after)
@@ -96,68 +100,69 @@ impl Supervisor {
     /// Checks a one-off and names it; a refusal names the value at fault. `file` components
     /// are compiled here (blocking work, on a blocking thread).
     pub async fn prepare_run(self: &Arc<Self>, run: OneOff) -> Result<Prepared, ControlError> {
-        let is_file = run.target.ends_with(".wasm") || run.target.contains('/');
-        let (process, compiled, mut env, type_args, memory, shared, outbound, release, colour) =
-            if is_file {
-                let path = PathBuf::from(&run.target);
-                let runtime = self.runtime.clone();
-                let spec = ProcessSpec::new(
-                    ProcessName::new("run").expect("a valid name"),
-                    path.clone(),
-                    Vec::new(),
-                    format!("`wasmform run {}`", path.display()),
-                );
-                let compiled = tokio::task::spawn_blocking(move || runtime.compile(&spec, &path))
-                    .await
-                    .map_err(|e| ControlError::Failed(format!("compiling failed: {e}")))?
-                    .map_err(|e| ControlError::Invalid(format!("{e:#}")))?;
-                let shared = SharedCtx {
+        // The name comes last, once nothing can refuse the run.
+        let mut prepared = if is_file(&run.target) {
+            let path = PathBuf::from(&run.target);
+            let runtime = self.runtime.clone();
+            let spec = ProcessSpec::new(
+                ProcessName::new("run").expect("a valid name"),
+                path.clone(),
+                Vec::new(),
+                format!("`wasmform run {}`", path.display()),
+            );
+            let compiled = tokio::task::spawn_blocking(move || runtime.compile(&spec, &path))
+                .await
+                .map_err(|e| ControlError::Failed(format!("compiling failed: {e}")))?
+                .map_err(|e| ControlError::Invalid(format!("{e:#}")))?;
+            Prepared {
+                name: String::new(),
+                process: "run".to_string(),
+                compiled: Arc::new(compiled),
+                args: Vec::new(),
+                env: BTreeMap::new(),
+                memory: self.default_memory,
+                timeout: run.timeout,
+                shared: SharedCtx {
                     store: self.shared.clone(),
                     buckets: Default::default(),
                     queues: Default::default(),
                     denied: None,
-                };
-                (
-                    "run".to_string(),
-                    Arc::new(compiled),
-                    BTreeMap::new(),
-                    Vec::new(),
-                    self.default_memory,
-                    shared,
-                    Vec::new(),
-                    0,
-                    0,
-                )
-            } else {
-                let state = self.lock();
-                let Some(version) = ProcessName::new(&run.target)
-                    .ok()
-                    .and_then(|name| state.types.get(&name))
-                else {
-                    let known: Vec<String> = state.types.keys().map(|k| k.to_string()).collect();
-                    return Err(ControlError::Invalid(format!(
-                        "unknown process type `{}`: known types are {} (or give a component file, e.g. `wasmform run ./tool.wasm`)",
-                        run.target,
-                        known.join(", ")
-                    )));
-                };
-                let memory = state
+                },
+                allowed_outbound_hosts: Vec::new(),
+                release: 0,
+                colour: 0,
+            }
+        } else {
+            let state = self.lock();
+            let Some(version) = ProcessName::new(&run.target)
+                .ok()
+                .and_then(|name| state.types.get(&name))
+            else {
+                let known: Vec<String> = state.types.keys().map(|k| k.to_string()).collect();
+                return Err(ControlError::Invalid(format!(
+                    "unknown process type `{}`: known types are {} (or give a component file, e.g. `wasmform run ./tool.wasm`)",
+                    run.target,
+                    known.join(", ")
+                )));
+            };
+            Prepared {
+                name: String::new(),
+                process: version.spec.name.to_string(),
+                compiled: version.compiled.clone(),
+                args: version.spec.args.clone(),
+                env: version.spec.env.clone(),
+                memory: state
                     .desired
                     .get(&version.spec.name)
-                    .map_or(self.default_memory, |s| s.memory);
-                (
-                    version.spec.name.to_string(),
-                    version.compiled.clone(),
-                    version.spec.env.clone(),
-                    version.spec.args.clone(),
-                    memory,
-                    version.shared.clone(),
-                    version.spec.allowed_outbound_hosts.clone(),
-                    version.release,
-                    version.colour,
-                )
-            };
-        match &compiled.kind {
+                    .map_or(self.default_memory, |s| s.memory),
+                timeout: run.timeout,
+                shared: version.shared.clone(),
+                allowed_outbound_hosts: version.spec.allowed_outbound_hosts.clone(),
+                release: version.release,
+                colour: version.colour,
+            }
+        };
+        match &prepared.compiled.kind {
             Kind::Command(_) => {}
             Kind::Http(_) => {
                 return Err(ControlError::Invalid(format!(
@@ -172,7 +177,7 @@ impl Supervisor {
                 )));
             }
         }
-        let memory = run.memory.unwrap_or(memory);
+        let memory = run.memory.unwrap_or(prepared.memory);
         if memory > self.limits.max_memory {
             return Err(ControlError::Invalid(format!(
                 "--memory {memory} is above this host's maximum of {}: ask for less, or restart `wasmform up` with a larger `--max-memory`",
@@ -200,22 +205,15 @@ impl Supervisor {
                     "-e {key}=…: `{key}` is set by wasmform and cannot be overridden"
                 )));
             }
-            env.insert(key, value);
+            prepared.env.insert(key, value);
         }
+        if let Some(args) = run.args {
+            prepared.args = args;
+        }
+        prepared.memory = memory;
         let index = self.runs.fetch_add(1, Ordering::Relaxed) + 1;
-        Ok(Prepared {
-            name: format!("run.{index}"),
-            process,
-            compiled,
-            args: run.args.unwrap_or(type_args),
-            env,
-            memory,
-            timeout: run.timeout,
-            shared,
-            allowed_outbound_hosts: outbound,
-            release,
-            colour,
-        })
+        prepared.name = format!("run.{index}");
+        Ok(prepared)
     }
 
     /// Runs a prepared one-off until it ends, times out or `cancel` fires. Without `stdio`, its
@@ -254,7 +252,7 @@ impl Supervisor {
             stdio,
         };
         let sinks = (setup.stdout.clone(), setup.stderr.clone());
-        let go = instance::run_command(&self.runtime, pre, setup);
+        let go = instance::run_command(&self.runtime, pre, setup, || {});
         let timeout = async {
             match run.timeout {
                 Some(after) => tokio::time::sleep(after).await,

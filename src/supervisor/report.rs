@@ -297,17 +297,24 @@ impl Slot {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone();
+        let (exit_code, backoff_capped) = match &status {
+            SlotState::Exited { code, .. } => (*code, false),
+            SlotState::Crashed { capped, .. } => (None, *capped),
+            _ => (None, false),
+        };
         let (state, reason, restart_in_ms) = match status {
             SlotState::Starting => (InstanceState::Starting, None, None),
             SlotState::Up => (InstanceState::Up, None, None),
             SlotState::Draining => (InstanceState::Draining, None, None),
-            SlotState::Exited { reason } => (InstanceState::Exited, Some(reason), None),
+            SlotState::Exited { reason, .. } => (InstanceState::Exited, Some(reason), None),
             SlotState::Waiting => (
                 InstanceState::Pending,
                 Some("waiting for the instance it replaces to stop (singleton)".into()),
                 None,
             ),
-            SlotState::Crashed { reason, restart_at } => (
+            SlotState::Crashed {
+                reason, restart_at, ..
+            } => (
                 InstanceState::Crashed,
                 Some(reason),
                 Some(
@@ -317,13 +324,8 @@ impl Slot {
                 ),
             ),
         };
-        let crashed = state == InstanceState::Crashed;
-        let exit_code = reason
-            .as_deref()
-            .filter(|_| state == InstanceState::Exited)
-            .and_then(crate::events::exit_code);
         InstanceReport {
-            backoff_capped: crashed && slot.capped.load(Ordering::Relaxed),
+            backoff_capped,
             exit_code,
             id: slot.name(),
             process: slot.process.to_string(),

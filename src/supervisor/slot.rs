@@ -59,11 +59,15 @@ pub(super) enum SlotState {
     Crashed {
         reason: String,
         restart_at: Instant,
+        /// Its restart delay is the policy's longest: it crash-loops.
+        capped: bool,
     },
     Draining,
     /// Ended and not restarted (its `restart` policy); a restart, scale or deploy starts it.
     Exited {
         reason: String,
+        /// Its exit status, if it exited with one (not for a trap).
+        code: Option<i32>,
     },
     /// A singleton's replacement, waiting for the instance it replaces to end (`ps`: pending).
     Waiting,
@@ -101,8 +105,6 @@ pub struct Slot {
     pub(super) last_failure: Mutex<Option<String>>,
     /// Where its state changes are told.
     pub(super) events: Events,
-    /// Its last restart delay was the policy's longest: it crash-loops.
-    pub(super) capped: AtomicBool,
 }
 
 impl Slot {
@@ -121,7 +123,9 @@ impl Slot {
                 "instance.pending",
                 fields.because("waiting for the instance it replaces to end"),
             ),
-            SlotState::Crashed { reason, restart_at } => (
+            SlotState::Crashed {
+                reason, restart_at, ..
+            } => (
                 "instance.crashed",
                 Fields {
                     restart_in_ms: Some(
@@ -132,10 +136,10 @@ impl Slot {
                     ..fields.because(reason)
                 },
             ),
-            SlotState::Exited { reason } => (
+            SlotState::Exited { reason, code } => (
                 "instance.exited",
                 Fields {
-                    exit_code: crate::events::exit_code(reason),
+                    exit_code: *code,
                     ..fields.because(reason)
                 },
             ),
@@ -244,7 +248,6 @@ impl Supervisor {
             failures: AtomicU32::new(0),
             last_failure: Mutex::new(None),
             events: self.events.clone(),
-            capped: AtomicBool::new(false),
         });
         if waiting {
             slot.events.emit(
@@ -321,6 +324,8 @@ impl Supervisor {
         // failed: it decides whether the slot goes on (a deploy rolls back and stops it), so the
         // restart waits at least the backoff base and is logged only when it happens.
         let mut awaited = false;
+        // The last incarnation's exit status, for an exited slot's `ps` and event.
+        let mut code = None;
         loop {
             if slot.stopping() {
                 break;
@@ -347,7 +352,13 @@ impl Supervisor {
                     recycled = true;
                     continue;
                 }
-                Ok(ended) => ended.classify(),
+                Ok(ended) => {
+                    code = match &ended {
+                        Ended::Process { code, .. } => *code,
+                        _ => None,
+                    };
+                    ended.classify()
+                }
                 Err(boot) => {
                     if let Some(ready) = ready.take() {
                         let _ = ready.send(Err(boot.clone()));
@@ -374,12 +385,10 @@ impl Supervisor {
                 if let Some(pool) = process.pool.as_ref().filter(|_| reserved) {
                     pool.gone();
                 }
-                self.exit(slot, &name, mode, reason).await;
+                self.exit(slot, &name, mode, reason, code).await;
                 return;
             };
             slot.restarts.fetch_add(1, Ordering::Relaxed);
-            slot.capped
-                .store(delay >= self.restart.max, Ordering::Relaxed);
             if let Some(pool) = process
                 .pool
                 .as_ref()
@@ -392,6 +401,7 @@ impl Supervisor {
             slot.set(SlotState::Crashed {
                 reason: reason.clone(),
                 restart_at: Instant::now() + delay,
+                capped: delay >= self.restart.max,
             });
             self.log_restart(process, &name, &reason, delay, awaited);
             tokio::select! {
@@ -434,7 +444,14 @@ impl Supervisor {
 
     /// Leaves the slot exited, as its restart policy says: it keeps its place (so the formation
     /// does not start another) until a restart, scale or deploy stops it.
-    async fn exit(&self, slot: &Slot, name: &str, mode: RestartMode, reason: String) {
+    async fn exit(
+        &self,
+        slot: &Slot,
+        name: &str,
+        mode: RestartMode,
+        reason: String,
+        code: Option<i32>,
+    ) {
         let line = format!(
             "{name} {reason}; not restarted (restart = \"{}\")",
             match mode {
@@ -443,7 +460,7 @@ impl Supervisor {
             }
         );
         // The state first: whoever reads the log line then finds it in `ps`.
-        slot.set(SlotState::Exited { reason });
+        slot.set(SlotState::Exited { reason, code });
         self.logs.host(line);
         slot.cancel.cancelled().await;
     }
@@ -494,12 +511,12 @@ impl Supervisor {
             }
             Kind::Command(pre) => {
                 let run =
-                    instance::run_worker(&self.runtime, pre, setup, || self.mark_up(&up, ready));
+                    instance::run_command(&self.runtime, pre, setup, || self.mark_up(&up, ready));
                 tokio::select! {
-                    ended = run => {
-                        let (reason, success) = ended?;
-                        Ended::Process { reason, success }
-                    }
+                    end = run => match end {
+                        instance::RunEnd::FailedToStart(why) => return Err(why),
+                        end => Ended::Process { reason: end.reason(), code: end.exit_code() },
+                    },
                     () = slot.cancel.cancelled() => Ended::Stopped,
                 }
             }
@@ -555,8 +572,9 @@ pub(super) enum Ended {
     /// A web instance was dropped mid-call because its client went away: replaced at once,
     /// not counted as a failure of the instance.
     Cancelled(String),
-    /// A worker's `run` ended: restarted with backoff (if its policy restarts it).
-    Process { reason: String, success: bool },
+    /// A worker's `run` ended (with its exit status, if it exited with one): restarted with
+    /// backoff (if its policy restarts it).
+    Process { reason: String, code: Option<i32> },
     /// The slot was stopped.
     Stopped,
 }
@@ -572,7 +590,7 @@ impl Ended {
             Ended::Unhealthy(reason) => (reason, end(true, true)),
             // Not the instance's fault: replaced at once, not a failure.
             Ended::Cancelled(reason) => (reason, end(false, false)),
-            Ended::Process { reason, success } => (reason, end(!success, true)),
+            Ended::Process { reason, code } => (reason, end(code != Some(0), true)),
             Ended::Recycled(_) | Ended::Stopped => unreachable!("handled by the slot's loop"),
         }
     }
