@@ -138,15 +138,48 @@ impl ProcessSpec {
 /// Deliveries of a message before it is dead-lettered, unless `max_attempts` says otherwise.
 pub const DEFAULT_MAX_ATTEMPTS: u32 = 5;
 
-/// An extra HTTP listener (`[[services]]`).
+/// An extra listener (`[[services]]`): HTTP to an HTTP type, or TCP to a TCP process.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Service {
     /// Where it listens.
     pub listen: SocketAddr,
-    /// The HTTP process type it routes to.
+    /// The process type it routes to.
     pub process: ProcessName,
     /// `wasmform.toml:12`, for error messages.
     pub origin: String,
+    /// `protocol = "tcp"`: connections are balanced over the type's instances, each listening
+    /// on its own `$PORT`. `None`: HTTP. Left out of the serialized form for HTTP, so releases
+    /// of apps without TCP services keep their digests.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tcp: Option<TcpSettings>,
+}
+
+/// How a TCP service balances connections (`[[services]]` with `protocol = "tcp"`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TcpSettings {
+    /// Open connections per instance; past it, connections go to another instance or wait.
+    pub max_connections: u32,
+    /// Connections that may wait for an instance with room; past it, new ones are closed at
+    /// once.
+    pub backlog: u32,
+    /// A connection with no byte either way for this long is closed.
+    pub idle_timeout: Duration,
+    /// How long a new instance has to listen on its `$PORT` before it counts as failed.
+    pub ready_timeout: Duration,
+    /// How long a stopping instance's open connections may go on before they are closed.
+    pub drain_timeout: Duration,
+}
+
+impl Default for TcpSettings {
+    fn default() -> Self {
+        Self {
+            max_connections: 256,
+            backlog: 128,
+            idle_timeout: Duration::from_secs(300),
+            ready_timeout: Duration::from_secs(30),
+            drain_timeout: Duration::from_secs(30),
+        }
+    }
 }
 
 /// The whole application as the runtime sees it.

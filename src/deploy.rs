@@ -13,10 +13,10 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use crate::app::AppSpec;
+use crate::app::{AppSpec, TcpSettings};
 use crate::logs::{API, Logs};
 use crate::release::{Release, ReleaseStore, Staged};
-use crate::runtime::{Compiled, Runtime};
+use crate::runtime::{Compiled, Kind, Runtime};
 use crate::supervisor::{Changes, ControlError, NewVersion, Supervisor, describe_changes};
 
 /// Deploys new configurations to a running supervisor.
@@ -33,9 +33,10 @@ pub struct Deployer {
     /// Longest a component may take to compile.
     pub(crate) compile_timeout: Duration,
     pub(crate) logs: Logs,
-    /// The listeners bound at start, described, and the type each routes HTTP to: they stay
-    /// until the next `up`, so a release must keep those types HTTP ones.
-    pub(crate) routes: Vec<(String, String)>,
+    /// The listeners bound at start, described, the type each routes to, and whether it
+    /// balances TCP (to a command listening on `$PORT`) rather than HTTP: they stay until the
+    /// next `up`, so a release must keep those types what they are.
+    pub(crate) routes: Vec<(String, String, bool)>,
     /// Compile times of releases that went live are recorded here.
     pub(crate) metrics: Arc<crate::metrics::Metrics>,
 }
@@ -251,28 +252,46 @@ impl Deployer {
                 .position(|p| p.name.as_str() == process);
             at.map(|i| &compiled[i].0)
         };
-        for (listener, process) in &self.routes {
+        // What a listener needs its type to be: an HTTP component, or a command (TCP).
+        let fits = |compiled: &Compiled, tcp: bool| {
+            if tcp {
+                matches!(compiled.kind, Kind::Command(_))
+            } else {
+                compiled.is_http()
+            }
+        };
+        let needs = |tcp: bool| {
+            if tcp {
+                ("TCP", "a command that listens on $PORT")
+            } else {
+                ("HTTP", "an HTTP process type")
+            }
+        };
+        for (listener, process, tcp) in &self.routes {
             match kind(process) {
-                Some(compiled) if compiled.is_http() => {}
+                Some(compiled) if fits(compiled, *tcp) => {}
                 found => {
                     let what = found.map_or("removed".to_string(), |c| {
                         format!("made a {} process", c.kind_name())
                     });
+                    let (protocol, keep) = needs(*tcp);
                     return Err(ControlError::Invalid(format!(
-                        "{listener} routes HTTP to `{process}`, which this release {what}: the listener stays until the next `wasmform up`, so keep `{process}` an HTTP process type; {keeps}"
+                        "{listener} routes {protocol} to `{process}`, which this release {what}: the listener stays until the next `wasmform up`, so keep `{process}` {keep}; {keeps}"
                     )));
                 }
             }
         }
         for service in &staged.app.services {
+            let tcp = service.tcp.is_some();
             if let Some(compiled) = kind(service.process.as_str())
-                && !compiled.is_http()
+                && !fits(compiled, tcp)
             {
                 return Err(ControlError::Invalid(format!(
-                    "{}: services.processes: `{}` would become a {} process, but a service routes HTTP to it; {keeps}",
+                    "{}: services.processes: `{}` would become a {} process, but a service routes {} to it; {keeps}",
                     service.origin,
                     service.process,
-                    compiled.kind_name()
+                    compiled.kind_name(),
+                    needs(tcp).0
                 )));
             }
         }
@@ -292,10 +311,10 @@ fn keeps(current: Option<&Release>) -> String {
 /// and that changed from `running` to `next`: the release records them, the next `up` applies
 /// them.
 fn unapplied(running: &AppSpec, next: &AppSpec) -> Vec<String> {
-    let listeners = |app: &AppSpec| -> Vec<(std::net::SocketAddr, String)> {
+    let listeners = |app: &AppSpec| -> Vec<(std::net::SocketAddr, String, Option<TcpSettings>)> {
         app.services
             .iter()
-            .map(|s| (s.listen, s.process.to_string()))
+            .map(|s| (s.listen, s.process.to_string(), s.tcp))
             .collect()
     };
     let mut changed = Vec::new();

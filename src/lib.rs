@@ -39,6 +39,7 @@
 //!                                                                │ one task per slot, restarts,
 //!                                                                │ health, scale, roll-outs
 //!                                    ├── web instances ─► router::Pool ◄── proxy (hyper)
+//!                                    ├── TCP processes (wasi:cli/run on $PORT) ─► tcp::Backends ◄── tcp
 //!                                    ├── workers (wasi:cli/run, idle-priority runtime)
 //!                                    └── consumers ◄── shared::Store (queues, buckets)
 //!   guest stdout/stderr and host events ─► logs ─► stdout, history, followers
@@ -60,6 +61,7 @@
 //! | `router` | the pool of free instances a request takes one from; no wasmtime types |
 //! | `supervisor` | the formation kept running: `plan`, slots, restarts, health, scale, deploys |
 //! | `proxy` | the HTTP front door: limits, routing, the router's own answers |
+//! | `tcp` | the TCP front door: connections balanced over TCP processes, bytes proxied |
 //! | `control` | the control API: routes, transports (Unix socket, TCP with a token) |
 //! | `deploy` | deploys and rollbacks of a running host: validate and compile, then roll |
 //! | `host` | [`Host`]: boot as named steps, start, [`RunningHost`] and its shutdown |
@@ -86,6 +88,7 @@ mod runtime;
 mod shared;
 mod state;
 mod supervisor;
+mod tcp;
 mod units;
 
 /// Outside tools for the unit tests (`redis-server`), shared with the integration tests.

@@ -526,6 +526,29 @@ fn neutralise(buf: &mut String, text: &str) {
     }
 }
 
+/// Lets a repeated line through at most once a second, saying how many there were since the
+/// last one: a client that causes refusals at will cannot flood the log.
+#[derive(Debug, Default)]
+pub struct Throttle {
+    since: u64,
+    last: Option<std::time::Instant>,
+}
+
+impl Throttle {
+    /// Counts one occurrence; `Some(n)`: write the line now, for the `n` since the last one.
+    pub fn admit(&mut self) -> Option<u64> {
+        self.since += 1;
+        if self
+            .last
+            .is_some_and(|t| t.elapsed() < std::time::Duration::from_secs(1))
+        {
+            return None;
+        }
+        self.last = Some(std::time::Instant::now());
+        Some(std::mem::take(&mut self.since))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

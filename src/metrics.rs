@@ -70,6 +70,44 @@ impl HttpMetrics {
     }
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DirectionLabels {
+    r#type: String,
+    /// `in`: from clients to instances; `out`: back.
+    direction: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RefusalLabels {
+    r#type: String,
+    reason: &'static str,
+}
+
+/// Connection counters of one TCP process type, resolved once.
+#[derive(Clone)]
+pub struct TcpMetrics {
+    pub connections: Counter,
+    pub open: Gauge,
+    pub bytes_in: Counter,
+    pub bytes_out: Counter,
+    process: String,
+    refused: Family<RefusalLabels, Counter>,
+}
+
+impl TcpMetrics {
+    /// Counts a connection closed without reaching an instance: `backlog` (every instance
+    /// full and the backlog too), `no_instance` (none with room in time), `connect` (the
+    /// instance did not take it).
+    pub fn refused(&self, reason: &'static str) {
+        self.refused
+            .get_or_create(&RefusalLabels {
+                r#type: self.process.clone(),
+                reason,
+            })
+            .inc();
+    }
+}
+
 /// The formation's state as the gauges show it, read from `ps` at each scrape.
 pub struct Gauges<'a> {
     /// Per type: name, desired and running instances.
@@ -100,6 +138,10 @@ pub struct Metrics {
     capacity: Gauge,
     reserved: Gauge,
     store_up: Gauge,
+    tcp_connections: Family<TypeLabel, Counter>,
+    tcp_open: Family<TypeLabel, Gauge>,
+    tcp_bytes: Family<DirectionLabels, Counter>,
+    tcp_refused: Family<RefusalLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -198,6 +240,30 @@ impl Metrics {
             "1 while the shared store answers, 0 while it cannot be reached (a Redis server that went away)",
             store_up.clone(),
         );
+        let tcp_connections = Family::<TypeLabel, Counter>::default();
+        registry.register(
+            "wasmform_tcp_connections",
+            "Connections a TCP service handed to an instance, by process type",
+            tcp_connections.clone(),
+        );
+        let tcp_open = Family::<TypeLabel, Gauge>::default();
+        registry.register(
+            "wasmform_tcp_connections_open",
+            "Connections open through a TCP service, by process type",
+            tcp_open.clone(),
+        );
+        let tcp_bytes = Family::<DirectionLabels, Counter>::default();
+        registry.register(
+            "wasmform_tcp_bytes",
+            "Bytes through TCP services, by process type and direction (in: from clients)",
+            tcp_bytes.clone(),
+        );
+        let tcp_refused = Family::<RefusalLabels, Counter>::default();
+        registry.register(
+            "wasmform_tcp_refused",
+            "Connections closed without reaching an instance, by process type and reason (backlog, no_instance, connect)",
+            tcp_refused.clone(),
+        );
         Self {
             registry,
             requests,
@@ -214,6 +280,31 @@ impl Metrics {
             capacity,
             reserved,
             store_up,
+            tcp_connections,
+            tcp_open,
+            tcp_bytes,
+            tcp_refused,
+        }
+    }
+
+    /// The connection metrics of one TCP process type.
+    pub fn tcp(&self, process: &str) -> TcpMetrics {
+        let label = TypeLabel {
+            r#type: process.to_string(),
+        };
+        let bytes = |direction| {
+            self.tcp_bytes.get_or_create_owned(&DirectionLabels {
+                r#type: process.to_string(),
+                direction,
+            })
+        };
+        TcpMetrics {
+            connections: self.tcp_connections.get_or_create_owned(&label),
+            open: self.tcp_open.get_or_create_owned(&label),
+            bytes_in: bytes("in"),
+            bytes_out: bytes("out"),
+            process: process.to_string(),
+            refused: self.tcp_refused.clone(),
         }
     }
 

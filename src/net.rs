@@ -1,4 +1,5 @@
-//! Accepting connections, for every server of the host (HTTP, control API, metrics).
+//! Accepting connections, for every server of the host (HTTP, TCP services, control API,
+//! metrics), and the host's own connections to the instances of a TCP process.
 
 use std::time::Duration;
 
@@ -25,4 +26,72 @@ where
             () = shutdown.cancelled() => return None,
         }
     }
+}
+
+/// The local addresses of the host's own open connections to one instance: the only clients
+/// its listener may accept (a TCP process is reached through its service, never directly).
+#[derive(Debug, Default)]
+pub struct Peers(std::sync::Mutex<std::collections::HashSet<std::net::SocketAddr>>);
+
+impl Peers {
+    /// Whether `addr` is one of the host's connections.
+    pub fn contains(&self, addr: std::net::SocketAddr) -> bool {
+        self.lock().contains(&addr)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashSet<std::net::SocketAddr>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// A connection of the host's, registered in its instance's [`Peers`] until dropped.
+pub struct PeerConnection {
+    pub stream: tokio::net::TcpStream,
+    peers: std::sync::Arc<Peers>,
+    local: std::net::SocketAddr,
+}
+
+impl Drop for PeerConnection {
+    fn drop(&mut self) {
+        self.peers.lock().remove(&self.local);
+    }
+}
+
+/// Connects to an instance listening on `to`. The socket is bound (to an ephemeral loopback
+/// port) and registered in `peers` *before* it connects, so the instance's accept check finds
+/// it however fast the guest accepts.
+pub async fn connect_as_host(
+    to: std::net::SocketAddr,
+    peers: &std::sync::Arc<Peers>,
+) -> std::io::Result<PeerConnection> {
+    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+    let (socket, from) = if to.is_ipv4() {
+        (
+            tokio::net::TcpSocket::new_v4()?,
+            SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 0),
+        )
+    } else {
+        (
+            tokio::net::TcpSocket::new_v6()?,
+            SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), 0),
+        )
+    };
+    // An ephemeral port whose last connection is in TIME_WAIT may be taken again.
+    socket.set_reuseaddr(true)?;
+    socket.bind(from)?;
+    let local = socket.local_addr()?;
+    peers.lock().insert(local);
+    let connection = PeerConnection {
+        stream: match socket.connect(to).await {
+            Ok(stream) => stream,
+            Err(e) => {
+                peers.lock().remove(&local);
+                return Err(e);
+            }
+        },
+        peers: peers.clone(),
+        local,
+    };
+    connection.stream.set_nodelay(true)?;
+    Ok(connection)
 }

@@ -205,6 +205,84 @@ pub fn humanize(d: Duration) -> String {
     }
 }
 
+/// An `allowed_outbound_hosts` entry for sockets: `tcp://10.0.0.5:5432`, `udp://*:53`,
+/// `tcp://localhost:*`. The address is an IP, `localhost` (either loopback) or `*`; the port a
+/// number or `*`, and it is required: a socket rule says exactly what it opens.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SocketRule {
+    /// TCP (`tcp://`) or UDP (`udp://`).
+    pub udp: bool,
+    /// `None`: any address.
+    host: RuleHost,
+    /// `None`: any port.
+    port: Option<u16>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum RuleHost {
+    Any,
+    Loopback,
+    Ip(std::net::IpAddr),
+}
+
+impl SocketRule {
+    /// The rule of `entry`, `None` if it is not a socket entry (no `tcp://` or `udp://`), or
+    /// the error to report at it.
+    pub fn parse(entry: &str) -> Option<Result<Self, String>> {
+        let (udp, rest) = match entry.split_once("://") {
+            Some(("tcp", rest)) => (false, rest),
+            Some(("udp", rest)) => (true, rest),
+            _ => return None,
+        };
+        Some(Self::parse_address(udp, rest.trim_end_matches('/')).map_err(|why| {
+            let scheme = if udp { "udp" } else { "tcp" };
+            format!(
+                "`{entry}` is not a socket address: {why}; write `{scheme}://10.0.0.5:5432`, `{scheme}://localhost:6379`, `{scheme}://10.0.0.5:*` or `{scheme}://*:53` (an IP address or `localhost`: guests connect to addresses, and name lookups are not granted)"
+            )
+        }))
+    }
+
+    fn parse_address(udp: bool, text: &str) -> Result<Self, String> {
+        let (host, port) = text
+            .rsplit_once(':')
+            .ok_or_else(|| "the port is missing".to_string())?;
+        let port = match port {
+            "*" => None,
+            p => Some(
+                p.parse::<u16>()
+                    .map_err(|_| format!("`{p}` is not a port"))?,
+            ),
+        };
+        let host = match host.trim_start_matches('[').trim_end_matches(']') {
+            "*" => RuleHost::Any,
+            "localhost" => RuleHost::Loopback,
+            ip => RuleHost::Ip(
+                ip.parse()
+                    .map_err(|_| format!("`{ip}` is not an IP address"))?,
+            ),
+        };
+        Ok(Self { udp, host, port })
+    }
+
+    /// Whether the rule opens `addr`.
+    pub fn allows(&self, addr: std::net::SocketAddr) -> bool {
+        let host = match self.host {
+            RuleHost::Any => true,
+            RuleHost::Loopback => addr.ip().is_loopback(),
+            RuleHost::Ip(ip) => canonical(ip) == canonical(addr.ip()),
+        };
+        host && self.port.is_none_or(|p| p == addr.port())
+    }
+}
+
+/// An IPv4-mapped IPv6 address as the IPv4 address it is.
+fn canonical(ip: std::net::IpAddr) -> std::net::IpAddr {
+    match ip {
+        std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, std::net::IpAddr::V4),
+        v4 => v4,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -259,5 +337,35 @@ mod tests {
                 .contains("` ` is not allowed")
         );
         assert!(ProcessName::new("").is_err());
+    }
+
+    #[test]
+    fn socket_rules_open_exactly_what_they_name() {
+        let rule = |s: &str| SocketRule::parse(s).unwrap().unwrap();
+        let addr = |s: &str| s.parse::<std::net::SocketAddr>().unwrap();
+        assert!(SocketRule::parse("example.com:443").is_none());
+        assert!(SocketRule::parse("https://example.com").is_none());
+        let db = rule("tcp://10.0.0.5:5432");
+        assert!(!db.udp);
+        assert!(db.allows(addr("10.0.0.5:5432")));
+        assert!(db.allows(addr("[::ffff:10.0.0.5]:5432")));
+        assert!(!db.allows(addr("10.0.0.5:5433")));
+        assert!(!db.allows(addr("10.0.0.6:5432")));
+        assert!(rule("tcp://localhost:*").allows(addr("[::1]:9")));
+        assert!(!rule("tcp://localhost:*").allows(addr("10.0.0.5:9")));
+        assert!(rule("udp://*:53").udp);
+        assert!(rule("udp://*:53").allows(addr("8.8.8.8:53")));
+        assert!(rule("tcp://[::1]:80").allows(addr("[::1]:80")));
+        for bad in [
+            "tcp://10.0.0.5",
+            "tcp://db.internal:5432",
+            "udp://1.2.3.4:x",
+        ] {
+            let err = SocketRule::parse(bad).unwrap().unwrap_err();
+            assert!(
+                err.contains(bad) && err.contains("://10.0.0.5:5432"),
+                "{err}"
+            );
+        }
     }
 }

@@ -10,7 +10,8 @@
 //! One file per table: `startup.rs`, `scaling.rs` (memory per instance and live scaling),
 //! `throughput.rs` (HTTP, against native hyper and `wasmtime serve`, and the targets),
 //! `toolchains.rs` (JavaScript and Python guests), `queues.rs` (queue drain), `journey.rs`
-//! (the CI journey: `up --detach`, scale, `down`); `harness.rs`
+//! (the CI journey: `up --detach`, scale, `down`), `tcp.rs` (TCP processes and the socket-based
+//! web server); `harness.rs`
 //! starts the hosts and servers and drives the load.
 
 mod harness;
@@ -18,6 +19,7 @@ mod journey;
 mod queues;
 mod scaling;
 mod startup;
+mod tcp;
 mod throughput;
 mod toolchains;
 #[path = "../../tests/all/tools.rs"]
@@ -69,4 +71,6 @@ fn main() {
     throughput::targets(&figures);
     toolchains::rows();
     queues::rows(&guests);
+    println!();
+    tcp::rows(&guests);
 }

@@ -275,7 +275,8 @@ fn judge(ps: &serde_json::Value) -> Verdict {
         if done < desired {
             return Verdict::NotYet;
         }
-        settle |= desired > 0 && t["kind"] != "http";
+        // HTTP and TCP instances are up once they serve; a background one only started.
+        settle |= desired > 0 && t["kind"] != "http" && t["kind"] != "tcp";
     }
     Verdict::Ready { settle }
 }

@@ -87,11 +87,15 @@ fn instance_line(i: &serde_json::Value) -> String {
     };
     if state != "pending" {
         let since = i["since"].as_f64().map(ago).unwrap_or_default();
+        // A TCP process counts connections, and shows how many are open.
+        let served = match i["connections"].as_u64() {
+            Some(open) => format!("{:>6} conn ({open} open)", i["requests"]),
+            None => format!("{:>6} req", i["requests"]),
+        };
         let stats = format!(
-            "{since:<14} {:>10} / {:<8} {:>6} req  {} restarts",
+            "{since:<14} {:>10} / {:<8} {served}  {} restarts",
             size(i["memory_used"].as_u64().unwrap_or(0)),
             size(i["memory_limit"].as_u64().unwrap_or(0)),
-            i["requests"],
             i["restarts"],
         );
         let stats = match i["health"].as_str() {

@@ -372,13 +372,12 @@ fn evaluate(condition: &Condition, ps: &Value, scope: Option<&str>) -> Check {
             let now = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0.0, |d| d.as_secs_f64());
-            let http = |i: &Value| {
-                ps["types"]
-                    .as_array()
-                    .unwrap_or(&empty)
-                    .iter()
-                    .any(|t| t["name"] == i["type"] && t["kind"] == "http")
-            };
+            let http =
+                |i: &Value| {
+                    ps["types"].as_array().unwrap_or(&empty).iter().any(|t| {
+                        t["name"] == i["type"] && (t["kind"] == "http" || t["kind"] == "tcp")
+                    })
+                };
             let settling: Vec<String> = instances
                 .iter()
                 .filter(|i| state(i) == "up" && !http(i))

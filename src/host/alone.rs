@@ -97,6 +97,7 @@ pub(crate) async fn run_alone(
         shared: Some(shared),
         formation,
         store: None,
+        listening: Default::default(),
         background: background.handle(),
         metrics: Arc::new(Metrics::new()),
         events: Events::new(),

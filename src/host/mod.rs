@@ -10,6 +10,7 @@ mod alone;
 mod running;
 mod start;
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -19,11 +20,11 @@ use anyhow::{Result, bail};
 
 pub(crate) use self::alone::run_alone;
 pub use self::running::RunningHost;
-use crate::app::{AppSpec, ProcessSpec, Service};
+use crate::app::{AppSpec, ProcessName, ProcessSpec, Service, TcpSettings};
 use crate::control;
 use crate::formation::{Formation, Scale};
 use crate::release::{Release, ReleaseStore, Staged};
-use crate::runtime::{Compiled, EngineSettings, Runtime, compile_all};
+use crate::runtime::{Compiled, EngineSettings, Kind, Runtime, compile_all};
 use crate::state::StateDir;
 use crate::supervisor::{Limits, RestartPolicy};
 use crate::units::ByteSize;
@@ -115,8 +116,11 @@ pub struct Host {
     runtime: Arc<Runtime>,
     /// Every process type with its compiled component, in Procfile order.
     processes: Vec<(ProcessSpec, Arc<Compiled>)>,
-    /// Index into `processes` of the type HTTP is routed to.
-    routed: Option<usize>,
+    /// Index into `processes` of the type the main port routes to, and whether it is a
+    /// socket-based web server (a command listening on `$PORT`, served as TCP).
+    routed: Option<(usize, bool)>,
+    /// The types that listen on `$PORT`, with their services' settings.
+    listening: BTreeMap<ProcessName, TcpSettings>,
     options: HostOptions,
     limits: Limits,
     state: Option<StateDir>,
@@ -182,6 +186,10 @@ impl Host {
         check_services(&staged.app.services, &processes)?;
         let release = record(&mut releases, &staged, previous.as_ref())?;
         let routed = routed_type(&processes)?;
+        let listening = listening(
+            &staged.app.services,
+            routed.map(|(i, tcp)| (&processes[i].0.name, tcp)),
+        );
         if let Some(state) = &state {
             state.store_formation(&formation)?;
         }
@@ -190,6 +198,7 @@ impl Host {
             runtime,
             processes,
             routed,
+            listening,
             limits: Limits {
                 drain_timeout: options.request_timeout + Duration::from_secs(1),
                 ..limits
@@ -341,27 +350,79 @@ fn size(options: &HostOptions, formation: &Formation, app: &AppSpec) -> Result<L
     })
 }
 
-/// Refuses a service that routes HTTP to a background process.
+/// Refuses a service whose type is not what it routes: HTTP to an HTTP component, TCP to a
+/// command (`wasi:cli/run`) that listens on `$PORT`.
 fn check_services(services: &[Service], processes: &[(ProcessSpec, Arc<Compiled>)]) -> Result<()> {
     for service in services {
         let (spec, compiled) = processes
             .iter()
             .find(|(p, _)| p.name == service.process)
             .expect("services name known types");
-        if !compiled.is_http() {
-            bail!(
-                "{}: services.processes: `{}` is a background process ({}), not an HTTP one: a service routes HTTP to a component exporting `wasi:http/incoming-handler`",
+        let command = matches!(compiled.kind, Kind::Command(_));
+        match service.tcp {
+            None if compiled.is_http() => {}
+            Some(_) if command => {}
+            None => bail!(
+                "{}: services.processes: `{}` is a {} process ({}), not an HTTP one: a service routes HTTP to a component exporting `wasi:http/incoming-handler`{}",
                 service.origin,
                 spec.name,
-                spec.component.display()
-            );
+                compiled.kind_name(),
+                spec.component.display(),
+                if command {
+                    "; if it listens on $PORT, add `protocol = \"tcp\"` to the service to balance connections over it"
+                } else {
+                    ""
+                }
+            ),
+            Some(_) => bail!(
+                "{}: services.processes: `{}` is {} process ({}), not a TCP one: a TCP service balances connections over a command (`wasi:cli/run`) that listens on $PORT{}",
+                service.origin,
+                spec.name,
+                if compiled.is_http() {
+                    "an HTTP"
+                } else {
+                    "a queue consumer"
+                },
+                spec.component.display(),
+                if compiled.is_http() {
+                    "; an HTTP component is served by a service without `protocol = \"tcp\"`"
+                } else {
+                    ""
+                }
+            ),
         }
     }
     Ok(())
 }
 
-/// The type the main HTTP port routes to: `web`, else the only HTTP type.
-fn routed_type(processes: &[(ProcessSpec, Arc<Compiled>)]) -> Result<Option<usize>> {
+/// The types that listen on `$PORT`: every TCP service's type (the first service naming a type
+/// sets its settings) and a socket-based `web` (with the defaults).
+fn listening(
+    services: &[Service],
+    routed: Option<(&ProcessName, bool)>,
+) -> BTreeMap<ProcessName, TcpSettings> {
+    let mut listening = BTreeMap::new();
+    for service in services {
+        if let Some(settings) = service.tcp {
+            listening.entry(service.process.clone()).or_insert(settings);
+        }
+    }
+    if let Some((name, true)) = routed {
+        listening
+            .entry(name.clone())
+            .or_insert_with(TcpSettings::default);
+    }
+    listening
+}
+
+/// The type the main port routes to: `web` if it is an HTTP component, or a command (a
+/// socket-based web server: `true`, served as TCP); else the only HTTP type.
+fn routed_type(processes: &[(ProcessSpec, Arc<Compiled>)]) -> Result<Option<(usize, bool)>> {
+    if let Some(web) = processes.iter().position(|(p, _)| p.name.as_str() == "web")
+        && matches!(processes[web].1.kind, Kind::Command(_))
+    {
+        return Ok(Some((web, true)));
+    }
     let http: Vec<usize> = (0..processes.len())
         .filter(|&i| processes[i].1.is_http())
         .collect();
@@ -369,8 +430,8 @@ fn routed_type(processes: &[(ProcessSpec, Arc<Compiled>)]) -> Result<Option<usiz
         .iter()
         .find(|&&i| processes[i].0.name.as_str() == "web")
     {
-        Some(&web) => Ok(Some(web)),
-        None if http.len() <= 1 => Ok(http.first().copied()),
+        Some(&web) => Ok(Some((web, false))),
+        None if http.len() <= 1 => Ok(http.first().map(|&i| (i, false))),
         None => {
             let names: Vec<&str> = http.iter().map(|&i| processes[i].0.name.as_str()).collect();
             bail!(

@@ -23,6 +23,7 @@ use crate::metrics::Metrics;
 use crate::proxy::{self, Router};
 use crate::shared::Store;
 use crate::supervisor::{Supervisor, SupervisorConfig};
+use crate::tcp;
 use crate::units::humanize;
 
 /// Every listener of a host, bound.
@@ -31,8 +32,8 @@ struct Listeners {
     control: Option<(UnixListener, PathBuf)>,
     control_tcp: Option<(TcpListener, String, String)>,
     metrics: Option<TcpListener>,
-    /// `[[services]]`, with the type each routes to.
-    services: Vec<(TcpListener, ProcessName)>,
+    /// `[[services]]`, with the type each routes to and whether it balances TCP.
+    services: Vec<(TcpListener, ProcessName, bool)>,
 }
 
 impl Host {
@@ -81,6 +82,7 @@ impl Host {
             formation: self.formation.clone(),
             store: self.state.clone(),
             events: events.clone(),
+            listening: self.listening.clone(),
         });
         if let Err(failure) = supervisor.start().await {
             supervisor.shutdown(Duration::from_secs(5)).await;
@@ -125,7 +127,7 @@ impl Host {
                     service.origin, service.listen, service.process
                 )
             })?;
-            services.push((listener, service.process.clone()));
+            services.push((listener, service.process.clone(), service.tcp.is_some()));
         }
         Ok(Listeners {
             http,
@@ -158,35 +160,67 @@ impl Host {
         })
     }
 
+    /// The TCP front door of `process`, a TCP process (or a socket-based `web`).
+    fn tcp_service(&self, s: &Serving, process: &ProcessName) -> Arc<tcp::Service> {
+        let backends = s
+            .supervisor
+            .backends(process)
+            .expect("a listening type has backends");
+        Arc::new(tcp::Service::new(
+            process.as_str(),
+            backends,
+            s.metrics.tcp(process.as_str()),
+            s.logs.clone(),
+        ))
+    }
+
     /// The formation is up: opens the front doors (HTTP, services, control API, metrics), in
     /// the order their lines appear in the log.
     fn serve(self, listeners: Listeners, s: Serving) -> Result<RunningHost> {
         let logs = &s.logs;
-        let routed = self.routed.map(|i| self.processes[i].0.name.clone());
+        let routed = self.routed.map(|(i, _)| self.processes[i].0.name.clone());
+        let routed_tcp = self.routed.is_some_and(|(_, tcp)| tcp);
         let routed_name = routed.as_ref().map(ToString::to_string).unwrap_or_default();
         let stop_http = CancellationToken::new();
         let stop_requested = CancellationToken::new();
-        let router = self.router(&s, &routed_name, routed.clone());
-        let mut servers = vec![tokio::spawn(proxy::serve(
-            listeners.http,
-            router,
-            stop_http.clone(),
-        ))];
-        // Which types the listeners bound now route to: a deploy must keep them HTTP types.
+        let main = if routed_tcp {
+            // A socket-based web server: its connections are balanced as a TCP service's.
+            let service = self.tcp_service(&s, routed.as_ref().expect("routed"));
+            tokio::spawn(tcp::serve(listeners.http, service, stop_http.clone()))
+        } else {
+            let router = self.router(&s, &routed_name, routed.clone());
+            tokio::spawn(proxy::serve(listeners.http, router, stop_http.clone()))
+        };
+        let mut servers = vec![main];
+        // Which types the listeners bound now route to: a deploy must keep them what they are.
         let mut routes = Vec::new();
         if routed.is_some() {
-            routes.push(("the main HTTP port".to_string(), routed_name.clone()));
+            routes.push((
+                "the main HTTP port".to_string(),
+                routed_name.clone(),
+                routed_tcp,
+            ));
         }
-        for (listener, process) in listeners.services {
+        for (listener, process, tcp) in listeners.services {
             let addr = listener.local_addr()?;
-            routes.push((format!("the service on {addr}"), process.to_string()));
-            let router = self.router(&s, process.as_str(), Some(process.clone()));
-            servers.push(tokio::spawn(proxy::serve(
-                listener,
-                router,
-                stop_http.clone(),
-            )));
-            logs.host(format!("service `{process}` serving http://{addr}"));
+            routes.push((format!("the service on {addr}"), process.to_string(), tcp));
+            if tcp {
+                let service = self.tcp_service(&s, &process);
+                servers.push(tokio::spawn(tcp::serve(
+                    listener,
+                    service,
+                    stop_http.clone(),
+                )));
+                logs.host(format!("service `{process}` serving tcp://{addr}"));
+            } else {
+                let router = self.router(&s, process.as_str(), Some(process.clone()));
+                servers.push(tokio::spawn(proxy::serve(
+                    listener,
+                    router,
+                    stop_http.clone(),
+                )));
+                logs.host(format!("service `{process}` serving http://{addr}"));
+            }
             // As the control API needs `--control-public` for it, a service reachable from
             // other machines is said so, once, where the operator reads.
             if !addr.ip().is_loopback() {

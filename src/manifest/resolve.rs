@@ -8,7 +8,10 @@ use anyhow::{Context as _, Result};
 
 use super::dotenv::load_env_file;
 use super::{procfile, schema as manifest};
-use crate::app::{AppSpec, HttpSettings, PLATFORM_ENV, ProcessName, ProcessSpec, Service};
+use crate::app::{
+    AppSpec, HttpSettings, PLATFORM_ENV, ProcessName, ProcessSpec, Service, TcpSettings,
+};
+use crate::units::SocketRule;
 
 /// The app-wide keys of a manifest.
 struct AppSettings {
@@ -282,10 +285,51 @@ impl AppSpec {
         let key = format!("services[{i}]");
         let listen = manifest::listen_address(service.listen.get_ref())
             .map_err(|e| anyhow::anyhow!("{}: {key}.listen: {e}", at(service.listen.span())))?;
+        let tcp = match service.protocol.as_ref() {
+            None => false,
+            Some(p) if p.get_ref() == "http" => false,
+            Some(p) if p.get_ref() == "tcp" => true,
+            Some(p) => anyhow::bail!(
+                "{}: {key}.protocol: unknown protocol `{}`: a service speaks \"http\" (the default) or \"tcp\"",
+                at(p.span()),
+                p.get_ref()
+            ),
+        };
+        let tcp = if tcp {
+            Some(tcp_settings(service, &key, at)?)
+        } else {
+            let tcp_only = [
+                (
+                    "max_connections",
+                    service.max_connections.as_ref().map(|v| v.span()),
+                ),
+                ("backlog", service.backlog.as_ref().map(|v| v.span())),
+                (
+                    "idle_timeout",
+                    service.idle_timeout.as_ref().map(|v| v.span()),
+                ),
+                (
+                    "ready_timeout",
+                    service.ready_timeout.as_ref().map(|v| v.span()),
+                ),
+                (
+                    "drain_timeout",
+                    service.drain_timeout.as_ref().map(|v| v.span()),
+                ),
+            ];
+            if let Some((name, Some(span))) = tcp_only.into_iter().find(|(_, s)| s.is_some()) {
+                anyhow::bail!(
+                    "{}: {key}.{name}: applies to TCP services only: add `protocol = \"tcp\"` to this service, or remove `{name}`",
+                    at(span)
+                );
+            }
+            None
+        };
+        let what = if tcp.is_some() { "TCP" } else { "HTTP" };
         let processes = at(service.processes.span());
         let [process] = service.processes.get_ref().as_slice() else {
             anyhow::bail!(
-                "{processes}: {key}.processes: a service routes to exactly one HTTP process type, e.g. `processes = [\"admin\"]` (found {})",
+                "{processes}: {key}.processes: a service routes to exactly one {what} process type, e.g. `processes = [\"admin\"]` (found {})",
                 service.processes.get_ref().len()
             );
         };
@@ -306,13 +350,60 @@ impl AppSpec {
                 other.origin
             );
         }
+        if let Some(other) = self
+            .services
+            .iter()
+            .find(|s| s.process == spec.name && s.tcp.is_some() != tcp.is_some())
+        {
+            anyhow::bail!(
+                "{processes}: {key}.processes: `{process}` is routed {} by the service at {}, so it cannot take {what} too: a process type speaks one protocol",
+                if other.tcp.is_some() { "TCP" } else { "HTTP" },
+                other.origin
+            );
+        }
         self.services.push(Service {
             listen,
             process: spec.name.clone(),
             origin,
+            tcp,
         });
         Ok(())
     }
+}
+
+/// A TCP service's settings, each checked where it was written.
+fn tcp_settings(
+    service: &manifest::Service,
+    key: &str,
+    at: &impl Fn(std::ops::Range<usize>) -> String,
+) -> Result<TcpSettings> {
+    let defaults = TcpSettings::default();
+    let count = |value: &Option<toml::Spanned<u32>>, name: &str, default: u32| match value {
+        Some(v) if *v.get_ref() == 0 => Err(anyhow::anyhow!(
+            "{}: {key}.{name}: must be at least 1",
+            at(v.span())
+        )),
+        Some(v) => Ok(*v.get_ref()),
+        None => Ok(default),
+    };
+    let duration = |value: &Option<toml::Spanned<manifest::DurationValue>>, default| {
+        value.as_ref().map_or(default, |v| v.get_ref().0)
+    };
+    Ok(TcpSettings {
+        max_connections: count(
+            &service.max_connections,
+            "max_connections",
+            defaults.max_connections,
+        )?,
+        // 0 is allowed: no waiting, a connection finds room or is closed at once.
+        backlog: service
+            .backlog
+            .as_ref()
+            .map_or(defaults.backlog, |v| *v.get_ref()),
+        idle_timeout: duration(&service.idle_timeout, defaults.idle_timeout),
+        ready_timeout: duration(&service.ready_timeout, defaults.ready_timeout),
+        drain_timeout: duration(&service.drain_timeout, defaults.drain_timeout),
+    })
 }
 
 /// A `[processes.NAME]` table's settings onto its type (`key`: `processes.NAME`). One block
@@ -440,7 +531,13 @@ fn check_state_name(name: &str) -> Result<()> {
 }
 
 /// `host`, `host:port`, `*.domain` or `*`; a scheme is accepted and dropped. No paths.
+/// `tcp://ADDR:PORT` and `udp://ADDR:PORT` open sockets instead ([`SocketRule`]) and are kept
+/// as written.
 fn check_outbound_host(host: &str) -> Result<String> {
+    if let Some(rule) = SocketRule::parse(host) {
+        rule.map_err(|e| anyhow::anyhow!(e))?;
+        return Ok(host.to_string());
+    }
     let bare = host
         .strip_prefix("http://")
         .or_else(|| host.strip_prefix("https://"))

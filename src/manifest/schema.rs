@@ -203,10 +203,22 @@ pub struct Health {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Service {
+    /// `http` (the default) or `tcp`.
+    pub protocol: Option<Spanned<String>>,
     /// `127.0.0.1:8081`.
     pub listen: Spanned<String>,
-    /// The HTTP process type this port routes to (exactly one).
+    /// The process type this port routes to (exactly one).
     pub processes: Spanned<Vec<String>>,
+    /// TCP: open connections per instance before the next one goes elsewhere (default 256).
+    pub max_connections: Option<Spanned<u32>>,
+    /// TCP: connections that may wait for an instance with room (default 128).
+    pub backlog: Option<Spanned<u32>>,
+    /// TCP: a connection with no byte either way for this long is closed (default 5m).
+    pub idle_timeout: Option<Spanned<DurationValue>>,
+    /// TCP: how long a new instance has to listen on its `$PORT` (default 30s).
+    pub ready_timeout: Option<Spanned<DurationValue>>,
+    /// TCP: how long a stopping instance's open connections may go on (default 30s).
+    pub drain_timeout: Option<Spanned<DurationValue>>,
 }
 
 /// An env value: strings, numbers and booleans are accepted and passed as text.

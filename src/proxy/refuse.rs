@@ -3,9 +3,9 @@
 //! connection limit) are written at most once a second, saying how many there were.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use crate::logs::Logs;
+use crate::logs::{Logs, Throttle};
 
 /// Requests refused without reaching a guest (H10: none up, H11: the queue is full) are
 /// logged at most once a second per code, the line saying how many there were since the last
@@ -79,23 +79,11 @@ impl Refusal {
 /// Logs refused connections at most once a second, with how many there were since the last
 /// line, so a flood of connections cannot flood the log.
 #[derive(Default)]
-pub(super) struct RefusalLog {
-    since: u64,
-    last: Option<Instant>,
-}
+pub(super) struct RefusalLog(Throttle);
 
 impl RefusalLog {
-    /// Counts one refusal; `Some(n)`: write a line now, for the `n` since the last one.
     fn admit(&mut self) -> Option<u64> {
-        self.since += 1;
-        if self
-            .last
-            .is_some_and(|t| t.elapsed() < Duration::from_secs(1))
-        {
-            return None;
-        }
-        self.last = Some(Instant::now());
-        Some(std::mem::take(&mut self.since))
+        self.0.admit()
     }
 
     pub(super) fn count(&mut self, logs: &Logs, max_connections: usize) {

@@ -7,6 +7,7 @@
 mod compile;
 mod limiter;
 pub mod shared;
+mod sockets;
 mod state;
 
 use std::path::Path;
@@ -26,6 +27,7 @@ use crate::logs::LogSink;
 
 pub use self::compile::compile_all;
 pub use self::limiter::MemoryLimiter;
+pub use self::sockets::Listening;
 pub use self::state::InstanceState;
 
 /// How often the epoch advances. A running guest yields to the async runtime once per tick, so
@@ -297,6 +299,9 @@ pub struct InstanceSetup<'a> {
     pub allowed_outbound_hosts: &'a [String],
     /// The shared store and the buckets and queues this type may use.
     pub shared: &'a shared::SharedCtx,
+    /// A TCP process instance: the `$PORT` it may listen on and the host connections it may
+    /// accept (`port` is that port then).
+    pub listen: Option<Arc<Listening>>,
     /// Attached standard streams (`wasmform run`) instead of the log and an empty stdin.
     pub stdio: Option<Attached>,
 }

@@ -49,7 +49,7 @@ pub struct SharedCtx {
 pub struct Denied {
     process: String,
     logs: Logs,
-    /// (`buckets` or `queues`, name) already logged.
+    /// (`buckets`, `queues` or a socket use, name or address) already logged.
     seen: Mutex<BTreeSet<(&'static str, String)>>,
 }
 
@@ -65,14 +65,29 @@ impl Denied {
         }
     }
 
+    /// The type's name.
+    pub fn process(&self) -> &str {
+        &self.process
+    }
+
+    /// Whether the denial of `name` under `key` is news; at most [`DENIALS_LOGGED`] are.
+    fn first(&self, key: &'static str, name: String) -> bool {
+        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        seen.len() < DENIALS_LOGGED && seen.insert((key, name))
+    }
+
+    /// Logs `line` the first time a socket use (`what`: `tcp 10.0.0.5:5432`) is denied.
+    pub fn report_once(&self, what: String, line: String) {
+        if self.first("sockets", what) {
+            self.logs.host(line);
+        }
+    }
+
     /// Reports that `name` was denied; `key` is the manifest key (`buckets`, `queues`) and
     /// `listed` what it lists now.
     fn report(&self, key: &'static str, name: &str, listed: &[String]) {
-        {
-            let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
-            if seen.len() >= DENIALS_LOGGED || !seen.insert((key, name.to_string())) {
-                return;
-            }
+        if !self.first(key, name.to_string()) {
+            return;
         }
         let what = if key == "buckets" { "bucket" } else { "queue" };
         let list = listed

@@ -47,6 +47,23 @@ impl InstanceState {
             .env("DYNO", setup.instance)
             .arg(setup.program)
             .args(setup.args);
+        let policy = super::sockets::Policy {
+            instance: setup.instance.to_string(),
+            listen: setup.listen.clone(),
+            rules: setup
+                .allowed_outbound_hosts
+                .iter()
+                .filter_map(|entry| crate::units::SocketRule::parse(entry)?.ok())
+                .collect(),
+            denied: setup.shared.denied.clone(),
+        };
+        // TCP is on, and every address goes through the policy (wasmtime-wasi's default check
+        // denies everything; `inherit_network` would allow everything).
+        wasi.allow_tcp(true).allow_udp(policy.any_udp());
+        let policy = std::sync::Arc::new(policy);
+        wasi.socket_addr_check(move |addr, use_| {
+            Box::pin(std::future::ready(policy.check(addr, use_)))
+        });
         match stdio {
             Some(stdio) => {
                 wasi.stdin(stdio.stdin)

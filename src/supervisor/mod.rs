@@ -20,6 +20,7 @@
 //! | `restart.rs` | the restart policy and its backoff (pure) |
 //! | `slot.rs` | one slot's task: start, wait for the end, restart or exit |
 //! | `web.rs` | one web instance's life: readiness, traffic, liveness, drain |
+//! | `listen.rs` | one TCP process instance's life: its port, readiness, connections, drain |
 //! | `health.rs` | health checks of a web instance |
 //! | `consume.rs` | a queue consumer's loop |
 //! | `scale.rs` | scale, rolling restart, the replacement of one slot, memory probes |
@@ -29,6 +30,7 @@
 
 mod consume;
 mod health;
+mod listen;
 mod oneoff;
 mod plan;
 mod report;
@@ -46,16 +48,17 @@ use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::app::{ByteSize, ProcessName, ProcessSpec};
+use crate::app::{ByteSize, ProcessName, ProcessSpec, TcpSettings};
 use crate::events::{Events, Fields};
 use crate::formation::Formation;
 use crate::instance::{Reuse, WebInstance};
 use crate::logs::Logs;
 use crate::router::Pool;
 use crate::runtime::shared::{Denied, SharedCtx};
-use crate::runtime::{Compiled, Runtime};
+use crate::runtime::{Compiled, Kind, Runtime};
 use crate::shared::Store;
 use crate::state::StateDir;
+use crate::tcp::Backends;
 use crate::units::humanize;
 
 pub use oneoff::{OneOff, Prepared, RunOutcome, is_file};
@@ -135,6 +138,9 @@ pub struct Supervisor {
     events: Events,
     /// One-off processes started so far (`run.N`).
     runs: std::sync::atomic::AtomicU32,
+    /// The types that listen on `$PORT` (TCP services' types, a socket-based `web`), with
+    /// their services' settings; those that are commands run as TCP processes.
+    listening: BTreeMap<ProcessName, TcpSettings>,
 }
 
 /// What [`Supervisor::new`] needs.
@@ -172,6 +178,8 @@ pub struct SupervisorConfig {
     pub metrics: Arc<crate::metrics::Metrics>,
     /// The event stream.
     pub events: Events,
+    /// The types that listen on `$PORT`, with their services' settings.
+    pub listening: BTreeMap<ProcessName, TcpSettings>,
 }
 
 type Ready = oneshot::Receiver<Result<(), String>>;
@@ -184,6 +192,7 @@ const READY_WAIT: Duration = Duration::from_secs(300);
 #[derive(Default)]
 struct Registry {
     pools: BTreeMap<ProcessName, Arc<Pool<WebInstance>>>,
+    backends: BTreeMap<ProcessName, Arc<Backends>>,
     colours: BTreeMap<ProcessName, usize>,
 }
 
@@ -216,6 +225,7 @@ impl Supervisor {
             metrics: config.metrics,
             events: config.events,
             runs: Default::default(),
+            listening: config.listening,
         };
         let types = config
             .types
@@ -237,6 +247,9 @@ impl Supervisor {
         release: u32,
     ) -> Arc<ProcessType> {
         let pool = compiled.is_http().then(|| self.pool(&spec.name));
+        let backends = matches!(compiled.kind, Kind::Command(_))
+            .then(|| self.backends(&spec.name))
+            .flatten();
         let mut registry = self.registry.lock().unwrap_or_else(|e| e.into_inner());
         let next = registry.colours.len();
         let colour = *registry.colours.entry(spec.name.clone()).or_insert(next);
@@ -255,7 +268,22 @@ impl Supervisor {
             release,
             shared,
             reuse,
+            backends,
         })
+    }
+
+    /// Where the instances of TCP process `name` take connections; `None` if no service
+    /// routes to it.
+    pub fn backends(&self, name: &ProcessName) -> Option<Arc<Backends>> {
+        let settings = *self.listening.get(name)?;
+        let mut registry = self.registry.lock().unwrap_or_else(|e| e.into_inner());
+        Some(
+            registry
+                .backends
+                .entry(name.clone())
+                .or_insert_with(|| Backends::new(settings))
+                .clone(),
+        )
     }
 
     /// The pool of HTTP type `name`, created empty if the type has none yet: the router of a

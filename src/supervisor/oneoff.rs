@@ -249,6 +249,7 @@ impl Supervisor {
             env: &run.env,
             allowed_outbound_hosts: &run.allowed_outbound_hosts,
             shared: &run.shared,
+            listen: None,
             stdio,
         };
         let sinks = (setup.stdout.clone(), setup.stderr.clone());

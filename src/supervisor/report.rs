@@ -125,8 +125,10 @@ pub struct InstanceReport {
     pub memory_used: u64,
     /// Memory limit, in bytes.
     pub memory_limit: u64,
-    /// Requests served.
+    /// Requests served; for a TCP process, connections handed to it.
     pub requests: u64,
+    /// A TCP process's connections open now (`None` for other types).
+    pub connections: Option<u32>,
     /// Restarts after crashes.
     pub restarts: u32,
     /// `passing`, `failing (1/3)`, `checking`; absent without a health check.
@@ -230,6 +232,7 @@ impl Supervisor {
                 memory_used: 0,
                 memory_limit: memory,
                 requests: 0,
+                connections: None,
                 restarts: 0,
                 health: None,
                 release,
@@ -274,7 +277,7 @@ impl Supervisor {
                     .len() as u32;
                 TypeReport {
                     name: name.to_string(),
-                    kind: process.compiled.kind_name(),
+                    kind: process.kind_name(),
                     desired: scale.count,
                     running,
                     memory: scale.memory.as_u64(),
@@ -340,6 +343,11 @@ impl Slot {
             memory_used: slot.memory_used.load(Ordering::Relaxed),
             memory_limit: slot.memory.as_u64(),
             requests: slot.requests.load(Ordering::Relaxed),
+            connections: slot
+                .version
+                .backends
+                .is_some()
+                .then(|| slot.connections.load(Ordering::Relaxed)),
             restarts: slot.restarts.load(Ordering::Relaxed),
             health: slot
                 .health

@@ -268,6 +268,7 @@ impl Supervisor {
             env: &process.spec.env,
             allowed_outbound_hosts: &process.spec.allowed_outbound_hosts,
             shared: &process.shared,
+            listen: None,
             stdio: None,
         };
         instance::probe(&self.runtime, &process.compiled, setup).await

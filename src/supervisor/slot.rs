@@ -21,6 +21,7 @@ use crate::instance::{self, Reuse, WebInstance};
 use crate::router::Pool;
 use crate::runtime::shared::SharedCtx;
 use crate::runtime::{Compiled, InstanceSetup, Kind};
+use crate::tcp::Backends;
 use crate::units::humanize;
 
 /// A process type as the supervisor runs it.
@@ -40,6 +41,9 @@ pub struct ProcessType {
     pub shared: SharedCtx,
     /// Whether its web instances serve more than one request.
     pub reuse: Arc<Reuse>,
+    /// A TCP process (a command that listens on `$PORT`): where its instances take
+    /// connections. Shared by every version of the type, as `pool` is.
+    pub backends: Option<Arc<Backends>>,
 }
 
 impl ProcessType {
@@ -48,6 +52,15 @@ impl ProcessType {
         self.compiled.digest == compiled.digest
             && self.compiled.is_http() == compiled.is_http()
             && self.spec.same_settings(spec)
+    }
+
+    /// `http`, `tcp`, `background` or `consumer`, for `ps`.
+    pub(super) fn kind_name(&self) -> &'static str {
+        if self.backends.is_some() {
+            "tcp"
+        } else {
+            self.compiled.kind_name()
+        }
     }
 }
 
@@ -93,8 +106,10 @@ pub struct Slot {
     pub(super) status: Mutex<(SlotState, SystemTime)>,
     /// Linear memory in use by the current instance, kept by its limiter.
     pub(super) memory_used: Arc<AtomicU64>,
-    /// Requests served over all incarnations.
+    /// Requests served over all incarnations (a TCP process: connections handed to it).
     pub(super) requests: Arc<AtomicU64>,
+    /// A TCP process's connections open now.
+    pub(super) connections: Arc<AtomicU32>,
     /// Times the instance was replaced after ending.
     pub(super) restarts: AtomicU32,
     /// Incarnations that ended in failure (crash, failed start, failing health, a worker's
@@ -244,6 +259,7 @@ impl Supervisor {
             )),
             memory_used: Arc::default(),
             requests: Arc::default(),
+            connections: Arc::default(),
             restarts: AtomicU32::new(0),
             failures: AtomicU32::new(0),
             last_failure: Mutex::new(None),
@@ -260,7 +276,9 @@ impl Supervisor {
         let slot_for_caller = slot.clone();
         let (tx, rx) = oneshot::channel();
         let this = self.clone();
-        let foreground = !matches!(process.compiled.kind, Kind::Command(_));
+        // TCP processes serve clients: never on the idle-priority runtime.
+        let foreground =
+            !matches!(process.compiled.kind, Kind::Command(_)) || process.backends.is_some();
         let process = process.clone();
         let task = self.tasks.track_future(async move {
             // A singleton's replacement holds its place but starts only once the instance it
@@ -489,6 +507,7 @@ impl Supervisor {
             env: &process.spec.env,
             allowed_outbound_hosts: &process.spec.allowed_outbound_hosts,
             shared: &process.shared,
+            listen: None,
             stdio: None,
         };
         let sinks = (setup.stdout.clone(), setup.stderr.clone());
@@ -508,6 +527,9 @@ impl Supervisor {
                 };
                 self.mark_up(&up, ready);
                 self.consume(process, slot, name, &mut consumer).await
+            }
+            Kind::Command(_) if process.backends.is_some() => {
+                self.run_listener(process, setup, up, ready).await?
             }
             Kind::Command(pre) => {
                 let run =
