@@ -39,6 +39,11 @@ impl Peers {
         self.lock().contains(&addr)
     }
 
+    #[cfg(test)]
+    pub fn insert_for_test(&self, addr: std::net::SocketAddr) {
+        self.lock().insert(addr);
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashSet<std::net::SocketAddr>> {
         self.0.lock().unwrap_or_else(|e| e.into_inner())
     }

@@ -481,7 +481,14 @@ mod tests {
             m.processes["mailer"].consume.as_ref().unwrap().get_ref(),
             "mail"
         );
-        assert_eq!(m.services.len(), 1);
+        assert_eq!(m.services.len(), 2);
+        let tcp = m.services[1].get_ref();
+        assert_eq!(tcp.protocol.as_ref().unwrap().get_ref(), "tcp");
+        assert_eq!(*tcp.max_connections.as_ref().unwrap().get_ref(), 256);
+        assert_eq!(
+            tcp.idle_timeout.as_ref().unwrap().get_ref().0,
+            Duration::from_secs(300)
+        );
         let http = m.http.as_ref().unwrap().resolve().unwrap();
         assert_eq!(http.max_head_bytes, Some(ByteSize::bytes(64 << 10)));
         assert_eq!(http.keepalive_timeout, Some(Duration::from_secs(75)));

@@ -143,3 +143,69 @@ impl Policy {
         denied.report_once(key, line);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn addr(text: &str) -> SocketAddr {
+        text.parse().unwrap()
+    }
+
+    fn policy(listen: Option<Arc<Listening>>, rules: &[&str]) -> Policy {
+        Policy {
+            instance: "cache.1".into(),
+            listen,
+            rules: rules
+                .iter()
+                .map(|r| SocketRule::parse(r).unwrap().unwrap())
+                .collect(),
+            denied: None,
+        }
+    }
+
+    #[test]
+    fn a_tcp_process_listens_on_its_port_only_and_accepts_only_the_host() {
+        let listening = Listening::new(4000);
+        let p = policy(Some(listening.clone()), &[]);
+        for own in ["0.0.0.0:4000", "127.0.0.1:4000", "[::]:4000", "[::1]:4000"] {
+            assert!(p.check(addr(own), SocketAddrUse::TcpBind), "{own}");
+            assert!(p.check(addr(own), SocketAddrUse::TcpListen), "{own}");
+        }
+        assert_eq!(
+            *listening.bound.borrow(),
+            Some(addr("[::1]:4000")),
+            "the last listen is told"
+        );
+        assert!(!p.check(addr("10.1.2.3:4000"), SocketAddrUse::TcpBind));
+        assert!(!p.check(addr("0.0.0.0:4001"), SocketAddrUse::TcpBind));
+        // An ephemeral port may be bound (a connect does), never listened on.
+        assert!(p.check(addr("0.0.0.0:0"), SocketAddrUse::TcpBind));
+        assert!(!p.check(addr("0.0.0.0:0"), SocketAddrUse::TcpListen));
+        assert!(!p.check(addr("127.0.0.1:41000"), SocketAddrUse::TcpListen));
+        let host = addr("127.0.0.1:50000");
+        assert!(!p.check(host, SocketAddrUse::TcpAccept));
+        listening.peers.insert_for_test(host);
+        assert!(p.check(host, SocketAddrUse::TcpAccept));
+        assert!(!p.check(addr("127.0.0.1:50001"), SocketAddrUse::TcpAccept));
+    }
+
+    #[test]
+    fn outgoing_sockets_need_a_rule_and_other_types_never_listen() {
+        let p = policy(None, &["tcp://10.0.0.5:5432", "udp://*:53"]);
+        assert!(p.check(addr("10.0.0.5:5432"), SocketAddrUse::TcpConnect));
+        assert!(!p.check(addr("10.0.0.5:5433"), SocketAddrUse::TcpConnect));
+        assert!(
+            !p.check(addr("10.0.0.5:53"), SocketAddrUse::TcpConnect),
+            "tcp ≠ udp"
+        );
+        assert!(p.check(addr("0.0.0.0:0"), SocketAddrUse::UdpBind));
+        assert!(p.check(addr("8.8.8.8:53"), SocketAddrUse::UdpSend));
+        assert!(!p.check(addr("8.8.8.8:54"), SocketAddrUse::UdpSend));
+        assert!(!p.check(addr("0.0.0.0:8080"), SocketAddrUse::TcpBind));
+        assert!(!p.check(addr("0.0.0.0:0"), SocketAddrUse::TcpListen));
+        let none = policy(None, &["tcp://10.0.0.5:5432"]);
+        assert!(!none.any_udp());
+        assert!(!none.check(addr("0.0.0.0:0"), SocketAddrUse::UdpBind));
+    }
+}

@@ -63,7 +63,10 @@ impl Supervisor {
             let started = std::time::Instant::now();
             loop {
                 match connect_as_host(addr, &listening.peers).await {
-                    Ok(connection) => return Ok(drop(connection)),
+                    Ok(connection) => {
+                        drop(connection);
+                        return Ok(());
+                    }
                     Err(_) if started.elapsed() < PROBE_FOR => {
                         tokio::time::sleep(Duration::from_millis(2)).await;
                     }

@@ -442,3 +442,46 @@ fn tcp_services_refuse_bad_input_naming_the_key() {
         );
     }
 }
+
+#[test]
+fn a_deploy_refuses_no_connection_and_drains_the_old_instances() {
+    let manifest = |version: &str| format!("[processes.cache.env]\nVERSION = \"{version}\"\n");
+    let app = cache_app("", "drain_timeout = \"2s\"\n", &manifest("1"));
+    let host = app.up(&["-m", "cache=2"]);
+    let addr = service_addr(&host);
+    let mut old = Client::connect(addr);
+    let who = old.instance();
+
+    // New connections all through the deploy, none refused.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load = std::thread::spawn({
+        let stop = stop.clone();
+        move || {
+            let mut answered = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let answer = Client::connect(addr).ask("during");
+                assert!(
+                    answer.starts_with("cache."),
+                    "refused during the deploy: {answer:?}"
+                );
+                answered += 1;
+            }
+            answered
+        }
+    });
+    app.write("wasmform.toml", &format!("[[services]]\nprotocol = \"tcp\"\nlisten = \"127.0.0.1:0\"\nprocesses = [\"cache\"]\ndrain_timeout = \"2s\"\n{}", manifest("2")));
+    let deployed = app.cli(&["deploy"]);
+    assert!(deployed.ok, "{}{}", deployed.stdout, deployed.stderr);
+    // The old connection went on while its instance drained, then was closed with it.
+    assert!(old.closed(), "closed once its instance was replaced");
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    assert!(load.join().unwrap() > 0);
+    host.wait_for(
+        &format!("{who} closing 1 connection still open after 2 s (drain_timeout)"),
+        Duration::from_secs(10),
+    );
+    let ps = app.wait_settled(Duration::from_secs(30));
+    for instance in ps["instances"].as_array().unwrap() {
+        assert_eq!(instance["release"], 2, "{ps:#}");
+    }
+}
