@@ -31,21 +31,52 @@ where
 /// The local addresses of the host's own open connections to one instance: the only clients
 /// its listener may accept (a TCP process is reached through its service, never directly).
 #[derive(Debug, Default)]
-pub struct Peers(std::sync::Mutex<std::collections::HashSet<std::net::SocketAddr>>);
+pub struct Peers {
+    open: std::sync::Mutex<std::collections::HashSet<std::net::SocketAddr>>,
+    /// Told when a connection is registered.
+    registered: tokio::sync::Notify,
+}
+
+/// How long an instance's accept waits for a loopback client to be registered as the host's.
+/// The host registers a connection as soon as `connect` returns, which is when the guest can
+/// first accept it; this bounds the race (and what a local process reaching the port directly
+/// can hold up the guest's accept for).
+const REGISTRATION: Duration = Duration::from_millis(200);
 
 impl Peers {
-    /// Whether `addr` is one of the host's connections.
-    pub fn contains(&self, addr: std::net::SocketAddr) -> bool {
-        self.lock().contains(&addr)
+    /// Whether `addr` is one of the host's connections: at once for other addresses, within
+    /// [`REGISTRATION`] for a loopback one not registered yet.
+    pub async fn admits(&self, addr: std::net::SocketAddr) -> bool {
+        if !addr.ip().is_loopback() {
+            return false;
+        }
+        let deadline = tokio::time::Instant::now() + REGISTRATION;
+        loop {
+            let registered = self.registered.notified();
+            tokio::pin!(registered);
+            registered.as_mut().enable();
+            if self.lock().contains(&addr) {
+                return true;
+            }
+            tokio::select! {
+                () = registered => {}
+                () = tokio::time::sleep_until(deadline) => return false,
+            }
+        }
+    }
+
+    fn insert(&self, addr: std::net::SocketAddr) {
+        self.lock().insert(addr);
+        self.registered.notify_waiters();
     }
 
     #[cfg(test)]
     pub fn insert_for_test(&self, addr: std::net::SocketAddr) {
-        self.lock().insert(addr);
+        self.insert(addr);
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashSet<std::net::SocketAddr>> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner())
+        self.open.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
@@ -62,38 +93,19 @@ impl Drop for PeerConnection {
     }
 }
 
-/// Connects to an instance listening on `to`. The socket is bound (to an ephemeral loopback
-/// port) and registered in `peers` *before* it connects, so the instance's accept check finds
-/// it however fast the guest accepts.
+/// Connects to an instance listening on `to` and registers the connection in `peers`, which
+/// the instance's accept check waits for ([`Peers::admits`]). The kernel picks the source
+/// port at `connect`: binding one first (to register it before connecting) made every bind
+/// search the ports in TIME_WAIT, which grew with the connections made.
 pub async fn connect_as_host(
     to: std::net::SocketAddr,
     peers: &std::sync::Arc<Peers>,
 ) -> std::io::Result<PeerConnection> {
-    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-    let (socket, from) = if to.is_ipv4() {
-        (
-            tokio::net::TcpSocket::new_v4()?,
-            SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 0),
-        )
-    } else {
-        (
-            tokio::net::TcpSocket::new_v6()?,
-            SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), 0),
-        )
-    };
-    // An ephemeral port whose last connection is in TIME_WAIT may be taken again.
-    socket.set_reuseaddr(true)?;
-    socket.bind(from)?;
-    let local = socket.local_addr()?;
-    peers.lock().insert(local);
+    let stream = tokio::net::TcpStream::connect(to).await?;
+    let local = stream.local_addr()?;
+    peers.insert(local);
     let connection = PeerConnection {
-        stream: match socket.connect(to).await {
-            Ok(stream) => stream,
-            Err(e) => {
-                peers.lock().remove(&local);
-                return Err(e);
-            }
-        },
+        stream,
         peers: peers.clone(),
         local,
     };

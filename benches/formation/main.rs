@@ -41,7 +41,13 @@ fn main() {
         harness::native_server();
         return;
     }
-    // `cargo bench` passes `--bench`; a filter argument is not supported, so ignore the rest.
+    // `cargo bench` passes `--bench`; other arguments name the tables to run (`cargo bench --
+    // tcp queues`), all of them without any.
+    let only: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with('-'))
+        .collect();
+    let run = |table: &str| only.is_empty() || only.iter().any(|o| o == table);
     let guests = harness::build_guests();
     let hello = guests.join("hello.wasm");
     let dir = tempfile::tempdir().unwrap();
@@ -58,19 +64,35 @@ fn main() {
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
     println!();
-    startup::rows(&procfile);
-    println!();
-    scaling::memory_rows(&procfile);
-    println!();
-    scaling::scale_rows(dir.path(), &procfile);
-    println!();
-    journey::rows(&procfile);
-    println!();
-    let figures = throughput::rows(&procfile, &hello, &guests);
-    println!();
-    throughput::targets(&figures);
-    toolchains::rows();
-    queues::rows(&guests);
-    println!();
-    tcp::rows(&guests);
+    if run("startup") {
+        startup::rows(&procfile);
+        println!();
+    }
+    if run("memory") {
+        scaling::memory_rows(&procfile);
+        println!();
+    }
+    if run("scale") {
+        scaling::scale_rows(dir.path(), &procfile);
+        println!();
+    }
+    if run("journey") {
+        journey::rows(&procfile);
+        println!();
+    }
+    if run("throughput") {
+        let figures = throughput::rows(&procfile, &hello, &guests);
+        println!();
+        throughput::targets(&figures);
+    }
+    if run("toolchains") {
+        toolchains::rows();
+    }
+    if run("queues") {
+        queues::rows(&guests);
+        println!();
+    }
+    if run("tcp") {
+        tcp::rows(&guests);
+    }
 }

@@ -3,7 +3,8 @@
 //! - A TCP process ([`Listening`]) may bind and listen on its own `$PORT` only, on a loopback
 //!   or unspecified address (`0.0.0.0:$PORT` works, as Heroku apps write it), and accepts only
 //!   the host's own connections ([`Peers`]): a client that reaches the port directly, from
-//!   another interface or another local process, is reset before the guest sees it.
+//!   another interface or another local process, is reset before the guest sees it (a local
+//!   one after at most 200 ms, the time the host's own connections have to be registered).
 //! - Outgoing TCP and UDP are denied unless a `tcp://` or `udp://` entry of the type's
 //!   `allowed_outbound_hosts` opens the destination ([`SocketRule`]).
 //! - Each denial is logged once per type version and destination, with what to change.
@@ -66,7 +67,7 @@ impl Policy {
         self.rules.iter().any(|r| r.udp)
     }
 
-    pub fn check(&self, addr: SocketAddr, use_: SocketAddrUse) -> bool {
+    pub async fn check(&self, addr: SocketAddr, use_: SocketAddrUse) -> bool {
         let own_port = |addr: SocketAddr| {
             let local = addr.ip().is_unspecified() || addr.ip().is_loopback();
             self.listen
@@ -84,9 +85,10 @@ impl Policy {
                 }
                 None => false,
             },
-            SocketAddrUse::TcpAccept => {
-                self.listen.as_ref().is_some_and(|l| l.peers.contains(addr))
-            }
+            SocketAddrUse::TcpAccept => match &self.listen {
+                Some(listening) => listening.peers.admits(addr).await,
+                None => false,
+            },
             SocketAddrUse::TcpConnect => self.rules.iter().any(|r| !r.udp && r.allows(addr)),
             SocketAddrUse::UdpBind => self.any_udp() && (addr.port() == 0 || self.udp_allows(addr)),
             SocketAddrUse::UdpSend | SocketAddrUse::UdpReceive => self.udp_allows(addr),
@@ -164,48 +166,65 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_tcp_process_listens_on_its_port_only_and_accepts_only_the_host() {
+    #[tokio::test]
+    async fn a_tcp_process_listens_on_its_port_only_and_accepts_only_the_host() {
         let listening = Listening::new(4000);
         let p = policy(Some(listening.clone()), &[]);
         for own in ["0.0.0.0:4000", "127.0.0.1:4000", "[::]:4000", "[::1]:4000"] {
-            assert!(p.check(addr(own), SocketAddrUse::TcpBind), "{own}");
-            assert!(p.check(addr(own), SocketAddrUse::TcpListen), "{own}");
+            assert!(p.check(addr(own), SocketAddrUse::TcpBind).await, "{own}");
+            assert!(p.check(addr(own), SocketAddrUse::TcpListen).await, "{own}");
         }
         assert_eq!(
             *listening.bound.borrow(),
             Some(addr("[::1]:4000")),
             "the last listen is told"
         );
-        assert!(!p.check(addr("10.1.2.3:4000"), SocketAddrUse::TcpBind));
-        assert!(!p.check(addr("0.0.0.0:4001"), SocketAddrUse::TcpBind));
+        assert!(!p.check(addr("10.1.2.3:4000"), SocketAddrUse::TcpBind).await);
+        assert!(!p.check(addr("0.0.0.0:4001"), SocketAddrUse::TcpBind).await);
         // An ephemeral port may be bound (a connect does), never listened on.
-        assert!(p.check(addr("0.0.0.0:0"), SocketAddrUse::TcpBind));
-        assert!(!p.check(addr("0.0.0.0:0"), SocketAddrUse::TcpListen));
-        assert!(!p.check(addr("127.0.0.1:41000"), SocketAddrUse::TcpListen));
+        assert!(p.check(addr("0.0.0.0:0"), SocketAddrUse::TcpBind).await);
+        assert!(!p.check(addr("0.0.0.0:0"), SocketAddrUse::TcpListen).await);
+        assert!(
+            !p.check(addr("127.0.0.1:41000"), SocketAddrUse::TcpListen)
+                .await
+        );
         let host = addr("127.0.0.1:50000");
-        assert!(!p.check(host, SocketAddrUse::TcpAccept));
+        assert!(!p.check(host, SocketAddrUse::TcpAccept).await);
         listening.peers.insert_for_test(host);
-        assert!(p.check(host, SocketAddrUse::TcpAccept));
-        assert!(!p.check(addr("127.0.0.1:50001"), SocketAddrUse::TcpAccept));
+        assert!(
+            !p.check(addr("10.0.0.9:50000"), SocketAddrUse::TcpAccept)
+                .await
+        );
+        assert!(p.check(host, SocketAddrUse::TcpAccept).await);
+        assert!(
+            !p.check(addr("127.0.0.1:50001"), SocketAddrUse::TcpAccept)
+                .await
+        );
     }
 
-    #[test]
-    fn outgoing_sockets_need_a_rule_and_other_types_never_listen() {
+    #[tokio::test]
+    async fn outgoing_sockets_need_a_rule_and_other_types_never_listen() {
         let p = policy(None, &["tcp://10.0.0.5:5432", "udp://*:53"]);
-        assert!(p.check(addr("10.0.0.5:5432"), SocketAddrUse::TcpConnect));
-        assert!(!p.check(addr("10.0.0.5:5433"), SocketAddrUse::TcpConnect));
         assert!(
-            !p.check(addr("10.0.0.5:53"), SocketAddrUse::TcpConnect),
+            p.check(addr("10.0.0.5:5432"), SocketAddrUse::TcpConnect)
+                .await
+        );
+        assert!(
+            !p.check(addr("10.0.0.5:5433"), SocketAddrUse::TcpConnect)
+                .await
+        );
+        assert!(
+            !p.check(addr("10.0.0.5:53"), SocketAddrUse::TcpConnect)
+                .await,
             "tcp ≠ udp"
         );
-        assert!(p.check(addr("0.0.0.0:0"), SocketAddrUse::UdpBind));
-        assert!(p.check(addr("8.8.8.8:53"), SocketAddrUse::UdpSend));
-        assert!(!p.check(addr("8.8.8.8:54"), SocketAddrUse::UdpSend));
-        assert!(!p.check(addr("0.0.0.0:8080"), SocketAddrUse::TcpBind));
-        assert!(!p.check(addr("0.0.0.0:0"), SocketAddrUse::TcpListen));
+        assert!(p.check(addr("0.0.0.0:0"), SocketAddrUse::UdpBind).await);
+        assert!(p.check(addr("8.8.8.8:53"), SocketAddrUse::UdpSend).await);
+        assert!(!p.check(addr("8.8.8.8:54"), SocketAddrUse::UdpSend).await);
+        assert!(!p.check(addr("0.0.0.0:8080"), SocketAddrUse::TcpBind).await);
+        assert!(!p.check(addr("0.0.0.0:0"), SocketAddrUse::TcpListen).await);
         let none = policy(None, &["tcp://10.0.0.5:5432"]);
         assert!(!none.any_udp());
-        assert!(!none.check(addr("0.0.0.0:0"), SocketAddrUse::UdpBind));
+        assert!(!none.check(addr("0.0.0.0:0"), SocketAddrUse::UdpBind).await);
     }
 }

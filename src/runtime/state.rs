@@ -62,7 +62,8 @@ impl InstanceState {
         wasi.allow_tcp(true).allow_udp(policy.any_udp());
         let policy = std::sync::Arc::new(policy);
         wasi.socket_addr_check(move |addr, use_| {
-            Box::pin(std::future::ready(policy.check(addr, use_)))
+            let policy = policy.clone();
+            Box::pin(async move { policy.check(addr, use_).await })
         });
         match stdio {
             Some(stdio) => {
