@@ -77,7 +77,13 @@ pub fn rows(guests: &Path) {
         let host = Host::start(&hello, &["-m", "web=2"]);
         load(host.port)
     };
-    let socket_web = dir.path().join("Procfile.web");
+    let quiet = {
+        let host = Host::start(&hello, &["-m", "web=2", "--no-router-log"]);
+        load(host.port)
+    };
+    // Its own directory: the TCP app's wasmform.toml names `cache`.
+    let socket_dir = tempfile::tempdir().unwrap();
+    let socket_web = socket_dir.path().join("Procfile");
     std::fs::write(
         &socket_web,
         format!("web: {}\n", guests.join("tcp-server.wasm").display()),
@@ -89,6 +95,7 @@ pub fn rows(guests: &Path) {
     };
     for (name, figures) in [
         ("wasmform web=2, hello.wasm (wasi:http)", &fast),
+        ("wasmform web=2, hello.wasm, --no-router-log", &quiet),
         (
             "wasmform web=2, tcp-server.wasm (sockets, TCP path)",
             &sockets,
