@@ -25,7 +25,7 @@ use crate::state::StateDir;
 pub const DETACHED_ENV: &str = "WASMFORM_DETACHED";
 
 /// How long background and consumer instances must stay up before the formation is ready.
-const SETTLE: Duration = Duration::from_millis(500);
+pub(super) const SETTLE: Duration = Duration::from_millis(500);
 
 /// How often readiness is checked.
 const POLL: Duration = Duration::from_millis(25);
@@ -231,7 +231,7 @@ struct Failure {
     code: u8,
 }
 
-enum Verdict {
+pub(super) enum Verdict {
     /// Every desired instance is up; `settle`: some are background or consumer instances.
     Ready {
         settle: bool,
@@ -242,7 +242,7 @@ enum Verdict {
 }
 
 /// Judges one `ps` answer.
-fn judge(ps: &serde_json::Value) -> Verdict {
+pub(super) fn judge(ps: &serde_json::Value) -> Verdict {
     let empty = Vec::new();
     let instances = ps["instances"].as_array().unwrap_or(&empty);
     for i in instances {

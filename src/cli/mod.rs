@@ -6,6 +6,7 @@ mod deploy;
 mod detach;
 mod down;
 mod events;
+mod export;
 mod logs;
 mod pidfd;
 mod ps;
@@ -14,6 +15,7 @@ mod restart;
 mod rollback;
 mod run;
 mod scale;
+mod systemd;
 mod up;
 mod wait;
 
@@ -58,6 +60,7 @@ enum Command {
     Wait(wait::WaitCommand),
     Events(events::EventsCommand),
     Run(run::RunCommand),
+    Export(export::ExportCommand),
 }
 
 impl Cli {
@@ -81,6 +84,7 @@ impl Cli {
             Command::Rollback(cmd) => cmd.execute(),
             Command::Down(cmd) => cmd.execute(),
             Command::Events(cmd) => cmd.execute(),
+            Command::Export(cmd) => cmd.execute(),
         };
         done.map(|()| std::process::ExitCode::SUCCESS)
     }

@@ -326,12 +326,14 @@ impl UpCommand {
             keep_releases: self.keep_releases,
         };
         // Validate and compile everything before binding the port (nothing listens on error).
+        let notifier = super::systemd::Notifier::from_env();
+        notifier.compiling(app.processes.len(), self.compile_timeout);
         let host = Host::new(app, options)?;
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .enable_all()
             .build()
             .context("failed to start the async runtime")?;
-        let result = runtime.block_on(self.serve(host, &control, exit_with));
+        let result = runtime.block_on(self.serve(host, &control, exit_with, notifier));
         // Do not wait for the log printer if stdout stopped reading: it runs on a blocking
         // thread, which a plain drop of the runtime would wait for.
         runtime.shutdown_timeout(Duration::from_secs(1));
@@ -343,6 +345,7 @@ impl UpCommand {
         host: Host,
         control: &Path,
         exit_with: Option<Pidfd>,
+        notifier: super::systemd::Notifier,
     ) -> Result<ExitCode> {
         let addr = format!("{}:{}", self.host, self.port);
         let listener = tokio::net::TcpListener::bind(&addr).await.with_context(|| {
@@ -357,6 +360,7 @@ impl UpCommand {
             None
         };
         let running = host.start(listener).await?;
+        notifier.spawn(running.ps_source());
         if let Some(first) = watched {
             let deployer = running.deployer();
             let source = self.procfile.clone();
@@ -395,6 +399,7 @@ impl UpCommand {
                 ExitCode::from(124),
             ),
         };
+        notifier.stopping(&why);
         running.log(format!(
             "{why}: shutting down (grace {}; send SIGINT or SIGTERM again to exit at once)",
             crate::units::humanize(self.grace)

@@ -83,6 +83,13 @@ impl RunningHost {
             .collect()
     }
 
+    /// A function returning `ps` as the control API answers it (`GET /v1/ps`), for tasks
+    /// that outlive this borrow (systemd's readiness).
+    pub(crate) fn ps_source(&self) -> impl Fn() -> serde_json::Value + Send + 'static {
+        let supervisor = self.supervisor.clone();
+        move || serde_json::to_value(supervisor.ps()).unwrap_or_default()
+    }
+
     /// Logs a host event.
     pub fn log(&self, text: impl Into<String>) {
         self.logs.host(text);

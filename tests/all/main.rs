@@ -14,6 +14,7 @@ mod limits;
 mod manifest;
 mod shared;
 mod support;
+mod systemd;
 mod tcp;
 mod toolchains;
 mod tools;

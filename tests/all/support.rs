@@ -234,8 +234,14 @@ pub struct Wasmform {
 
 impl Wasmform {
     pub fn spawn(args: &[&str]) -> Self {
+        Self::spawn_with(args, &[])
+    }
+
+    /// [`Wasmform::spawn`] with more environment variables.
+    pub fn spawn_with(args: &[&str], env: &[(&str, &str)]) -> Self {
         let mut child = Command::new(env!("CARGO_BIN_EXE_wasmform"))
             .args(args)
+            .envs(env.iter().copied())
             .env_remove("PORT")
             .env("RUST_BACKTRACE", "0")
             .stdin(Stdio::null())
