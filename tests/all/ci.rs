@@ -167,7 +167,9 @@ fn wait_fails_fast_on_a_crash_loop_and_when_the_host_exits() {
 
     // A wait in progress fails when the host goes away.
     let waiting = app.cli_spawn(&["wait", "--for", "release=v9", "--timeout", "120s"]);
-    std::thread::sleep(Duration::from_millis(300));
+    // Time for the client to start and find the host, even on a loaded machine (it exits 3
+    // if the host is gone before it looks).
+    std::thread::sleep(Duration::from_millis(1500));
     assert!(app.cli(&["down"]).ok);
     let output = waiting.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&output.stderr);
