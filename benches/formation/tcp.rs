@@ -66,33 +66,23 @@ pub fn rows(guests: &Path) {
         "{:<NAME$} {:>10} {:>10} {:>10}",
         "server", "req/s", "p99", "vs wasi:http"
     );
-    let hello_dir = tempfile::tempdir().unwrap();
-    let hello = hello_dir.path().join("Procfile");
-    std::fs::write(
-        &hello,
-        format!("web: {}\n", guests.join("hello.wasm").display()),
-    )
-    .unwrap();
-    let fast = {
-        let host = Host::start(&hello, &["-m", "web=2"]);
+    let served = |guest: &str, extra: &[&str]| {
+        // Each in a directory of its own: the TCP app's wasmform.toml names `cache`.
+        let dir = tempfile::tempdir().unwrap();
+        let procfile = dir.path().join("Procfile");
+        std::fs::write(
+            &procfile,
+            format!("web: {}\n", guests.join(guest).display()),
+        )
+        .unwrap();
+        let mut args = vec!["-m", "web=2"];
+        args.extend_from_slice(extra);
+        let host = Host::start(&procfile, &args);
         load(host.port)
     };
-    let quiet = {
-        let host = Host::start(&hello, &["-m", "web=2", "--no-router-log"]);
-        load(host.port)
-    };
-    // Its own directory: the TCP app's wasmform.toml names `cache`.
-    let socket_dir = tempfile::tempdir().unwrap();
-    let socket_web = socket_dir.path().join("Procfile");
-    std::fs::write(
-        &socket_web,
-        format!("web: {}\n", guests.join("tcp-server.wasm").display()),
-    )
-    .unwrap();
-    let sockets = {
-        let host = Host::start(&socket_web, &["-m", "web=2"]);
-        load(host.port)
-    };
+    let fast = served("hello.wasm", &[]);
+    let quiet = served("hello.wasm", &["--no-router-log"]);
+    let sockets = served("tcp-server.wasm", &[]);
     for (name, figures) in [
         ("wasmform web=2, hello.wasm (wasi:http)", &fast),
         ("wasmform web=2, hello.wasm, --no-router-log", &quiet),

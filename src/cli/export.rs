@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use anyhow::{Context as _, Result, bail};
 
+use super::up::parse_size;
 use crate::app::{AppSpec, parse_duration};
 use crate::units::ByteSize;
 
@@ -69,10 +70,6 @@ pub struct ExportCommand {
     /// Overwrite an existing unit file.
     #[arg(long = "force")]
     force: bool,
-}
-
-fn parse_size(s: &str) -> Result<ByteSize, String> {
-    s.parse()
 }
 
 impl ExportCommand {

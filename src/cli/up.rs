@@ -232,7 +232,7 @@ pub struct UpCommand {
     command: Vec<String>,
 }
 
-fn parse_size(s: &str) -> Result<ByteSize, String> {
+pub(super) fn parse_size(s: &str) -> Result<ByteSize, String> {
     s.parse()
 }
 

@@ -36,7 +36,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 pub use self::refuse::Refusals;
-use self::refuse::{Refusal, RefusalLog};
+use self::refuse::{Refusal, log_connection_limit};
 use crate::instance::WebInstance;
 use crate::logs::Logs;
 use crate::net::next_connection;
@@ -163,7 +163,7 @@ pub async fn serve(listener: TcpListener, router: Arc<Router>, shutdown: Cancell
     };
     let connections = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
     let refusal = Refusal::new(limits.max_connections);
-    let mut refused = RefusalLog::default();
+    let mut refused = crate::logs::Throttle::default();
     loop {
         let listener = &listener;
         let accept = || async move { listener.accept().await.map(|(stream, _)| stream) };
@@ -174,7 +174,7 @@ pub async fn serve(listener: TcpListener, router: Arc<Router>, shutdown: Cancell
         // 503 at once and closed, instead of waiting unanswered in the kernel's backlog.
         let Ok(permit) = connections.clone().try_acquire_owned() else {
             refusal.refuse(stream);
-            refused.count(&router.logs, limits.max_connections);
+            log_connection_limit(&mut refused, &router.logs, limits.max_connections);
             continue;
         };
         let _ = stream.set_nodelay(true);

@@ -11,7 +11,7 @@ use crate::logs::{Logs, Throttle};
 /// logged at most once a second per code, the line saying how many there were since the last
 /// one (`refused=N`, when more than one), so a client cannot flood the log.
 #[derive(Default)]
-pub struct Refusals(std::sync::Mutex<[RefusalLog; 2]>);
+pub struct Refusals(std::sync::Mutex<[Throttle; 2]>);
 
 impl Refusals {
     /// Counts a refusal of kind `index` ([`RouterError::refusal`]); `Some(n)`: log its line
@@ -76,21 +76,12 @@ impl Refusal {
     }
 }
 
-/// Logs refused connections at most once a second, with how many there were since the last
-/// line, so a flood of connections cannot flood the log.
-#[derive(Default)]
-pub(super) struct RefusalLog(Throttle);
-
-impl RefusalLog {
-    fn admit(&mut self) -> Option<u64> {
-        self.0.admit()
-    }
-
-    pub(super) fn count(&mut self, logs: &Logs, max_connections: usize) {
-        if let Some(refused) = self.admit() {
-            logs.host(format!(
-                "at=error code=H11 desc=\"Connection limit reached\" connections={max_connections} refused={refused} status=503"
-            ));
-        }
+/// Logs a connection refused past `--max-connections`, at most once a second with how many
+/// there were since the last line, so a flood of connections cannot flood the log.
+pub(super) fn log_connection_limit(throttle: &mut Throttle, logs: &Logs, max_connections: usize) {
+    if let Some(refused) = throttle.admit() {
+        logs.host(format!(
+            "at=error code=H11 desc=\"Connection limit reached\" connections={max_connections} refused={refused} status=503"
+        ));
     }
 }

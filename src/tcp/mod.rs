@@ -40,10 +40,10 @@ pub const WAIT: Duration = Duration::from_secs(10);
 /// What one TCP listener serves.
 pub struct Service {
     /// The process type, for the log.
-    pub process: String,
-    pub backends: Arc<Backends>,
-    pub metrics: TcpMetrics,
-    pub logs: Logs,
+    process: String,
+    backends: Arc<Backends>,
+    metrics: TcpMetrics,
+    logs: Logs,
     /// Refusals are logged at most once a second.
     refusals: std::sync::Mutex<Throttle>,
 }

@@ -329,7 +329,12 @@ impl Wasmform {
 
     /// The address in the first logged `{what} http://ADDR…` line, waiting for it.
     pub fn logged_addr(&self, what: &str) -> SocketAddr {
-        let prefix = format!("{what} http://");
+        self.logged_url_addr(what, "http")
+    }
+
+    /// The address in the first logged `{what} SCHEME://ADDR…` line, waiting for it.
+    pub fn logged_url_addr(&self, what: &str, scheme: &str) -> SocketAddr {
+        let prefix = format!("{what} {scheme}://");
         let out = self.wait_for(&prefix, Duration::from_secs(30));
         let rest = &out[out.find(&prefix).unwrap() + prefix.len()..];
         let end = rest

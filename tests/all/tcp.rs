@@ -22,11 +22,21 @@ fn cache_app(args: &str, service: &str, process: &str) -> App {
 
 /// The address of the TCP service in the host's log.
 fn service_addr(host: &Wasmform) -> SocketAddr {
-    let prefix = "serving tcp://";
-    let out = host.wait_for(prefix, Duration::from_secs(30));
-    let rest = &out[out.find(prefix).unwrap() + prefix.len()..];
-    let end = rest.find(char::is_whitespace).unwrap_or(rest.len());
-    rest[..end].parse().unwrap()
+    host.logged_url_addr("serving", "tcp")
+}
+
+/// One open connection on each of `n` instances, by instance name (`cache.1` first).
+fn one_per_instance(addr: SocketAddr, n: usize) -> Vec<(String, Client)> {
+    let mut open: Vec<(String, Client)> = Vec::new();
+    while open.len() < n {
+        let mut client = Client::connect(addr);
+        let who = client.instance();
+        if open.iter().all(|(w, _)| *w != who) {
+            open.push((who, client));
+        }
+    }
+    open.sort_by(|a, b| a.0.cmp(&b.0));
+    open
 }
 
 /// A line-protocol client.
@@ -45,21 +55,39 @@ impl Client {
         }
     }
 
-    /// Sends `line`, returns the answer line (empty if the connection closed).
+    /// Sends `line`, returns the answer line (empty if the connection closed; panics if
+    /// neither happens within the read timeout).
     fn ask(&mut self, line: &str) -> String {
         self.reader
             .get_mut()
             .write_all(format!("{line}\n").as_bytes())
             .unwrap();
         let mut answer = String::new();
-        let _ = self.reader.read_line(&mut answer);
+        if let Err(e) = self.reader.read_line(&mut answer) {
+            // A reset is a closed connection; silence past the timeout is neither.
+            assert!(
+                !matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ),
+                "no answer to {line:?} and no close within the read timeout"
+            );
+        }
         answer.trim_end().to_string()
     }
 
-    /// Whether the host closed the connection (EOF or reset) within the read timeout.
+    /// Whether the host closed the connection (EOF or reset) within the read timeout; a
+    /// connection that is still open when the timeout passes, or answers, is not closed.
     fn closed(&mut self) -> bool {
         let mut buf = [0u8; 64];
-        matches!(self.reader.read(&mut buf), Ok(0) | Err(_))
+        match self.reader.read(&mut buf) {
+            Ok(0) => true,
+            Ok(_) => false,
+            Err(e) => !matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ),
+        }
     }
 
     /// The instance that answered `ask`, e.g. `cache.2`.
@@ -162,15 +190,7 @@ fn scaling_down_keeps_open_connections_within_the_drain_and_refuses_no_new_one()
     let host = app.up(&["-m", "cache=3"]);
     let addr = service_addr(&host);
     // One open connection on each instance.
-    let mut open: Vec<(String, Client)> = Vec::new();
-    while open.len() < 3 {
-        let mut client = Client::connect(addr);
-        let who = client.instance();
-        if open.iter().all(|(w, _)| *w != who) {
-            open.push((who, client));
-        }
-    }
-    open.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut open = one_per_instance(addr, 3);
     let scaled = app.cli(&["scale", "cache=1"]);
     assert!(scaled.ok, "{}", scaled.stderr);
 
@@ -224,15 +244,7 @@ fn a_trap_and_a_memory_bomb_leave_the_other_instances_serving() {
     let app = cache_app("", "", "[processes.cache]\nmemory = \"64MiB\"\n");
     let host = app.up(&["-m", "cache=3"]);
     let addr = service_addr(&host);
-    let mut by_instance: Vec<(String, Client)> = Vec::new();
-    while by_instance.len() < 3 {
-        let mut client = Client::connect(addr);
-        let who = client.instance();
-        if by_instance.iter().all(|(w, _)| *w != who) {
-            by_instance.push((who, client));
-        }
-    }
-    by_instance.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut by_instance = one_per_instance(addr, 3);
     let [(_, one), (_, two), (_, three)] = &mut by_instance[..] else {
         unreachable!()
     };
