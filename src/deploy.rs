@@ -39,6 +39,8 @@ pub struct Deployer {
     pub(crate) routes: Vec<(String, String, bool)>,
     /// Compile times of releases that went live are recorded here.
     pub(crate) metrics: Arc<crate::metrics::Metrics>,
+    /// Held by an upload (`deploy --remote`) while it replaces the app's files and deploys.
+    pub(crate) files: tokio::sync::Mutex<()>,
 }
 
 /// What a deploy or rollback did.
@@ -58,6 +60,17 @@ pub struct DeployOutcome {
 }
 
 impl Deployer {
+    /// The directory of the app's files (the Procfile's), where uploads go.
+    pub fn app_dir(&self) -> Option<PathBuf> {
+        let source = self.source.as_ref()?;
+        let dir = source.parent().unwrap_or(std::path::Path::new("."));
+        Some(if dir.as_os_str().is_empty() {
+            PathBuf::from(".")
+        } else {
+            dir.to_path_buf()
+        })
+    }
+
     /// Reads the app's files again and deploys them.
     pub async fn deploy(&self) -> Result<DeployOutcome, ControlError> {
         let Some(source) = self.source.clone() else {

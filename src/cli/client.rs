@@ -1,7 +1,10 @@
-//! The control API client shared by `scale`, `ps`, `logs` and `restart`: finds the running
-//! host of an app by its control socket and turns connection failures into advice.
+//! The control API client shared by every client command (`scale`, `ps`, `logs`, `deploy`,
+//! `run`…): finds the running host of an app by its control socket, or reaches a remote one
+//! (`--remote`) over TCP with a bearer token, HTTPS off loopback; turns connection failures
+//! into advice.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use anyhow::{Context as _, Result, bail};
 use bytes::Bytes;
@@ -9,17 +12,48 @@ use http_body_util::{BodyExt as _, Full};
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::UnixStream;
 
 use crate::state::StateDir;
 
-/// Which app a command talks to.
+/// Which app a command talks to: the one in a directory (its control socket), or a host
+/// elsewhere (`--remote`).
 #[derive(clap::Args, Debug, Clone)]
 pub struct AppArgs {
     /// The app's directory (the one holding its Procfile and `.wasmform/`), or its Procfile.
     /// Default: the current directory.
     #[arg(long = "app", value_name = "DIR")]
     app: Option<PathBuf>,
+
+    /// The host's state directory, where `up --state-dir` put it (its control socket is
+    /// there).
+    #[arg(long = "state-dir", value_name = "DIR")]
+    state_dir: Option<PathBuf>,
+
+    /// A host elsewhere: the URL of its control API (`up --control-tcp`), e.g.
+    /// `https://edge-7.example.net:7070`; `http://` only to a loopback address.
+    #[arg(long = "remote", env = "WASMFORM_REMOTE", value_name = "URL")]
+    remote: Option<String>,
+
+    /// File holding the remote host's bearer token (`up --control-token-file`).
+    #[arg(
+        long = "token-file",
+        env = "WASMFORM_TOKEN_FILE",
+        value_name = "FILE",
+        requires = "remote"
+    )]
+    token_file: Option<PathBuf>,
+
+    /// The remote host's certificate, or the CA that signed it (PEM): only a host that
+    /// presents it (or one it signed, for the name in `--remote`) is trusted.
+    #[arg(
+        long = "remote-cert",
+        env = "WASMFORM_REMOTE_CERT",
+        value_name = "PEM",
+        requires = "remote"
+    )]
+    remote_cert: Option<PathBuf>,
 }
 
 /// No host answers on the app's control socket: a client command then exits with
@@ -28,10 +62,29 @@ pub struct AppArgs {
 #[error("{0}")]
 pub struct NoHost(String);
 
-/// A connection target: the app's control socket.
+/// A connection to the control API.
+pub trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
+
+/// A connection target: the app's control socket, or a remote host.
 pub struct Client {
     dir: PathBuf,
-    socket: PathBuf,
+    state: StateDir,
+    remote: Option<Arc<Remote>>,
+}
+
+/// A host reached over TCP (`--remote`).
+struct Remote {
+    /// As given, for messages.
+    url: String,
+    /// `host:port`: where to connect, and the `Host` header.
+    authority: String,
+    token_file: PathBuf,
+    /// HTTPS: the pinned certificate's client settings and the name to verify.
+    tls: Option<(
+        tokio_rustls::TlsConnector,
+        rustls_pki_types::ServerName<'static>,
+    )>,
 }
 
 impl Client {
@@ -42,8 +95,19 @@ impl Client {
             Some(path) => path.clone(),
             None => std::env::current_dir().context("cannot read the current directory")?,
         };
-        let socket = StateDir::for_app(&dir).socket();
-        Ok(Self { dir, socket })
+        let state = match &args.state_dir {
+            Some(state) => StateDir::new(state.clone()),
+            None => StateDir::for_app(&dir),
+        };
+        let remote = match &args.remote {
+            Some(url) => Some(Arc::new(Remote::new(
+                url,
+                args.token_file.as_deref(),
+                args.remote_cert.as_deref(),
+            )?)),
+            None => None,
+        };
+        Ok(Self { dir, state, remote })
     }
 
     /// The client of the host whose state directory is `state` (`up --state-dir` may put it
@@ -51,13 +115,29 @@ impl Client {
     pub fn for_state(state: &StateDir) -> Self {
         Self {
             dir: state.path().parent().unwrap_or(state.path()).to_path_buf(),
-            socket: state.socket(),
+            state: state.clone(),
+            remote: None,
         }
     }
 
-    /// Whether a host answers on the app's control socket.
+    /// Whether a host answers on the app's control socket; a remote host is assumed to (a
+    /// request to it then says why not).
     pub fn host_running(&self) -> bool {
-        std::os::unix::net::UnixStream::connect(&self.socket).is_ok()
+        self.remote.is_some() || std::os::unix::net::UnixStream::connect(self.socket()).is_ok()
+    }
+
+    /// Whether the host is remote (`--remote`): its files and processes are not this
+    /// machine's.
+    pub fn is_remote(&self) -> bool {
+        self.remote.is_some()
+    }
+
+    /// The host, for messages: its directory, or its URL.
+    pub fn describe(&self) -> String {
+        match &self.remote {
+            Some(remote) => remote.url.clone(),
+            None => format!("`{}`", self.dir.display()),
+        }
     }
 
     /// The app's directory.
@@ -67,15 +147,39 @@ impl Client {
 
     /// The app's state directory.
     pub fn state(&self) -> StateDir {
-        StateDir::for_app(&self.dir)
+        self.state.clone()
     }
 
-    /// A connection to the app's control socket, for a request [`call`](Self::call) cannot
-    /// make (an upgraded one).
-    pub async fn connect(&self) -> Result<UnixStream> {
-        UnixStream::connect(&self.socket)
-            .await
-            .map_err(|e| self.connect_error(e))
+    fn socket(&self) -> PathBuf {
+        self.state.socket()
+    }
+
+    /// A connection to the control API, for a request [`call`](Self::call) cannot make (an
+    /// upgraded one); send it [`request`](Self::request)s.
+    pub async fn connect(&self) -> Result<Box<dyn Stream>> {
+        match &self.remote {
+            None => Ok(Box::new(
+                UnixStream::connect(self.socket())
+                    .await
+                    .map_err(|e| self.connect_error(e))?,
+            )),
+            Some(remote) => remote.connect().await,
+        }
+    }
+
+    /// A request to the control API, with the `Host` (and, remotely, the bearer token) it
+    /// needs.
+    pub fn request(&self, method: Method, path: &str) -> Result<http::request::Builder> {
+        let builder = Request::builder().method(method).uri(path);
+        Ok(match &self.remote {
+            None => builder.header(hyper::header::HOST, "wasmform"),
+            Some(remote) => builder
+                .header(hyper::header::HOST, &remote.authority)
+                .header(
+                    hyper::header::AUTHORIZATION,
+                    format!("Bearer {}", remote.token()?),
+                ),
+        })
     }
 
     /// The message of a non-2xx answer: the API's `error`, else the body.
@@ -97,21 +201,28 @@ impl Client {
         path: &str,
         body: Option<serde_json::Value>,
     ) -> Result<Response<Incoming>> {
-        let stream = UnixStream::connect(&self.socket)
-            .await
-            .map_err(|e| self.connect_error(e))?;
+        let body = body.map(|b| b.to_string()).unwrap_or_default();
+        let request = self
+            .request(method, path)?
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(body)))
+            .expect("valid request");
+        self.send(request).await
+    }
+
+    /// Sends a prepared request; a non-2xx answer becomes an error carrying the API's
+    /// message.
+    pub async fn send<B>(&self, request: Request<B>) -> Result<Response<Incoming>>
+    where
+        B: hyper::body::Body + Send + 'static,
+        B::Data: Send,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let stream = self.connect().await?;
         let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
             .context("control API handshake failed")?;
         tokio::spawn(conn);
-        let body = body.map(|b| b.to_string()).unwrap_or_default();
-        let request = Request::builder()
-            .method(method)
-            .uri(path)
-            .header("host", "wasmform")
-            .header("content-type", "application/json")
-            .body(Full::new(Bytes::from(body)))
-            .expect("valid request");
         let response = sender
             .send_request(request)
             .await
@@ -121,15 +232,21 @@ impl Client {
         }
         let status = response.status();
         let message = Self::refusal(response).await;
-        if status == StatusCode::FORBIDDEN {
-            bail!("permission denied by the control API: {message}");
-        }
-        if status == StatusCode::NOT_FOUND {
-            bail!(
+        match status {
+            StatusCode::UNAUTHORIZED => bail!(
+                "the host at {} refused the token in `{}`: {message}",
+                self.describe(),
+                self.remote
+                    .as_ref()
+                    .map_or(PathBuf::new(), |r| r.token_file.clone())
+                    .display()
+            ),
+            StatusCode::FORBIDDEN => bail!("permission denied by the control API: {message}"),
+            StatusCode::NOT_FOUND => bail!(
                 "the running host does not know this command ({message}): is it an older wasmform?"
-            );
+            ),
+            _ => bail!("{message}"),
         }
-        bail!("{message}")
     }
 
     /// Sends a request and parses the JSON answer.
@@ -145,23 +262,241 @@ impl Client {
     }
 
     fn connect_error(&self, e: std::io::Error) -> anyhow::Error {
+        let socket = self.socket();
         match e.kind() {
             std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => {
                 anyhow::Error::new(NoHost(format!(
-                    "no wasmform host is running for `{}` (nothing answers on `{}`): start one with `wasmform up` there, or name the app with `--app DIR`",
+                    "no wasmform host is running for `{}` (nothing answers on `{}`): start one with `wasmform up` there, or name the app with `--app DIR` (or a host elsewhere with `--remote URL`)",
                     self.dir.display(),
-                    self.socket.display()
+                    socket.display()
                 )))
             }
             std::io::ErrorKind::PermissionDenied => anyhow::anyhow!(
                 "permission denied on the control socket `{}`: it belongs to another user; run this as the user who started `wasmform up`",
-                self.socket.display()
+                socket.display()
             ),
             _ => anyhow::anyhow!(
                 "cannot reach the control socket `{}`: {e}",
-                self.socket.display()
+                socket.display()
             ),
         }
+    }
+}
+
+impl Remote {
+    /// Checks `--remote URL` and its token and certificate files.
+    fn new(url: &str, token_file: Option<&Path>, cert: Option<&Path>) -> Result<Self> {
+        let (scheme, rest) = url.split_once("://").with_context(|| {
+            format!("--remote {url}: expected a URL such as `https://edge-7.example.net:7070`")
+        })?;
+        let authority = rest.trim_end_matches('/');
+        if authority.is_empty() || authority.contains('/') {
+            bail!(
+                "--remote {url}: give the control API's address only, e.g. `https://edge-7.example.net:7070`"
+            );
+        }
+        let uri: http::uri::Authority = authority
+            .parse()
+            .with_context(|| format!("--remote {url}: `{authority}` is not a host and port"))?;
+        if uri.port_u16().is_none() {
+            bail!(
+                "--remote {url}: name the port of the host's `--control-tcp`, e.g. `{scheme}://{authority}:7070`"
+            );
+        }
+        let host = uri.host().trim_start_matches('[').trim_end_matches(']');
+        let Some(token_file) = token_file else {
+            bail!(
+                "--remote {url}: a remote host needs its bearer token: `--token-file FILE` (or WASMFORM_TOKEN_FILE)"
+            );
+        };
+        let tls = match scheme {
+            "https" => {
+                let Some(cert) = cert else {
+                    bail!(
+                        "--remote {url}: name the host's certificate, or the CA that signed it, with `--remote-cert FILE` (or WASMFORM_REMOTE_CERT)"
+                    );
+                };
+                let name = rustls_pki_types::ServerName::try_from(host.to_string())
+                    .with_context(|| format!("--remote {url}: `{host}` is not a server name"))?;
+                Some((pinned(cert)?, name))
+            }
+            "http" => {
+                let loopback = host == "localhost"
+                    || host
+                        .parse::<std::net::IpAddr>()
+                        .is_ok_and(|ip| ip.is_loopback());
+                if !loopback {
+                    bail!(
+                        "--remote {url}: plain http would send the token in clear text over the network: use https:// (the host's `--control-tls-cert`)"
+                    );
+                }
+                None
+            }
+            other => bail!(
+                "--remote {url}: unknown scheme `{other}`: use https:// (or http:// to a loopback address)"
+            ),
+        };
+        Ok(Self {
+            url: url.to_string(),
+            authority: authority.to_string(),
+            token_file: token_file.to_path_buf(),
+            tls,
+        })
+    }
+
+    /// The token, read now (it may have been rotated since the last command).
+    fn token(&self) -> Result<String> {
+        let token = std::fs::read_to_string(&self.token_file).with_context(|| {
+            format!("cannot read the token file `{}`", self.token_file.display())
+        })?;
+        let token = token.trim();
+        if token.is_empty() {
+            bail!("the token file `{}` is empty", self.token_file.display());
+        }
+        Ok(token.to_string())
+    }
+
+    async fn connect(&self) -> Result<Box<dyn Stream>> {
+        let tcp = tokio::net::TcpStream::connect(&self.authority)
+            .await
+            .map_err(|e| {
+                anyhow::Error::new(NoHost(format!(
+                    "cannot reach the host at {}: {e}: is `wasmform up --control-tcp` running there?",
+                    self.url
+                )))
+            })?;
+        let _ = tcp.set_nodelay(true);
+        let Some((connector, name)) = &self.tls else {
+            return Ok(Box::new(tcp));
+        };
+        let stream = connector
+            .connect(name.clone(), tcp)
+            .await
+            .with_context(|| {
+                format!(
+                    "TLS with the host at {} failed (is `--remote-cert` its certificate or its CA?)",
+                    self.url
+                )
+            })?;
+        Ok(Box::new(stream))
+    }
+}
+
+/// Client TLS settings that trust only `file`'s certificates: a server presenting one of
+/// them exactly, or one they signed for the name connected to.
+fn pinned(file: &Path) -> Result<tokio_rustls::TlsConnector> {
+    use rustls_pki_types::CertificateDer;
+    use rustls_pki_types::pem::PemObject as _;
+    let certs = CertificateDer::pem_file_iter(file)
+        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "--remote-cert `{}`: not a PEM certificate file: {e}",
+                file.display()
+            )
+        })?;
+    if certs.is_empty() {
+        bail!(
+            "--remote-cert `{}`: holds no certificate (expected `-----BEGIN CERTIFICATE-----`)",
+            file.display()
+        );
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    // A certificate that cannot be a trust anchor can still be pinned exactly.
+    let _ = roots.add_parsable_certificates(certs.iter().cloned());
+    let signed = if roots.is_empty() {
+        None
+    } else {
+        rustls::client::WebPkiServerVerifier::builder_with_provider(
+            Arc::new(roots),
+            provider.clone(),
+        )
+        .build()
+        .ok()
+    };
+    let verifier = Arc::new(Pinned {
+        certs,
+        signed,
+        provider: provider.clone(),
+    });
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .context("TLS setup failed")?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_no_client_auth();
+    Ok(tokio_rustls::TlsConnector::from(Arc::new(config)))
+}
+
+/// Trusts a server whose certificate is one of `certs` byte for byte, or is signed by one of
+/// them for the name connected to (`signed`). Signatures of the handshake are checked as
+/// always.
+#[derive(Debug)]
+struct Pinned {
+    certs: Vec<rustls_pki_types::CertificateDer<'static>>,
+    signed: Option<Arc<rustls::client::WebPkiServerVerifier>>,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+}
+
+impl rustls::client::danger::ServerCertVerifier for Pinned {
+    fn verify_server_cert(
+        &self,
+        end_entity: &rustls_pki_types::CertificateDer<'_>,
+        intermediates: &[rustls_pki_types::CertificateDer<'_>],
+        server_name: &rustls_pki_types::ServerName<'_>,
+        ocsp_response: &[u8],
+        now: rustls_pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        if self.certs.iter().any(|c| c.as_ref() == end_entity.as_ref()) {
+            return Ok(rustls::client::danger::ServerCertVerified::assertion());
+        }
+        match &self.signed {
+            Some(signed) => signed.verify_server_cert(
+                end_entity,
+                intermediates,
+                server_name,
+                ocsp_response,
+                now,
+            ),
+            None => Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::UnknownIssuer,
+            )),
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls_pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls_pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
     }
 }
 

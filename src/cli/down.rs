@@ -35,6 +35,11 @@ impl DownCommand {
     /// Asks the host to stop and waits for its process to end.
     pub fn execute(self) -> Result<()> {
         let client = Client::new(&self.app)?;
+        if self.purge && client.is_remote() {
+            bail!(
+                "--purge removes this machine's state directory, not a remote host's: leave it out with --remote"
+            );
+        }
         if client.host_running() {
             let answer =
                 block_on(client.json(Method::POST, "/v1/shutdown", Some(serde_json::json!({}))))??;
@@ -42,6 +47,14 @@ impl DownCommand {
                 .as_u64()
                 .and_then(|p| libc::pid_t::try_from(p).ok())
                 .context("the host's answer to `/v1/shutdown` names no pid")?;
+            if client.is_remote() {
+                // Its process is not this machine's to watch.
+                eprintln!(
+                    "the host at {} is stopping (pid {pid} there)",
+                    client.describe()
+                );
+                return Ok(());
+            }
             wait_gone(pid, self.grace)?;
             // `up --detach` recorded it; the process is gone, so is the record.
             let _ = std::fs::remove_file(client.state().path().join("host.pid"));

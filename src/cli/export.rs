@@ -48,6 +48,20 @@ pub struct ExportCommand {
     #[arg(short = 'p', long = "port", default_value_t = 5000)]
     port: u16,
 
+    /// The address the front door binds (`up --host`).
+    #[arg(long = "host", default_value = "127.0.0.1")]
+    host: std::net::IpAddr,
+
+    /// The host's state directory (`up --state-dir`), e.g. `/var/lib/wasmform/shop`; one under
+    /// `/var/lib` becomes the unit's `StateDirectory=`. Default: `.wasmform/` in the app.
+    #[arg(long = "state-dir", value_name = "DIR")]
+    state_dir: Option<PathBuf>,
+
+    /// Also write `APP.socket`: systemd holds the front door's and the services' sockets, so
+    /// connections made while the host restarts wait instead of being refused.
+    #[arg(long = "socket-activation")]
+    socket_activation: bool,
+
     /// How long in-flight requests may take at shutdown (`up --grace`); `TimeoutStopSec`
     /// covers it.
     #[arg(long = "grace", default_value = "30s", value_parser = parse_duration)]
@@ -100,10 +114,29 @@ impl ExportCommand {
                 .apply_spec(formation)
                 .map_err(|e| anyhow::anyhow!("-m {formation}: {e}"))?;
         }
+        if let Some(dir) = &self.state_dir
+            && !dir.is_absolute()
+        {
+            bail!(
+                "--state-dir {}: systemd starts the unit elsewhere, so give an absolute path (e.g. /var/lib/wasmform/{name})",
+                dir.display()
+            );
+        }
         let exe = std::env::current_exe().context("cannot find the wasmform executable")?;
-        let unit = self.unit(&name, &exe, &procfile, &app.dir);
+        let mut files = vec![(
+            format!("{name}.service"),
+            self.unit(&name, &exe, &procfile, &app.dir),
+        )];
+        if self.socket_activation {
+            files.push((format!("{name}.socket"), self.socket(&name, &app)));
+        }
         if self.location == Path::new("-") {
-            print!("{unit}");
+            for (file, text) in &files {
+                if files.len() > 1 {
+                    println!("# {file}");
+                }
+                print!("{text}");
+            }
             return Ok(());
         }
         if !self.location.is_dir() {
@@ -112,19 +145,59 @@ impl ExportCommand {
                 self.location.display()
             );
         }
-        let path = self.location.join(format!("{name}.service"));
-        if path.exists() && !self.force {
-            bail!(
-                "{} exists: it is kept; pass --force to overwrite it",
-                path.display()
-            );
+        // Nothing is written unless every file may be.
+        for (file, _) in &files {
+            let path = self.location.join(file);
+            if path.exists() && !self.force {
+                bail!(
+                    "{} exists: it is kept; pass --force to overwrite it",
+                    path.display()
+                );
+            }
         }
-        std::fs::write(&path, unit).with_context(|| format!("cannot write {}", path.display()))?;
-        eprintln!(
-            "wrote {}; then: systemctl daemon-reload && systemctl enable --now {name}",
-            path.display()
-        );
+        for (file, text) in &files {
+            let path = self.location.join(file);
+            std::fs::write(&path, text)
+                .with_context(|| format!("cannot write {}", path.display()))?;
+            eprintln!("wrote {}", path.display());
+        }
+        let enable = if self.socket_activation {
+            format!("{name}.socket {name}.service")
+        } else {
+            name
+        };
+        eprintln!("then: systemctl daemon-reload && systemctl enable --now {enable}");
         Ok(())
+    }
+
+    /// The `.socket` unit: the front door's address and every `[[services]]` listen address,
+    /// which `up` matches to its listeners by address.
+    fn socket(&self, name: &str, app: &AppSpec) -> String {
+        let mut listen = vec![format!(
+            "ListenStream={}",
+            std::net::SocketAddr::new(self.host, self.port)
+        )];
+        listen.extend(
+            app.services
+                .iter()
+                .map(|s| format!("ListenStream={}", s.listen)),
+        );
+        format!(
+            "# Written by `wasmform export systemd --socket-activation`. `wasmform up` adopts\n\
+             # each socket as the listener with the same address.\n\
+             [Unit]\n\
+             Description=sockets of wasmform app {name}\n\
+             \n\
+             [Socket]\n\
+             {}\n\
+             NoDelay=true\n\
+             Backlog=4096\n\
+             Service={name}.service\n\
+             \n\
+             [Install]\n\
+             WantedBy=sockets.target\n",
+            listen.join("\n"),
+        )
     }
 
     /// The unit's text.
@@ -136,8 +209,16 @@ impl ExportCommand {
             self.port,
             systemd_time(self.grace)
         );
+        if self.host != std::net::IpAddr::from([127, 0, 0, 1]) {
+            start.push_str(&format!(" --host {}", self.host));
+        }
         if let Some(formation) = &self.formation {
             start.push_str(&format!(" -m {formation}"));
+        }
+        let mut app = format!("--app {}", dir.display());
+        if let Some(state) = &self.state_dir {
+            start.push_str(&format!(" --state-dir {}", state.display()));
+            app = format!("--state-dir {}", state.display());
         }
         if self.max_connections != 10_000 {
             start.push_str(&format!(" --max-connections {}", self.max_connections));
@@ -149,7 +230,7 @@ impl ExportCommand {
         service.extend([
             format!("WorkingDirectory={}", dir.display()),
             format!("ExecStart={start}"),
-            format!("ExecReload={exe} deploy --app {}", dir.display()),
+            format!("ExecReload={exe} deploy {app}"),
             "KillSignal=SIGTERM".to_string(),
             // The grace, the instances' own drain after it, and a margin.
             format!(
@@ -159,6 +240,18 @@ impl ExportCommand {
             "Restart=on-failure".to_string(),
             "RestartSec=1s".to_string(),
         ]);
+        if let Some(relative) = self
+            .state_dir
+            .as_ref()
+            .and_then(|d| d.strip_prefix("/var/lib").ok())
+        {
+            // systemd creates it, owned by `User=`.
+            service.push(format!("StateDirectory={}", relative.display()));
+            service.push("StateDirectoryMode=0700".to_string());
+        }
+        if self.socket_activation {
+            service.push(format!("Sockets={name}.socket"));
+        }
         if !self.watchdog.is_zero() {
             service.push(format!("WatchdogSec={}", systemd_time(self.watchdog)));
         }
@@ -180,7 +273,7 @@ impl ExportCommand {
              [Unit]\n\
              Description=wasmform app {name} ({procfile})\n\
              Wants=network-online.target\n\
-             After=network-online.target\n\
+             After=network-online.target{sockets}\n\
              \n\
              [Service]\n\
              {}\n\
@@ -189,6 +282,11 @@ impl ExportCommand {
              WantedBy=multi-user.target\n",
             service.join("\n"),
             procfile = procfile.display(),
+            sockets = if self.socket_activation {
+                format!("\nRequires={name}.socket\nAfter={name}.socket")
+            } else {
+                String::new()
+            },
         )
     }
 }

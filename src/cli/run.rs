@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::{Context as _, Result, bail};
 use bytes::Bytes;
 use http_body_util::Empty;
-use hyper::{Method, Request, StatusCode};
+use hyper::{Method, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::io::AsyncReadExt as _;
 use tokio_util::sync::CancellationToken;
@@ -195,10 +195,8 @@ async fn attached(client: &Client, request: &serde_json::Value) -> Result<i32> {
     tokio::spawn(conn.with_upgrades());
     let header = hyper::header::HeaderValue::from_bytes(request.to_string().as_bytes())
         .context("the request cannot be sent as a header (a control character in a value?)")?;
-    let request = Request::builder()
-        .method(Method::POST)
-        .uri("/v1/run")
-        .header(hyper::header::HOST, "wasmform")
+    let request = client
+        .request(Method::POST, "/v1/run")?
         .header(hyper::header::CONNECTION, "upgrade")
         .header(hyper::header::UPGRADE, control::PROTOCOL)
         .header(control::REQUEST_HEADER, header)

@@ -146,7 +146,8 @@ pub struct UpCommand {
     metrics: Option<SocketAddr>,
 
     /// Also serve the control API on this TCP address (for edge nodes managed remotely).
-    /// Requests need `Authorization: Bearer TOKEN` with the token from `--control-token-file`.
+    /// Requests need `Authorization: Bearer TOKEN` with the token from `--control-token-file`;
+    /// an address other than loopback needs `--control-tls-cert` and `--control-tls-key`.
     #[arg(
         long = "control-tcp",
         value_name = "ADDR",
@@ -154,13 +155,26 @@ pub struct UpCommand {
     )]
     control_tcp: Option<SocketAddr>,
 
-    /// File holding the control API's bearer token (mode 0600, at least 16 characters).
+    /// File holding the control API's bearer token (mode 0600, at least 16 characters). It is
+    /// read again when it changes: a token rotates without a restart.
     #[arg(long = "control-token-file", value_name = "PATH")]
     control_token_file: Option<PathBuf>,
 
-    /// Allow `--control-tcp` on a non-loopback address.
-    #[arg(long = "control-public")]
-    control_public: bool,
+    /// The control API's TLS certificate chain (PEM): `--control-tcp` serves HTTPS.
+    #[arg(
+        long = "control-tls-cert",
+        value_name = "PEM",
+        requires_all = ["control_tcp", "control_tls_key"]
+    )]
+    control_tls_cert: Option<PathBuf>,
+
+    /// The private key of `--control-tls-cert` (PEM).
+    #[arg(
+        long = "control-tls-key",
+        value_name = "PEM",
+        requires = "control_tls_cert"
+    )]
+    control_tls_key: Option<PathBuf>,
 
     /// The Host header TCP control clients must send (default: the bound `ip:port`).
     #[arg(long = "control-host", value_name = "HOST")]
@@ -310,8 +324,11 @@ impl UpCommand {
             control_tcp: self.control_tcp.map(|addr| crate::control::TcpControl {
                 addr,
                 token_file: self.control_token_file.clone().unwrap_or_default(),
-                public: self.control_public,
                 host: self.control_host.clone(),
+                tls: self
+                    .control_tls_cert
+                    .clone()
+                    .zip(self.control_tls_key.clone()),
             }),
             restart: RestartPolicy {
                 base: self.restart_delay,
@@ -348,9 +365,18 @@ impl UpCommand {
         notifier: super::systemd::Notifier,
     ) -> Result<ExitCode> {
         let addr = format!("{}:{}", self.host, self.port);
-        let listener = tokio::net::TcpListener::bind(&addr).await.with_context(|| {
-            format!("cannot listen on {addr}: is another server using the port? pick another with `-p PORT` (or `-p 0` for any free port)")
-        })?;
+        // systemd socket activation: the front door's socket is named `web` or `http`, or
+        // bound to `-h`/`-p`'s address.
+        let mut activated = crate::host::Activated::from_env()?;
+        let passed = activated.take("the front door", &["web", "http"], addr.parse().ok())?;
+        let listener = match passed {
+            Some(listener) => listener,
+            None => tokio::net::TcpListener::bind(&addr).await.with_context(|| {
+                format!("cannot listen on {addr}: is another server using the port? pick another with `-p PORT` (or `-p 0` for any free port)")
+            })?,
+        };
+        let mut host = host;
+        host.adopt(activated);
         // What `--watch` compares against is read before `listening` is logged, so every
         // change made after it deploys.
         let watched = if self.watch {
@@ -464,6 +490,10 @@ impl Foreground {
             .env("WASMFORM_URL", format!("http://{addr}"))
             .env("PORT", addr.port().to_string())
             .env("WASMFORM_CONTROL", control)
+            // The sockets systemd passed are the host's, not the command's.
+            .env_remove("LISTEN_FDS")
+            .env_remove("LISTEN_PID")
+            .env_remove("LISTEN_FDNAMES")
             .spawn()
             .with_context(|| {
                 format!(

@@ -11,11 +11,13 @@
 //! | `mod.rs` | the routes and their JSON |
 //! | `transport.rs` | the listeners (Unix socket, TCP with a token, metrics), one accept loop |
 //! | `attach.rs` | `POST /v1/run`: one-off processes, their streams attached over an upgraded connection |
+//! | `upload.rs` | `POST /v1/deploy/upload`: the files of `deploy --remote`, staged, verified, installed |
 //! | `follow.rs` | `GET /v1/logs` and `GET /v1/events`: the history and, with `follow`, the live stream |
 
 mod attach;
 mod follow;
 mod transport;
+pub mod upload;
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -32,7 +34,7 @@ pub use self::attach::{
     read_frame, write_frame,
 };
 pub use self::transport::{
-    TcpControl, bind, bind_tcp, ensure_no_live_host, serve, serve_metrics, serve_tcp,
+    BoundTcp, TcpControl, bind, bind_tcp, ensure_no_live_host, serve, serve_metrics, serve_tcp,
 };
 use crate::app::ByteSize;
 use crate::deploy::Deployer;
@@ -197,6 +199,7 @@ impl Api {
                 let deployer = self.deployer.clone();
                 outcome(detached(async move { deployer.deploy().await }).await)
             }
+            (Method::POST, "/v1/deploy/upload") => self.upload(req).await,
             (Method::POST, "/v1/rollback") => {
                 let request: RollbackRequest = match read_json(req).await {
                     Ok(r) => r,
@@ -234,8 +237,8 @@ impl Api {
             (
                 _,
                 "/v1/ps" | "/v1/formation" | "/v1/scale" | "/v1/restart" | "/v1/logs"
-                | "/v1/deploy" | "/v1/rollback" | "/v1/releases" | "/v1/shutdown" | "/v1/events"
-                | "/v1/run",
+                | "/v1/deploy" | "/v1/deploy/upload" | "/v1/rollback" | "/v1/releases"
+                | "/v1/shutdown" | "/v1/events" | "/v1/run",
             ) => error(
                 StatusCode::METHOD_NOT_ALLOWED,
                 "method not allowed on this route",
@@ -245,6 +248,48 @@ impl Api {
                 &format!("no such route `{path}`: see docs/control-api.md"),
             ),
         }
+    }
+}
+
+impl Api {
+    /// `POST /v1/deploy/upload`: the files are staged and verified, installed in the app
+    /// directory, and deployed; a failed deploy puts the previous files back.
+    async fn upload(&self, req: Request<Incoming>) -> Response<ApiBody> {
+        let Some(dir) = self.deployer.app_dir() else {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "this host was started from an app built in code, not from a Procfile or manifest: there is nothing to upload to",
+            );
+        };
+        let max = self.deployer.runtime.max_component_size();
+        let staged = match upload::receive(req, &dir, max).await {
+            Ok(staged) => staged,
+            Err(refused) => return refused,
+        };
+        let deployer = self.deployer.clone();
+        outcome(
+            detached(async move {
+                // One upload at a time owns the app's files, until its deploy is decided.
+                let _files = deployer.files.lock().await;
+                let installed = tokio::task::spawn_blocking(move || staged.install())
+                    .await
+                    .map_err(|e| {
+                        ControlError::Failed(format!("installing the upload failed: {e}"))
+                    })?
+                    .map_err(|e| {
+                        ControlError::Failed(format!(
+                            "cannot install the upload in `{}`: {e}; nothing was changed",
+                            dir.display()
+                        ))
+                    })?;
+                let result = deployer.deploy().await;
+                if result.is_err() {
+                    let _ = tokio::task::spawn_blocking(move || installed.restore()).await;
+                }
+                result
+            })
+            .await,
+        )
     }
 }
 

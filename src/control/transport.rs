@@ -4,7 +4,7 @@
 
 use std::convert::Infallible;
 use std::os::unix::fs::{FileTypeExt as _, PermissionsExt as _};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{Context as _, Result, bail};
@@ -19,6 +19,7 @@ use tokio::net::UnixListener;
 use tokio_util::sync::CancellationToken;
 
 use super::{Api, ApiBody, error};
+use crate::logs::Logs;
 use crate::metrics::Metrics;
 use crate::net::next_connection;
 use crate::state::StateDir;
@@ -85,31 +86,82 @@ pub async fn bind(state: &StateDir) -> Result<(UnixListener, PathBuf)> {
 /// Settings of the optional TCP control listener (`--control-tcp`).
 #[derive(Clone, Debug)]
 pub struct TcpControl {
-    /// Where to listen; anything but loopback needs `public`.
+    /// Where to listen; anything but loopback needs `tls`.
     pub addr: std::net::SocketAddr,
-    /// File holding the bearer token; must not be readable by group or others.
+    /// File holding the bearer token; must not be readable by group or others. Read again
+    /// when it changes, so a token rotates without a restart.
     pub token_file: PathBuf,
-    /// Allow a non-loopback address.
-    pub public: bool,
     /// The Host header clients must send; default: the bound `ip:port`.
     pub host: Option<String>,
+    /// `--control-tls-cert` and `--control-tls-key` (PEM): serve HTTPS.
+    pub tls: Option<(PathBuf, PathBuf)>,
+}
+
+/// The TCP control listener, bound, with what its requests must present.
+pub struct BoundTcp {
+    listener: tokio::net::TcpListener,
+    auth: Arc<TcpAuth>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+}
+
+impl BoundTcp {
+    /// The URL clients use (`--remote`).
+    pub fn url(&self) -> Result<String> {
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        Ok(format!("{scheme}://{}", self.listener.local_addr()?))
+    }
 }
 
 /// What every TCP control request must present.
 struct TcpAuth {
-    token: String,
+    token: TokenFile,
     host: String,
+    /// Refusals are logged at most once a second.
+    refusals: std::sync::Mutex<crate::logs::Throttle>,
 }
 
-/// Checks the TCP control settings, reads the token and binds the listener.
-pub async fn bind_tcp(control: &TcpControl) -> Result<(tokio::net::TcpListener, String, String)> {
-    if !control.addr.ip().is_loopback() && !control.public {
-        bail!(
-            "--control-tcp {}: not a loopback address; the control API can steer this host, so exposing it needs `--control-public` (and a firewall)",
-            control.addr
-        );
+/// The bearer token, re-read when its file changes.
+struct TokenFile {
+    path: PathBuf,
+    current: std::sync::Mutex<(Option<FileStamp>, String)>,
+}
+
+/// What tells that a token file changed: a rename over it, or a write in place.
+type FileStamp = (u64, std::time::SystemTime, u64);
+
+impl TokenFile {
+    /// Reads the token, refusing a file other users can read or a short token.
+    fn open(path: &Path) -> Result<Self> {
+        let (stamp, token) = read_token(path)?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            current: std::sync::Mutex::new((Some(stamp), token)),
+        })
     }
-    let path = &control.token_file;
+
+    /// The token now: the file's, if it changed and is still a valid token file; else the
+    /// last good one (a half-done rotation must not lock the operator out).
+    fn current(&self) -> String {
+        use std::os::unix::fs::MetadataExt as _;
+        let mut current = self.current.lock().expect("token lock");
+        let stamp = std::fs::metadata(&self.path)
+            .ok()
+            .and_then(|m| Some((m.ino(), m.modified().ok()?, m.len())));
+        if stamp.is_some() && stamp != current.0 {
+            match read_token(&self.path) {
+                Ok((stamp, token)) => *current = (Some(stamp), token),
+                Err(e) => {
+                    tracing::warn!("control API: {e:#}; the previous token stays valid");
+                    current.0 = stamp;
+                }
+            }
+        }
+        current.1.clone()
+    }
+}
+
+fn read_token(path: &Path) -> Result<(FileStamp, String)> {
+    use std::os::unix::fs::MetadataExt as _;
     let meta = std::fs::metadata(path)
         .with_context(|| format!("cannot read the control token file `{}`", path.display()))?;
     if meta.permissions().mode() & 0o077 != 0 {
@@ -129,6 +181,65 @@ pub async fn bind_tcp(control: &TcpControl) -> Result<(tokio::net::TcpListener, 
             path.display()
         );
     }
+    let stamp = (meta.ino(), meta.modified()?, meta.len());
+    Ok((stamp, token))
+}
+
+/// The TLS settings of the control listener, from PEM files.
+fn tls_acceptor(cert: &Path, key: &Path) -> Result<tokio_rustls::TlsAcceptor> {
+    use rustls_pki_types::pem::PemObject as _;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    let certs = CertificateDer::pem_file_iter(cert)
+        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "--control-tls-cert `{}`: not a PEM certificate file: {e}",
+                cert.display()
+            )
+        })?;
+    if certs.is_empty() {
+        bail!(
+            "--control-tls-cert `{}`: holds no certificate (expected `-----BEGIN CERTIFICATE-----`)",
+            cert.display()
+        );
+    }
+    let private = PrivateKeyDer::from_pem_file(key).map_err(|e| {
+        anyhow::anyhow!(
+            "--control-tls-key `{}`: not a PEM private key file: {e}",
+            key.display()
+        )
+    })?;
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .context("TLS setup failed")?
+    .with_no_client_auth()
+    .with_single_cert(certs, private)
+    .with_context(|| {
+        format!(
+            "--control-tls-key `{}` does not go with --control-tls-cert `{}`",
+            key.display(),
+            cert.display()
+        )
+    })?;
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
+}
+
+/// Checks the TCP control settings, reads the token and the certificate, and binds the
+/// listener.
+pub async fn bind_tcp(control: &TcpControl) -> Result<BoundTcp> {
+    if !control.addr.ip().is_loopback() && control.tls.is_none() {
+        bail!(
+            "--control-tcp {}: not a loopback address, and the bearer token must not cross the network in clear text: give the host a certificate with `--control-tls-cert FILE --control-tls-key FILE`",
+            control.addr
+        );
+    }
+    let token = TokenFile::open(&control.token_file)?;
+    let tls = match &control.tls {
+        Some((cert, key)) => Some(tls_acceptor(cert, key)?),
+        None => None,
+    };
     let listener = tokio::net::TcpListener::bind(control.addr)
         .await
         .with_context(|| format!("cannot listen on {} for the control API", control.addr))?;
@@ -136,7 +247,15 @@ pub async fn bind_tcp(control: &TcpControl) -> Result<(tokio::net::TcpListener, 
         Some(host) => host.clone(),
         None => listener.local_addr()?.to_string(),
     };
-    Ok((listener, token, host))
+    Ok(BoundTcp {
+        listener,
+        auth: Arc::new(TcpAuth {
+            token,
+            host,
+            refusals: Default::default(),
+        }),
+        tls,
+    })
 }
 
 /// Who may call, checked on every request of a connection.
@@ -146,8 +265,12 @@ enum Gate {
     /// permissions were loosened by hand.
     PeerUid { owner: u32, peer: Option<u32> },
     /// TCP: `Authorization: Bearer TOKEN` (401 otherwise) and the configured `Host` (403
-    /// otherwise, against DNS rebinding).
-    Bearer(Arc<TcpAuth>),
+    /// otherwise, against DNS rebinding); refusals are logged with the peer, never the token.
+    Bearer {
+        auth: Arc<TcpAuth>,
+        peer: Option<std::net::SocketAddr>,
+        logs: Logs,
+    },
     /// The metrics listener, on loopback only: anyone on the machine may scrape.
     Open,
 }
@@ -165,14 +288,38 @@ impl Gate {
                     peer.map_or("unknown".to_string(), |u| u.to_string())
                 ),
             )),
-            Gate::Bearer(auth) => {
+            Gate::Bearer { auth, peer, logs } => {
+                let refused = |why: &str| {
+                    let admitted = auth.refusals.lock().expect("throttle lock").admit();
+                    if let Some(count) = admitted {
+                        let peer = peer.map_or("?".to_string(), |p| p.to_string());
+                        let more = if count > 1 {
+                            format!(" ({} more since the last line)", count - 1)
+                        } else {
+                            String::new()
+                        };
+                        logs.event(
+                            crate::logs::API,
+                            format!(
+                                "refused {} {} from {peer}: {why}{more}",
+                                req.method(),
+                                req.uri().path()
+                            ),
+                        );
+                    }
+                };
                 let presented = req
                     .headers()
                     .get(hyper::header::AUTHORIZATION)
                     .and_then(|v| v.to_str().ok())
-                    .and_then(|v| v.strip_prefix("Bearer "))
-                    .unwrap_or("");
-                if !constant_time_eq(presented.as_bytes(), auth.token.as_bytes()) {
+                    .and_then(|v| v.strip_prefix("Bearer "));
+                let token = auth.token.current();
+                if !constant_time_eq(presented.unwrap_or("").as_bytes(), token.as_bytes()) {
+                    refused(if presented.is_some() {
+                        "wrong bearer token (401)"
+                    } else {
+                        "no bearer token (401)"
+                    });
                     let mut response = error(
                         StatusCode::UNAUTHORIZED,
                         "missing or wrong bearer token: send `Authorization: Bearer TOKEN`",
@@ -188,6 +335,7 @@ impl Gate {
                     .get(hyper::header::HOST)
                     .and_then(|v| v.to_str().ok());
                 if host != Some(auth.host.as_str()) {
+                    refused("foreign Host header (403)");
                     return Some(error(
                         StatusCode::FORBIDDEN,
                         &format!(
@@ -238,27 +386,33 @@ async fn serve_connections<S, F>(
     F: Future<Output = std::io::Result<S>>,
 {
     while let Some(stream) = next_connection(&accept, shutdown).await {
-        let gate = Arc::new(gate(&stream));
-        let routes = routes.clone();
-        tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |req: Request<Incoming>| {
-                let (gate, routes) = (gate.clone(), routes.clone());
-                async move {
-                    Ok::<_, Infallible>(match gate.refuse(&req) {
-                        None => routes.handle(req).await,
-                        Some(refused) => refused,
-                    })
-                }
-            });
-            if let Err(e) = http1_builder()
-                .serve_connection(TokioIo::new(stream), service)
-                // `POST /v1/run` attaches a one-off's streams on the upgraded connection.
-                .with_upgrades()
-                .await
-            {
-                tracing::debug!(cause = %e, "control connection ended with an error");
-            }
-        });
+        let gate = gate(&stream);
+        tokio::spawn(serve_connection(stream, gate, routes.clone()));
+    }
+}
+
+/// Serves one control connection: every request passes `gate` first.
+async fn serve_connection<S>(stream: S, gate: Gate, routes: Routes)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let gate = Arc::new(gate);
+    let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+        let (gate, routes) = (gate.clone(), routes.clone());
+        async move {
+            Ok::<_, Infallible>(match gate.refuse(&req) {
+                None => routes.handle(req).await,
+                Some(refused) => refused,
+            })
+        }
+    });
+    if let Err(e) = http1_builder()
+        .serve_connection(TokioIo::new(stream), service)
+        // `POST /v1/run` attaches a one-off's streams on the upgraded connection.
+        .with_upgrades()
+        .await
+    {
+        tracing::debug!(cause = %e, "control connection ended with an error");
     }
 }
 
@@ -279,25 +433,47 @@ pub async fn serve(listener: UnixListener, api: Arc<Api>, shutdown: Cancellation
     .await;
 }
 
-/// Serves the API on TCP: every request needs `Authorization: Bearer TOKEN` (401 otherwise)
-/// and the configured `Host` (403 otherwise, against DNS rebinding). No CORS headers are ever
-/// sent, so browsers cannot call it cross-origin.
-pub async fn serve_tcp(
-    listener: tokio::net::TcpListener,
-    api: Arc<Api>,
-    token: String,
-    host: String,
-    shutdown: CancellationToken,
-) {
-    let auth = Arc::new(TcpAuth { token, host });
+/// Serves the API on TCP (HTTPS with a certificate): every request needs `Authorization:
+/// Bearer TOKEN` (401 otherwise) and the configured `Host` (403 otherwise, against DNS
+/// rebinding). No CORS headers are ever sent, so browsers cannot call it cross-origin.
+pub async fn serve_tcp(bound: BoundTcp, api: Arc<Api>, shutdown: CancellationToken) {
+    let BoundTcp {
+        listener,
+        auth,
+        tls,
+    } = bound;
     let listener = &listener;
-    serve_connections(
-        || async move { listener.accept().await.map(|(stream, _)| stream) },
-        &shutdown,
-        |_: &tokio::net::TcpStream| Gate::Bearer(auth.clone()),
-        Routes::Api(api),
-    )
-    .await;
+    let routes = Routes::Api(api.clone());
+    while let Some((stream, peer)) = next_connection(|| listener.accept(), &shutdown).await {
+        let gate = Gate::Bearer {
+            auth: auth.clone(),
+            peer: Some(peer),
+            logs: api.logs.clone(),
+        };
+        let routes = routes.clone();
+        let Some(tls) = tls.clone() else {
+            tokio::spawn(serve_connection(stream, gate, routes));
+            continue;
+        };
+        let logs = api.logs.clone();
+        tokio::spawn(async move {
+            // The handshake is bounded like the request headers that follow it.
+            match tokio::time::timeout(HEADER_READ_TIMEOUT, tls.accept(stream)).await {
+                Ok(Ok(stream)) => serve_connection(stream, gate, routes).await,
+                Ok(Err(e)) => logs.event(
+                    crate::logs::API,
+                    format!("TLS handshake with {peer} failed: {e}"),
+                ),
+                Err(_) => logs.event(
+                    crate::logs::API,
+                    format!(
+                        "TLS handshake with {peer} did not finish within {}",
+                        crate::units::humanize(HEADER_READ_TIMEOUT)
+                    ),
+                ),
+            }
+        });
+    }
 }
 
 /// Serves only `GET /metrics` on a loopback TCP listener (`--metrics ADDR`) until `shutdown`.

@@ -6,6 +6,7 @@
 //! listener before it spawns anything, starts the formation and serves;
 //! [`RunningHost`](running) shuts it all down.
 
+mod activation;
 mod alone;
 mod running;
 mod start;
@@ -18,6 +19,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Result, bail};
 
+pub use self::activation::Activated;
 pub(crate) use self::alone::run_alone;
 pub use self::running::RunningHost;
 use crate::app::{AppSpec, ProcessName, ProcessSpec, Service, TcpSettings};
@@ -138,6 +140,8 @@ pub struct Host {
     release: u32,
     /// `[state] url`, if shared state lives in Redis.
     shared_url: Option<String>,
+    /// Sockets passed by systemd, adopted by the services in place of binding.
+    activated: Activated,
 }
 
 impl Host {
@@ -212,7 +216,15 @@ impl Host {
             shared_url: staged.app.state_url.clone(),
             releases,
             release,
+            activated: Activated::default(),
         })
+    }
+
+    /// Serves the `[[services]]` on the sockets systemd passed (socket activation) where one
+    /// matches, instead of binding them; the front door's socket is the listener given to
+    /// [`start`](Self::start). A passed socket left unmatched fails the start.
+    pub fn adopt(&mut self, activated: Activated) {
+        self.activated = activated;
     }
 
     /// The release this host starts (`vN`).

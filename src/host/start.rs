@@ -30,7 +30,7 @@ use crate::units::humanize;
 struct Listeners {
     http: TcpListener,
     control: Option<(UnixListener, PathBuf)>,
-    control_tcp: Option<(TcpListener, String, String)>,
+    control_tcp: Option<control::BoundTcp>,
     metrics: Option<TcpListener>,
     /// `[[services]]`, with the type each routes to and whether it balances TCP.
     services: Vec<(TcpListener, ProcessName, bool)>,
@@ -40,7 +40,7 @@ impl Host {
     /// Starts every instance of the formation, waits until all are up, then serves HTTP on
     /// `listener` (and the control API on the state directory's socket, if there is one). An
     /// instance that cannot even be instantiated fails the start.
-    pub async fn start(self, listener: TcpListener) -> Result<RunningHost> {
+    pub async fn start(mut self, listener: TcpListener) -> Result<RunningHost> {
         let started = Instant::now();
         let addr = listener
             .local_addr()
@@ -106,7 +106,7 @@ impl Host {
 
     /// Binds the control socket, the control API's TCP port, metrics and the services, beside
     /// the main HTTP listener.
-    async fn bind(&self, http: TcpListener) -> Result<Listeners> {
+    async fn bind(&mut self, http: TcpListener) -> Result<Listeners> {
         let control = match &self.state {
             Some(state) => Some(control::bind(state).await?),
             None => None,
@@ -120,15 +120,22 @@ impl Host {
             None => None,
         };
         let mut services = Vec::new();
+        let mut activated = std::mem::take(&mut self.activated);
         for service in &self.services {
-            let listener = TcpListener::bind(service.listen).await.with_context(|| {
-                format!(
-                    "{}: cannot listen on {} for `{}`: is the port in use?",
-                    service.origin, service.listen, service.process
-                )
-            })?;
+            let what = format!("service `{}`", service.process);
+            let names = [service.process.as_str()];
+            let listener = match activated.take(&what, &names, Some(service.listen))? {
+                Some(passed) => passed,
+                None => TcpListener::bind(service.listen).await.with_context(|| {
+                    format!(
+                        "{}: cannot listen on {} for `{}`: is the port in use?",
+                        service.origin, service.listen, service.process
+                    )
+                })?,
+            };
             services.push((listener, service.process.clone(), service.tcp.is_some()));
         }
+        self.notes.extend(activated.finish()?);
         Ok(Listeners {
             http,
             control,
@@ -239,6 +246,7 @@ impl Host {
             logs: logs.clone(),
             routes,
             metrics: s.metrics.clone(),
+            files: tokio::sync::Mutex::new(()),
         });
         let (control, mut others) = serve_control(
             &s,
@@ -333,7 +341,7 @@ fn serve_control(
     deployer: Arc<Deployer>,
     stop_requested: CancellationToken,
     unix: Option<(UnixListener, PathBuf)>,
-    tcp: Option<(TcpListener, String, String)>,
+    tcp: Option<control::BoundTcp>,
     stop_http: &CancellationToken,
 ) -> Result<(Option<UnixControl>, Vec<Task>)> {
     let logs = &s.logs;
@@ -351,18 +359,14 @@ fn serve_control(
         (task, path)
     });
     let mut others = Vec::new();
-    if let Some((listener, token, host)) = tcp {
-        let addr = listener.local_addr()?;
+    if let Some(bound) = tcp {
+        let url = bound.url()?;
         others.push(tokio::spawn(control::serve_tcp(
-            listener,
+            bound,
             api.clone(),
-            token,
-            host,
             stop_http.clone(),
         )));
-        logs.host(format!(
-            "control API on http://{addr} (bearer token required)"
-        ));
+        logs.host(format!("control API on {url} (bearer token required)"));
     }
     Ok((control, others))
 }

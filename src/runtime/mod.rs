@@ -111,6 +111,11 @@ impl Compiled {
 }
 
 impl Runtime {
+    /// Largest component file accepted (`--max-component-size`).
+    pub fn max_component_size(&self) -> ByteSize {
+        self.max_component_size
+    }
+
     /// Creates the engine, sized for `settings`, and links WASI and WASI HTTP.
     pub fn new(settings: &EngineSettings) -> Result<Self> {
         let mut config = Config::new();

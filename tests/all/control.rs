@@ -684,7 +684,7 @@ fn tcp_control_refuses_public_addresses_and_loose_token_files() {
         token.to_str().unwrap(),
     ]);
     assert!(out.contains("not a loopback address"), "{out}");
-    assert!(out.contains("--control-public"), "{out}");
+    assert!(out.contains("--control-tls-cert"), "{out}");
 
     let loose = token_file(&app, 0o644);
     let out = app.up_fails(&[

@@ -12,6 +12,7 @@ mod front_door;
 mod lifecycle;
 mod limits;
 mod manifest;
+mod remote;
 mod shared;
 mod support;
 mod systemd;

@@ -239,9 +239,54 @@ impl Wasmform {
 
     /// [`Wasmform::spawn`] with more environment variables.
     pub fn spawn_with(args: &[&str], env: &[(&str, &str)]) -> Self {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_wasmform"))
+        let mut command = Command::new(env!("CARGO_BIN_EXE_wasmform"));
+        command.args(args).envs(env.iter().copied());
+        Self::start(command)
+    }
+
+    /// [`Wasmform::spawn`] as systemd's socket activation starts it: `sockets` passed as
+    /// descriptors 3, 4… with `LISTEN_FDS`, `LISTEN_PID` (set by a shell that then execs
+    /// wasmform, so the pid is wasmform's) and `LISTEN_FDNAMES`.
+    pub fn spawn_activated(args: &[&str], sockets: &[(&std::net::TcpListener, &str)]) -> Self {
+        use std::os::fd::AsRawFd as _;
+        use std::os::unix::process::CommandExt as _;
+        let fds: Vec<i32> = sockets.iter().map(|(l, _)| l.as_raw_fd()).collect();
+        let names: Vec<&str> = sockets.iter().map(|(_, n)| *n).collect();
+        let mut command = Command::new("/bin/sh");
+        command
+            .arg("-c")
+            .arg("export LISTEN_PID=$$; exec \"$@\"")
+            .arg("sh")
+            .arg(env!("CARGO_BIN_EXE_wasmform"))
             .args(args)
-            .envs(env.iter().copied())
+            .env("LISTEN_FDS", fds.len().to_string())
+            .env("LISTEN_FDNAMES", names.join(":"));
+        // SAFETY: only fcntl and dup2, which are async-signal-safe, between fork and exec.
+        unsafe {
+            command.pre_exec(move || {
+                // Out of the way first, so no target descriptor overwrites a source.
+                let mut high = Vec::with_capacity(fds.len());
+                for (i, fd) in fds.iter().enumerate() {
+                    let moved = libc::fcntl(*fd, libc::F_DUPFD, 200 + i as i32);
+                    if moved < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    high.push(moved);
+                }
+                for (i, fd) in high.iter().enumerate() {
+                    if libc::dup2(*fd, 3 + i as i32) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    libc::close(*fd);
+                }
+                Ok(())
+            });
+        }
+        Self::start(command)
+    }
+
+    fn start(mut command: Command) -> Self {
+        let mut child = command
             .env_remove("PORT")
             .env("RUST_BACKTRACE", "0")
             .stdin(Stdio::null())
@@ -315,7 +360,7 @@ impl Wasmform {
         }
     }
 
-    fn wait_listening(&mut self) {
+    pub fn wait_listening(&mut self) {
         let out = self
             .wait_until(Duration::from_secs(120), |out| {
                 out.contains("listening on http://") || out.contains("error:")

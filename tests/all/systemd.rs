@@ -178,3 +178,164 @@ fn export_systemd_writes_every_directive_and_keeps_an_existing_unit() {
         }
     }
 }
+
+#[test]
+fn socket_activation_serves_the_passed_sockets_and_a_restart_queues_connections() {
+    use std::io::{Read as _, Write as _};
+
+    let front = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let service = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let (front_addr, service_addr) = (front.local_addr().unwrap(), service.local_addr().unwrap());
+    let app = App::new("web: {guests}/hello.wasm\nadmin: {guests}/hello.wasm\n");
+    app.write(
+        "wasmform.toml",
+        &format!("[[services]]\nlisten = \"{service_addr}\"\nprocesses = [\"admin\"]\n"),
+    );
+    let procfile = app.procfile();
+    // `-p 0`: the front door's socket is found by its name, the service's by its address.
+    let args = ["up", "-f", procfile.to_str().unwrap(), "-p", "0"];
+    let sockets = [(&front, "web"), (&service, "wasmform-shop.socket")];
+    let mut host = Wasmform::spawn_activated(&args, &sockets);
+    host.wait_listening();
+    let out = host.output();
+    assert!(
+        out.contains(&format!(
+            "the front door serves socket 3 (`web`, {front_addr}) passed by systemd"
+        )),
+        "{out}"
+    );
+    assert!(
+        out.contains(&format!(
+            "service `admin` serves socket 4 (`wasmform-shop.socket`, {service_addr}) passed by systemd"
+        )),
+        "{out}"
+    );
+    // No port of its own: it listens where systemd's sockets are.
+    assert_eq!(host.addr(), front_addr);
+    assert_eq!(get(front_addr, "/").status, 200);
+    assert_eq!(get(service_addr, "/").status, 200);
+
+    // Stopped, the host no longer accepts, but the socket is still open (systemd holds
+    // it; here the test does): a connection waits in the backlog instead of being refused…
+    host.signal(libc::SIGTERM);
+    assert!(host.wait_exit(Duration::from_secs(30)).is_some());
+    let mut waiting = std::net::TcpStream::connect(front_addr).expect("queued, not refused");
+    waiting
+        .write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    // …and the next host answers it.
+    let mut next = Wasmform::spawn_activated(&args, &sockets);
+    next.wait_listening();
+    waiting
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let mut answer = String::new();
+    waiting.read_to_string(&mut answer).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+}
+
+#[test]
+fn a_passed_socket_that_matches_no_listener_fails_the_start() {
+    let stray = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let stray_addr = stray.local_addr().unwrap();
+    let app = App::new("web: {guests}/hello.wasm\n");
+    let procfile = app.procfile();
+    let mut host = Wasmform::spawn_activated(
+        &["up", "-f", procfile.to_str().unwrap(), "-p", "0"],
+        &[(&stray, "metrics")],
+    );
+    let status = host.wait_exit(Duration::from_secs(60)).expect("it exits");
+    assert!(!status.success());
+    let out = host.output();
+    assert!(
+        out.contains(&format!(
+            "socket activation: socket 3 (`metrics`, {stray_addr}) matches no listener of this app: name it `web`"
+        )),
+        "{out}"
+    );
+    assert!(!out.contains("listening on"), "{out}");
+}
+
+#[test]
+fn export_with_socket_activation_writes_a_matching_socket_unit() {
+    let app = App::new("web: {guests}/hello.wasm\nadmin: {guests}/hello.wasm\n");
+    app.write(
+        "wasmform.toml",
+        "[[services]]\nlisten = \"127.0.0.1:8081\"\nprocesses = [\"admin\"]\n",
+    );
+    let procfile = app.procfile();
+    let out = tempfile::tempdir().unwrap();
+    let done = export(&[
+        "systemd",
+        out.path().to_str().unwrap(),
+        "-f",
+        procfile.to_str().unwrap(),
+        "-a",
+        "shop",
+        "-p",
+        "8080",
+        "--socket-activation",
+        "--state-dir",
+        "/var/lib/wasmform/shop",
+    ]);
+    assert!(done.status.success(), "{done:?}");
+    let unit = std::fs::read_to_string(out.path().join("shop.service")).unwrap();
+    let socket = std::fs::read_to_string(out.path().join("shop.socket")).unwrap();
+    for line in [
+        "Requires=shop.socket",
+        "After=shop.socket",
+        "Sockets=shop.socket",
+        "StateDirectory=wasmform/shop",
+    ] {
+        assert!(unit.lines().any(|l| l == line), "no `{line}` in:\n{unit}");
+    }
+    assert!(
+        unit.lines()
+            .any(|l| l.starts_with("ExecStart=")
+                && l.ends_with("--state-dir /var/lib/wasmform/shop")),
+        "{unit}"
+    );
+    assert!(
+        unit.lines()
+            .any(|l| l.ends_with("deploy --state-dir /var/lib/wasmform/shop")),
+        "{unit}"
+    );
+    for line in [
+        "ListenStream=127.0.0.1:8080",
+        "ListenStream=127.0.0.1:8081",
+        "Service=shop.service",
+        "WantedBy=sockets.target",
+    ] {
+        assert!(
+            socket.lines().any(|l| l == line),
+            "no `{line}` in:\n{socket}"
+        );
+    }
+    // Nothing is overwritten without --force, the socket unit included.
+    let again = export(&[
+        "systemd",
+        out.path().to_str().unwrap(),
+        "-f",
+        procfile.to_str().unwrap(),
+        "-a",
+        "shop",
+        "--socket-activation",
+    ]);
+    assert!(!again.status.success());
+    if let Some(analyze) = crate::tools::which("systemd-analyze") {
+        let verify = Command::new(analyze)
+            .arg("verify")
+            .arg(out.path().join("shop.socket"))
+            .arg(out.path().join("shop.service"))
+            .output()
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&verify.stdout),
+            String::from_utf8_lossy(&verify.stderr)
+        );
+        for complaint in ["Unknown key", "Invalid", "Failed to parse", "bad-setting"] {
+            assert!(!text.contains(complaint), "systemd-analyze verify:\n{text}");
+        }
+    }
+}
