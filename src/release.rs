@@ -335,7 +335,8 @@ fn component_file(state: &StateDir, digest: &str) -> PathBuf {
         .join(format!("{digest}.wasm"))
 }
 
-fn hex(bytes: &[u8]) -> String {
+/// Lowercase hex, as digests are written.
+pub(crate) fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 

@@ -385,22 +385,7 @@ impl Remote {
 /// Client TLS settings that trust only `file`'s certificates: a server presenting one of
 /// them exactly, or one they signed for the name connected to.
 fn pinned(file: &Path) -> Result<tokio_rustls::TlsConnector> {
-    use rustls_pki_types::CertificateDer;
-    use rustls_pki_types::pem::PemObject as _;
-    let certs = CertificateDer::pem_file_iter(file)
-        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
-        .map_err(|e| {
-            anyhow::anyhow!(
-                "--remote-cert `{}`: not a PEM certificate file: {e}",
-                file.display()
-            )
-        })?;
-    if certs.is_empty() {
-        bail!(
-            "--remote-cert `{}`: holds no certificate (expected `-----BEGIN CERTIFICATE-----`)",
-            file.display()
-        );
-    }
+    let certs = crate::control::read_certificates("--remote-cert", file)?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut roots = rustls::RootCertStore::empty();
     // A certificate that cannot be a trust anchor can still be pinned exactly.

@@ -76,7 +76,7 @@ fn upload(dir: &Path) -> Result<(usize, Vec<u8>)> {
     let app = AppSpec::load(&source)?;
     let root = std::fs::canonicalize(&app.dir)
         .with_context(|| format!("cannot resolve `{}`", app.dir.display()))?;
-    let mut files: Vec<PathBuf> = Vec::new();
+    let mut files: Vec<(PathBuf, Vec<u8>)> = Vec::new();
     let named = app
         .sources
         .iter()
@@ -93,16 +93,13 @@ fn upload(dir: &Path) -> Result<(usize, Vec<u8>)> {
                 root.display()
             );
         };
-        if !files.iter().any(|f| f == relative) {
-            files.push(relative.to_path_buf());
+        if !files.iter().any(|(f, _)| f == relative) {
+            let bytes = std::fs::read(&full)
+                .with_context(|| format!("cannot read `{}`", full.display()))?;
+            files.push((relative.to_path_buf(), bytes));
         }
     }
-    let manifest = crate::control::upload::manifest(&root, &files)?;
-    let mut body = serde_json::to_vec(&manifest).expect("the manifest serializes");
-    body.push(b'\n');
-    for file in &files {
-        body.extend(std::fs::read(root.join(file))?);
-    }
+    let body = crate::control::upload::encode(&files);
     Ok((files.len(), body))
 }
 

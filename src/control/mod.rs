@@ -34,7 +34,8 @@ pub use self::attach::{
     read_frame, write_frame,
 };
 pub use self::transport::{
-    BoundTcp, TcpControl, bind, bind_tcp, ensure_no_live_host, serve, serve_metrics, serve_tcp,
+    BoundTcp, TcpControl, bind, bind_tcp, ensure_no_live_host, read_certificates, serve,
+    serve_metrics, serve_tcp,
 };
 use crate::app::ByteSize;
 use crate::deploy::Deployer;

@@ -185,24 +185,35 @@ fn read_token(path: &Path) -> Result<(FileStamp, String)> {
     Ok((stamp, token))
 }
 
-/// The TLS settings of the control listener, from PEM files.
-fn tls_acceptor(cert: &Path, key: &Path) -> Result<tokio_rustls::TlsAcceptor> {
+/// The certificates of the PEM file `file`, given with `flag`: at least one.
+pub fn read_certificates(
+    flag: &str,
+    file: &Path,
+) -> Result<Vec<rustls_pki_types::CertificateDer<'static>>> {
+    use rustls_pki_types::CertificateDer;
     use rustls_pki_types::pem::PemObject as _;
-    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
-    let certs = CertificateDer::pem_file_iter(cert)
+    let certs = CertificateDer::pem_file_iter(file)
         .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
         .map_err(|e| {
             anyhow::anyhow!(
-                "--control-tls-cert `{}`: not a PEM certificate file: {e}",
-                cert.display()
+                "{flag} `{}`: not a PEM certificate file: {e}",
+                file.display()
             )
         })?;
     if certs.is_empty() {
         bail!(
-            "--control-tls-cert `{}`: holds no certificate (expected `-----BEGIN CERTIFICATE-----`)",
-            cert.display()
+            "{flag} `{}`: holds no certificate (expected `-----BEGIN CERTIFICATE-----`)",
+            file.display()
         );
     }
+    Ok(certs)
+}
+
+/// The TLS settings of the control listener, from PEM files.
+fn tls_acceptor(cert: &Path, key: &Path) -> Result<tokio_rustls::TlsAcceptor> {
+    use rustls_pki_types::PrivateKeyDer;
+    use rustls_pki_types::pem::PemObject as _;
+    let certs = read_certificates("--control-tls-cert", cert)?;
     let private = PrivateKeyDer::from_pem_file(key).map_err(|e| {
         anyhow::anyhow!(
             "--control-tls-key `{}`: not a PEM private key file: {e}",

@@ -19,6 +19,7 @@ use sha2::{Digest as _, Sha256};
 
 use super::{ApiBody, error};
 use crate::app::ByteSize;
+use crate::release::hex;
 
 /// The content type of an upload.
 pub const CONTENT_TYPE: &str = "application/vnd.wasmform.upload";
@@ -32,19 +33,19 @@ pub const MAX_FILES: usize = 256;
 /// The header line of an upload.
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct Manifest {
-    pub files: Vec<FileEntry>,
+struct Manifest {
+    files: Vec<FileEntry>,
 }
 
 /// One file of an upload.
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct FileEntry {
+struct FileEntry {
     /// Relative to the app directory, `/`-separated.
-    pub path: String,
-    pub size: u64,
+    path: String,
+    size: u64,
     /// Lowercase hex.
-    pub sha256: String,
+    sha256: String,
 }
 
 /// A complete, verified upload, staged beside the app directory.
@@ -314,28 +315,27 @@ impl Installed {
     }
 }
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-/// The upload of the files `files` (relative to `dir`): its header line, and each file's
-/// path to read in order. Used by `wasmform deploy --remote`.
-pub fn manifest(dir: &Path, files: &[PathBuf]) -> anyhow::Result<Manifest> {
-    use anyhow::Context as _;
-    let mut entries = Vec::new();
-    for file in files {
-        let bytes = std::fs::read(dir.join(file))
-            .with_context(|| format!("cannot read `{}`", dir.join(file).display()))?;
-        let path = file
-            .components()
-            .map(|c| c.as_os_str().to_string_lossy().into_owned())
-            .collect::<Vec<_>>()
-            .join("/");
-        entries.push(FileEntry {
-            path,
-            size: bytes.len() as u64,
-            sha256: hex(&Sha256::digest(&bytes)),
-        });
+/// The body of an upload of `files` (each path relative to the app directory, and its
+/// bytes): the header line, then every file. Used by `wasmform deploy --remote`.
+pub fn encode(files: &[(PathBuf, Vec<u8>)]) -> Vec<u8> {
+    let manifest = Manifest {
+        files: files
+            .iter()
+            .map(|(path, bytes)| FileEntry {
+                path: path
+                    .components()
+                    .map(|c| c.as_os_str().to_string_lossy().into_owned())
+                    .collect::<Vec<_>>()
+                    .join("/"),
+                size: bytes.len() as u64,
+                sha256: hex(&Sha256::digest(bytes)),
+            })
+            .collect(),
+    };
+    let mut body = serde_json::to_vec(&manifest).expect("the manifest serializes");
+    body.push(b'\n');
+    for (_, bytes) in files {
+        body.extend_from_slice(bytes);
     }
-    Ok(Manifest { files: entries })
+    body
 }

@@ -65,11 +65,6 @@ impl Activated {
         })
     }
 
-    /// Whether any socket was passed.
-    pub fn is_empty(&self) -> bool {
-        self.passed.is_empty()
-    }
-
     /// The passed socket named one of `names`, else the one bound to `addr`, for `what` (the
     /// listener, for the log). Must be called inside the async runtime.
     pub fn take(

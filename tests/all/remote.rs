@@ -45,12 +45,7 @@ fn client(args: &[&str]) -> Cli {
         .env_remove("WASMFORM_REMOTE_CERT")
         .output()
         .unwrap();
-    Cli {
-        ok: output.status.success(),
-        code: output.status.code(),
-        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
-    }
+    Cli::from(output)
 }
 
 /// A host serving its control API over HTTPS with `cert`: (host, its control URL).

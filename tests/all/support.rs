@@ -96,12 +96,7 @@ impl App {
             .env("RUST_BACKTRACE", "0")
             .output()
             .expect("failed to run wasmform");
-        Cli {
-            ok: output.status.success(),
-            code: output.status.code(),
-            stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
-        }
+        Cli::from(output)
     }
 
     /// Starts a client command in the background, its output piped.
@@ -202,6 +197,17 @@ pub struct Cli {
     pub code: Option<i32>,
     pub stdout: String,
     pub stderr: String,
+}
+
+impl From<std::process::Output> for Cli {
+    fn from(output: std::process::Output) -> Self {
+        Cli {
+            ok: output.status.success(),
+            code: output.status.code(),
+            stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+        }
+    }
 }
 
 /// Runs wasmform expecting a non-zero exit within 60 s; returns stdout + stderr.

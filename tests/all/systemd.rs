@@ -162,20 +162,26 @@ fn export_systemd_writes_every_directive_and_keeps_an_existing_unit() {
     let stderr = String::from_utf8_lossy(&bad.stderr);
     assert!(stderr.contains("-m web=x:"), "{stderr}");
 
-    // systemd's own check, where it is installed.
-    if let Some(analyze) = crate::tools::which("systemd-analyze") {
-        let verify = Command::new(analyze)
-            .args(["verify", unit_path.to_str().unwrap()])
-            .output()
-            .unwrap();
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&verify.stdout),
-            String::from_utf8_lossy(&verify.stderr)
-        );
-        for complaint in ["Unknown key", "Invalid", "Failed to parse", "bad-setting"] {
-            assert!(!text.contains(complaint), "systemd-analyze verify:\n{text}");
-        }
+    verify(&[&unit_path]);
+}
+
+/// systemd's own check of `units`, where it is installed.
+fn verify(units: &[&std::path::Path]) {
+    let Some(analyze) = crate::tools::which("systemd-analyze") else {
+        return;
+    };
+    let verify = Command::new(analyze)
+        .arg("verify")
+        .args(units)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&verify.stdout),
+        String::from_utf8_lossy(&verify.stderr)
+    );
+    for complaint in ["Unknown key", "Invalid", "Failed to parse", "bad-setting"] {
+        assert!(!text.contains(complaint), "systemd-analyze verify:\n{text}");
     }
 }
 
@@ -322,20 +328,8 @@ fn export_with_socket_activation_writes_a_matching_socket_unit() {
         "--socket-activation",
     ]);
     assert!(!again.status.success());
-    if let Some(analyze) = crate::tools::which("systemd-analyze") {
-        let verify = Command::new(analyze)
-            .arg("verify")
-            .arg(out.path().join("shop.socket"))
-            .arg(out.path().join("shop.service"))
-            .output()
-            .unwrap();
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&verify.stdout),
-            String::from_utf8_lossy(&verify.stderr)
-        );
-        for complaint in ["Unknown key", "Invalid", "Failed to parse", "bad-setting"] {
-            assert!(!text.contains(complaint), "systemd-analyze verify:\n{text}");
-        }
-    }
+    verify(&[
+        &out.path().join("shop.socket"),
+        &out.path().join("shop.service"),
+    ]);
 }
