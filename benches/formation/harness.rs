@@ -36,15 +36,78 @@ pub fn http(port: u16, method: &str, path: &str) -> (u16, String) {
     (status, body)
 }
 
-pub fn print_load(name: &str, load: &Load, baseline: &Load) {
+/// The header of the tables [`print_load`] prints rows of; `versus` names the baseline.
+pub fn print_load_header(versus: &str) {
     println!(
-        "{name:<NAME$} {:>10.0} {:>10} {:>10} {:>7} {:>8.2}×",
+        "{:<NAME$} {:>10} {:>10} {:>10} {:>7} {:>9} {:>9} {:>10} {:>9}",
+        "server", "req/s", "p50", "p99", "errors", versus, "CPU/req", "req/CPU-s", versus
+    );
+}
+
+/// One row: req/s, latency and errors, then the server's CPU per request and requests per
+/// CPU-second (what an edge node pays; steadier than req/s on 2 shared cores), each beside
+/// `baseline`'s.
+pub fn print_load(name: &str, load: &Load, baseline: &Load) {
+    let (cpu, per_cpu, ratio) = match (load.per_cpu_second(), baseline.per_cpu_second()) {
+        (Some(mine), base) => (
+            format!("{:.1} µs", 1e6 / mine),
+            format!("{mine:.0}"),
+            base.map_or("-".to_string(), |base| format!("{:.2}×", mine / base)),
+        ),
+        (None, _) => ("-".to_string(), "-".to_string(), "-".to_string()),
+    };
+    println!(
+        "{name:<NAME$} {:>10.0} {:>10} {:>10} {:>7} {:>8.2}× {cpu:>9} {per_cpu:>10} {ratio:>9}",
         load.rps,
         format!("{:.2} ms", load.p50.as_secs_f64() * 1e3),
         format!("{:.2} ms", load.p99.as_secs_f64() * 1e3),
         load.errors,
         load.rps / baseline.rps
     );
+}
+
+/// A server under load: where it listens and which process does the work, whose CPU time
+/// is read from `/proc`.
+pub trait Served {
+    fn port(&self) -> u16;
+    fn pid(&self) -> u32;
+}
+
+impl Served for Server {
+    fn port(&self) -> u16 {
+        self.port
+    }
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Served for Host {
+    fn port(&self) -> u16 {
+        self.port
+    }
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+/// CPU time (user + system, all threads, also those that ended) of process `pid` so far.
+pub fn cpu_time(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // The command name may hold spaces: fields are counted after its closing parenthesis,
+    // where field 3 (state) comes first; utime and stime are fields 14 and 15.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map_or(Vec::new(), |(_, rest)| rest.split_whitespace().collect());
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    // SAFETY: `sysconf` only reads a configuration value.
+    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    Duration::from_secs_f64((ticks(11) + ticks(12)) as f64 / per_second)
 }
 
 /// Runs `wasmform scale CHANGE` for the app in `dir`; returns how long it took.
@@ -160,7 +223,13 @@ pub fn build_guests() -> PathBuf {
 /// without wasm.
 pub fn native_server() {
     use std::sync::atomic::{AtomicU64, Ordering};
-    runtime().block_on(async {
+    // A busy-spin per request (`Server::native_spinning`): the operating point of a server
+    // that spends as much CPU per request as wasmform does, without wasm.
+    let spin = std::env::var(NATIVE_SPIN_ENV)
+        .ok()
+        .and_then(|us| us.parse().ok())
+        .map(Duration::from_micros);
+    runtime().block_on(async move {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         println!("listening on http://{}", listener.local_addr().unwrap());
         let counter = std::sync::Arc::new(AtomicU64::new(0));
@@ -171,6 +240,12 @@ pub fn native_server() {
             tokio::spawn(async move {
                 let service = hyper::service::service_fn(
                     move |req: hyper::Request<hyper::body::Incoming>| {
+                        if let Some(spin) = spin {
+                            let until = Instant::now() + spin;
+                            while Instant::now() < until {
+                                std::hint::spin_loop();
+                            }
+                        }
                         let n = counter.fetch_add(1, Ordering::Relaxed) + 1;
                         let body = format!(
                             "hello from native, request {n}, path {}\n",
@@ -200,9 +275,21 @@ pub struct Server {
     pub port: u16,
 }
 
+/// Set, in µs, for the native server to busy-spin that long per request.
+const NATIVE_SPIN_ENV: &str = "WASMFORM_BENCH_NATIVE_SPIN_US";
+
 impl Server {
     pub fn native() -> Self {
-        let mut child = Command::new(std::env::current_exe().unwrap())
+        Self::native_spinning(Duration::ZERO)
+    }
+
+    /// The native server, spinning `spin` per request.
+    pub fn native_spinning(spin: Duration) -> Self {
+        let mut command = Command::new(std::env::current_exe().unwrap());
+        if !spin.is_zero() {
+            command.env(NATIVE_SPIN_ENV, spin.as_micros().to_string());
+        }
+        let mut child = command
             .env(NATIVE_ENV, "1")
             .stdout(Stdio::piped())
             .spawn()
@@ -368,26 +455,45 @@ pub fn get_many(port: u16, count: usize) {
     });
 }
 
+#[derive(Clone, Copy)]
 pub struct Load {
     pub rps: f64,
     pub p50: Duration,
     pub p99: Duration,
     pub errors: u64,
+    /// Requests answered in the measured run, and the server's CPU time over it.
+    pub requests: u64,
+    pub cpu: Duration,
+}
+
+impl Load {
+    /// Requests per second of the server's CPU time, if it was measured.
+    pub fn per_cpu_second(&self) -> Option<f64> {
+        (self.requests > 0 && !self.cpu.is_zero())
+            .then(|| self.requests as f64 / self.cpu.as_secs_f64())
+    }
+
+    /// The server's CPU time per request.
+    pub fn cpu_per_request(&self) -> Option<Duration> {
+        self.per_cpu_second()
+            .map(|n| Duration::from_secs_f64(1.0 / n))
+    }
 }
 
 /// The best of [`RUNS`] measurements of `port` (the host shares its two cores with the load
 /// generator and whatever else the machine does, so single runs vary by ±10-30 %).
-pub fn load(port: u16) -> Load {
-    load_with(port, CONNECTIONS)
+pub fn load(server: &impl Served) -> Load {
+    load_with(server, CONNECTIONS)
 }
 
 /// [`load`] over `connections` connections.
-pub fn load_with(port: u16, connections: usize) -> Load {
+pub fn load_with(server: &impl Served, connections: usize) -> Load {
     let generator = which("wrk");
+    let (port, pid) = (server.port(), server.pid());
     (0..RUNS)
         .map(|_| match &generator {
-            Some(wrk) => load_wrk(wrk, port, connections),
-            None => load_builtin(port, connections),
+            Some(wrk) => load_wrk(wrk, port, pid, connections, &Traffic::HELLO),
+            None => load_builtin(port, pid, connections),
         })
         .max_by(|a, b| a.rps.total_cmp(&b.rps))
         .expect("at least one run")
@@ -407,8 +513,20 @@ pub fn generator_name() -> &'static str {
 
 /// `wrk -t2 -c64`, the load generator the issue's figures come from: a `WARMUP` run, then a
 /// `MEASURE` run whose summary is parsed. Errors: socket errors and non-2xx responses.
-pub fn load_wrk(wrk: &Path, port: u16, connections: usize) -> Load {
-    let url = format!("http://127.0.0.1:{port}/");
+pub fn load_wrk(wrk: &Path, port: u16, pid: u32, connections: usize, traffic: &Traffic) -> Load {
+    let url = format!("http://127.0.0.1:{port}{}", traffic.path);
+    // A POST body is set by a script: wrk has no option for it.
+    let script = traffic.body.map(|bytes| {
+        let mut file = tempfile::NamedTempFile::new().unwrap();
+        use std::io::Write as _;
+        write!(
+            file,
+            "wrk.method = \"POST\"\nwrk.body = string.rep(\"x\", {bytes})\n\
+             wrk.headers[\"Content-Type\"] = \"application/octet-stream\"\n"
+        )
+        .unwrap();
+        file
+    });
     let run = |duration: Duration, latency: bool| {
         let mut command = Command::new(wrk);
         command.args([
@@ -419,12 +537,20 @@ pub fn load_wrk(wrk: &Path, port: u16, connections: usize) -> Load {
         if latency {
             command.arg("--latency");
         }
+        for (name, value) in traffic.headers {
+            command.arg("-H").arg(format!("{name}: {value}"));
+        }
+        if let Some(script) = &script {
+            command.arg("-s").arg(script.path());
+        }
         let output = command.arg(&url).output().expect("failed to run wrk");
         assert!(output.status.success(), "wrk failed: {output:?}");
         String::from_utf8(output.stdout).expect("wrk prints UTF-8")
     };
     run(WARMUP, false);
+    let before = cpu_time(pid);
     let summary = run(MEASURE, true);
+    let cpu = cpu_time(pid).saturating_sub(before);
     let field = |prefix: &str| {
         summary
             .lines()
@@ -444,7 +570,40 @@ pub fn load_wrk(wrk: &Path, port: u16, connections: usize) -> Load {
         p50: field("50%").map(parse_wrk_duration).unwrap_or_default(),
         p99: field("99%").map(parse_wrk_duration).unwrap_or_default(),
         errors,
+        // `261178 requests in 5.00s, 25.66MB read`
+        requests: summary
+            .lines()
+            .find(|line| line.contains(" requests in "))
+            .and_then(|line| line.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0),
+        cpu,
     }
+}
+
+/// What each request of a load is.
+pub struct Traffic {
+    pub path: &'static str,
+    /// Headers besides the `Host` wrk sends.
+    pub headers: &'static [(&'static str, &'static str)],
+    /// A POST body of this many bytes; a GET without.
+    pub body: Option<usize>,
+}
+
+impl Traffic {
+    pub const HELLO: Traffic = Traffic {
+        path: "/",
+        headers: &[],
+        body: None,
+    };
+}
+
+/// [`load`] with `traffic` as each request, when wrk is on PATH (the built-in client sends
+/// only [`Traffic::HELLO`]).
+pub fn load_traffic(server: &impl Served, traffic: &Traffic) -> Option<Load> {
+    let wrk = which("wrk")?;
+    (0..RUNS)
+        .map(|_| load_wrk(&wrk, server.port(), server.pid(), CONNECTIONS, traffic))
+        .max_by(|a, b| a.rps.total_cmp(&b.rps))
 }
 
 /// Parses wrk's `261.00us`, `1.26ms`, `1.02s`, `2.00m`.
@@ -465,11 +624,17 @@ pub fn parse_wrk_duration(text: &str) -> Duration {
 
 /// Drives `connections` keep-alive connections for `WARMUP` + `MEASURE` with hyper's client;
 /// every loop is bounded by the deadline.
-pub fn load_builtin(port: u16, connections: usize) -> Load {
+pub fn load_builtin(port: u16, pid: u32, connections: usize) -> Load {
     runtime().block_on(async move {
         let start = Instant::now();
         let measure_from = start + WARMUP;
         let deadline = measure_from + MEASURE;
+        let cpu = tokio::spawn(async move {
+            tokio::time::sleep_until(measure_from.into()).await;
+            let before = cpu_time(pid);
+            tokio::time::sleep_until(deadline.into()).await;
+            cpu_time(pid).saturating_sub(before)
+        });
         let tasks: Vec<_> = (0..connections)
             .map(|_| {
                 tokio::spawn(async move {
@@ -515,6 +680,8 @@ pub fn load_builtin(port: u16, connections: usize) -> Load {
             p50: pct(0.50),
             p99: pct(0.99),
             errors,
+            requests: all.len() as u64,
+            cpu: cpu.await.unwrap(),
         }
     })
 }

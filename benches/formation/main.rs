@@ -9,11 +9,13 @@
 //!
 //! One file per table: `startup.rs`, `scaling.rs` (memory per instance and live scaling),
 //! `throughput.rs` (HTTP, against native hyper and `wasmtime serve`, and the targets),
-//! `toolchains.rs` (JavaScript and Python guests), `queues.rs` (queue drain), `journey.rs`
+//! `traffic.rs` (browser headers, a 16 KiB echo, a 64 KiB response), `toolchains.rs`
+//! (JavaScript and Python guests), `compute.rs` (a CPU-bound guest run to its end), `queues.rs` (queue drain), `journey.rs`
 //! (the CI journey: `up --detach`, scale, `down`), `tcp.rs` (TCP processes and the socket-based
 //! web server); `harness.rs`
 //! starts the hosts and servers and drives the load.
 
+mod compute;
 mod harness;
 mod journey;
 mod queues;
@@ -24,6 +26,7 @@ mod throughput;
 mod toolchains;
 #[path = "../../tests/all/tools.rs"]
 mod tools;
+mod traffic;
 
 use std::time::Duration;
 
@@ -85,8 +88,16 @@ fn main() {
         println!();
         throughput::targets(&figures);
     }
+    if run("traffic") {
+        println!();
+        traffic::rows(&guests);
+    }
     if run("toolchains") {
         toolchains::rows();
+    }
+    if run("compute") {
+        println!();
+        compute::rows(&guests);
     }
     if run("queues") {
         queues::rows(&guests);

@@ -78,7 +78,7 @@ pub fn rows(guests: &Path) {
         let mut args = vec!["-m", "web=2"];
         args.extend_from_slice(extra);
         let host = Host::start(&procfile, &args);
-        load(host.port)
+        load(&host)
     };
     let fast = served("hello.wasm", &[]);
     let quiet = served("hello.wasm", &["--no-router-log"]);

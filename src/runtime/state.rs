@@ -169,7 +169,24 @@ pub(crate) fn allowed(entry: &str, host: &str, port: u16) -> bool {
     }
 }
 
+/// wasi-http's forbidden header names, as one shared filter: the crate's default builds a new
+/// `Arc` closure on every header check (4 per hello request, 10–15 for a browser's).
+static FORBIDDEN_HEADERS: std::sync::LazyLock<wasmtime_wasi_http::ForbiddenHeaderFilter> =
+    std::sync::LazyLock::new(|| std::sync::Arc::new(is_forbidden));
+
+fn is_forbidden(name: &http::HeaderName) -> bool {
+    wasmtime_wasi_http::DEFAULT_FORBIDDEN_HEADERS.contains(name)
+}
+
 impl WasiHttpHooks for Outbound {
+    fn is_forbidden_header(&mut self, name: &http::HeaderName) -> bool {
+        is_forbidden(name)
+    }
+
+    fn forbidden_header_filter(&mut self) -> wasmtime_wasi_http::ForbiddenHeaderFilter {
+        FORBIDDEN_HEADERS.clone()
+    }
+
     fn send_request(
         &mut self,
         request: http::Request<wasmtime_wasi_http::WasiBody>,

@@ -67,6 +67,14 @@ fn route(path: &str, query: &str) -> Result<Reply, Reply> {
     let instance = instance();
     let reply = match path {
         "/whoami" => (200, format!("{instance}\n")),
+        // A response of `n` bytes, for the benchmark's large-response row.
+        "/bytes" => {
+            let n: usize = required(query, "n")?;
+            if n > 16 * MIB {
+                return Err(bad("n over 16 MiB"));
+            }
+            (200, "x".repeat(n))
+        }
         "/count" => {
             let n = COUNT.fetch_add(1, Ordering::Relaxed) + 1;
             (200, format!("{n}\n"))

@@ -7,7 +7,8 @@ use std::io::Write;
 use std::time::Duration;
 
 const USAGE: &str = "usage: test-worker (exit <code> | exit-std <code> | panic | spin \
-                     | print <n> [ms] | alloc <mb> | sleep | env | cat | getenv <name>)";
+                     | print <n> [ms] | alloc <mb> | compute <rounds> | sleep | env | cat \
+                     | getenv <name>)";
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
@@ -48,6 +49,16 @@ fn main() {
                 }
                 say(&format!("line {i} from {instance}"));
             }
+        }
+        ["compute", rounds] => {
+            // CPU-bound and memory-bound: a sieve of Eratosthenes over 16 Mi numbers, `rounds`
+            // times, then exit. Every step is a guest load or store, none a host call.
+            let rounds: u32 = number(rounds);
+            let mut primes = 0usize;
+            for _ in 0..rounds {
+                primes = sieve(black_box(16 << 20));
+            }
+            say(&format!("{primes} primes below {}", 16 << 20));
         }
         ["alloc", mb] => {
             let mb: usize = number(mb);
@@ -127,4 +138,21 @@ fn sleep_forever() -> ! {
     loop {
         std::thread::sleep(Duration::from_secs(1));
     }
+}
+
+/// How many primes are below `n`.
+fn sieve(n: usize) -> usize {
+    let mut composite = vec![false; n];
+    let mut count = 0;
+    for i in 2..n {
+        if !composite[i] {
+            count += 1;
+            let mut j = i * i;
+            while j < n {
+                composite[j] = true;
+                j += i;
+            }
+        }
+    }
+    count
 }
