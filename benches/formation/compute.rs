@@ -12,8 +12,8 @@ use crate::harness::which;
 const ROUNDS: &str = "6";
 
 /// Rounds of the interleaved runs: this VM's speed drifts by tens of percent within seconds,
-/// so every runner runs once per round, and each one's median is reported.
-const ROUNDS_OF_RUNS: usize = 7;
+/// so every runner runs once per round, and each one's mean is reported.
+const ROUNDS_OF_RUNS: usize = 12;
 
 /// Wall-clock time of `command`, which must succeed.
 fn time(command: &mut Command) -> Duration {
@@ -28,7 +28,7 @@ fn time(command: &mut Command) -> Duration {
 
 pub fn rows(guests: &Path) {
     println!(
-        "## CPU-bound guest: test-worker compute {ROUNDS} (sieve of 16 Mi numbers), run to its end, median of {ROUNDS_OF_RUNS} interleaved runs"
+        "## CPU-bound guest: test-worker compute {ROUNDS} (sieve of 16 Mi numbers), run to its end, mean of {ROUNDS_OF_RUNS} interleaved runs"
     );
     println!(
         "{:<52} {:>10} {:>12}",
@@ -67,15 +67,12 @@ pub fn rows(guests: &Path) {
             times[i].push(time(command));
         }
     }
-    let medians: Vec<Duration> = times
+    let means: Vec<Duration> = times
         .into_iter()
-        .map(|mut t| {
-            t.sort();
-            t[t.len() / 2]
-        })
+        .map(|t| t.iter().sum::<Duration>() / t.len() as u32)
         .collect();
-    let base = (runners.len() == 3).then(|| medians[1]);
-    for ((name, _), time) in runners.iter().zip(&medians) {
+    let base = (runners.len() == 3).then(|| means[1]);
+    for ((name, _), time) in runners.iter().zip(&means) {
         let ratio = base.map_or("-".into(), |b| {
             format!("{:.2}×", b.as_secs_f64() / time.as_secs_f64())
         });
@@ -86,7 +83,7 @@ pub fn rows(guests: &Path) {
     }
     match base {
         Some(base) => {
-            let ours = medians.last().expect("wasmform's row");
+            let ours = means.last().expect("wasmform's row");
             let slower = ours.as_secs_f64() / base.as_secs_f64() - 1.0;
             println!(
                 "{:<52} {:>10}  target ≤ 10 %  {}",

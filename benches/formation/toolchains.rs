@@ -51,8 +51,8 @@ pub fn rows() {
             &python,
             &[
                 ("default", &[]),
-                ("--max-instance-reuse-count 1e9", REUSE),
-                ("reuse 1e9, -W timeout=30s", REUSE_TIMEOUT),
+                ("reuse", REUSE),
+                ("reuse, -W timeout=30s", REUSE_TIMEOUT),
             ],
             &[
                 ("web=4, max_requests = 1", 4, "max_requests = 1\n", 0),
@@ -63,17 +63,14 @@ pub fn rows() {
     let mut ratios = Vec::new();
     for (label, component, serve_rows, our_rows) in guests {
         let size = std::fs::metadata(component).unwrap().len() as f64 / 1e6;
+        println!("{label}: {size:.1} MB");
         let serve: Vec<Load> = match &wasmtime {
             Some(wasmtime) => serve_rows
                 .iter()
                 .map(|(name, args)| {
                     let server = Server::wasmtime_serve(wasmtime, component, args);
                     let load = load_with(&server, TOOLCHAIN_CONNECTIONS);
-                    print_load(
-                        &format!("{label} ({size:.1} MB): wasmtime serve {name}"),
-                        &load,
-                        &load,
-                    );
+                    print_load(&format!("{label}: wasmtime serve {name}"), &load, &load);
                     load
                 })
                 .collect(),
@@ -96,11 +93,7 @@ pub fn rows() {
             let name = format!("{label}: wasmform {how}");
             match serve.get(versus) {
                 Some(base) => {
-                    print_load(
-                        &format!("{name} (vs {})", serve_rows[versus].0),
-                        &result,
-                        base,
-                    );
+                    print_load(&name, &result, base);
                     ratios.push((
                         format!("{label} {how} vs wasmtime serve {}", serve_rows[versus].0),
                         result.rps / base.rps,
@@ -112,7 +105,11 @@ pub fn rows() {
     }
     match wasmtime {
         Some(wasmtime) => {
-            println!("(wasmtime serve rows: {})", wasmtime.display());
+            println!(
+                "(wasmtime serve rows: {}; a wasmform row's ratios are to the serve row of equal \
+                 reuse and safety: single-use to default, reused to reuse with -W timeout)",
+                wasmtime.display()
+            );
             // The targets: a single-use JS guest ≥ 2× serve's fresh instance per request; a
             // reused Python guest ≥ 1.1× serve's reuse with a timeout (equal safety).
             for (what, ratio) in ratios {

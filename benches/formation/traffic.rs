@@ -1,5 +1,5 @@
-//! Requests closer to real traffic than hello's bare `GET /`: a browser's dozen headers, a
-//! 16 KiB body echoed back, a 64 KiB response. The `test-web` guest serves them, under
+//! Requests closer to real traffic than hello's bare `GET /`: `GET /` with a browser's dozen
+//! headers, `POST /echo` with a 16 KiB body echoed back, `GET /bytes?n=65536`. The `test-web` guest serves them, under
 //! wasmform (the default configuration, web=2) and under `wasmtime serve` reusing instances.
 
 use std::path::Path;
@@ -32,7 +32,7 @@ const BROWSER: &[(&str, &str)] = &[
 
 const KINDS: [(&str, Traffic); 3] = [
     (
-        "GET / with 12 browser headers",
+        "12 browser headers",
         Traffic {
             path: "/",
             headers: BROWSER,
@@ -40,7 +40,7 @@ const KINDS: [(&str, Traffic); 3] = [
         },
     ),
     (
-        "POST /echo, 16 KiB echoed",
+        "POST 16 KiB, echoed",
         Traffic {
             path: "/echo",
             headers: &[],
@@ -48,7 +48,7 @@ const KINDS: [(&str, Traffic); 3] = [
         },
     ),
     (
-        "GET /bytes?n=65536 (64 KiB response)",
+        "64 KiB response",
         Traffic {
             path: "/bytes?n=65536",
             headers: &[],
@@ -66,7 +66,7 @@ pub fn rows(guests: &Path) {
         println!("skipped: these rows need wrk (`apt-get install wrk`)");
         return;
     }
-    let component = guests.join("test-web.wasm");
+    let component = guests.join("test_web.wasm");
     let dir = tempfile::tempdir().unwrap();
     let procfile = dir.path().join("Procfile");
     std::fs::write(&procfile, format!("web: {}\n", component.display())).unwrap();
