@@ -8,6 +8,18 @@ use crate::harness::{
 };
 use crate::tools;
 
+/// A `wasmtime serve` row: its name and options.
+type ServeRow = (&'static str, &'static [&'static str]);
+
+/// A wasmform row: its name, web instances, manifest, and the index of the serve row it is
+/// compared with.
+struct OurRow {
+    how: &'static str,
+    web: u32,
+    manifest: &'static str,
+    versus: usize,
+}
+
 /// Connections of the toolchain rows: the issue measured JS guests with `wrk -t2 -c16`.
 const TOOLCHAIN_CONNECTIONS: usize = 16;
 
@@ -36,15 +48,19 @@ pub fn rows() {
         "-W",
         "timeout=30s",
     ];
-    // Per guest: the `wasmtime serve` rows (name, options), then wasmform's (name, web
-    // instances, manifest, the serve row it is compared with: the one of equal reuse and
-    // safety, epoch interruption being on in wasmform).
-    let guests: [(&str, &Path, &[(&str, &[&str])], &[(&str, u32, &str, usize)]); 2] = [
+    // Per guest: the `wasmtime serve` rows, then wasmform's, each compared with the serve row
+    // of equal reuse and safety (epoch interruption being on in wasmform).
+    let guests: [(&str, &Path, &[ServeRow], &[OurRow]); 2] = [
         (
             "js-hello",
             &js,
             &[("default", &[])],
-            &[("web=4, max_requests = 1", 4, "max_requests = 1\n", 0)],
+            &[OurRow {
+                how: "web=4, max_requests = 1",
+                web: 4,
+                manifest: "max_requests = 1\n",
+                versus: 0,
+            }],
         ),
         (
             "python-hello",
@@ -55,8 +71,18 @@ pub fn rows() {
                 ("reuse, -W timeout=30s", REUSE_TIMEOUT),
             ],
             &[
-                ("web=4, max_requests = 1", 4, "max_requests = 1\n", 0),
-                ("web=2, reused", 2, "", 2),
+                OurRow {
+                    how: "web=4, max_requests = 1",
+                    web: 4,
+                    manifest: "max_requests = 1\n",
+                    versus: 0,
+                },
+                OurRow {
+                    how: "web=2, reused",
+                    web: 2,
+                    manifest: "",
+                    versus: 2,
+                },
             ],
         ),
     ];
@@ -76,7 +102,13 @@ pub fn rows() {
                 .collect(),
             None => Vec::new(),
         };
-        for &(how, web, manifest, versus) in our_rows {
+        for &OurRow {
+            how,
+            web,
+            manifest,
+            versus,
+        } in our_rows
+        {
             let dir = tempfile::tempdir().unwrap();
             std::fs::write(
                 dir.path().join("Procfile"),
