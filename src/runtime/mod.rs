@@ -92,6 +92,11 @@ impl MemoryLayout {
         };
         Self { reservation }
     }
+
+    /// Address space that `memories` slots of this layout take.
+    fn address_space(&self, memories: u64) -> u64 {
+        memories.saturating_mul(self.reservation + GUARD)
+    }
 }
 
 /// The process's address-space limit (`RLIMIT_AS`), if it has one.
@@ -175,11 +180,24 @@ impl Runtime {
         // Twice the instance limit: a single-use type's slot starts its next instance while
         // the request that used up the last one still runs. Only address space is reserved.
         let slots = settings.max_instances.max(1).saturating_mul(2);
-        let layout = MemoryLayout::choose(
-            settings.max_memory.as_u64(),
-            u64::from(slots.saturating_mul(2)),
-            address_space_limit(),
-        );
+        let memories = u64::from(slots.saturating_mul(2));
+        let limit = address_space_limit();
+        let layout = MemoryLayout::choose(settings.max_memory.as_u64(), memories, limit);
+        if let Some(limit) = limit
+            && layout.address_space(memories) > limit
+        {
+            bail!(
+                "the instance pool needs {} of address space ({memories} memories of {} for \
+                 --max-instances {}, each with a {} guard), more than this process's \
+                 address-space limit of {} (`ulimit -v`, systemd's `LimitAS=`): lower \
+                 `--max-instances` or `--max-memory`, or raise the limit",
+                ByteSize::bytes(layout.address_space(memories)),
+                ByteSize::bytes(layout.reservation),
+                settings.max_instances,
+                ByteSize::bytes(GUARD),
+                ByteSize::bytes(limit),
+            );
+        }
         config.memory_reservation(layout.reservation);
         config.memory_guard_size(GUARD);
         config.memory_reservation_for_growth(0);

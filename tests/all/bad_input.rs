@@ -1,6 +1,8 @@
 //! Bad input is refused before anything listens, with a message naming what is wrong.
 
-use crate::support::{App, guest, run_fails};
+use std::time::Duration;
+
+use crate::support::{App, Wasmform, guest, run_fails};
 
 fn write_wat(app: &App, name: &str, wat: &str) {
     std::fs::write(app.path(name), wat::parse_str(wat).unwrap()).unwrap();
@@ -153,6 +155,50 @@ fn bad_formation_and_memory_values() {
         let out = app.up_fails(args);
         assert!(out.contains(needle), "{args:?}:\n{out}");
     }
+}
+
+#[test]
+fn an_address_space_limit_gets_the_small_memory_layout_or_says_what_to_lower() {
+    let app = App::new("web: {guests}/hello.wasm\n");
+    let procfile = app.procfile();
+    let procfile = procfile.to_str().unwrap();
+    // 32 GiB: too little for the default pool's 4096 memories even at 1 GiB each.
+    let mut host = Wasmform::spawn_limited(&["up", "-f", procfile, "-p", "0"], 32 << 20);
+    let status = host
+        .wait_exit(Duration::from_secs(60))
+        .expect("wasmform did not exit");
+    let out = host.output();
+    assert!(!status.success(), "{out}");
+    assert!(
+        out.contains("the instance pool needs 4224 GiB of address space (4096 memories of 1 GiB for --max-instances 1024")
+            && out.contains("address-space limit of 32 GiB (`ulimit -v`")
+            && out.contains("lower `--max-instances` or `--max-memory`"),
+        "{out}"
+    );
+    // A pool that fits under the limit, though not with 4 GiB slots: bounds-checked code,
+    // serving as usual.
+    let mut host = Wasmform::spawn_limited(
+        &[
+            "up",
+            "-f",
+            procfile,
+            "-p",
+            "0",
+            "--max-memory",
+            "16MiB",
+            "--max-instances",
+            "8",
+        ],
+        32 << 20,
+    );
+    host.wait_listening();
+    let response = host.get("/");
+    assert_eq!(response.status, 200, "{}", response.body);
+    assert!(
+        response.body.starts_with("hello from web.1"),
+        "{}",
+        response.body
+    );
 }
 
 #[test]

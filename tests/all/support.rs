@@ -250,6 +250,18 @@ impl Wasmform {
         Self::start(command)
     }
 
+    /// [`Wasmform::spawn`] under an address-space limit (`ulimit -v`, in KiB).
+    pub fn spawn_limited(args: &[&str], address_space_kib: u64) -> Self {
+        let mut command = Command::new("/bin/sh");
+        command
+            .arg("-c")
+            .arg(format!("ulimit -v {address_space_kib} && exec \"$@\""))
+            .arg("sh")
+            .arg(env!("CARGO_BIN_EXE_wasmform"))
+            .args(args);
+        Self::start(command)
+    }
+
     /// [`Wasmform::spawn`] as systemd's socket activation starts it: `sockets` passed as
     /// descriptors 3, 4… with `LISTEN_FDS`, `LISTEN_PID` (set by a shell that then execs
     /// wasmform, so the pid is wasmform's) and `LISTEN_FDNAMES`.
