@@ -10,12 +10,8 @@
 # is bounded by wrk's duration.
 set -euo pipefail
 old=$1 new=$2 pairs=${3:-3}
-root=$(cd "$(dirname "$0")/.." && pwd)
-hello=$root/target/bench-guests/wasm32-wasip2/release/hello.wasm
-[ -f "$hello" ] || { echo "no $hello: run \`cargo bench\` once to build the guests" >&2; exit 1; }
-app=$(mktemp -d)
-trap 'rm -rf "$app"' EXIT
-printf 'web: %s\n' "$hello" > "$app/Procfile"
+# shellcheck source=benches/hello-app.sh
+source "$(dirname "$0")/hello-app.sh"
 
 run() { # BINARY PORT
     rm -rf "$app/.wasmform"

@@ -12,12 +12,8 @@
 # and python3. Loopback only; every loop is bounded by REQUESTS.
 set -euo pipefail
 bin=$1 requests=${2:-4000} port=${PORT:-5399}
-root=$(cd "$(dirname "$0")/.." && pwd)
-hello=$root/target/bench-guests/wasm32-wasip2/release/hello.wasm
-[ -f "$hello" ] || { echo "no $hello: run \`cargo bench\` once to build the guests" >&2; exit 1; }
-app=$(mktemp -d)
-trap 'rm -rf "$app"' EXIT
-printf 'web: %s\n' "$hello" > "$app/Procfile"
+# shellcheck source=benches/hello-app.sh
+source "$(dirname "$0")/hello-app.sh"
 
 client() { # COUNT: sequential keep-alive GETs
     python3 - "$port" "$1" <<'PY'

@@ -472,12 +472,6 @@ impl Load {
         (self.requests > 0 && !self.cpu.is_zero())
             .then(|| self.requests as f64 / self.cpu.as_secs_f64())
     }
-
-    /// The server's CPU time per request.
-    pub fn cpu_per_request(&self) -> Option<Duration> {
-        self.per_cpu_second()
-            .map(|n| Duration::from_secs_f64(1.0 / n))
-    }
 }
 
 /// The best of [`RUNS`] measurements of `port` (the host shares its two cores with the load
@@ -488,16 +482,30 @@ pub fn load(server: &impl Served) -> Load {
 
 /// [`load`] over `connections` connections.
 pub fn load_with(server: &impl Served, connections: usize) -> Load {
-    let generator = which("wrk");
     let (port, pid) = (server.port(), server.pid());
+    match which("wrk") {
+        Some(wrk) => best_of_runs(|| load_wrk(&wrk, port, pid, connections, &Traffic::HELLO)),
+        None => best_of_runs(|| load_builtin(port, pid, connections)),
+    }
+}
+
+/// [`load`] with `traffic` as each request, driven by `wrk` (the built-in client sends only
+/// [`Traffic::HELLO`]).
+pub fn load_traffic(wrk: &Path, server: &impl Served, traffic: &Traffic) -> Load {
+    best_of_runs(|| load_wrk(wrk, server.port(), server.pid(), CONNECTIONS, traffic))
+}
+
+/// The run with the most req/s of [`RUNS`].
+fn best_of_runs(mut run: impl FnMut() -> Load) -> Load {
     (0..RUNS)
-        .map(|_| match &generator {
-            Some(wrk) => load_wrk(wrk, port, pid, connections, &Traffic::HELLO),
-            None => load_builtin(port, pid, connections),
-        })
+        .map(|_| run())
         .max_by(|a, b| a.rps.total_cmp(&b.rps))
         .expect("at least one run")
 }
+
+/// `wasmtime serve`'s options for instance reuse, its fastest mode and the nearest peer of a
+/// wasmform web instance.
+pub const SERVE_REUSE: &[&str] = &["--max-instance-reuse-count", "1000000000"];
 
 /// Measurements per row; the best is kept.
 pub const RUNS: usize = 2;
@@ -595,15 +603,6 @@ impl Traffic {
         headers: &[],
         body: None,
     };
-}
-
-/// [`load`] with `traffic` as each request, when wrk is on PATH (the built-in client sends
-/// only [`Traffic::HELLO`]).
-pub fn load_traffic(server: &impl Served, traffic: &Traffic) -> Option<Load> {
-    let wrk = which("wrk")?;
-    (0..RUNS)
-        .map(|_| load_wrk(&wrk, server.port(), server.pid(), CONNECTIONS, traffic))
-        .max_by(|a, b| a.rps.total_cmp(&b.rps))
 }
 
 /// Parses wrk's `261.00us`, `1.26ms`, `1.02s`, `2.00m`.

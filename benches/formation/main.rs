@@ -10,10 +10,10 @@
 //! One file per table: `startup.rs`, `scaling.rs` (memory per instance and live scaling),
 //! `throughput.rs` (HTTP, against native hyper and `wasmtime serve`, and the targets),
 //! `traffic.rs` (browser headers, a 16 KiB echo, a 64 KiB response), `toolchains.rs`
-//! (JavaScript and Python guests), `compute.rs` (a CPU-bound guest run to its end), `queues.rs` (queue drain), `journey.rs`
-//! (the CI journey: `up --detach`, scale, `down`), `tcp.rs` (TCP processes and the socket-based
-//! web server); `harness.rs`
-//! starts the hosts and servers and drives the load.
+//! (JavaScript and Python guests), `compute.rs` (a CPU-bound guest run to its end), `queues.rs`
+//! (queue drain), `journey.rs` (the CI journey: `up --detach`, scale, `down`), `tcp.rs` (TCP
+//! processes and the socket-based web server); `harness.rs` starts the hosts and servers and
+//! drives the load.
 
 mod compute;
 mod harness;

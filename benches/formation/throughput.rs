@@ -6,7 +6,8 @@ use std::process::Command;
 use std::time::Duration;
 
 use crate::harness::{
-    Host, Load, RUNS, Server, generator_name, load, print_load, print_load_header, which,
+    Host, Load, RUNS, SERVE_REUSE, Server, generator_name, load, print_load, print_load_header,
+    which,
 };
 use crate::{CONNECTIONS, MEASURE, WARMUP};
 
@@ -141,7 +142,7 @@ pub fn targets(figures: &Figures) {
         "≥ 0.65×",
         ratio >= 0.65,
     );
-    let cpu = best.cpu_per_request().unwrap_or_default().as_secs_f64() * 1e6;
+    let cpu = 1e6 / per_cpu(best);
     target(
         &format!("host CPU per request (web={formation})"),
         format!("{cpu:.1} µs"),
@@ -214,10 +215,7 @@ fn wasmtime_serve_rows(hello: &Path, baseline: &Load) -> Option<(Load, Load)> {
     let mut rows = Vec::new();
     for (name, extra) in [
         ("default", &[][..]),
-        (
-            "--max-instance-reuse-count 1000000000",
-            &["--max-instance-reuse-count", "1000000000"][..],
-        ),
+        ("--max-instance-reuse-count 1000000000", SERVE_REUSE),
     ] {
         let server = Server::wasmtime_serve(&wasmtime, hello, extra);
         let result = load(&server);

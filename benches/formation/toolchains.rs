@@ -4,30 +4,33 @@
 use std::path::Path;
 
 use crate::harness::{
-    Host, Load, RUNS, Server, generator_name, load_with, print_load, print_load_header, which,
+    Host, Load, RUNS, SERVE_REUSE, Server, generator_name, load_with, print_load,
+    print_load_header, which,
 };
 use crate::tools;
 
 /// A `wasmtime serve` row: its name and options.
-type ServeRow = (&'static str, &'static [&'static str]);
+type ServeRow<'a> = (&'static str, &'a [&'a str]);
 
-/// A wasmform row: its name, web instances, manifest, and the index of the serve row it is
-/// compared with.
+/// A wasmform row: its name, web instances, manifest, the index of the serve row it is
+/// compared with, and the issue's target for that ratio, if it has one.
 struct OurRow {
     how: &'static str,
     web: u32,
     manifest: &'static str,
     versus: usize,
+    target: Option<f64>,
 }
 
 /// Connections of the toolchain rows: the issue measured JS guests with `wrk -t2 -c16`.
 const TOOLCHAIN_CONNECTIONS: usize = 16;
 
 /// Guests from the other toolchains, which spend their time in their interpreter: the JS
-/// guest (componentize-js), which must get a fresh instance per request, and the Python
-/// guest (componentize-py), single-use and reused, each beside `wasmtime serve` as it comes
-/// (a fresh instance per request) on the same component. The tools come from `PATH` or are
-/// installed as the tests install them (`tests/all/tools.rs`).
+/// guest (componentize-js), which must get a fresh instance per request, beside `wasmtime
+/// serve` as it comes (a fresh instance per request), and the Python guest (componentize-py),
+/// single-use and reused, beside `wasmtime serve` as it comes and reusing instances, with and
+/// without `-W timeout`. The tools come from `PATH` or are installed as the tests install them
+/// (`tests/all/tools.rs`).
 pub fn rows() {
     println!();
     println!(
@@ -41,16 +44,10 @@ pub fn rows() {
     let python = out.path().join("python-hello.wasm");
     tools::build_python_guest("python-hello", "wasi:http/proxy@0.2.12", &python);
     print_load_header("vs serve");
-    const REUSE: &[&str] = &["--max-instance-reuse-count", "1000000000"];
-    const REUSE_TIMEOUT: &[&str] = &[
-        "--max-instance-reuse-count",
-        "1000000000",
-        "-W",
-        "timeout=30s",
-    ];
+    let reuse_timeout: &[&str] = &[SERVE_REUSE, &["-W", "timeout=30s"]].concat();
     // Per guest: the `wasmtime serve` rows, then wasmform's, each compared with the serve row
     // of equal reuse and safety (epoch interruption being on in wasmform).
-    let guests: [(&str, &Path, &[ServeRow], &[OurRow]); 2] = [
+    let guests: [(&str, &Path, &[ServeRow<'_>], &[OurRow]); 2] = [
         (
             "js-hello",
             &js,
@@ -60,6 +57,7 @@ pub fn rows() {
                 web: 4,
                 manifest: "max_requests = 1\n",
                 versus: 0,
+                target: Some(2.0),
             }],
         ),
         (
@@ -67,8 +65,8 @@ pub fn rows() {
             &python,
             &[
                 ("default", &[]),
-                ("reuse", REUSE),
-                ("reuse, -W timeout=30s", REUSE_TIMEOUT),
+                ("reuse", SERVE_REUSE),
+                ("reuse, -W timeout=30s", reuse_timeout),
             ],
             &[
                 OurRow {
@@ -76,12 +74,14 @@ pub fn rows() {
                     web: 4,
                     manifest: "max_requests = 1\n",
                     versus: 0,
+                    target: None,
                 },
                 OurRow {
                     how: "web=2, reused",
                     web: 2,
                     manifest: "",
                     versus: 2,
+                    target: Some(1.1),
                 },
             ],
         ),
@@ -107,6 +107,7 @@ pub fn rows() {
             web,
             manifest,
             versus,
+            target,
         } in our_rows
         {
             let dir = tempfile::tempdir().unwrap();
@@ -126,10 +127,13 @@ pub fn rows() {
             match serve.get(versus) {
                 Some(base) => {
                     print_load(&name, &result, base);
-                    ratios.push((
-                        format!("{label} {how} vs wasmtime serve {}", serve_rows[versus].0),
-                        result.rps / base.rps,
-                    ));
+                    if let Some(goal) = target {
+                        ratios.push((
+                            format!("{label} {how} vs wasmtime serve {}", serve_rows[versus].0),
+                            result.rps / base.rps,
+                            goal,
+                        ));
+                    }
                 }
                 None => print_load(&name, &result, &result),
             }
@@ -144,12 +148,7 @@ pub fn rows() {
             );
             // The targets: a single-use JS guest ≥ 2× serve's fresh instance per request; a
             // reused Python guest ≥ 1.1× serve's reuse with a timeout (equal safety).
-            for (what, ratio) in ratios {
-                let goal = match what.as_str() {
-                    w if w.starts_with("js-hello") => 2.0,
-                    w if w.contains("reused") => 1.1,
-                    _ => continue,
-                };
+            for (what, ratio, goal) in ratios {
                 println!(
                     "{what:<70} {:>7}  target ≥ {goal}×  {}",
                     format!("{ratio:.2}×"),

@@ -1,11 +1,15 @@
 //! Requests closer to real traffic than hello's bare `GET /`: `GET /` with a browser's dozen
-//! headers, `POST /echo` with a 16 KiB body echoed back, `GET /bytes?n=65536`. The `test-web` guest serves them, under
-//! wasmform (the default configuration, web=2) and under `wasmtime serve` reusing instances.
+//! headers, `POST /echo` with a 16 KiB body echoed back, `GET /bytes?n=65536`. The `test-web`
+//! guest serves them, under wasmform (the default configuration, web=2) and under `wasmtime
+//! serve` reusing instances.
 
 use std::path::Path;
 
+use crate::CONNECTIONS;
+
 use crate::harness::{
-    Host, Server, Traffic, generator_name, load_traffic, print_load, print_load_header, which,
+    Host, RUNS, SERVE_REUSE, Server, Traffic, generator_name, load_traffic, print_load,
+    print_load_header, which,
 };
 
 /// A request as Chromium sends it for a page (its `Host` comes from wrk): 12 headers.
@@ -59,13 +63,13 @@ const KINDS: [(&str, Traffic); 3] = [
 
 pub fn rows(guests: &Path) {
     println!(
-        "## real traffic on test-web: 64 keep-alive connections, best of 2, load from {}",
+        "## real traffic on test-web: {CONNECTIONS} keep-alive connections, best of {RUNS}, load from {}",
         generator_name()
     );
-    if which("wrk").is_none() {
+    let Some(wrk) = which("wrk") else {
         println!("skipped: these rows need wrk (`apt-get install wrk`)");
         return;
-    }
+    };
     let component = guests.join("test_web.wasm");
     let dir = tempfile::tempdir().unwrap();
     let procfile = dir.path().join("Procfile");
@@ -74,15 +78,11 @@ pub fn rows(guests: &Path) {
     let wasmtime = which("wasmtime");
     for (name, traffic) in &KINDS {
         let serve = wasmtime.as_ref().map(|wasmtime| {
-            let server = Server::wasmtime_serve(
-                wasmtime,
-                &component,
-                &["--max-instance-reuse-count", "1000000000"],
-            );
-            load_traffic(&server, traffic).expect("wrk is on PATH")
+            let server = Server::wasmtime_serve(wasmtime, &component, SERVE_REUSE);
+            load_traffic(&wrk, &server, traffic)
         });
         let host = Host::start(&procfile, &["-m", "web=2"]);
-        let mine = load_traffic(&host, traffic).expect("wrk is on PATH");
+        let mine = load_traffic(&wrk, &host, traffic);
         drop(host);
         match &serve {
             Some(serve) => {

@@ -84,13 +84,16 @@ impl MemoryLayout {
     /// may be given, and the compiled code checks bounds.
     fn choose(max_memory: u64, memories: u64, limit: Option<u64>) -> Self {
         let budget = limit.map_or(ADDRESS_SPACE_BUDGET, |l| (l / 2).min(ADDRESS_SPACE_BUDGET));
-        let full = memories.saturating_mul(FULL_RESERVATION.max(max_memory) + GUARD);
-        let reservation = if full <= budget {
-            FULL_RESERVATION.max(max_memory)
-        } else {
-            max_memory
+        let full = Self {
+            reservation: FULL_RESERVATION.max(max_memory),
         };
-        Self { reservation }
+        if full.address_space(memories) <= budget {
+            full
+        } else {
+            Self {
+                reservation: max_memory,
+            }
+        }
     }
 
     /// Address space that `memories` slots of this layout take.

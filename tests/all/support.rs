@@ -212,21 +212,7 @@ impl From<std::process::Output> for Cli {
 
 /// Runs wasmform expecting a non-zero exit within 60 s; returns stdout + stderr.
 pub fn run_fails(args: &[&str]) -> String {
-    let mut host = Wasmform::spawn(args);
-    let status = host
-        .wait_exit(Duration::from_secs(60))
-        .expect("wasmform did not exit");
-    let out = host.output();
-    assert!(!status.success(), "expected failure, got {status}:\n{out}");
-    assert!(
-        !out.contains("listening on"),
-        "nothing may listen on bad input:\n{out}"
-    );
-    assert!(
-        !out.contains("panicked"),
-        "a panic is not an error message:\n{out}"
-    );
-    out
+    Wasmform::spawn(args).fails()
 }
 
 /// The real binary, killed on drop; its output is printed if the test fails.
@@ -434,6 +420,25 @@ impl Wasmform {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// Waits for a non-zero exit within 60 s, with nothing listening and no panic; returns
+    /// stdout + stderr.
+    pub fn fails(mut self) -> String {
+        let status = self
+            .wait_exit(Duration::from_secs(60))
+            .expect("wasmform did not exit");
+        let out = self.output();
+        assert!(!status.success(), "expected failure, got {status}:\n{out}");
+        assert!(
+            !out.contains("listening on"),
+            "nothing may listen on bad input:\n{out}"
+        );
+        assert!(
+            !out.contains("panicked"),
+            "a panic is not an error message:\n{out}"
+        );
+        out
     }
 
     /// Resident memory of the host process, in KiB.
