@@ -321,12 +321,14 @@ impl AppSpec {
 
 /// Variables wasmform gives every instance itself (foreman's `PORT`, Heroku's `DYNO`…): the
 /// environment cannot override them.
-pub const PLATFORM_ENV: [&str; 5] = [
+pub const PLATFORM_ENV: [&str; 7] = [
     "PORT",
     "WASMFORM_PROCESS",
     "WASMFORM_INSTANCE",
     "PS",
     "DYNO",
+    "WASMFORM_NODE",
+    "WASMFORM_FENCE",
 ];
 
 #[cfg(test)]

@@ -71,6 +71,7 @@
 
 mod app;
 pub mod cli;
+mod cluster;
 mod control;
 mod deploy;
 mod events;

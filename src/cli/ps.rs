@@ -14,6 +14,10 @@ pub struct PsCommand {
     #[arg(long)]
     json: bool,
 
+    /// Every instance of the cluster this host is a node of, with its node.
+    #[arg(long)]
+    cluster: bool,
+
     #[command(flatten)]
     app: AppArgs,
 }
@@ -22,6 +26,9 @@ impl PsCommand {
     /// Fetches and prints the report.
     pub fn execute(self) -> Result<()> {
         let client = Client::new(&self.app)?;
+        if self.cluster {
+            return self.cluster(&client);
+        }
         let report = block_on(client.json(Method::GET, "/v1/ps", None))??;
         if self.json {
             println!("{}", serde_json::to_string_pretty(&report)?);
@@ -67,6 +74,41 @@ impl PsCommand {
             size(report["reserved"].as_u64().unwrap_or(0)),
             size(report["capacity"].as_u64().unwrap_or(0))
         );
+        Ok(())
+    }
+}
+
+impl PsCommand {
+    /// `ps --cluster`: nodes, then instances with their node.
+    fn cluster(&self, client: &Client) -> Result<()> {
+        let report = block_on(client.json(Method::GET, "/v1/cluster/ps", None))??;
+        if self.json {
+            println!("{}", serde_json::to_string_pretty(&report)?);
+            return Ok(());
+        }
+        let nodes = report["nodes"].as_array().cloned().unwrap_or_default();
+        println!(
+            "=== cluster {}: {} nodes",
+            report["app"].as_str().unwrap_or("?"),
+            nodes.len()
+        );
+        for node in &nodes {
+            println!(
+                "{:<16} {:<22} {} instances",
+                node["node"].as_str().unwrap_or("?"),
+                node["addr"].as_str().unwrap_or("?"),
+                node["instances"]
+            );
+        }
+        println!();
+        for i in report["instances"].as_array().into_iter().flatten() {
+            println!(
+                "{:<16} {:<10} {}",
+                i["id"].as_str().unwrap_or("?"),
+                i["state"].as_str().unwrap_or("?"),
+                i["node"].as_str().unwrap_or("?")
+            );
+        }
         Ok(())
     }
 }

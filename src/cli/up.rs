@@ -239,6 +239,26 @@ pub struct UpCommand {
     #[arg(long = "ttl", value_name = "DURATION", value_parser = parse_timeout)]
     ttl: Option<Duration>,
 
+    /// Join a cluster of hosts of the same app on etcd: `etcd://HOST:PORT[,HOST:PORT…]`. The
+    /// nodes share one formation (`scale` through any node changes it for all), each runs its
+    /// share, and a lost node's instances come back on the others within the lease TTL.
+    #[arg(long = "cluster", value_name = "URL")]
+    cluster: Option<String>,
+
+    /// With `--cluster`: this node's name, unique in the cluster. Default: the host name.
+    #[arg(long = "node", value_name = "NAME", requires = "cluster")]
+    node: Option<String>,
+
+    /// With `--cluster`: the app's name in etcd, so several apps share one etcd. Default: the
+    /// name of the Procfile's directory.
+    #[arg(long = "app", value_name = "NAME", requires = "cluster")]
+    app: Option<String>,
+
+    /// With `--cluster`: TTL of this node's lease, at least 2 s: a lost node's instances run
+    /// elsewhere within about this long.
+    #[arg(long = "lease-ttl", default_value = "5s", value_parser = parse_lease_ttl, requires = "cluster")]
+    lease_ttl: Duration,
+
     /// After `--`: a command to run once the formation is up (a test suite, a load test). It
     /// gets `WASMFORM_URL`, `PORT` and `WASMFORM_CONTROL` (the control socket) in its
     /// environment; when it exits the formation drains and `up` exits with its status.
@@ -248,6 +268,16 @@ pub struct UpCommand {
 
 pub(super) fn parse_size(s: &str) -> Result<ByteSize, String> {
     s.parse()
+}
+
+fn parse_lease_ttl(s: &str) -> Result<Duration, String> {
+    let ttl = parse_duration(s)?;
+    if ttl < crate::cluster::MIN_LEASE_TTL || ttl.subsec_nanos() != 0 {
+        return Err(format!(
+            "invalid lease TTL `{s}`: etcd grants whole seconds, at least 2s"
+        ));
+    }
+    Ok(ttl)
 }
 
 /// A timeout above zero.
@@ -260,6 +290,36 @@ fn parse_timeout(s: &str) -> Result<Duration, String> {
 }
 
 impl UpCommand {
+    /// `--cluster`, `--node`, `--app`, `--lease-ttl`.
+    fn cluster_options(&self, app: &AppSpec) -> Result<Option<crate::cluster::ClusterOptions>> {
+        let Some(url) = &self.cluster else {
+            return Ok(None);
+        };
+        let endpoints = crate::cluster::parse_url(url).map_err(anyhow::Error::msg)?;
+        let node = match &self.node {
+            Some(node) => node.clone(),
+            None => hostname()?,
+        };
+        crate::cluster::check_name("--node", &node).map_err(anyhow::Error::msg)?;
+        let app = match &self.app {
+            Some(name) => name.clone(),
+            None => app
+                .dir
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+        };
+        crate::cluster::check_name("--app", &app).map_err(|e| {
+            anyhow::anyhow!("{e}; the default is the Procfile's directory name: give `--app NAME`")
+        })?;
+        Ok(Some(crate::cluster::ClusterOptions {
+            endpoints,
+            node,
+            app,
+            lease_ttl: self.lease_ttl,
+        }))
+    }
+
     /// The front-door limits given as flags; unset ones come from the manifest's `[http]`.
     fn http_flags(&self) -> HttpSettings {
         HttpSettings {
@@ -341,6 +401,7 @@ impl UpCommand {
             compile_timeout: self.compile_timeout,
             source: Some(self.procfile.clone()),
             keep_releases: self.keep_releases,
+            cluster: self.cluster_options(&app)?,
         };
         // Validate and compile everything before binding the port (nothing listens on error).
         let notifier = super::systemd::Notifier::from_env();
@@ -707,4 +768,11 @@ fn build(app: &AppSpec) -> Result<()> {
         dir.display()
     );
     Ok(())
+}
+
+/// This machine's host name, the default `--node`.
+fn hostname() -> Result<String> {
+    let name = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .context("--cluster: cannot read the host name for the node's name: give `--node NAME`")?;
+    Ok(name.trim().to_string())
 }

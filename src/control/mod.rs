@@ -150,6 +150,19 @@ impl Api {
                     .expect("status serializes");
                 json(StatusCode::OK, &ps)
             }
+            (Method::GET, "/v1/cluster/ps") => match self.supervisor.cluster() {
+                Some(cluster) => match cluster.ps().await {
+                    Ok(report) => json(StatusCode::OK, &report),
+                    Err(e) => error(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        &format!("the cluster's state cannot be read: {e}"),
+                    ),
+                },
+                None => error(
+                    StatusCode::BAD_REQUEST,
+                    "this host is not in a cluster: start it with `wasmform up --cluster etcd://HOST:PORT --node NAME`",
+                ),
+            },
             (Method::GET, "/v1/formation") => json(
                 StatusCode::OK,
                 &serde_json::json!({ "formation": self.supervisor.ps().types }),
@@ -239,7 +252,7 @@ impl Api {
                 _,
                 "/v1/ps" | "/v1/formation" | "/v1/scale" | "/v1/restart" | "/v1/logs"
                 | "/v1/deploy" | "/v1/deploy/upload" | "/v1/rollback" | "/v1/releases"
-                | "/v1/shutdown" | "/v1/events" | "/v1/run",
+                | "/v1/shutdown" | "/v1/events" | "/v1/run" | "/v1/cluster/ps",
             ) => error(
                 StatusCode::METHOD_NOT_ALLOWED,
                 "method not allowed on this route",

@@ -83,6 +83,8 @@ pub struct HostOptions {
     pub source: Option<PathBuf>,
     /// Releases kept; older ones and the components only they used are pruned.
     pub keep_releases: usize,
+    /// Join a cluster of hosts of the same app on etcd (`--cluster`).
+    pub cluster: Option<crate::cluster::ClusterOptions>,
 }
 
 impl Default for HostOptions {
@@ -108,6 +110,7 @@ impl Default for HostOptions {
             state_dir: None,
             source: None,
             keep_releases: crate::release::DEFAULT_KEEP,
+            cluster: None,
         }
     }
 }
@@ -161,6 +164,7 @@ impl Host {
         )?;
         let previous = releases.current().cloned();
         let staged = stage(&mut releases, app, previous.as_ref(), &mut notes)?;
+        check_cluster(&options, &staged.app)?;
         let formation = layer_formation(
             &staged.app,
             state.as_ref(),
@@ -236,6 +240,31 @@ impl Host {
     pub fn formation(&self) -> &Formation {
         &self.formation
     }
+}
+
+/// A cluster needs this build's support for it, and shared state that every node shares.
+fn check_cluster(options: &HostOptions, app: &AppSpec) -> Result<()> {
+    if options.cluster.is_none() {
+        return Ok(());
+    }
+    if !cfg!(feature = "cluster") {
+        bail!(
+            "--cluster: this wasmform was built without cluster support; build it with `cargo build --release --features cluster` (needs `protoc`: apt-get install protobuf-compiler libprotobuf-dev)"
+        );
+    }
+    if app.state_url.is_none()
+        && let Some(spec) = app
+            .processes
+            .iter()
+            .find(|p| !p.buckets.is_empty() || !p.queues.is_empty())
+    {
+        bail!(
+            "--cluster: `{}` ({}) uses buckets or queues, and the embedded store is one node's alone: set `[state] url = \"redis://HOST:PORT\"` in wasmform.toml so that every node shares them",
+            spec.name,
+            spec.origin
+        );
+    }
+    Ok(())
 }
 
 /// The state directory, created, once no live host owns it: before anything is read or stored.

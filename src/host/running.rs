@@ -121,6 +121,10 @@ impl RunningHost {
         if !self.supervisor.shutdown(left).await {
             tracing::warn!("some instances did not stop within the grace period");
         }
+        // Only once every local instance has ended: a singleton must not run on two nodes.
+        if let Some(cluster) = self.supervisor.cluster() {
+            cluster.leave().await;
+        }
         self.logs.host("stopped");
         self.logs.close();
         let Self {

@@ -84,9 +84,23 @@ impl Host {
             events: events.clone(),
             listening: self.listening.clone(),
         });
+        #[cfg(feature = "cluster")]
+        let node = match &self.options.cluster {
+            Some(options) => {
+                Some(crate::cluster::etcd::Node::join(options, &supervisor, &logs, addr).await?)
+            }
+            None => None,
+        };
         if let Err(failure) = supervisor.start().await {
             supervisor.shutdown(Duration::from_secs(5)).await;
+            if let Some(cluster) = supervisor.cluster() {
+                cluster.leave().await;
+            }
             bail!("{failure}");
+        }
+        #[cfg(feature = "cluster")]
+        if let Some(node) = node {
+            node.spawn();
         }
         self.serve(
             listeners,

@@ -383,6 +383,9 @@ pub struct InstanceSetup<'a> {
     pub listen: Option<Arc<Listening>>,
     /// Attached standard streams (`wasmform run`) instead of the log and an empty stdin.
     pub stdio: Option<Attached>,
+    /// In a cluster: this node's name and the fencing token of the instance's claim, given to
+    /// the guest as `WASMFORM_NODE` and `WASMFORM_FENCE`.
+    pub cluster: Option<(&'a str, i64)>,
 }
 
 /// A one-off process's standard streams, attached to its client.

@@ -47,6 +47,10 @@ impl InstanceState {
             .env("DYNO", setup.instance)
             .arg(setup.program)
             .args(setup.args);
+        if let Some((node, fence)) = setup.cluster {
+            wasi.env("WASMFORM_NODE", node)
+                .env("WASMFORM_FENCE", fence.to_string());
+        }
         let policy = super::sockets::Policy {
             instance: setup.instance.to_string(),
             listen: setup.listen.clone(),

@@ -25,9 +25,11 @@
 //! | `consume.rs` | a queue consumer's loop |
 //! | `scale.rs` | scale, rolling restart, the replacement of one slot, memory probes |
 //! | `rollout.rs` | deploys and their roll-back |
+//! | `cluster.rs` | a node of a cluster: the slots it holds, the cluster's formation changes |
 //! | `oneoff.rs` | one-off processes (`wasmform run`): `run.N` beside the formation |
 //! | `report.rs` | `ps`, command outcomes, the shared store's status |
 
+mod cluster;
 mod consume;
 mod health;
 mod listen;
@@ -61,6 +63,7 @@ use crate::state::StateDir;
 use crate::tcp::Backends;
 use crate::units::humanize;
 
+pub use cluster::ClusterLink;
 pub use oneoff::{OneOff, Prepared, RunOutcome, is_file};
 pub use report::Outcome;
 pub use restart::RestartPolicy;
@@ -75,6 +78,9 @@ struct State {
     types: BTreeMap<ProcessName, Arc<ProcessType>>,
     /// Instances the last plan left pending, so each is told once as an event.
     pending: BTreeSet<(ProcessName, u32)>,
+    /// In a cluster: the slots this node holds claims for, per type, with each claim's
+    /// fencing token; the plan starts only these. `None`: a single host runs every slot.
+    here: Option<BTreeMap<ProcessName, BTreeMap<u32, i64>>>,
 }
 
 /// Why a formation change was refused; nothing changed.
@@ -141,6 +147,8 @@ pub struct Supervisor {
     /// The types that listen on `$PORT` (TCP services' types, a socket-based `web`), with
     /// their services' settings; those that are commands run as TCP processes.
     listening: BTreeMap<ProcessName, TcpSettings>,
+    /// In a cluster: where formation changes go (all nodes apply them), and this node's name.
+    cluster: std::sync::OnceLock<(Arc<dyn ClusterLink>, String)>,
 }
 
 /// What [`Supervisor::new`] needs.
@@ -212,6 +220,7 @@ impl Supervisor {
                 slots: Vec::new(),
                 types: BTreeMap::new(),
                 pending: BTreeSet::new(),
+                here: None,
             }),
             registry: Mutex::default(),
             queue_limit: config.queue_limit,
@@ -226,6 +235,7 @@ impl Supervisor {
             events: config.events,
             runs: Default::default(),
             listening: config.listening,
+            cluster: std::sync::OnceLock::new(),
         };
         let types = config
             .types
@@ -385,6 +395,13 @@ impl Supervisor {
 
     /// What [`reconcile`](Self::reconcile) would do now; its `pending` is what waits.
     fn plan(&self, state: &State) -> plan::Plan {
+        let here: BTreeMap<&ProcessName, BTreeSet<u32>> = state
+            .here
+            .iter()
+            .flatten()
+            .map(|(name, claims)| (name, claims.keys().copied().collect()))
+            .collect();
+        let nothing = BTreeSet::new();
         let wanted: Vec<plan::Wanted<'_>> = state
             .desired
             .iter()
@@ -395,6 +412,10 @@ impl Supervisor {
                     scale,
                     singleton: process.is_some_and(|p| p.spec.singleton),
                     startable: process.is_some(),
+                    here: state
+                        .here
+                        .as_ref()
+                        .map(|_| here.get(name).unwrap_or(&nothing)),
                 }
             })
             .collect();

@@ -251,6 +251,7 @@ impl Supervisor {
             shared: &run.shared,
             listen: None,
             stdio,
+            cluster: None,
         };
         let sinks = (setup.stdout.clone(), setup.stderr.clone());
         let go = instance::run_command(&self.runtime, pre, setup, || {});

@@ -35,6 +35,16 @@ pub(super) struct Wanted<'a> {
     /// Whether the type has a version to start (a desired type always has one but for a
     /// deploy's transient states).
     pub startable: bool,
+    /// In a cluster: the indices of the type this node holds claims for; the others run on
+    /// other nodes. `None`: this host runs every index (`1..=count`).
+    pub here: Option<&'a BTreeSet<u32>>,
+}
+
+impl Wanted<'_> {
+    /// Whether index `index` of the type should run on this host.
+    fn wants(&self, index: u32) -> bool {
+        index <= self.scale.count && self.here.is_none_or(|here| here.contains(&index))
+    }
 }
 
 /// Host-wide limits the plan keeps.
@@ -116,7 +126,7 @@ pub(super) fn plan(wanted: &[Wanted<'_>], slots: &[Held<'_>], room: Room) -> Pla
     }
     for w in wanted {
         for (i, slot) in slots.iter().enumerate() {
-            if !stopping[i] && slot.process == w.process && slot.index > w.scale.count {
+            if !stopping[i] && slot.process == w.process && !w.wants(slot.index) {
                 stopping[i] = true;
                 plan.stop.push(i);
             }
@@ -129,7 +139,7 @@ pub(super) fn plan(wanted: &[Wanted<'_>], slots: &[Held<'_>], room: Room) -> Pla
         .map(|(s, &stopping)| (s.process, s.index, s.memory, stopping))
         .collect();
     for w in wanted.iter().filter(|w| w.startable) {
-        for index in missing(&after, w.process, w.scale.count) {
+        for index in missing(&after, w) {
             if fits(&after, w.scale.memory, room).is_err() {
                 break;
             }
@@ -146,7 +156,7 @@ pub(super) fn plan(wanted: &[Wanted<'_>], slots: &[Held<'_>], room: Room) -> Pla
         .map(|(_, _, m, _)| m.as_u64())
         .sum();
     for w in wanted {
-        for index in missing(&after, w.process, w.scale.count) {
+        for index in missing(&after, w) {
             let reason = match fits(&after, w.scale.memory, room) {
                 Err(Short::PoolFull { max_instances }) => Short::PoolFull { max_instances },
                 Err(short) if staying + w.scale.memory.as_u64() > room.capacity.as_u64() => short,
@@ -161,18 +171,16 @@ pub(super) fn plan(wanted: &[Wanted<'_>], slots: &[Held<'_>], room: Room) -> Pla
     plan
 }
 
-/// Indices in `1..=count` that no running (not stopping) slot of `process` holds.
-fn missing(
-    slots: &[(&ProcessName, u32, ByteSize, bool)],
-    process: &ProcessName,
-    count: u32,
-) -> Vec<u32> {
+/// Indices of `wanted` here that no running (not stopping) slot of its type holds.
+fn missing(slots: &[(&ProcessName, u32, ByteSize, bool)], wanted: &Wanted<'_>) -> Vec<u32> {
     let held: BTreeSet<u32> = slots
         .iter()
-        .filter(|(p, _, _, stopping)| *p == process && !stopping)
+        .filter(|(p, _, _, stopping)| *p == wanted.process && !stopping)
         .map(|(_, index, ..)| *index)
         .collect();
-    (1..=count).filter(|i| !held.contains(i)).collect()
+    (1..=wanted.scale.count)
+        .filter(|i| wanted.wants(*i) && !held.contains(i))
+        .collect()
 }
 
 /// Whether one more instance of `memory` fits beside `slots` now.
@@ -270,6 +278,15 @@ mod tests {
         wanted: Vec<Option<(u32, u64, bool)>>,
         capacity: u64,
         max_instances: u32,
+        /// In a cluster: the indices every type holds here (`None`: all of them).
+        here: Option<BTreeSet<u32>>,
+    }
+
+    impl World {
+        /// Whether index `index` of a type of `count` should run here.
+        fn wants(&self, count: u32, index: u32) -> bool {
+            index <= count && self.here.as_ref().is_none_or(|h| h.contains(&index))
+        }
     }
 
     fn world() -> impl Strategy<Value = World> {
@@ -281,8 +298,9 @@ mod tests {
             ),
             1..40u64,
             1..16u32,
+            prop::option::of(prop::collection::btree_set(1..6u32, 0..5)),
         )
-            .prop_map(|(mut slots, wanted, capacity, max_instances)| {
+            .prop_map(|(mut slots, wanted, capacity, max_instances, here)| {
                 // At most one running slot per index, as the supervisor keeps it.
                 let mut seen = BTreeSet::new();
                 slots.retain(|&(t, i, _, stopping)| stopping || seen.insert((t, i)));
@@ -291,6 +309,7 @@ mod tests {
                     wanted,
                     capacity,
                     max_instances,
+                    here,
                 }
             })
     }
@@ -307,6 +326,7 @@ mod tests {
                 stopping,
             })
             .collect();
+        let here = w.here.as_ref();
         let wanted: Vec<Wanted<'_>> = w
             .wanted
             .iter()
@@ -321,6 +341,7 @@ mod tests {
                     },
                     singleton,
                     startable: true,
+                    here,
                 })
             })
             .collect();
@@ -366,7 +387,7 @@ mod tests {
             for (t, wanted) in w.wanted.iter().enumerate() {
                 let Some((count, _, singleton)) = *wanted else { continue };
                 let count = if singleton { count.min(1) } else { count };
-                for index in 1..=count {
+                for index in (1..=count).filter(|&i| w.wants(count, i)) {
                     let running = next.slots.iter().filter(|s| s.0 == t && s.1 == index && !s.3).count();
                     let pending = plan.pending.iter().filter(|p| p.0 == names[t] && p.1 == index).count();
                     prop_assert_eq!(running + pending, 1, "{}.{}", names[t], index);
@@ -380,7 +401,7 @@ mod tests {
             let next = apply(&w, &plan);
             for s in next.slots.iter().filter(|s| !s.3) {
                 let within = w.wanted[s.0].is_some_and(|(count, _, singleton)| {
-                    s.1 <= if singleton { count.min(1) } else { count }
+                    w.wants(if singleton { count.min(1) } else { count }, s.1)
                 });
                 prop_assert!(within, "{s:?} is beyond {:?}", w.wanted);
             }
@@ -438,6 +459,7 @@ mod tests {
             wanted: vec![None, Some((4, 4, false)), None],
             capacity: 10,
             max_instances: 16,
+            here: None,
         };
         let (names, plan) = run(&w);
         assert!(plan.start.is_empty(), "web.2 is still stopping: {plan:?}");

@@ -70,6 +70,11 @@ impl Supervisor {
         release: u32,
         what: &str,
     ) -> Result<Changes, ControlError> {
+        if let Some(node) = self.node() {
+            return Err(ControlError::Invalid(format!(
+                "node `{node}` is in a cluster, and a {what} across the cluster's nodes is not built yet: nothing changed. Stop the nodes one at a time and start each on the new release (its instances come back on the other nodes meanwhile)"
+            )));
+        }
         let _op = self.ops.lock().await;
         let old = {
             let state = self.lock();

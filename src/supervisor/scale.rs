@@ -40,12 +40,32 @@ impl Supervisor {
                 })?;
             }
         }
+        if let Some((cluster, _)) = self.cluster.get() {
+            // Every node applies the cluster's formation, this one too; a concurrent change
+            // through another node is refused here, and nothing changes.
+            cluster
+                .propose(&next)
+                .await
+                .map_err(|e| ControlError::Failed(format!("{e}; the formation is unchanged")))?;
+        }
+        self.apply(next, &named, "Scale").await
+    }
+
+    /// Makes `next` the desired formation: stores it, starts and stops instances, rolls those
+    /// whose memory changed; `named` types start their exited instances again. The caller
+    /// holds `ops` and has validated `next`.
+    pub(super) async fn apply(
+        self: &Arc<Self>,
+        next: crate::formation::Formation,
+        named: &[ProcessName],
+        what: &str,
+    ) -> Result<Outcome, ControlError> {
         if let Some(store) = &self.store {
             store
                 .store_formation(&next)
                 .map_err(|e| ControlError::Failed(format!("{e:#}; the formation is unchanged")))?;
         }
-        self.logs.event(API, format!("Scale to {next}"));
+        self.logs.event(API, format!("{what} to {next}"));
         let started = {
             let mut state = self.lock();
             state.desired = next.clone();
@@ -270,6 +290,7 @@ impl Supervisor {
             shared: &process.shared,
             listen: None,
             stdio: None,
+            cluster: None,
         };
         instance::probe(&self.runtime, &process.compiled, setup).await
     }

@@ -494,6 +494,7 @@ impl Supervisor {
         ready: &mut Option<oneshot::Sender<Result<(), String>>>,
         recycled: bool,
     ) -> Result<Ended, String> {
+        let fence = self.fence(&slot.process, slot.index);
         let setup = InstanceSetup {
             instance: name,
             process: process.spec.name.as_str(),
@@ -509,6 +510,7 @@ impl Supervisor {
             shared: &process.shared,
             listen: None,
             stdio: None,
+            cluster: self.node().zip(fence),
         };
         let sinks = (setup.stdout.clone(), setup.stderr.clone());
         let up = Up {

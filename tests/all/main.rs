@@ -3,6 +3,8 @@
 
 mod bad_input;
 mod ci;
+#[cfg(feature = "cluster")]
+mod cluster;
 mod control;
 mod deploy;
 mod embedding;

@@ -49,7 +49,7 @@ fn manifest_errors_name_file_line_column_and_key() {
         ),
         (
             "[env]\nGREETING = \"hi\"\nPORT = \"8080\"\n",
-            "wasmform.toml:3:1: env.PORT: wasmform sets PORT for every instance (PORT, WASMFORM_PROCESS, WASMFORM_INSTANCE, PS, DYNO), so it cannot be set here: remove it",
+            "wasmform.toml:3:1: env.PORT: wasmform sets PORT for every instance (PORT, WASMFORM_PROCESS, WASMFORM_INSTANCE, PS, DYNO, WASMFORM_NODE, WASMFORM_FENCE), so it cannot be set here: remove it",
         ),
         (
             "[processes.web.env]\nDYNO = \"web.9\"\n",

@@ -237,3 +237,102 @@ pub fn build_js_guest(out: &Path) {
         "",
     );
 }
+
+/// An `etcd` member of its own on free loopback ports, its data in a directory of its own;
+/// killed on drop. For the cluster tests (feature `cluster`): `etcd` must be on `PATH`
+/// (`.ci/run` installs Debian's `etcd-server`).
+pub struct Etcd {
+    child: Option<std::process::Child>,
+    /// Its client port on 127.0.0.1.
+    pub port: u16,
+    peer: u16,
+    dir: PathBuf,
+}
+
+impl Etcd {
+    pub fn start() -> Self {
+        let free = || {
+            std::net::TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.local_addr())
+                .expect("a free port")
+                .port()
+        };
+        let (port, peer) = (free(), free());
+        let dir = std::env::temp_dir().join(format!("wasmform-etcd-{}-{port}", std::process::id()));
+        let mut etcd = Self {
+            child: None,
+            port,
+            peer,
+            dir,
+        };
+        etcd.resume();
+        etcd
+    }
+
+    /// `etcd://127.0.0.1:PORT`, as `up --cluster` takes it.
+    pub fn url(&self) -> String {
+        format!("etcd://127.0.0.1:{}", self.port)
+    }
+
+    /// Kills the member (SIGKILL); [`resume`](Self::resume) starts it again on its data.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the member on its ports and data and waits until it is healthy.
+    pub fn resume(&mut self) {
+        let Some(etcd) = which("etcd") else {
+            panic!(
+                "the cluster tests need etcd on PATH: `apt-get install etcd-server` (Debian), as .ci/run does"
+            );
+        };
+        let client = format!("http://127.0.0.1:{}", self.port);
+        let peer = format!("http://127.0.0.1:{}", self.peer);
+        let child = Command::new(etcd)
+            .arg("--name=test")
+            .arg(format!("--data-dir={}", self.dir.display()))
+            .arg(format!("--listen-client-urls={client}"))
+            .arg(format!("--advertise-client-urls={client}"))
+            .arg(format!("--listen-peer-urls={peer}"))
+            .arg(format!("--initial-advertise-peer-urls={peer}"))
+            .arg(format!("--initial-cluster=test={peer}"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("cannot start etcd");
+        self.child = Some(child);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while !self.healthy() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "etcd did not become healthy on 127.0.0.1:{}",
+                self.port
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+
+    /// `GET /health` answers `"health":"true"`.
+    fn healthy(&self) -> bool {
+        use std::io::{Read as _, Write as _};
+        let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", self.port)) else {
+            return false;
+        };
+        let _ = s.set_read_timeout(Some(std::time::Duration::from_secs(2)));
+        let request = "GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
+        let mut reply = String::new();
+        s.write_all(request.as_bytes()).is_ok()
+            && s.read_to_string(&mut reply).is_ok()
+            && reply.contains("\"health\":\"true\"")
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}

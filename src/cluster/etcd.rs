@@ -1,0 +1,821 @@
+//! One node's agent on etcd: its lease, its claims, the cluster's formation.
+//!
+//! Keys, under `/wasmform/APP/`:
+//!
+//! | key | value | lease |
+//! |---|---|---|
+//! | `formation` | `{"types": {"web": {"count": 3, "memory": BYTES}}}` | none |
+//! | `nodes/NODE` | the node's front door and instances (`ps --cluster`) | the node's |
+//! | `claims/TYPE/INDEX` | the node that runs that slot | the node's |
+//!
+//! Every round (each [`ROUND`], and at once after a change this node made) the agent reads
+//! the prefix, applies a newer formation, claims what [`place::share`] gives it, gives back
+//! at most one slot above its share per lease TTL (rebalancing after a node joins), releases
+//! the claims of slots that are no longer desired once their instance has ended, and tells
+//! the supervisor which slots it holds.
+//!
+//! **Fencing.** The lease is renewed every TTL ÷ 3. A renewal counts from the moment its
+//! request was *sent* (etcd's clock started no earlier), so the lease cannot have expired
+//! before `sent + TTL`. When no renewal has been acknowledged for TTL − [`margin`], the node
+//! stops its singletons by itself, before etcd can have given their claims to another node;
+//! other instances keep serving (fail-static) and no new claim is made until etcd answers.
+//! A leader change in etcd renews every lease to its full TTL, so it only delays a takeover.
+//! Each claim's creation revision is its fencing token, given to the guest as
+//! `WASMFORM_FENCE`.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Result, anyhow, bail};
+use etcd_client::{
+    Client, Compare, CompareOp, ConnectOptions, GetOptions, PutOptions, Txn, TxnOp, TxnOpResponse,
+};
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
+
+use super::ClusterOptions;
+use super::place::{self, SlotId};
+use crate::app::{ByteSize, ProcessName};
+use crate::formation::{Formation, Scale};
+use crate::logs::Logs;
+use crate::supervisor::{ClusterLink, Supervisor};
+use crate::units::humanize;
+
+/// How often a node reads the cluster's state when nothing wakes it.
+const ROUND: Duration = Duration::from_millis(250);
+
+/// Longest wait for one etcd request: a node that cannot reach etcd must notice in time to
+/// fence its singletons.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// How long before its lease can have expired a node stops its singletons: time for them to
+/// stop.
+fn margin(ttl: Duration) -> Duration {
+    (ttl / 4).max(Duration::from_millis(500))
+}
+
+/// The key layout of one app.
+struct Keys {
+    prefix: String,
+}
+
+impl Keys {
+    fn formation(&self) -> String {
+        format!("{}formation", self.prefix)
+    }
+
+    fn node(&self, node: &str) -> String {
+        format!("{}nodes/{node}", self.prefix)
+    }
+
+    fn claim(&self, (process, index): &SlotId) -> String {
+        format!("{}claims/{process}/{index}", self.prefix)
+    }
+}
+
+/// A node's record under `nodes/NODE`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+struct NodeRecord {
+    node: String,
+    pid: u32,
+    /// Its front door.
+    addr: String,
+    instances: Vec<InstanceRecord>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+struct InstanceRecord {
+    id: String,
+    state: String,
+}
+
+/// The formation's key.
+#[derive(Serialize, Deserialize)]
+struct StoredFormation {
+    types: BTreeMap<String, StoredScale>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct StoredScale {
+    count: u32,
+    memory: u64,
+}
+
+impl StoredFormation {
+    fn of(formation: &Formation) -> Self {
+        let types = formation
+            .iter()
+            .map(|(name, scale)| {
+                let scale = StoredScale {
+                    count: scale.count,
+                    memory: scale.memory.as_u64(),
+                };
+                (name.to_string(), scale)
+            })
+            .collect();
+        StoredFormation { types }
+    }
+
+    /// Over `base`: the types `base` has take their stored scale; others are left out (a
+    /// node of another release).
+    fn over(&self, base: &Formation) -> Formation {
+        let mut formation = base.clone();
+        for (name, stored) in &self.types {
+            if let Ok(name) = ProcessName::new(name) {
+                formation.set(
+                    &name,
+                    Scale {
+                        count: stored.count,
+                        memory: ByteSize::bytes(stored.memory),
+                    },
+                );
+            }
+        }
+        formation
+    }
+}
+
+/// The node's lease, as the renewer keeps it.
+struct Lease {
+    id: i64,
+    /// When the last acknowledged renewal (or the grant) was sent.
+    renewed: Instant,
+    /// etcd said the lease is gone: the node registers again with a new one.
+    lost: bool,
+}
+
+/// What the agent holds between rounds.
+#[derive(Default)]
+struct Claims {
+    /// Claims of this node, with their fencing tokens.
+    mine: BTreeMap<SlotId, i64>,
+    /// Claims being given back: their instances stop, then the claims are deleted.
+    giving_back: BTreeSet<SlotId>,
+    /// When a slot was last given back (one per TTL).
+    last_give_back: Option<Instant>,
+    /// The formation key's revision this node applied.
+    formation_rev: i64,
+    /// The record last written under `nodes/NODE`.
+    published: Option<NodeRecord>,
+    /// Whether etcd answered the last round (for the log line when that changes).
+    reachable: bool,
+    /// Whether the singletons are stopped because the lease could not be renewed in time.
+    fenced: bool,
+}
+
+struct Inner {
+    client: Client,
+    keys: Keys,
+    options: ClusterOptions,
+    supervisor: Arc<Supervisor>,
+    logs: Logs,
+    addr: SocketAddr,
+    lease: Mutex<Lease>,
+    claims: Mutex<Claims>,
+    /// Wakes the agent for a round at once (after this node changed the formation).
+    wake: tokio::sync::Notify,
+    stop: CancellationToken,
+}
+
+/// This host's membership of a cluster.
+pub struct Node {
+    inner: Arc<Inner>,
+}
+
+/// The error for an etcd that does not answer.
+fn unreachable(options: &ClusterOptions, e: impl std::fmt::Display) -> anyhow::Error {
+    anyhow!(
+        "--cluster: cannot reach etcd at {} ({e}): start etcd, or fix the address",
+        options.endpoints.join(", ")
+    )
+}
+
+async fn timed<T>(
+    what: &str,
+    request: impl Future<Output = Result<T, etcd_client::Error>>,
+) -> Result<T> {
+    match tokio::time::timeout(REQUEST_TIMEOUT, request).await {
+        Ok(Ok(t)) => Ok(t),
+        Ok(Err(e)) => Err(anyhow!("{what}: {e}")),
+        Err(_) => Err(anyhow!(
+            "{what}: no answer within {}",
+            humanize(REQUEST_TIMEOUT)
+        )),
+    }
+}
+
+impl Node {
+    /// Joins the cluster before the formation starts: takes the node's name (refused if a
+    /// live node has it), reads the cluster's formation (this node's own if it is the first)
+    /// and claims this node's share, so that [`Supervisor::start`] starts exactly that.
+    pub async fn join(
+        options: &ClusterOptions,
+        supervisor: &Arc<Supervisor>,
+        logs: &Logs,
+        addr: SocketAddr,
+    ) -> Result<Node> {
+        let connect = ConnectOptions::new()
+            .with_connect_timeout(Duration::from_secs(2))
+            .with_timeout(REQUEST_TIMEOUT)
+            .with_keep_alive(Duration::from_secs(1), Duration::from_secs(1));
+        let mut client = Client::connect(&options.endpoints, Some(connect))
+            .await
+            .map_err(|e| unreachable(options, e))?;
+        let ttl = options.lease_ttl.as_secs().max(2) as i64;
+        let sent = Instant::now();
+        let lease = tokio::time::timeout(Duration::from_secs(3), client.lease_grant(ttl, None))
+            .await
+            .map_err(|_| unreachable(options, "no answer within 3 s"))?
+            .map_err(|e| unreachable(options, e))?;
+        let keys = Keys {
+            prefix: format!("/wasmform/{}/", options.app),
+        };
+        let inner = Arc::new(Inner {
+            client,
+            keys,
+            options: options.clone(),
+            supervisor: supervisor.clone(),
+            logs: logs.clone(),
+            addr,
+            lease: Mutex::new(Lease {
+                id: lease.id(),
+                renewed: sent,
+                lost: false,
+            }),
+            claims: Mutex::new(Claims {
+                reachable: true,
+                ..Claims::default()
+            }),
+            wake: tokio::sync::Notify::new(),
+            stop: CancellationToken::new(),
+        });
+        inner.register(lease.id()).await?;
+        let (formation, rev, first) = inner.formation_at_join(&supervisor.desired()).await?;
+        inner.lock().formation_rev = rev;
+        logs.host(format!(
+            "cluster `{}`: node `{}` joined over etcd {} (lease TTL {}); formation {formation}{}",
+            options.app,
+            options.node,
+            options.endpoints.join(", "),
+            humanize(options.lease_ttl),
+            if first {
+                " (this node's: the first node)"
+            } else {
+                " (the cluster's)"
+            }
+        ));
+        supervisor.join_cluster(
+            Arc::new(Link {
+                inner: inner.clone(),
+            }),
+            options.node.clone(),
+            formation,
+        );
+        inner.round(false).await?;
+        Ok(Node { inner })
+    }
+
+    /// Runs the agent and the lease's renewal until the host stops.
+    pub fn spawn(&self) {
+        let inner = self.inner.clone();
+        tokio::spawn(async move { inner.run().await });
+        let inner = self.inner.clone();
+        tokio::spawn(async move { inner.renew().await });
+        let inner = self.inner.clone();
+        tokio::spawn(async move { inner.fence().await });
+    }
+}
+
+/// What the supervisor calls: [`ClusterLink`].
+struct Link {
+    inner: Arc<Inner>,
+}
+
+impl ClusterLink for Link {
+    fn propose<'a>(
+        &'a self,
+        next: &'a Formation,
+    ) -> std::pin::Pin<Box<dyn Future<Output = Result<(), String>> + Send + 'a>> {
+        Box::pin(async move {
+            let inner = &self.inner;
+            let seen = inner.lock().formation_rev;
+            let key = inner.keys.formation();
+            let value = serde_json::to_string(&StoredFormation::of(next)).expect("serializes");
+            let txn = Txn::new()
+                .when([Compare::mod_revision(key.clone(), CompareOp::Equal, seen)])
+                .and_then([TxnOp::put(key, value, None)]);
+            let response = timed("etcd", inner.client.clone().txn(txn))
+                .await
+                .map_err(|e| {
+                    format!(
+                        "the cluster's formation cannot be changed while etcd does not answer ({e})"
+                    )
+                })?;
+            if !response.succeeded() {
+                inner.wake.notify_one();
+                return Err(
+                    "another node changed the cluster's formation at the same time: see `wasmform ps --cluster`, then scale again"
+                        .to_string(),
+                );
+            }
+            if let Some(header) = response.header() {
+                inner.lock().formation_rev = header.revision();
+            }
+            inner.wake.notify_one();
+            Ok(())
+        })
+    }
+
+    fn ps(
+        &self,
+    ) -> std::pin::Pin<Box<dyn Future<Output = Result<serde_json::Value, String>> + Send + '_>>
+    {
+        Box::pin(async move { self.inner.ps().await.map_err(|e| format!("{e:#}")) })
+    }
+
+    fn leave(&self) -> std::pin::Pin<Box<dyn Future<Output = ()> + Send + '_>> {
+        Box::pin(async move {
+            let inner = &self.inner;
+            inner.stop.cancel();
+            let id = inner.lease.lock().unwrap_or_else(|e| e.into_inner()).id;
+            match timed("etcd", inner.client.clone().lease_revoke(id)).await {
+                Ok(_) => inner.logs.host(format!(
+                    "cluster `{}`: node `{}` left; its slots go to the other nodes",
+                    inner.options.app, inner.options.node
+                )),
+                Err(e) => inner.logs.host(format!(
+                    "cluster `{}`: could not leave ({e:#}); the other nodes take this node's slots when its lease expires",
+                    inner.options.app
+                )),
+            }
+        })
+    }
+}
+
+impl Inner {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Claims> {
+        self.claims.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn lease(&self) -> std::sync::MutexGuard<'_, Lease> {
+        self.lease.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn record(&self) -> NodeRecord {
+        let mut instances: Vec<InstanceRecord> = self
+            .supervisor
+            .local_slots()
+            .into_iter()
+            .map(|s| InstanceRecord {
+                id: format!("{}.{}", s.process, s.index),
+                state: s.state.to_string(),
+            })
+            .collect();
+        instances.sort_by(|a, b| a.id.cmp(&b.id));
+        NodeRecord {
+            node: self.options.node.clone(),
+            pid: std::process::id(),
+            addr: self.addr.to_string(),
+            instances,
+        }
+    }
+
+    /// Creates the node's key under lease `id`; refused if a live node has the name.
+    async fn register(&self, id: i64) -> Result<()> {
+        let key = self.keys.node(&self.options.node);
+        let record = serde_json::to_string(&self.record()).expect("serializes");
+        let txn = Txn::new()
+            .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
+            .and_then([TxnOp::put(
+                key.clone(),
+                record,
+                Some(PutOptions::new().with_lease(id)),
+            )])
+            .or_else([TxnOp::get(key, None)]);
+        let response = timed("etcd", self.client.clone().txn(txn))
+            .await
+            .map_err(|e| unreachable(&self.options, e))?;
+        if response.succeeded() {
+            return Ok(());
+        }
+        let holder = response
+            .op_responses()
+            .into_iter()
+            .find_map(|op| match op {
+                TxnOpResponse::Get(get) => get.kvs().first().map(|kv| kv.value().to_vec()),
+                _ => None,
+            })
+            .and_then(|v| serde_json::from_slice::<NodeRecord>(&v).ok());
+        let holder = holder.map_or(String::new(), |h| {
+            format!(" (pid {}, serving {})", h.pid, h.addr)
+        });
+        bail!(
+            "--node `{}`: a live node of cluster `{}` already has this name{holder}: give each node its own `--node NAME`; if that node was just killed, its lease expires within {}: start again then",
+            self.options.node,
+            self.options.app,
+            humanize(self.options.lease_ttl)
+        )
+    }
+
+    /// The cluster's formation over this node's types, its revision, and whether this node
+    /// created it (the first node's formation becomes the cluster's).
+    async fn formation_at_join(&self, local: &Formation) -> Result<(Formation, i64, bool)> {
+        let key = self.keys.formation();
+        let value = serde_json::to_string(&StoredFormation::of(local)).expect("serializes");
+        let txn = Txn::new()
+            .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
+            .and_then([TxnOp::put(key.clone(), value, None)])
+            .or_else([TxnOp::get(key.clone(), None)]);
+        let response = timed("etcd", self.client.clone().txn(txn))
+            .await
+            .map_err(|e| unreachable(&self.options, e))?;
+        if response.succeeded() {
+            let rev = response.header().map_or(0, |h| h.revision());
+            return Ok((local.clone(), rev, true));
+        }
+        let kv = response
+            .op_responses()
+            .into_iter()
+            .find_map(|op| match op {
+                TxnOpResponse::Get(get) => get.kvs().first().cloned(),
+                _ => None,
+            })
+            .ok_or_else(|| anyhow!("etcd: {key} vanished while joining; start again"))?;
+        let stored: StoredFormation = serde_json::from_slice(kv.value()).map_err(|e| {
+            anyhow!("etcd key {key} is not a wasmform formation ({e}): delete it with `etcdctl del {key}` to start from this node's")
+        })?;
+        Ok((stored.over(local), kv.mod_revision(), false))
+    }
+
+    /// Rounds until the host stops: each reads the cluster's state and acts on it.
+    async fn run(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(ROUND);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                () = self.stop.cancelled() => return,
+                _ = tick.tick() => {}
+                () = self.wake.notified() => {}
+            }
+            let result = self.round(true).await;
+            let mut claims = self.lock();
+            match result {
+                Ok(()) if !claims.reachable => {
+                    claims.reachable = true;
+                    drop(claims);
+                    self.logs.host(format!(
+                        "cluster `{}`: etcd answers again",
+                        self.options.app
+                    ));
+                }
+                Err(e) if claims.reachable => {
+                    claims.reachable = false;
+                    let held = claims.mine.len();
+                    drop(claims);
+                    self.logs.host(format!(
+                        "cluster `{}`: {e:#}: keeping this node's {held} instances, claiming nothing new until etcd answers",
+                        self.options.app
+                    ));
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// One round: read, apply the formation, claim, give back, release, hold, publish.
+    async fn round(&self, started: bool) -> Result<()> {
+        if self.lease().lost {
+            self.rejoin().await?;
+        }
+        let lease = self.lease().id;
+        let me = self.options.node.as_str();
+        let prefix = &self.keys.prefix;
+        let response = timed(
+            "etcd",
+            self.client
+                .clone()
+                .get(prefix.as_str(), Some(GetOptions::new().with_prefix())),
+        )
+        .await?;
+        let mut nodes = BTreeSet::new();
+        let mut claims: BTreeMap<SlotId, (String, i64)> = BTreeMap::new();
+        let mut formation = None;
+        for kv in response.kvs() {
+            let Ok(key) = kv.key_str() else { continue };
+            let Some(rest) = key.strip_prefix(prefix.as_str()) else {
+                continue;
+            };
+            if rest == "formation" {
+                formation = Some(kv.clone());
+            } else if let Some(node) = rest.strip_prefix("nodes/") {
+                nodes.insert(node.to_string());
+            } else if let Some(slot) = rest.strip_prefix("claims/") {
+                let Some((process, index)) = slot.rsplit_once('/') else {
+                    continue;
+                };
+                let (Ok(process), Ok(index)) = (ProcessName::new(process), index.parse()) else {
+                    continue;
+                };
+                let holder = kv.value_str().unwrap_or_default().to_string();
+                claims.insert((process, index), (holder, kv.create_revision()));
+            }
+        }
+        if let Some(kv) = formation {
+            let newer = kv.mod_revision() > self.lock().formation_rev;
+            if newer && let Ok(stored) = serde_json::from_slice::<StoredFormation>(kv.value()) {
+                let next = stored.over(&self.supervisor.desired());
+                self.lock().formation_rev = kv.mod_revision();
+                if started {
+                    self.supervisor.adopt(&next).await;
+                }
+            }
+        }
+        let desired = self.supervisor.desired();
+        let counts: BTreeMap<ProcessName, u32> = desired
+            .iter()
+            .map(|(name, s)| (name.clone(), s.count))
+            .collect();
+        let wanted = |(process, index): &SlotId| counts.get(process).is_some_and(|c| index <= c);
+        let local: BTreeSet<SlotId> = self
+            .supervisor
+            .local_slots()
+            .into_iter()
+            .map(|s| (s.process, s.index))
+            .collect();
+        let mut mine: BTreeMap<SlotId, i64> = claims
+            .iter()
+            .filter(|(_, (node, _))| node == me)
+            .map(|(slot, (_, fence))| (slot.clone(), *fence))
+            .collect();
+        // Instances this node runs without a claim (its lease expired while etcd was away):
+        // claim them again if no other node took them; else they stop.
+        let mut attempts: Vec<SlotId> = local
+            .iter()
+            .filter(|slot| wanted(slot) && !claims.contains_key(*slot))
+            .cloned()
+            .collect();
+        let holders: BTreeMap<SlotId, String> = claims
+            .iter()
+            .map(|(slot, (node, _))| (slot.clone(), node.clone()))
+            .collect();
+        let share = place::share(&counts, &nodes, &holders, me);
+        for slot in share.claim {
+            if !attempts.contains(&slot) {
+                attempts.push(slot);
+            }
+        }
+        let fenced = self.lock().fenced;
+        let singletons = self.supervisor.singletons();
+        for slot in attempts {
+            if fenced && singletons.contains(&slot.0) {
+                continue;
+            }
+            if let Some(fence) = self.claim(&slot, lease).await? {
+                mine.insert(slot, fence);
+            }
+        }
+        // Give back: at most one slot above this node's share per TTL, and never a
+        // singleton (its share is its one instance).
+        let release: Vec<SlotId> = {
+            let mut claims_state = self.lock();
+            let due = claims_state
+                .last_give_back
+                .is_none_or(|t| t.elapsed() >= self.options.lease_ttl);
+            if due
+                && claims_state.giving_back.is_empty()
+                && let Some(slot) = share.surplus.iter().find(|s| !singletons.contains(&s.0))
+            {
+                claims_state.giving_back.insert(slot.clone());
+                claims_state.last_give_back = Some(Instant::now());
+            }
+            claims_state
+                .giving_back
+                .retain(|slot| mine.contains_key(slot));
+            mine.keys()
+                .filter(|slot| !wanted(slot) || claims_state.giving_back.contains(*slot))
+                .filter(|slot| !local.contains(*slot))
+                .cloned()
+                .collect()
+        };
+        for slot in &release {
+            self.release(slot, lease).await?;
+            mine.remove(slot);
+        }
+        self.lock().mine = mine;
+        self.hold(started);
+        self.publish(lease).await
+    }
+
+    /// Tells the supervisor the slots it runs: the claimed ones, but those being given back,
+    /// and no singleton while the lease is not renewed in time.
+    fn hold(&self, started: bool) {
+        let claims = self.lock();
+        let singletons = if claims.fenced {
+            self.supervisor.singletons()
+        } else {
+            BTreeSet::new()
+        };
+        let mut here: BTreeMap<ProcessName, BTreeMap<u32, i64>> = BTreeMap::new();
+        for ((process, index), fence) in &claims.mine {
+            if claims.giving_back.contains(&(process.clone(), *index))
+                || singletons.contains(process)
+            {
+                continue;
+            }
+            here.entry(process.clone())
+                .or_default()
+                .insert(*index, *fence);
+        }
+        drop(claims);
+        self.supervisor.hold(here, started);
+    }
+
+    /// Creates the claim of `slot` under `lease` if no node holds it; its fencing token.
+    async fn claim(&self, slot: &SlotId, lease: i64) -> Result<Option<i64>> {
+        let key = self.keys.claim(slot);
+        let txn = Txn::new()
+            .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
+            .and_then([TxnOp::put(
+                key,
+                self.options.node.clone(),
+                Some(PutOptions::new().with_lease(lease)),
+            )]);
+        let response = timed("etcd", self.client.clone().txn(txn)).await?;
+        Ok(response
+            .succeeded()
+            .then(|| response.header().map_or(0, |h| h.revision())))
+    }
+
+    /// Deletes this node's claim of `slot` (only if it is still this node's).
+    async fn release(&self, slot: &SlotId, lease: i64) -> Result<()> {
+        let key = self.keys.claim(slot);
+        let txn = Txn::new()
+            .when([Compare::lease(key.clone(), CompareOp::Equal, lease)])
+            .and_then([TxnOp::delete(key, None)]);
+        timed("etcd", self.client.clone().txn(txn)).await?;
+        Ok(())
+    }
+
+    /// Writes the node's record when its instances changed.
+    async fn publish(&self, lease: i64) -> Result<()> {
+        let record = self.record();
+        if self.lock().published.as_ref() == Some(&record) {
+            return Ok(());
+        }
+        let key = self.keys.node(&self.options.node);
+        let value = serde_json::to_string(&record).expect("serializes");
+        // Only under this node's lease: a put must never revive a lost node's key.
+        let txn = Txn::new()
+            .when([Compare::lease(key.clone(), CompareOp::Equal, lease)])
+            .and_then([TxnOp::put(
+                key,
+                value,
+                Some(PutOptions::new().with_lease(lease)),
+            )]);
+        if timed("etcd", self.client.clone().txn(txn))
+            .await?
+            .succeeded()
+        {
+            self.lock().published = Some(record);
+        }
+        Ok(())
+    }
+
+    /// The lease expired (etcd was away longer than its TTL): a new lease, the node's key
+    /// again. The old claims are gone; the next round claims again what it still runs.
+    async fn rejoin(&self) -> Result<()> {
+        let ttl = self.options.lease_ttl.as_secs().max(2) as i64;
+        let sent = Instant::now();
+        let lease = timed("etcd", self.client.clone().lease_grant(ttl, None)).await?;
+        self.register(lease.id()).await?;
+        {
+            let mut l = self.lease();
+            l.id = lease.id();
+            l.renewed = sent;
+            l.lost = false;
+        }
+        let mut claims = self.lock();
+        claims.mine.clear();
+        claims.published = None;
+        drop(claims);
+        self.logs.host(format!(
+            "cluster `{}`: node `{}` joined again with a new lease (the old one expired while etcd was away)",
+            self.options.app, self.options.node
+        ));
+        Ok(())
+    }
+
+    /// Renews the lease every TTL ÷ 3 until the host stops.
+    async fn renew(self: Arc<Self>) {
+        let every = self.options.lease_ttl / 3;
+        loop {
+            let id = self.lease().id;
+            let stream = timed("etcd", self.client.clone().lease_keep_alive(id)).await;
+            let Ok((mut keeper, mut responses)) = stream else {
+                if self.sleep(every / 2).await {
+                    return;
+                }
+                continue;
+            };
+            loop {
+                let sent = Instant::now();
+                if keeper.keep_alive().await.is_err() {
+                    break;
+                }
+                match tokio::time::timeout(REQUEST_TIMEOUT, responses.message()).await {
+                    Ok(Ok(Some(response))) if response.ttl() > 0 => {
+                        let mut lease = self.lease();
+                        if lease.id == id {
+                            lease.renewed = sent;
+                        }
+                    }
+                    Ok(Ok(Some(_))) => {
+                        self.lease().lost = true;
+                        self.wake.notify_one();
+                        break;
+                    }
+                    _ => break,
+                }
+                if self.sleep(every.saturating_sub(sent.elapsed())).await {
+                    return;
+                }
+            }
+            // A new stream, and for a new lease once the agent registered again.
+            while self.lease().lost {
+                if self.sleep(Duration::from_millis(100)).await {
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Stops the singletons when the lease was not renewed in time; starts them again once
+    /// it is.
+    async fn fence(self: Arc<Self>) {
+        let ttl = self.options.lease_ttl;
+        loop {
+            if self.sleep(Duration::from_millis(100)).await {
+                return;
+            }
+            let late = self.lease().renewed.elapsed() >= ttl.saturating_sub(margin(ttl));
+            let mut claims = self.lock();
+            if claims.fenced == late {
+                continue;
+            }
+            claims.fenced = late;
+            drop(claims);
+            if late {
+                self.logs.host(format!(
+                    "cluster `{}`: the lease was not renewed for {}: stopping this node's singletons before etcd can give them to another node",
+                    self.options.app,
+                    humanize(ttl.saturating_sub(margin(ttl)))
+                ));
+            }
+            self.hold(true);
+        }
+    }
+
+    /// Sleeps; whether the host is stopping.
+    async fn sleep(&self, d: Duration) -> bool {
+        tokio::select! {
+            () = self.stop.cancelled() => true,
+            () = tokio::time::sleep(d) => false,
+        }
+    }
+
+    /// Every node and its instances, for `ps --cluster --json`.
+    async fn ps(&self) -> Result<serde_json::Value> {
+        let prefix = format!("{}nodes/", self.keys.prefix);
+        let response = timed(
+            "etcd",
+            self.client
+                .clone()
+                .get(prefix, Some(GetOptions::new().with_prefix())),
+        )
+        .await?;
+        let mut nodes = Vec::new();
+        let mut instances = Vec::new();
+        for kv in response.kvs() {
+            let Ok(record) = serde_json::from_slice::<NodeRecord>(kv.value()) else {
+                continue;
+            };
+            for i in &record.instances {
+                instances.push(serde_json::json!({
+                    "id": i.id, "node": record.node, "state": i.state,
+                }));
+            }
+            nodes.push(serde_json::json!({
+                "node": record.node, "addr": record.addr, "pid": record.pid,
+                "instances": record.instances.len(),
+            }));
+        }
+        Ok(serde_json::json!({
+            "app": self.options.app,
+            "formation": self.supervisor.desired().to_json(),
+            "nodes": nodes,
+            "instances": instances,
+        }))
+    }
+}

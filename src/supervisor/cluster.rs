@@ -1,0 +1,163 @@
+//! The supervisor as one node of a cluster: it runs the slots this node holds claims for, and
+//! formation changes go to the cluster's shared formation, which every node applies.
+//!
+//! The supervisor knows nothing of etcd: the cluster agent (`crate::cluster`) tells it which
+//! slots are held here ([`Supervisor::hold`]) and the cluster's formation
+//! ([`Supervisor::adopt`]), and gives it a [`ClusterLink`] where `scale` proposes changes.
+//! The pure [`plan`](super::plan::plan) then starts only the held slots.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use super::Supervisor;
+use super::slot::SlotState;
+use crate::app::ProcessName;
+use crate::formation::Formation;
+
+type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// What a node of a cluster asks of the cluster: formation changes go to the cluster's one
+/// formation, `ps --cluster` reads every node's instances, and a node that stops leaves.
+pub trait ClusterLink: Send + Sync {
+    /// Replaces the formation this node last applied with `next` for the whole cluster;
+    /// refused (with why) if another node changed it in the meantime.
+    fn propose<'a>(&'a self, next: &'a Formation) -> BoxFuture<'a, Result<(), String>>;
+    /// Every node and instance of the cluster, as `ps --cluster --json` prints them.
+    fn ps(&self) -> BoxFuture<'_, Result<serde_json::Value, String>>;
+    /// Gives up this node's claims at once (its instances have stopped), so that the other
+    /// nodes take its slots without waiting for its lease to expire.
+    fn leave(&self) -> BoxFuture<'_, ()>;
+}
+
+/// One local slot as the cluster sees it.
+#[cfg(feature = "cluster")]
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LocalSlot {
+    pub process: ProcessName,
+    pub index: u32,
+    /// As `ps` names it: `starting`, `up`, `crashed`, `draining`…
+    pub state: &'static str,
+}
+
+#[cfg(feature = "cluster")]
+impl Supervisor {
+    /// Makes this supervisor a node of a cluster, before [`start`](Self::start): it runs the
+    /// cluster's `formation`, but only the slots that [`hold`](Self::hold) gives it, and its
+    /// `scale` goes to `shared`.
+    pub fn join_cluster(&self, shared: Arc<dyn ClusterLink>, node: String, formation: Formation) {
+        let mut state = self.lock();
+        state.desired = formation;
+        state.here = Some(BTreeMap::new());
+        drop(state);
+        if self.cluster.set((shared, node)).is_err() {
+            panic!("a supervisor joins one cluster");
+        }
+    }
+
+    /// The cluster this node is in, if any.
+    pub fn cluster(&self) -> Option<&Arc<dyn ClusterLink>> {
+        self.cluster.get().map(|(link, _)| link)
+    }
+
+    /// This node's name in its cluster, if it is in one.
+    pub fn node(&self) -> Option<&str> {
+        self.cluster.get().map(|(_, node)| node.as_str())
+    }
+
+    #[cfg(feature = "cluster")]
+    /// The slots this node holds claims for, with each claim's fencing token; starts the new
+    /// ones and stops those no longer held (unless the formation has not started yet).
+    pub fn hold(self: &Arc<Self>, here: BTreeMap<ProcessName, BTreeMap<u32, i64>>, started: bool) {
+        let mut state = self.lock();
+        if state.here.as_ref() == Some(&here) {
+            return;
+        }
+        state.here = Some(here);
+        if started && !self.cancel.is_cancelled() {
+            drop(self.reconcile(&mut state));
+        }
+    }
+
+    /// The fencing token of the claim slot `process.index` runs under, if it is one of a
+    /// cluster's.
+    pub(super) fn fence(&self, process: &ProcessName, index: u32) -> Option<i64> {
+        let state = self.lock();
+        state.here.as_ref()?.get(process)?.get(&index).copied()
+    }
+
+    #[cfg(feature = "cluster")]
+    /// Every slot that exists here, stopping ones included: a claim is given up only once its
+    /// slot has ended.
+    pub fn local_slots(&self) -> Vec<LocalSlot> {
+        let state = self.lock();
+        state
+            .slots
+            .iter()
+            .map(|slot| {
+                let status = slot.status.lock().unwrap_or_else(|e| e.into_inner());
+                LocalSlot {
+                    process: slot.process.clone(),
+                    index: slot.index,
+                    state: if slot.stopping() {
+                        "draining"
+                    } else {
+                        status.0.name()
+                    },
+                }
+            })
+            .collect()
+    }
+
+    #[cfg(feature = "cluster")]
+    /// The types that run at most one instance.
+    pub fn singletons(&self) -> BTreeSet<ProcessName> {
+        let state = self.lock();
+        state
+            .types
+            .values()
+            .filter(|t| t.spec.singleton)
+            .map(|t| t.spec.name.clone())
+            .collect()
+    }
+
+    #[cfg(feature = "cluster")]
+    /// Applies the cluster's formation, changed by some node's `scale`. Types this node's
+    /// release does not have are left out (a node of another release), types the change does
+    /// not name keep their scale.
+    pub async fn adopt(self: &Arc<Self>, cluster: &Formation) {
+        let _op = self.ops.lock().await;
+        let current = self.desired();
+        let mut next = current.clone();
+        for (name, scale) in cluster.iter() {
+            next.set(name, scale);
+        }
+        if next == current {
+            return;
+        }
+        let named: Vec<ProcessName> = next
+            .iter()
+            .filter(|(name, scale)| current.get(name) != Some(*scale))
+            .map(|(name, _)| name.clone())
+            .collect();
+        if let Err(e) = self.apply(next, &named, "The cluster scaled").await {
+            self.logs
+                .host(format!("cannot apply the cluster's formation: {e}"));
+        }
+    }
+}
+
+#[cfg(feature = "cluster")]
+impl SlotState {
+    /// As `ps` names the state.
+    fn name(&self) -> &'static str {
+        match self {
+            SlotState::Waiting | SlotState::Starting => "starting",
+            SlotState::Up => "up",
+            SlotState::Crashed { .. } => "crashed",
+            SlotState::Draining => "draining",
+            SlotState::Exited { .. } => "exited",
+        }
+    }
+}
