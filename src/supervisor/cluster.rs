@@ -6,12 +6,14 @@
 //! ([`Supervisor::adopt`]), and gives it a [`ClusterLink`] where `scale` proposes changes.
 //! The pure [`plan`](super::plan::plan) then starts only the held slots.
 
+#[cfg(feature = "cluster")]
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 
 use super::Supervisor;
+#[cfg(feature = "cluster")]
 use super::slot::SlotState;
 use crate::app::ProcessName;
 use crate::formation::Formation;
@@ -29,6 +31,25 @@ pub trait ClusterLink: Send + Sync {
     /// Gives up this node's claims at once (its instances have stopped), so that the other
     /// nodes take its slots without waiting for its lease to expire.
     fn leave(&self) -> BoxFuture<'_, ()>;
+}
+
+impl Supervisor {
+    /// The cluster this node is in, if any.
+    pub fn cluster(&self) -> Option<&Arc<dyn ClusterLink>> {
+        self.cluster.get().map(|(link, _)| link)
+    }
+
+    /// This node's name in its cluster, if it is in one.
+    pub fn node(&self) -> Option<&str> {
+        self.cluster.get().map(|(_, node)| node.as_str())
+    }
+
+    /// The fencing token of the claim slot `process.index` runs under, if it is one of a
+    /// cluster's.
+    pub(super) fn fence(&self, process: &ProcessName, index: u32) -> Option<i64> {
+        let state = self.lock();
+        state.here.as_ref()?.get(process)?.get(&index).copied()
+    }
 }
 
 /// One local slot as the cluster sees it.
@@ -56,17 +77,6 @@ impl Supervisor {
         }
     }
 
-    /// The cluster this node is in, if any.
-    pub fn cluster(&self) -> Option<&Arc<dyn ClusterLink>> {
-        self.cluster.get().map(|(link, _)| link)
-    }
-
-    /// This node's name in its cluster, if it is in one.
-    pub fn node(&self) -> Option<&str> {
-        self.cluster.get().map(|(_, node)| node.as_str())
-    }
-
-    #[cfg(feature = "cluster")]
     /// The slots this node holds claims for, with each claim's fencing token; starts the new
     /// ones and stops those no longer held (unless the formation has not started yet).
     pub fn hold(self: &Arc<Self>, here: BTreeMap<ProcessName, BTreeMap<u32, i64>>, started: bool) {
@@ -80,14 +90,6 @@ impl Supervisor {
         }
     }
 
-    /// The fencing token of the claim slot `process.index` runs under, if it is one of a
-    /// cluster's.
-    pub(super) fn fence(&self, process: &ProcessName, index: u32) -> Option<i64> {
-        let state = self.lock();
-        state.here.as_ref()?.get(process)?.get(&index).copied()
-    }
-
-    #[cfg(feature = "cluster")]
     /// Every slot that exists here, stopping ones included: a claim is given up only once its
     /// slot has ended.
     pub fn local_slots(&self) -> Vec<LocalSlot> {
@@ -110,7 +112,6 @@ impl Supervisor {
             .collect()
     }
 
-    #[cfg(feature = "cluster")]
     /// The types that run at most one instance.
     pub fn singletons(&self) -> BTreeSet<ProcessName> {
         let state = self.lock();
@@ -122,7 +123,6 @@ impl Supervisor {
             .collect()
     }
 
-    #[cfg(feature = "cluster")]
     /// Applies the cluster's formation, changed by some node's `scale`. Types this node's
     /// release does not have are left out (a node of another release), types the change does
     /// not name keep their scale.
