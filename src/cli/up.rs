@@ -145,6 +145,12 @@ pub struct UpCommand {
     #[arg(long = "metrics", value_name = "ADDR")]
     metrics: Option<SocketAddr>,
 
+    /// Serve a health check for a load balancer at http://ADDR/health (e.g. `0.0.0.0:5001`):
+    /// 200 while this host has a ready web instance, 503 with the reason when it has none, is
+    /// stopping, or (in a cluster) cannot renew its lease.
+    #[arg(long = "health", value_name = "ADDR")]
+    health: Option<SocketAddr>,
+
     /// Also serve the control API on this TCP address (for edge nodes managed remotely).
     /// Requests need `Authorization: Bearer TOKEN` with the token from `--control-token-file`;
     /// an address other than loopback needs `--control-tls-cert` and `--control-tls-key`.
@@ -381,6 +387,7 @@ impl UpCommand {
             log_requests: !self.no_router_log,
             error_detail: self.error_detail,
             metrics: self.metrics,
+            health: self.health,
             control_tcp: self.control_tcp.map(|addr| crate::control::TcpControl {
                 addr,
                 token_file: self.control_token_file.clone().unwrap_or_default(),

@@ -335,6 +335,25 @@ impl ClusterLink for Link {
         Box::pin(async move { self.inner.ps().await.map_err(|e| format!("{e:#}")) })
     }
 
+    fn health(&self) -> Result<(), String> {
+        let inner = &self.inner;
+        let lease = inner.lease();
+        if lease.lost {
+            return Err(
+                "this node lost its lease in the cluster: its slots went to other nodes"
+                    .to_string(),
+            );
+        }
+        let ttl = inner.options.lease_ttl;
+        if lease.renewed.elapsed() >= ttl.saturating_sub(margin(ttl)) {
+            return Err(format!(
+                "this node has not renewed its lease for {}: etcd does not answer",
+                humanize(lease.renewed.elapsed())
+            ));
+        }
+        Ok(())
+    }
+
     fn leave(&self) -> std::pin::Pin<Box<dyn Future<Output = ()> + Send + '_>> {
         Box::pin(async move {
             let inner = &self.inner;

@@ -35,7 +35,7 @@ pub use self::attach::{
 };
 pub use self::transport::{
     BoundTcp, TcpControl, bind, bind_tcp, ensure_no_live_host, read_certificates, serve,
-    serve_metrics, serve_tcp,
+    serve_health, serve_metrics, serve_tcp,
 };
 use crate::app::ByteSize;
 use crate::deploy::Deployer;

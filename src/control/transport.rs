@@ -19,6 +19,7 @@ use tokio::net::UnixListener;
 use tokio_util::sync::CancellationToken;
 
 use super::{Api, ApiBody, error};
+use crate::app::ProcessName;
 use crate::logs::Logs;
 use crate::metrics::Metrics;
 use crate::net::next_connection;
@@ -368,6 +369,8 @@ enum Routes {
     Api(Arc<Api>),
     /// Only `GET /metrics`.
     Metrics(Arc<Supervisor>, Arc<Metrics>),
+    /// Only `GET /health`, for the HTTP front door's type (if any).
+    Health(Arc<Supervisor>, Option<ProcessName>),
 }
 
 impl Routes {
@@ -380,6 +383,21 @@ impl Routes {
                 } else {
                     error(StatusCode::NOT_FOUND, "only GET /metrics is served here")
                 }
+            }
+            Routes::Health(supervisor, routed) => {
+                if req.method() != Method::GET || req.uri().path() != "/health" {
+                    return error(StatusCode::NOT_FOUND, "only GET /health is served here");
+                }
+                let (status, text) = match supervisor.health(routed.as_ref()) {
+                    Ok(ready) => (StatusCode::OK, format!("ok: {ready}\n")),
+                    Err(why) => (
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        format!("unavailable: {why}\n"),
+                    ),
+                };
+                let mut response = Response::new(Full::new(Bytes::from(text)).boxed_unsync());
+                *response.status_mut() = status;
+                response
             }
         }
     }
@@ -500,6 +518,24 @@ pub async fn serve_metrics(
         &shutdown,
         |_: &tokio::net::TcpStream| Gate::Open,
         Routes::Metrics(supervisor, metrics),
+    )
+    .await;
+}
+
+/// Serves only `GET /health` on a TCP listener (`--health ADDR`) until `shutdown`: what a
+/// load balancer in front of several nodes checks.
+pub async fn serve_health(
+    listener: tokio::net::TcpListener,
+    supervisor: Arc<Supervisor>,
+    routed: Option<ProcessName>,
+    shutdown: CancellationToken,
+) {
+    let listener = &listener;
+    serve_connections(
+        || async move { listener.accept().await.map(|(stream, _)| stream) },
+        &shutdown,
+        |_: &tokio::net::TcpStream| Gate::Open,
+        Routes::Health(supervisor, routed),
     )
     .await;
 }

@@ -62,6 +62,8 @@ pub struct HostOptions {
     pub error_detail: bool,
     /// Also serve `/metrics` on this loopback TCP address.
     pub metrics: Option<SocketAddr>,
+    /// Serve `/health` for a load balancer on this TCP address.
+    pub health: Option<SocketAddr>,
     /// Also serve the control API on TCP, with a bearer token.
     pub control_tcp: Option<control::TcpControl>,
     /// Restart backoff for crashed instances.
@@ -101,6 +103,7 @@ impl Default for HostOptions {
             log_requests: true,
             error_detail: false,
             metrics: None,
+            health: None,
             control_tcp: None,
             restart: RestartPolicy::default(),
             max_instances: None,

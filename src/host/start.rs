@@ -32,6 +32,7 @@ struct Listeners {
     control: Option<(UnixListener, PathBuf)>,
     control_tcp: Option<control::BoundTcp>,
     metrics: Option<TcpListener>,
+    health: Option<TcpListener>,
     /// `[[services]]`, with the type each routes to and whether it balances TCP.
     services: Vec<(TcpListener, ProcessName, bool)>,
 }
@@ -133,6 +134,12 @@ impl Host {
             Some(addr) => Some(bind_metrics(addr).await?),
             None => None,
         };
+        let health = match self.options.health {
+            Some(addr) => Some(TcpListener::bind(addr).await.with_context(|| {
+                format!("--health {addr}: cannot listen there: is the port in use?")
+            })?),
+            None => None,
+        };
         let mut services = Vec::new();
         let mut activated = std::mem::take(&mut self.activated);
         for service in &self.services {
@@ -155,6 +162,7 @@ impl Host {
             control,
             control_tcp,
             metrics,
+            health,
             services,
         })
     }
@@ -290,6 +298,16 @@ impl Host {
                 stop_http.clone(),
             )));
             logs.host(format!("metrics on http://{addr}/metrics"));
+        }
+        if let Some(listener) = listeners.health {
+            let addr = listener.local_addr()?;
+            others.push(tokio::spawn(control::serve_health(
+                listener,
+                s.supervisor.clone(),
+                routed.clone(),
+                stop_http.clone(),
+            )));
+            logs.host(format!("health check on http://{addr}/health"));
         }
         if let Some(shared) = &s.shared {
             logs.host(format!("shared state: {}", shared.describe()));

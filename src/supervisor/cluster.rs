@@ -13,7 +13,6 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use super::Supervisor;
-#[cfg(feature = "cluster")]
 use super::slot::SlotState;
 use crate::app::ProcessName;
 use crate::formation::Formation;
@@ -28,6 +27,8 @@ pub trait ClusterLink: Send + Sync {
     fn propose<'a>(&'a self, next: &'a Formation) -> BoxFuture<'a, Result<(), String>>;
     /// Every node and instance of the cluster, as `ps --cluster --json` prints them.
     fn ps(&self) -> BoxFuture<'_, Result<serde_json::Value, String>>;
+    /// Why this node should get no traffic now (it cannot renew its lease), if so.
+    fn health(&self) -> Result<(), String>;
     /// Gives up this node's claims at once (its instances have stopped), so that the other
     /// nodes take its slots without waiting for its lease to expire.
     fn leave(&self) -> BoxFuture<'_, ()>;
@@ -42,6 +43,35 @@ impl Supervisor {
     /// This node's name in its cluster, if it is in one.
     pub fn node(&self) -> Option<&str> {
         self.cluster.get().map(|(_, node)| node.as_str())
+    }
+
+    /// What a load balancer's health check answers (`--health`): the ready instances of the
+    /// front door's type `routed`, or why this host should get no traffic — it is stopping,
+    /// has no ready instance of the type, or (in a cluster) cannot renew its lease.
+    pub fn health(&self, routed: Option<&ProcessName>) -> Result<String, String> {
+        if self.cancel.is_cancelled() {
+            return Err("the host is stopping".to_string());
+        }
+        if let Some(cluster) = self.cluster() {
+            cluster.health()?;
+        }
+        let Some(routed) = routed else {
+            return Ok("no HTTP type is routed here".to_string());
+        };
+        let state = self.lock();
+        let ready = state
+            .slots
+            .iter()
+            .filter(|s| s.process == *routed && !s.stopping())
+            .filter(|s| {
+                let status = s.status.lock().unwrap_or_else(|e| e.into_inner());
+                matches!(status.0, SlotState::Up)
+            })
+            .count();
+        if ready == 0 {
+            return Err(format!("no `{routed}` instance is ready here"));
+        }
+        Ok(format!("{ready} `{routed}` instances ready"))
     }
 
     /// The fencing token of the claim slot `process.index` runs under, if it is one of a

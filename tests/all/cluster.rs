@@ -221,10 +221,17 @@ fn without_etcd_a_node_keeps_serving_and_stops_its_singleton_by_itself() {
     let mut etcd = Etcd::start();
     let app = App::new("web: {guests}/test_web.wasm\nclock: {guests}/ticker.wasm 100\n");
     app.write("wasmform.toml", "[processes.clock]\nsingleton = true\n");
-    let node = join(&app, &etcd, "n1", &["-m", "web=2,clock=1"]);
+    let node = join(
+        &app,
+        &etcd,
+        "n1",
+        &["-m", "web=2,clock=1", "--health", "127.0.0.1:0"],
+    );
     until(&app, &node, Duration::from_secs(30), never_twice, |ps| {
         up_instances(ps).len() == 3
     });
+    let health = node.host.logged_addr("health check on");
+    assert_eq!(crate::support::get(health, "/health").status, 200);
     etcd.kill();
     // Before its lease can have expired, the node stops its clock (another node could get
     // it then); its web instances go on serving.
@@ -257,6 +264,7 @@ fn without_etcd_a_node_keeps_serving_and_stops_its_singleton_by_itself() {
     until(&app, &node, Duration::from_secs(30), never_twice, |ps| {
         up_instances(ps).contains_key("clock.1")
     });
+    assert_eq!(crate::support::get(health, "/health").status, 200);
 }
 
 #[test]

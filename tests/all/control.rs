@@ -1094,3 +1094,22 @@ fn the_control_api_refuses_parameters_it_does_not_take() {
         assert!(out.ok, "{filter}: {out:?}");
     }
 }
+
+#[test]
+fn the_health_check_answers_whether_a_web_instance_is_ready() {
+    let app = App::new(WEB_AND_TICKER);
+    let host = app.up(&["--health", "127.0.0.1:0"]);
+    let health = host.logged_addr("health check on");
+    let ok = get(health, "/health");
+    assert_eq!(
+        (ok.status, ok.body.as_str()),
+        (200, "ok: 1 `web` instances ready\n")
+    );
+    assert!(app.cli(&["scale", "web=0"]).ok);
+    let down = get(health, "/health");
+    assert_eq!(
+        (down.status, down.body.as_str()),
+        (503, "unavailable: no `web` instance is ready here\n")
+    );
+    assert_eq!(get(health, "/metrics").status, 404);
+}
