@@ -12,9 +12,12 @@
 //! `traffic.rs` (browser headers, a 16 KiB echo, a 64 KiB response), `toolchains.rs`
 //! (JavaScript and Python guests), `compute.rs` (a CPU-bound guest run to its end), `queues.rs`
 //! (queue drain), `journey.rs` (the CI journey: `up --detach`, scale, `down`), `tcp.rs` (TCP
-//! processes and the socket-based web server); `harness.rs` starts the hosts and servers and
-//! drives the load.
+//! processes and the socket-based web server), `cluster.rs` (placement and recovery of a cluster
+//! on etcd, with `--features cluster`); `harness.rs` starts the hosts and servers and drives
+//! the load.
 
+#[cfg(feature = "cluster")]
+mod cluster;
 mod compute;
 mod harness;
 mod journey;
@@ -105,5 +108,10 @@ fn main() {
     }
     if run("tcp") {
         tcp::rows(&guests);
+    }
+    #[cfg(feature = "cluster")]
+    if run("cluster") {
+        println!();
+        cluster::rows(&procfile);
     }
 }

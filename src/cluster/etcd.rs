@@ -10,7 +10,8 @@
 //!
 //! Every round (each [`ROUND`], and at once after a change this node made) the agent reads
 //! the prefix, applies a newer formation, claims what [`place::share`] gives it, gives back
-//! at most one slot above its share per lease TTL (rebalancing after a node joins), releases
+//! what it holds above its share, a quarter of the share per TTL (rebalancing after a node
+//! joins), releases
 //! the claims of slots that are no longer desired once their instance has ended, and tells
 //! the supervisor which slots it holds.
 //!
@@ -153,7 +154,7 @@ struct Claims {
     mine: BTreeMap<SlotId, i64>,
     /// Claims being given back: their instances stop, then the claims are deleted.
     giving_back: BTreeSet<SlotId>,
-    /// When a slot was last given back (one per TTL).
+    /// When the last batch was given back (one batch per TTL).
     last_give_back: Option<Instant>,
     /// The formation key's revision this node applied.
     formation_rev: i64,
@@ -252,37 +253,51 @@ impl Node {
             stop: CancellationToken::new(),
         });
         inner.register(lease.id()).await?;
-        let (formation, rev, first) = inner.formation_at_join(&supervisor.desired()).await?;
-        inner.lock().formation_rev = rev;
-        logs.host(format!(
-            "cluster `{}`: node `{}` joined over etcd {} (lease TTL {}); formation {formation}{}",
-            options.app,
-            options.node,
-            options.endpoints.join(", "),
-            humanize(options.lease_ttl),
-            if first {
-                " (this node's: the first node)"
-            } else {
-                " (the cluster's)"
-            }
-        ));
-        supervisor.join_cluster(
-            Arc::new(Link {
+        // Renewed from now on: starting the formation may take longer than the TTL.
+        let renewer = inner.clone();
+        tokio::spawn(async move { renewer.renew().await });
+        let joined = async {
+            let (formation, rev, first) = inner.formation_at_join(&supervisor.desired()).await?;
+            inner.lock().formation_rev = rev;
+            logs.host(format!(
+                "cluster `{}`: node `{}` joined over etcd {} (lease TTL {}); formation {formation}{}",
+                options.app,
+                options.node,
+                options.endpoints.join(", "),
+                humanize(options.lease_ttl),
+                if first {
+                    " (this node's: the first node)"
+                } else {
+                    " (the cluster's)"
+                }
+            ));
+            supervisor.join_cluster(
+                Arc::new(Link {
+                    inner: inner.clone(),
+                }),
+                options.node.clone(),
+                formation,
+            );
+            inner.round(false).await?;
+            anyhow::Ok(())
+        }
+        .await;
+        if let Err(e) = joined {
+            Link {
                 inner: inner.clone(),
-            }),
-            options.node.clone(),
-            formation,
-        );
-        inner.round(false).await?;
+            }
+            .leave()
+            .await;
+            return Err(e);
+        }
         Ok(Node { inner })
     }
 
-    /// Runs the agent and the lease's renewal until the host stops.
+    /// Runs the agent (the lease is renewed since [`join`](Self::join)) until the host
+    /// stops.
     pub fn spawn(&self) {
         let inner = self.inner.clone();
         tokio::spawn(async move { inner.run().await });
-        let inner = self.inner.clone();
-        tokio::spawn(async move { inner.renew().await });
         let inner = self.inner.clone();
         tokio::spawn(async move { inner.fence().await });
     }
@@ -595,19 +610,25 @@ impl Inner {
                 mine.insert(slot, fence);
             }
         }
-        // Give back: at most one slot above this node's share per TTL, and never a
-        // singleton (its share is its one instance).
+        // Give back what this node holds above its share, once the last batch has gone: per
+        // type at most a quarter of the share (at least one) per TTL, never a singleton (its
+        // share is its one instance).
         let release: Vec<SlotId> = {
             let mut claims_state = self.lock();
             let due = claims_state
                 .last_give_back
                 .is_none_or(|t| t.elapsed() >= self.options.lease_ttl);
-            if due
-                && claims_state.giving_back.is_empty()
-                && let Some(slot) = share.surplus.iter().find(|s| !singletons.contains(&s.0))
-            {
-                claims_state.giving_back.insert(slot.clone());
-                claims_state.last_give_back = Some(Instant::now());
+            if due && claims_state.giving_back.is_empty() {
+                let mut batch: BTreeMap<&ProcessName, u32> = BTreeMap::new();
+                for slot in share.surplus.iter().filter(|s| !singletons.contains(&s.0)) {
+                    let share_of_type = counts[&slot.0].div_ceil(nodes.len() as u32);
+                    let given = batch.entry(&slot.0).or_default();
+                    if *given < share_of_type.div_ceil(4).max(1) {
+                        *given += 1;
+                        claims_state.giving_back.insert(slot.clone());
+                        claims_state.last_give_back = Some(Instant::now());
+                    }
+                }
             }
             claims_state
                 .giving_back
