@@ -8,6 +8,7 @@ mod down;
 mod events;
 mod export;
 mod logs;
+mod node;
 mod pidfd;
 mod ps;
 mod releases;
@@ -61,6 +62,7 @@ enum Command {
     Events(events::EventsCommand),
     Run(run::RunCommand),
     Export(export::ExportCommand),
+    Node(node::NodeCommand),
 }
 
 impl Cli {
@@ -75,6 +77,7 @@ impl Cli {
             Command::Up(cmd) => return cmd.execute(),
             Command::Wait(cmd) => return cmd.execute(),
             Command::Run(cmd) => return cmd.execute(),
+            Command::Node(cmd) => return cmd.execute(),
             Command::Scale(cmd) => cmd.execute(),
             Command::Ps(cmd) => cmd.execute(),
             Command::Logs(cmd) => cmd.execute(),

@@ -164,7 +164,20 @@ struct Claims {
     reachable: bool,
     /// Whether the singletons are stopped because the lease could not be renewed in time.
     fenced: bool,
+    /// Since when this node is being drained (`wasmform node drain`).
+    draining: Option<Instant>,
 }
+
+/// A node's entry under `cordons/NODE`: it gets no new instance; `drain`: it also hands its
+/// instances over.
+#[derive(Serialize, Deserialize)]
+struct Cordon {
+    drain: bool,
+}
+
+/// How long a draining node fails its health check before it hands its instances over: a
+/// load balancer checking every second with `fall 2` has moved its traffic off by then.
+const DRAIN_GRACE: Duration = Duration::from_secs(3);
 
 struct Inner {
     client: Client,
@@ -359,6 +372,9 @@ impl ClusterLink for Link {
                     .to_string(),
             );
         }
+        if inner.lock().draining.is_some() {
+            return Err("this node is being drained (`wasmform node drain`)".to_string());
+        }
         let ttl = inner.options.lease_ttl;
         if lease.renewed.elapsed() >= ttl.saturating_sub(margin(ttl)) {
             return Err(format!(
@@ -367,6 +383,18 @@ impl ClusterLink for Link {
             ));
         }
         Ok(())
+    }
+
+    fn node_action<'a>(
+        &'a self,
+        node: &'a str,
+        action: &'a str,
+    ) -> std::pin::Pin<Box<dyn Future<Output = Result<String, String>> + Send + 'a>> {
+        Box::pin(async move {
+            let result = self.inner.node_action(node, action).await;
+            self.inner.wake.notify_one();
+            result.map_err(|e| format!("{e:#}"))
+        })
     }
 
     fn leave(&self) -> std::pin::Pin<Box<dyn Future<Output = ()> + Send + '_>> {
@@ -534,6 +562,7 @@ impl Inner {
         )
         .await?;
         let mut nodes = BTreeSet::new();
+        let mut cordons: BTreeMap<String, Cordon> = BTreeMap::new();
         let mut claims: BTreeMap<SlotId, (String, i64)> = BTreeMap::new();
         let mut formation = None;
         for kv in response.kvs() {
@@ -543,6 +572,9 @@ impl Inner {
             };
             if rest == "formation" {
                 formation = Some(kv.clone());
+            } else if let Some(node) = rest.strip_prefix("cordons/") {
+                let cordon = serde_json::from_slice(kv.value()).unwrap_or(Cordon { drain: false });
+                cordons.insert(node.to_string(), cordon);
             } else if let Some(node) = rest.strip_prefix("nodes/") {
                 nodes.insert(node.to_string());
             } else if let Some(slot) = rest.strip_prefix("claims/") {
@@ -555,6 +587,13 @@ impl Inner {
                 let holder = kv.value_str().unwrap_or_default().to_string();
                 claims.insert((process, index), (holder, kv.create_revision()));
             }
+        }
+        // This node's key is gone: its lease expired (etcd was away longer than the TTL), its
+        // claims with it. Join again with a new lease; the next round claims again what this
+        // node still runs and nobody took.
+        if !nodes.contains(me) {
+            self.lease().lost = true;
+            return self.rejoin().await;
         }
         if let Some(kv) = formation {
             let newer = kv.mod_revision() > self.lock().formation_rev;
@@ -583,18 +622,25 @@ impl Inner {
             .filter(|(_, (node, _))| node == me)
             .map(|(slot, (_, fence))| (slot.clone(), *fence))
             .collect();
+        let draining = cordons.get(me).is_some_and(|c| c.drain);
         // Instances this node runs without a claim (its lease expired while etcd was away):
         // claim them again if no other node took them; else they stop.
         let mut attempts: Vec<SlotId> = local
             .iter()
-            .filter(|slot| wanted(slot) && !claims.contains_key(*slot))
+            .filter(|slot| !draining && wanted(slot) && !claims.contains_key(*slot))
             .cloned()
             .collect();
         let holders: BTreeMap<SlotId, String> = claims
             .iter()
             .map(|(slot, (node, _))| (slot.clone(), node.clone()))
             .collect();
-        let share = place::share(&counts, &nodes, &holders, me);
+        // Cordoned nodes keep what they hold but get nothing new.
+        let eligible: BTreeSet<String> = nodes
+            .iter()
+            .filter(|n| !cordons.contains_key(*n))
+            .cloned()
+            .collect();
+        let share = place::share(&counts, &eligible, &holders, me);
         for slot in share.claim {
             if !attempts.contains(&slot) {
                 attempts.push(slot);
@@ -618,10 +664,19 @@ impl Inner {
             let due = claims_state
                 .last_give_back
                 .is_none_or(|t| t.elapsed() >= self.options.lease_ttl);
-            if due && claims_state.giving_back.is_empty() {
+            // Draining: the health check fails at once; once a load balancer had the time to
+            // notice, every instance is handed over.
+            let since = *claims_state.draining.get_or_insert_with(Instant::now);
+            if !draining {
+                claims_state.draining = None;
+            } else if since.elapsed() >= DRAIN_GRACE {
+                let all: Vec<SlotId> = mine.keys().cloned().collect();
+                claims_state.giving_back.extend(all);
+            }
+            if due && !draining && claims_state.giving_back.is_empty() {
                 let mut batch: BTreeMap<&ProcessName, u32> = BTreeMap::new();
                 for slot in share.surplus.iter().filter(|s| !singletons.contains(&s.0)) {
-                    let share_of_type = counts[&slot.0].div_ceil(nodes.len() as u32);
+                    let share_of_type = counts[&slot.0].div_ceil(eligible.len() as u32);
                     let given = batch.entry(&slot.0).or_default();
                     if *given < share_of_type.div_ceil(4).max(1) {
                         *given += 1;
@@ -761,7 +816,9 @@ impl Inner {
             };
             loop {
                 let sent = Instant::now();
-                if keeper.keep_alive().await.is_err() {
+                // Bounded too: the request channel of a dead stream may never take it.
+                let request = tokio::time::timeout(REQUEST_TIMEOUT, keeper.keep_alive()).await;
+                if !matches!(request, Ok(Ok(()))) {
                     break;
                 }
                 match tokio::time::timeout(REQUEST_TIMEOUT, responses.message()).await {
@@ -823,6 +880,61 @@ impl Inner {
             () = self.stop.cancelled() => true,
             () = tokio::time::sleep(d) => false,
         }
+    }
+
+    /// `wasmform node cordon|uncordon|drain NODE`.
+    async fn node_action(&self, node: &str, action: &str) -> Result<String> {
+        let app = &self.options.app;
+        let cordon = format!("{}cordons/{node}", self.keys.prefix);
+        let known = timed(
+            "etcd",
+            self.client.clone().get(
+                format!("{}nodes/", self.keys.prefix),
+                Some(GetOptions::new().with_prefix().with_keys_only()),
+            ),
+        )
+        .await?;
+        let names: Vec<String> = known
+            .kvs()
+            .iter()
+            .filter_map(|kv| kv.key_str().ok()?.rsplit('/').next().map(String::from))
+            .collect();
+        let cordoned = timed("etcd", self.client.clone().get(cordon.as_str(), None))
+            .await?
+            .count()
+            > 0;
+        let live = names.iter().any(|n| n == node);
+        // A cordoned node that is gone can still be uncordoned.
+        if !(live || action == "uncordon" && cordoned) {
+            bail!(
+                "no node `{node}` in cluster `{app}`: its nodes are {}",
+                if names.is_empty() {
+                    "none".to_string()
+                } else {
+                    names.join(", ")
+                }
+            );
+        }
+        let mut kv = self.client.clone();
+        let value = |drain| serde_json::to_string(&Cordon { drain }).expect("serializes");
+        Ok(match action {
+            "cordon" => {
+                timed("etcd", kv.put(cordon, value(false), None)).await?;
+                format!("node `{node}` cordoned: it gets no new instance and keeps those it runs")
+            }
+            "drain" => {
+                timed("etcd", kv.put(cordon, value(true), None)).await?;
+                format!(
+                    "node `{node}` draining: its health check fails now, and in {} its instances move to the other nodes",
+                    humanize(DRAIN_GRACE)
+                )
+            }
+            "uncordon" => {
+                timed("etcd", kv.delete(cordon, None)).await?;
+                format!("node `{node}` uncordoned: it gets its share of the instances again")
+            }
+            other => bail!("unknown node action `{other}`: give cordon, uncordon or drain"),
+        })
     }
 
     /// Every node and its instances, for `ps --cluster --json`.

@@ -95,6 +95,15 @@ struct ScaleRequest {
     memory: Option<String>,
 }
 
+/// `POST /v1/cluster/node`
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NodeRequest {
+    node: String,
+    /// `cordon`, `uncordon` or `drain`.
+    action: String,
+}
+
 /// `POST /v1/shutdown`
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -163,6 +172,26 @@ impl Api {
                     "this host is not in a cluster: start it with `wasmform up --cluster etcd://HOST:PORT --node NAME`",
                 ),
             },
+            (Method::POST, "/v1/cluster/node") => {
+                let request: NodeRequest = match read_json(req).await {
+                    Ok(r) => r,
+                    Err(response) => return response,
+                };
+                match self.supervisor.cluster() {
+                    Some(cluster) => {
+                        match cluster.node_action(&request.node, &request.action).await {
+                            Ok(message) => {
+                                json(StatusCode::OK, &serde_json::json!({ "message": message }))
+                            }
+                            Err(e) => error(StatusCode::BAD_REQUEST, &e),
+                        }
+                    }
+                    None => error(
+                        StatusCode::BAD_REQUEST,
+                        "this host is not in a cluster: start it with `wasmform up --cluster etcd://HOST:PORT --node NAME`",
+                    ),
+                }
+            }
             (Method::GET, "/v1/formation") => json(
                 StatusCode::OK,
                 &serde_json::json!({ "formation": self.supervisor.ps().types }),
@@ -252,7 +281,7 @@ impl Api {
                 _,
                 "/v1/ps" | "/v1/formation" | "/v1/scale" | "/v1/restart" | "/v1/logs"
                 | "/v1/deploy" | "/v1/deploy/upload" | "/v1/rollback" | "/v1/releases"
-                | "/v1/shutdown" | "/v1/events" | "/v1/run" | "/v1/cluster/ps",
+                | "/v1/shutdown" | "/v1/events" | "/v1/run" | "/v1/cluster/ps" | "/v1/cluster/node",
             ) => error(
                 StatusCode::METHOD_NOT_ALLOWED,
                 "method not allowed on this route",

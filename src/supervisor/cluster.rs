@@ -27,6 +27,12 @@ pub trait ClusterLink: Send + Sync {
     fn propose<'a>(&'a self, next: &'a Formation) -> BoxFuture<'a, Result<(), String>>;
     /// Every node and instance of the cluster, as `ps --cluster --json` prints them.
     fn ps(&self) -> BoxFuture<'_, Result<serde_json::Value, String>>;
+    /// `cordon`, `uncordon` or `drain` node `node` of the cluster; what was done.
+    fn node_action<'a>(
+        &'a self,
+        node: &'a str,
+        action: &'a str,
+    ) -> BoxFuture<'a, Result<String, String>>;
     /// Why this node should get no traffic now (it cannot renew its lease), if so.
     fn health(&self) -> Result<(), String>;
     /// Gives up this node's claims at once (its instances have stopped), so that the other

@@ -81,8 +81,11 @@ pub struct TypeReport {
     pub name: String,
     /// `http` or `background`.
     pub kind: &'static str,
-    /// Desired instances.
+    /// Desired instances here: in a cluster, this node's share (the slots it holds).
     pub desired: u32,
+    /// In a cluster: the cluster's desired count of the type, over all nodes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<u32>,
     /// Instances up.
     pub running: u32,
     /// Memory limit per instance, in bytes.
@@ -275,10 +278,16 @@ impl Supervisor {
                     .map(|s| s.index)
                     .collect::<BTreeSet<u32>>()
                     .len() as u32;
+                let held = state.here.as_ref().map(|here| {
+                    here.get(name).map_or(0, |h| {
+                        h.keys().filter(|i| **i <= scale.count).count() as u32
+                    })
+                });
                 TypeReport {
                     name: name.to_string(),
                     kind: process.kind_name(),
-                    desired: scale.count,
+                    desired: held.unwrap_or(scale.count),
+                    cluster: held.map(|_| scale.count),
                     running,
                     memory: scale.memory.as_u64(),
                     component: process.spec.component.display().to_string(),

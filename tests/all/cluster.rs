@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use crate::support::{App, Wasmform};
-use crate::tools::Etcd;
+use crate::tools::{Etcd, Netns};
 
 /// One node of the app's cluster, with a state directory of its own.
 struct Node {
@@ -15,17 +15,21 @@ struct Node {
 }
 
 fn join(app: &App, etcd: &Etcd, name: &str, extra: &[&str]) -> Node {
+    join_at(app, &etcd.url(), "2s", name, extra)
+}
+
+/// A node joining the cluster at `url` with lease TTL `ttl`.
+fn join_at(app: &App, url: &str, ttl: &str, name: &str, extra: &[&str]) -> Node {
     let state = app.path(&format!("state-{name}"));
-    let url = etcd.url();
     let mut args = vec![
         "--cluster",
-        &url,
+        url,
         "--node",
         name,
         "--app",
         "shop",
         "--lease-ttl",
-        "2s",
+        ttl,
         "--state-dir",
         state.to_str().unwrap(),
     ];
@@ -46,11 +50,18 @@ impl Node {
         app.cli(&all)
     }
 
-    /// `ps --cluster --json` through this node.
-    fn cluster_ps(&self, app: &App) -> serde_json::Value {
+    /// `ps --cluster --json`, or `None` while etcd cannot answer (an election).
+    fn try_cluster_ps(&self, app: &App) -> Option<serde_json::Value> {
         let out = self.cli(app, &["ps", "--cluster", "--json"]);
-        assert!(out.ok, "ps --cluster failed: {}", out.stderr);
-        serde_json::from_str(&out.stdout).unwrap()
+        if !out.ok {
+            assert!(
+                out.stderr.contains("the cluster's state cannot be read"),
+                "{}",
+                out.stderr
+            );
+            return None;
+        }
+        Some(serde_json::from_str(&out.stdout).unwrap())
     }
 }
 
@@ -77,7 +88,11 @@ fn until(
 ) -> serde_json::Value {
     let deadline = Instant::now() + timeout;
     loop {
-        let ps = node.cluster_ps(app);
+        let Some(ps) = node.try_cluster_ps(app) else {
+            assert!(Instant::now() < deadline, "etcd did not answer again");
+            std::thread::sleep(Duration::from_millis(100));
+            continue;
+        };
         always(&ps);
         if done(&ps) {
             return ps;
@@ -217,6 +232,130 @@ fn a_killed_nodes_instances_come_back_on_the_others_and_a_singleton_never_runs_t
 }
 
 #[test]
+fn killing_the_etcd_leader_during_a_scale_runs_no_slot_twice() {
+    let mut members = Etcd::cluster(3);
+    let url = Etcd::url_of(&members);
+    let app = App::new("web: {guests}/test_web.wasm\n");
+    let nodes: Vec<Node> = ["n1", "n2", "n3"]
+        .iter()
+        .map(|n| join_at(&app, &url, "5s", n, &["-m", "web=6"]))
+        .collect();
+    until(
+        &app,
+        &nodes[0],
+        Duration::from_secs(30),
+        never_twice,
+        |ps| spread(ps, &ids("web", 6), &["n1", "n2", "n3"], 2),
+    );
+    let scale = nodes[1].cli(&app, &["scale", "web=12"]);
+    assert!(scale.ok, "{scale:?}");
+    let leader = members.iter().position(Etcd::is_leader).expect("a leader");
+    members[leader].kill();
+    // The two others elect a leader; the nodes reach them and finish the scale, and no
+    // sample ever shows a slot on two nodes.
+    until(
+        &app,
+        &nodes[0],
+        Duration::from_secs(60),
+        never_twice,
+        |ps| spread(ps, &ids("web", 12), &["n1", "n2", "n3"], 4),
+    );
+}
+
+/// How many clock ticks a node's log holds.
+fn ticks(host: &Wasmform) -> usize {
+    host.output().matches("clock.1 | tick").count()
+}
+
+#[test]
+fn a_partitioned_clock_stops_before_the_other_side_starts_it() {
+    let netns = Netns::new();
+    let etcd = Etcd::start_also_on(&netns.host_ip);
+    let app = App::new("web: {guests}/test_web.wasm\nclock: {guests}/ticker.wasm 50\n");
+    app.write("wasmform.toml", "[processes.clock]\nsingleton = true\n");
+    // Node a runs in the namespace and reaches etcd over the veth pair; it starts first, so
+    // the clock is its.
+    let a_state = app.path("state-a");
+    let a_url = format!("etcd://{}:{}", netns.host_ip, etcd.port);
+    let procfile = app.procfile();
+    let mut a = Wasmform::spawn_in_netns(
+        &netns.name,
+        &[
+            "up",
+            "-f",
+            procfile.to_str().unwrap(),
+            "-p",
+            "0",
+            "-m",
+            "web=1,clock=1",
+            "--cluster",
+            &a_url,
+            "--node",
+            "a",
+            "--app",
+            "shop",
+            "--lease-ttl",
+            "2s",
+            "--state-dir",
+            a_state.to_str().unwrap(),
+        ],
+    );
+    a.wait_listening();
+    a.wait_for("clock.1 | tick 1", Duration::from_secs(30));
+    let b = join(&app, &etcd, "b", &[]);
+    let ps = until(&app, &b, Duration::from_secs(30), never_twice, |ps| {
+        up_instances(ps).len() == 2
+    });
+    assert_eq!(up_instances(&ps)["clock.1"], ["a"], "{ps:#}");
+    // Cut a off. Its clock must stop by itself before b can start one: sample both logs.
+    netns.attach(false);
+    let cut = Instant::now();
+    let (mut last_a, mut seen_a, mut first_b) = (cut, ticks(&a), None);
+    while first_b.is_none_or(|t: Instant| t.elapsed() < Duration::from_secs(1)) {
+        assert!(
+            cut.elapsed() < Duration::from_secs(20),
+            "b never ran the clock:\n{}",
+            b.host.output()
+        );
+        let now_a = ticks(&a);
+        if now_a > seen_a {
+            (seen_a, last_a) = (now_a, Instant::now());
+        }
+        if first_b.is_none() && ticks(&b.host) > 0 {
+            first_b = Some(Instant::now());
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let first_b = first_b.unwrap();
+    assert!(
+        last_a < first_b,
+        "a ticked {:?} after the cut, b from {:?}",
+        last_a - cut,
+        first_b - cut
+    );
+    eprintln!(
+        "partition: a's last tick {:?} after the cut, b's first {:?} (gap {:?})",
+        last_a - cut,
+        first_b - cut,
+        first_b - last_a
+    );
+    a.wait_for("stopping this node's singletons", Duration::from_secs(1));
+    // Healed: a joins again, finds the clock held by b, and never runs it again.
+    netns.attach(true);
+    let rejoined = a.wait_until(Duration::from_secs(20), |out| {
+        out.contains("joined again with a new lease")
+    });
+    assert!(rejoined.is_some(), "a did not join again:\n{}", a.output());
+    let after = ticks(&a);
+    until(&app, &b, Duration::from_secs(30), never_twice, |ps| {
+        let up = up_instances(ps);
+        up.get("clock.1").is_some_and(|n| n == &["b"]) && up.len() == 2
+    });
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(ticks(&a), after, "a ran the clock again:\n{}", a.output());
+}
+
+#[test]
 fn without_etcd_a_node_keeps_serving_and_stops_its_singleton_by_itself() {
     let mut etcd = Etcd::start();
     let app = App::new("web: {guests}/test_web.wasm\nclock: {guests}/ticker.wasm 100\n");
@@ -265,6 +404,68 @@ fn without_etcd_a_node_keeps_serving_and_stops_its_singleton_by_itself() {
         up_instances(ps).contains_key("clock.1")
     });
     assert_eq!(crate::support::get(health, "/health").status, 200);
+}
+
+/// Up instances per node.
+fn per_node(ps: &serde_json::Value) -> BTreeMap<String, usize> {
+    let mut per = BTreeMap::new();
+    for nodes in up_instances(ps).values() {
+        *per.entry(nodes[0].clone()).or_default() += 1;
+    }
+    per
+}
+
+#[test]
+fn a_cordoned_node_gets_nothing_new_and_a_drained_one_hands_its_instances_over() {
+    let etcd = Etcd::start();
+    let app = App::new("web: {guests}/test_web.wasm\n");
+    let n1 = join(&app, &etcd, "n1", &["-m", "web=6"]);
+    let _n2 = join(&app, &etcd, "n2", &[]);
+    let n3 = join(&app, &etcd, "n3", &["--health", "127.0.0.1:0"]);
+    let health = n3.host.logged_addr("health check on");
+    let count = |ps: &serde_json::Value, node: &str| per_node(ps).get(node).copied().unwrap_or(0);
+    until(&app, &n1, Duration::from_secs(30), never_twice, |ps| {
+        spread(ps, &ids("web", 6), &["n1", "n2", "n3"], 2)
+    });
+    let out = n1.cli(&app, &["node", "cordon", "n3"]);
+    assert!(
+        out.ok && out.stdout.contains("node `n3` cordoned"),
+        "{out:?}"
+    );
+    assert!(n1.cli(&app, &["scale", "web=9"]).ok);
+    // The new slots go to n1 and n2; n3 keeps its two.
+    let ps = until(&app, &n1, Duration::from_secs(30), never_twice, |ps| {
+        up_instances(ps).len() == 9
+    });
+    assert_eq!(count(&ps, "n3"), 2, "{ps:#}");
+    // Drain: n3's health check fails, then its instances move.
+    let out = n1.cli(&app, &["node", "drain", "n3", "--deadline", "30s"]);
+    assert!(
+        out.ok && out.stdout.contains("node `n3` drained"),
+        "{out:?}"
+    );
+    let down = crate::support::get(health, "/health");
+    assert_eq!(down.status, 503, "{}", down.body);
+    assert!(down.body.contains("being drained"), "{}", down.body);
+    let ps = until(&app, &n1, Duration::from_secs(30), never_twice, |ps| {
+        up_instances(ps).len() == 9
+    });
+    assert_eq!(count(&ps, "n3"), 0, "{ps:#}");
+    // Back in placement: the others give slots back until every node runs its share.
+    let out = n1.cli(&app, &["node", "uncordon", "n3"]);
+    assert!(out.ok, "{out:?}");
+    until(&app, &n1, Duration::from_secs(60), never_twice, |ps| {
+        spread(ps, &ids("web", 9), &["n1", "n2", "n3"], 3)
+    });
+    assert_eq!(crate::support::get(health, "/health").status, 200);
+    let out = n1.cli(&app, &["node", "cordon", "nx"]);
+    assert!(!out.ok, "{out:?}");
+    assert!(
+        out.stderr
+            .contains("no node `nx` in cluster `shop`: its nodes are n1, n2, n3"),
+        "{}",
+        out.stderr
+    );
 }
 
 #[test]

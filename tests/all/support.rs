@@ -236,6 +236,16 @@ impl Wasmform {
         Self::start(command)
     }
 
+    /// [`Wasmform::spawn`] inside network namespace `netns` (`ip netns exec`).
+    pub fn spawn_in_netns(netns: &str, args: &[&str]) -> Self {
+        let mut command = Command::new("ip");
+        command
+            .args(["netns", "exec", netns])
+            .arg(env!("CARGO_BIN_EXE_wasmform"))
+            .args(args);
+        Self::start(command)
+    }
+
     /// [`Wasmform::spawn`] under an address-space limit (`ulimit -v`, in KiB).
     pub fn spawn_limited(args: &[&str], address_space_kib: u64) -> Self {
         let mut command = Command::new("/bin/sh");

@@ -238,40 +238,95 @@ pub fn build_js_guest(out: &Path) {
     );
 }
 
-/// An `etcd` member of its own on free loopback ports, its data in a directory of its own;
-/// killed on drop. For the cluster tests (feature `cluster`): `etcd` must be on `PATH`
-/// (`.ci/run` installs Debian's `etcd-server`).
+/// An `etcd` member on free loopback ports, its data in a directory of its own; killed on
+/// drop. For the cluster tests (feature `cluster`): `etcd` must be on `PATH` (`.ci/run`
+/// installs Debian's `etcd-server`).
 pub struct Etcd {
     child: Option<std::process::Child>,
     /// Its client port on 127.0.0.1.
     pub port: u16,
+    name: String,
     peer: u16,
+    /// `--initial-cluster`: every member's peer URL.
+    initial: String,
+    /// Another address it serves clients on besides 127.0.0.1 (a test's veth).
+    also: Option<String>,
     dir: PathBuf,
 }
 
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
 impl Etcd {
+    /// A one-member etcd, healthy.
     pub fn start() -> Self {
-        let free = || {
-            std::net::TcpListener::bind("127.0.0.1:0")
-                .and_then(|l| l.local_addr())
-                .expect("a free port")
-                .port()
-        };
-        let (port, peer) = (free(), free());
-        let dir = std::env::temp_dir().join(format!("wasmform-etcd-{}-{port}", std::process::id()));
-        let mut etcd = Self {
+        let mut members = Self::cluster(1);
+        members.pop().unwrap()
+    }
+
+    /// A one-member etcd that also serves clients on `ip` (the host's end of a test's veth),
+    /// on the same port.
+    pub fn start_also_on(ip: &str) -> Self {
+        let mut etcd = Self::member(0, free_port(), free_port(), String::new());
+        etcd.initial = format!("m0=http://127.0.0.1:{}", etcd.peer);
+        etcd.also = Some(ip.to_string());
+        etcd.spawn();
+        etcd.wait_healthy();
+        etcd
+    }
+
+    fn member(i: usize, port: u16, peer: u16, initial: String) -> Self {
+        Self {
             child: None,
             port,
+            name: format!("m{i}"),
             peer,
-            dir,
-        };
-        etcd.resume();
-        etcd
+            initial,
+            also: None,
+            dir: std::env::temp_dir().join(format!("wasmform-etcd-{}-{port}", std::process::id())),
+        }
+    }
+
+    /// An etcd of `n` members, all healthy.
+    pub fn cluster(n: usize) -> Vec<Self> {
+        let ports: Vec<(u16, u16)> = (0..n).map(|_| (free_port(), free_port())).collect();
+        let initial = ports
+            .iter()
+            .enumerate()
+            .map(|(i, (_, peer))| format!("m{i}=http://127.0.0.1:{peer}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut members: Vec<Self> = ports
+            .iter()
+            .enumerate()
+            .map(|(i, &(port, peer))| Self::member(i, port, peer, initial.clone()))
+            .collect();
+        // All at once: a member is healthy only once a quorum has elected a leader.
+        for member in &mut members {
+            member.spawn();
+        }
+        for member in &members {
+            member.wait_healthy();
+        }
+        members
     }
 
     /// `etcd://127.0.0.1:PORT`, as `up --cluster` takes it.
     pub fn url(&self) -> String {
         format!("etcd://127.0.0.1:{}", self.port)
+    }
+
+    /// `etcd://…` naming every member of `members`.
+    pub fn url_of(members: &[Self]) -> String {
+        let hosts: Vec<String> = members
+            .iter()
+            .map(|m| format!("127.0.0.1:{}", m.port))
+            .collect();
+        format!("etcd://{}", hosts.join(","))
     }
 
     /// Kills the member (SIGKILL); [`resume`](Self::resume) starts it again on its data.
@@ -282,8 +337,13 @@ impl Etcd {
         }
     }
 
-    /// Starts the member on its ports and data and waits until it is healthy.
+    /// Starts the member again on its ports and data and waits until it is healthy.
     pub fn resume(&mut self) {
+        self.spawn();
+        self.wait_healthy();
+    }
+
+    fn spawn(&mut self) {
         let Some(etcd) = which("etcd") else {
             panic!(
                 "the cluster tests need etcd on PATH: `apt-get install etcd-server` (Debian), as .ci/run does"
@@ -291,20 +351,28 @@ impl Etcd {
         };
         let client = format!("http://127.0.0.1:{}", self.port);
         let peer = format!("http://127.0.0.1:{}", self.peer);
+        let listen = match &self.also {
+            Some(ip) => format!("{client},http://{ip}:{}", self.port),
+            None => client.clone(),
+        };
         let child = Command::new(etcd)
-            .arg("--name=test")
+            .arg(format!("--name={}", self.name))
             .arg(format!("--data-dir={}", self.dir.display()))
-            .arg(format!("--listen-client-urls={client}"))
+            .arg(format!("--listen-client-urls={listen}"))
             .arg(format!("--advertise-client-urls={client}"))
             .arg(format!("--listen-peer-urls={peer}"))
             .arg(format!("--initial-advertise-peer-urls={peer}"))
-            .arg(format!("--initial-cluster=test={peer}"))
+            .arg(format!("--initial-cluster={}", self.initial))
+            .arg("--initial-cluster-token=wasmform-test")
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .spawn()
             .expect("cannot start etcd");
         self.child = Some(child);
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    }
+
+    fn wait_healthy(&self) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
         while !self.healthy() {
             assert!(
                 std::time::Instant::now() < deadline,
@@ -315,18 +383,39 @@ impl Etcd {
         }
     }
 
+    /// An HTTP request to the member's client port; the body of its answer.
+    fn http(&self, request: &str) -> Option<String> {
+        use std::io::{Read as _, Write as _};
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", self.port)).ok()?;
+        s.set_read_timeout(Some(std::time::Duration::from_secs(2)))
+            .ok()?;
+        s.write_all(request.as_bytes()).ok()?;
+        let mut reply = String::new();
+        s.read_to_string(&mut reply).ok()?;
+        Some(reply)
+    }
+
     /// `GET /health` answers `"health":"true"`.
     fn healthy(&self) -> bool {
-        use std::io::{Read as _, Write as _};
-        let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", self.port)) else {
+        self.http("GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .is_some_and(|r| r.contains("\"health\":\"true\""))
+    }
+
+    /// Whether this member is the leader (its status through etcd's JSON gateway).
+    pub fn is_leader(&self) -> bool {
+        let body = "{}";
+        let request = format!(
+            "POST /v3/maintenance/status HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        let Some(reply) = self.http(&request) else {
             return false;
         };
-        let _ = s.set_read_timeout(Some(std::time::Duration::from_secs(2)));
-        let request = "GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
-        let mut reply = String::new();
-        s.write_all(request.as_bytes()).is_ok()
-            && s.read_to_string(&mut reply).is_ok()
-            && reply.contains("\"health\":\"true\"")
+        let field = |name: &str| {
+            let at = reply.find(&format!("\"{name}\":\""))? + name.len() + 4;
+            Some(reply[at..].split('"').next()?.to_string())
+        };
+        field("member_id").is_some_and(|id| field("leader") == Some(id))
     }
 }
 
@@ -334,5 +423,83 @@ impl Drop for Etcd {
     fn drop(&mut self) {
         self.kill();
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A network namespace of the test's own, joined to the host by a veth pair: `10.N.0.1` on
+/// the host's end, `10.N.0.2` inside. Detaching the host's end partitions whatever runs
+/// inside. Removed (with the pair) on drop. Needs root and `ip` (iproute2).
+pub struct Netns {
+    pub name: String,
+    host_end: String,
+    /// The host's end's address, reachable from inside.
+    pub host_ip: String,
+}
+
+impl Netns {
+    pub fn new() -> Self {
+        let id = std::process::id() % 200 + 20;
+        let name = format!("wf-test-{}", std::process::id());
+        let host_end = format!("wfh{}", std::process::id() % 100_000);
+        let inner_end = format!("wfn{}", std::process::id() % 100_000);
+        let host_ip = format!("10.{id}.0.1");
+        let ip = |args: &[&str]| {
+            let status = Command::new("ip")
+                .args(args)
+                .status()
+                .expect("cannot run ip");
+            assert!(
+                status.success(),
+                "ip {} failed (needs root and iproute2)",
+                args.join(" ")
+            );
+        };
+        // A namespace of a killed earlier run of this pid: gone before it is made again.
+        let _ = Command::new("ip")
+            .args(["netns", "del", &name])
+            .stderr(std::process::Stdio::null())
+            .status();
+        ip(&["netns", "add", &name]);
+        let netns = Self {
+            name: name.clone(),
+            host_end: host_end.clone(),
+            host_ip: host_ip.clone(),
+        };
+        ip(&[
+            "link", "add", &host_end, "type", "veth", "peer", "name", &inner_end,
+        ]);
+        ip(&["link", "set", &inner_end, "netns", &name]);
+        ip(&["addr", "add", &format!("{host_ip}/24"), "dev", &host_end]);
+        ip(&["link", "set", &host_end, "up"]);
+        let inside = |args: &[&str]| {
+            let mut all = vec!["netns", "exec", &name, "ip"];
+            all.extend_from_slice(args);
+            ip(&all);
+        };
+        inside(&["addr", "add", &format!("10.{id}.0.2/24"), "dev", &inner_end]);
+        inside(&["link", "set", &inner_end, "up"]);
+        inside(&["link", "set", "lo", "up"]);
+        netns
+    }
+
+    /// Cuts the namespace off (the host's end of the pair down), or joins it again.
+    pub fn attach(&self, up: bool) {
+        let state = if up { "up" } else { "down" };
+        let status = Command::new("ip")
+            .args(["link", "set", &self.host_end, state])
+            .status()
+            .expect("cannot run ip");
+        assert!(status.success());
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.host_end])
+            .status();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
     }
 }
