@@ -237,6 +237,7 @@ impl Wasmform {
     }
 
     /// [`Wasmform::spawn`] inside network namespace `netns` (`ip netns exec`).
+    #[cfg(feature = "cluster")]
     pub fn spawn_in_netns(netns: &str, args: &[&str]) -> Self {
         let mut command = Command::new("ip");
         command
