@@ -269,14 +269,14 @@ fn ticks(host: &Wasmform) -> usize {
 
 #[test]
 fn a_partitioned_clock_stops_before_the_other_side_starts_it() {
-    let netns = Netns::new();
-    let etcd = Etcd::start_also_on(&netns.host_ip);
+    let netns = Netns::new(1);
+    let etcd = Etcd::start_also_on(&netns.host_ips[0]);
     let app = App::new("web: {guests}/test_web.wasm\nclock: {guests}/ticker.wasm 50\n");
     app.write("wasmform.toml", "[processes.clock]\nsingleton = true\n");
     // Node a runs in the namespace and reaches etcd over the veth pair; it starts first, so
     // the clock is its.
     let a_state = app.path("state-a");
-    let a_url = format!("etcd://{}:{}", netns.host_ip, etcd.port);
+    let a_url = format!("etcd://{}:{}", netns.host_ips[0], etcd.port);
     let procfile = app.procfile();
     let mut a = Wasmform::spawn_in_netns(
         &netns.name,
@@ -308,7 +308,7 @@ fn a_partitioned_clock_stops_before_the_other_side_starts_it() {
     });
     assert_eq!(up_instances(&ps)["clock.1"], ["a"], "{ps:#}");
     // Cut a off. Its clock must stop by itself before b can start one: sample both logs.
-    netns.attach(false);
+    netns.attach(0, false);
     let cut = Instant::now();
     let (mut last_a, mut seen_a, mut first_b) = (cut, ticks(&a), None);
     while first_b.is_none_or(|t: Instant| t.elapsed() < Duration::from_secs(1)) {
@@ -341,7 +341,7 @@ fn a_partitioned_clock_stops_before_the_other_side_starts_it() {
     );
     a.wait_for("stopping this node's singletons", Duration::from_secs(1));
     // Healed: a joins again, finds the clock held by b, and never runs it again.
-    netns.attach(true);
+    netns.attach(0, true);
     let rejoined = a.wait_until(Duration::from_secs(20), |out| {
         out.contains("joined again with a new lease")
     });
@@ -353,6 +353,118 @@ fn a_partitioned_clock_stops_before_the_other_side_starts_it() {
     });
     std::thread::sleep(Duration::from_secs(1));
     assert_eq!(ticks(&a), after, "a ran the clock again:\n{}", a.output());
+}
+
+/// `HGETALL key` on the Redis at 127.0.0.1:`port`, over RESP.
+fn hgetall(port: u16, key: &str) -> BTreeMap<String, String> {
+    use std::io::{BufRead as _, BufReader, Read as _, Write as _};
+    let mut conn = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    write!(conn, "*2\r\n$7\r\nHGETALL\r\n${}\r\n{key}\r\n", key.len()).unwrap();
+    let mut reader = BufReader::new(conn);
+    let mut line = String::new();
+    reader.read_line(&mut line).unwrap();
+    let n: usize = line.trim().strip_prefix('*').unwrap().parse().unwrap();
+    let mut items = Vec::new();
+    for _ in 0..n {
+        line.clear();
+        reader.read_line(&mut line).unwrap();
+        let len: usize = line.trim().strip_prefix('$').unwrap().parse().unwrap();
+        let mut bytes = vec![0; len + 2];
+        reader.read_exact(&mut bytes).unwrap();
+        items.push(String::from_utf8_lossy(&bytes[..len]).into_owned());
+    }
+    items
+        .chunks(2)
+        .map(|kv| (kv[0].clone(), kv[1].clone()))
+        .collect()
+}
+
+#[test]
+fn clock_tenures_recorded_in_redis_never_overlap_across_a_partition_and_a_kill() {
+    // Pair 0 reaches etcd, pair 1 Redis: node a can lose etcd and still write its tenure.
+    let netns = Netns::new(2);
+    let etcd = Etcd::start_also_on(&netns.host_ips[0]);
+    let redis = crate::tools::Redis::start_also_on(&netns.host_ips[1]);
+    let procfile = "web: {guests}/counter.wasm\nclock: {guests}/tenure.wasm\n";
+    let manifest = |host: &str| {
+        format!(
+            "[state]\nurl = \"redis://{host}:{}/?namespace=shop\"\n\n[processes.web]\nbuckets = [\"clock\"]\n\n[processes.clock]\nsingleton = true\nbuckets = [\"clock\"]\n",
+            redis.port
+        )
+    };
+    let app_a = App::new(procfile);
+    app_a.write("wasmform.toml", &manifest(&netns.host_ips[1]));
+    let app_b = App::new(procfile);
+    app_b.write("wasmform.toml", &manifest("127.0.0.1"));
+    let a_state = app_a.path("state-a");
+    let a_url = format!("etcd://{}:{}", netns.host_ips[0], etcd.port);
+    let procfile_a = app_a.procfile();
+    let mut a = Wasmform::spawn_in_netns(
+        &netns.name,
+        &[
+            "up",
+            "-f",
+            procfile_a.to_str().unwrap(),
+            "-p",
+            "0",
+            "-m",
+            "web=1,clock=1",
+            "--cluster",
+            &a_url,
+            "--node",
+            "a",
+            "--app",
+            "shop",
+            "--lease-ttl",
+            "2s",
+            "--state-dir",
+            a_state.to_str().unwrap(),
+        ],
+    );
+    a.wait_listening();
+    a.wait_for("tenure 1 on a", Duration::from_secs(30));
+    let b = join(&app_b, &etcd, "b", &[]);
+    // a loses etcd, not Redis: its clock writes until it stops itself; b's starts after.
+    netns.attach(0, false);
+    b.host.wait_for("tenure 2 on b", Duration::from_secs(20));
+    netns.attach(0, true);
+    let rejoined = a.wait_until(Duration::from_secs(20), |out| {
+        out.contains("joined again with a new lease")
+    });
+    assert!(rejoined.is_some(), "a did not join again:\n{}", a.output());
+    // b is killed: a takes the clock back once b's lease has expired.
+    b.host.signal(libc::SIGKILL);
+    a.wait_for("tenure 3 on a", Duration::from_secs(20));
+    std::thread::sleep(Duration::from_millis(200));
+    let bucket = hgetall(redis.port, "wasmform:shop:kv:clock");
+    let mut tenures: Vec<(String, i64, u128, u128)> = (1..=3)
+        .map(|n| {
+            let record = &bucket[&format!("tenure-{n}")];
+            let f: Vec<&str> = record.split(' ').collect();
+            (
+                f[0].to_string(),
+                f[1].parse().unwrap(),
+                f[2].parse().unwrap(),
+                f[3].parse().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(bucket["tenures"], "3", "{bucket:?}");
+    tenures.sort_by_key(|t| t.2);
+    let nodes: Vec<&str> = tenures.iter().map(|t| t.0.as_str()).collect();
+    assert_eq!(nodes, ["a", "b", "a"], "{tenures:?}");
+    for pair in tenures.windows(2) {
+        let (before, after) = (&pair[0], &pair[1]);
+        assert!(
+            before.3 < after.2,
+            "tenures overlap: {before:?} and {after:?}"
+        );
+        assert!(
+            before.1 < after.1,
+            "fencing tokens must grow: {before:?} then {after:?}"
+        );
+    }
+    eprintln!("tenures (node, fence, start ms, last ms): {tenures:?}");
 }
 
 #[test]

@@ -181,9 +181,23 @@ impl Redis {
 
     /// A server on `port` of 127.0.0.1 (e.g. to bring back one that was stopped).
     pub fn start_on(port: u16) -> Self {
+        Self::start_binding(port, "127.0.0.1")
+    }
+
+    /// A server on a free port of 127.0.0.1 and of `ip` (the host's end of a test's veth).
+    pub fn start_also_on(ip: &str) -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        Self::start_binding(port, &format!("127.0.0.1 {ip}"))
+    }
+
+    fn start_binding(port: u16, bind: &str) -> Self {
         let server = redis_server();
         let child = Command::new(server)
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--port", &port.to_string(), "--bind"])
+            .args(bind.split(' '))
             .args(["--save", "", "--appendonly", "no"])
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
@@ -426,23 +440,22 @@ impl Drop for Etcd {
     }
 }
 
-/// A network namespace of the test's own, joined to the host by a veth pair: `10.N.0.1` on
-/// the host's end, `10.N.0.2` inside. Detaching the host's end partitions whatever runs
-/// inside. Removed (with the pair) on drop. Needs root and `ip` (iproute2).
+/// A network namespace of the test's own, joined to the host by `pairs` veth pairs: pair `k`
+/// has `10.N.k.1` on the host's end and `10.N.k.2` inside. Detaching a pair's host end cuts
+/// what runs inside off from what it reached over that pair. Removed (with the pairs) on
+/// drop. Needs root and `ip` (iproute2).
 pub struct Netns {
     pub name: String,
-    host_end: String,
-    /// The host's end's address, reachable from inside.
-    pub host_ip: String,
+    host_ends: Vec<String>,
+    /// The host's end's address of each pair, reachable from inside.
+    pub host_ips: Vec<String>,
 }
 
 impl Netns {
-    pub fn new() -> Self {
-        let id = std::process::id() % 200 + 20;
-        let name = format!("wf-test-{}", std::process::id());
-        let host_end = format!("wfh{}", std::process::id() % 100_000);
-        let inner_end = format!("wfn{}", std::process::id() % 100_000);
-        let host_ip = format!("10.{id}.0.1");
+    pub fn new(pairs: usize) -> Self {
+        let pid = std::process::id();
+        let id = pid % 200 + 20;
+        let name = format!("wf-test-{pid}");
         let ip = |args: &[&str]| {
             let status = Command::new("ip")
                 .args(args)
@@ -460,33 +473,50 @@ impl Netns {
             .stderr(std::process::Stdio::null())
             .status();
         ip(&["netns", "add", &name]);
-        let netns = Self {
+        let mut netns = Self {
             name: name.clone(),
-            host_end: host_end.clone(),
-            host_ip: host_ip.clone(),
+            host_ends: Vec::new(),
+            host_ips: Vec::new(),
         };
-        ip(&[
-            "link", "add", &host_end, "type", "veth", "peer", "name", &inner_end,
-        ]);
-        ip(&["link", "set", &inner_end, "netns", &name]);
-        ip(&["addr", "add", &format!("{host_ip}/24"), "dev", &host_end]);
-        ip(&["link", "set", &host_end, "up"]);
         let inside = |args: &[&str]| {
             let mut all = vec!["netns", "exec", &name, "ip"];
             all.extend_from_slice(args);
             ip(&all);
         };
-        inside(&["addr", "add", &format!("10.{id}.0.2/24"), "dev", &inner_end]);
-        inside(&["link", "set", &inner_end, "up"]);
         inside(&["link", "set", "lo", "up"]);
+        for k in 0..pairs {
+            let host_end = format!("wfh{}x{k}", pid % 100_000);
+            let inner_end = format!("wfn{}x{k}", pid % 100_000);
+            let host_ip = format!("10.{id}.{k}.1");
+            let _ = Command::new("ip")
+                .args(["link", "del", &host_end])
+                .stderr(std::process::Stdio::null())
+                .status();
+            ip(&[
+                "link", "add", &host_end, "type", "veth", "peer", "name", &inner_end,
+            ]);
+            netns.host_ends.push(host_end.clone());
+            ip(&["link", "set", &inner_end, "netns", &name]);
+            ip(&["addr", "add", &format!("{host_ip}/24"), "dev", &host_end]);
+            ip(&["link", "set", &host_end, "up"]);
+            inside(&[
+                "addr",
+                "add",
+                &format!("10.{id}.{k}.2/24"),
+                "dev",
+                &inner_end,
+            ]);
+            inside(&["link", "set", &inner_end, "up"]);
+            netns.host_ips.push(host_ip);
+        }
         netns
     }
 
-    /// Cuts the namespace off (the host's end of the pair down), or joins it again.
-    pub fn attach(&self, up: bool) {
+    /// Cuts pair `k` (its host end down), or joins it again.
+    pub fn attach(&self, k: usize, up: bool) {
         let state = if up { "up" } else { "down" };
         let status = Command::new("ip")
-            .args(["link", "set", &self.host_end, state])
+            .args(["link", "set", &self.host_ends[k], state])
             .status()
             .expect("cannot run ip");
         assert!(status.success());
@@ -495,9 +525,9 @@ impl Netns {
 
 impl Drop for Netns {
     fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["link", "del", &self.host_end])
-            .status();
+        for end in &self.host_ends {
+            let _ = Command::new("ip").args(["link", "del", end]).status();
+        }
         let _ = Command::new("ip")
             .args(["netns", "del", &self.name])
             .status();
