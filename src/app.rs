@@ -79,6 +79,9 @@ pub struct ProcessSpec {
     pub consume: Option<String>,
     /// Deliveries of one message before it is dead-lettered.
     pub max_attempts: u32,
+    /// In a cluster: the labels (`up --label KEY=VALUE`) a node must have to run this type.
+    #[serde(default)]
+    pub placement: BTreeMap<String, String>,
     /// Where the manifest set the keys that only some kinds of process take, by key
     /// (`consume` → `wasmform.toml:5:11: processes.web.consume`), for the errors found once the
     /// component is compiled. Not part of the type's settings, nor stored with releases.
@@ -107,6 +110,7 @@ impl ProcessSpec {
             queues: Vec::new(),
             consume: None,
             max_attempts: DEFAULT_MAX_ATTEMPTS,
+            placement: BTreeMap::new(),
             set_at: BTreeMap::new(),
         }
     }

@@ -283,6 +283,20 @@ fn canonical(ip: std::net::IpAddr) -> std::net::IpAddr {
     }
 }
 
+/// A node label's key or value (`up --label region=eu`, a type's `placement`): 1 to 63 of
+/// `[A-Za-z0-9_.-]`, as Kubernetes labels.
+pub fn check_label(part: &str) -> Result<(), String> {
+    let ok = (1..=63).contains(&part.len())
+        && part
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!("`{part}` must be 1 to 63 of A-Z a-z 0-9 _ . -"))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

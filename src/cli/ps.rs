@@ -93,11 +93,24 @@ impl PsCommand {
             nodes.len()
         );
         for node in &nodes {
+            let labels: Vec<String> = node["labels"]
+                .as_object()
+                .into_iter()
+                .flatten()
+                .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or("")))
+                .collect();
             println!(
-                "{:<16} {:<22} {} instances",
+                "{:<16} {:<22} {:>5} instances  {}",
                 node["node"].as_str().unwrap_or("?"),
                 node["addr"].as_str().unwrap_or("?"),
-                node["instances"]
+                node["instances"],
+                labels.join(",")
+            );
+        }
+        for (process, why) in report["unplaced"].as_object().into_iter().flatten() {
+            println!(
+                "`{process}` cannot be placed: {}",
+                why.as_str().unwrap_or("?")
             );
         }
         println!();

@@ -260,6 +260,11 @@ pub struct UpCommand {
     #[arg(long = "app", value_name = "NAME", requires = "cluster")]
     app: Option<String>,
 
+    /// With `--cluster`: a label of this node (repeatable), which a type's `placement` in
+    /// wasmform.toml selects on: `--label region=eu --label disk=ssd`.
+    #[arg(long = "label", value_name = "KEY=VALUE", requires = "cluster")]
+    label: Vec<String>,
+
     /// With `--cluster`: TTL of this node's lease, at least 2 s: a lost node's instances run
     /// elsewhere within about this long.
     #[arg(long = "lease-ttl", default_value = "5s", value_parser = parse_lease_ttl, requires = "cluster")]
@@ -318,11 +323,18 @@ impl UpCommand {
         crate::cluster::check_name("--app", &app).map_err(|e| {
             anyhow::anyhow!("{e}; the default is the Procfile's directory name: give `--app NAME`")
         })?;
+        let labels = self
+            .label
+            .iter()
+            .map(|l| crate::cluster::parse_label(l))
+            .collect::<Result<_, _>>()
+            .map_err(anyhow::Error::msg)?;
         Ok(Some(crate::cluster::ClusterOptions {
             endpoints,
             node,
             app,
             lease_ttl: self.lease_ttl,
+            labels,
         }))
     }
 

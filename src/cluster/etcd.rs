@@ -83,6 +83,9 @@ struct NodeRecord {
     pid: u32,
     /// Its front door.
     addr: String,
+    /// `--label`s, which types' `placement` selects on.
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
     instances: Vec<InstanceRecord>,
 }
 
@@ -166,6 +169,34 @@ struct Claims {
     fenced: bool,
     /// Since when this node is being drained (`wasmform node drain`).
     draining: Option<Instant>,
+    /// Types that no node can take, with why (`0 of 3 nodes match region=eu`).
+    unplaced: BTreeMap<ProcessName, String>,
+}
+
+/// Why no node can take a type: how many match its `placement`, or that every one that
+/// does is cordoned.
+fn unplaced_reason(
+    nodes: &BTreeSet<String>,
+    cordons: &BTreeMap<String, Cordon>,
+    wants: &BTreeMap<String, String>,
+) -> String {
+    if wants.is_empty() {
+        return format!("all {} nodes are cordoned", nodes.len());
+    }
+    let selector = wants
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",");
+    format!(
+        "0 of {} uncordoned nodes match {selector} (start a node with `--label {}`)",
+        nodes.iter().filter(|n| !cordons.contains_key(*n)).count(),
+        wants
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join(" --label ")
+    )
 }
 
 /// A node's entry under `cordons/NODE`: it gets no new instance; `drain`: it also hands its
@@ -440,6 +471,7 @@ impl Inner {
             node: self.options.node.clone(),
             pid: std::process::id(),
             addr: self.addr.to_string(),
+            labels: self.options.labels.clone(),
             instances,
         }
     }
@@ -563,6 +595,7 @@ impl Inner {
         .await?;
         let mut nodes = BTreeSet::new();
         let mut cordons: BTreeMap<String, Cordon> = BTreeMap::new();
+        let mut labels: BTreeMap<String, BTreeMap<String, String>> = BTreeMap::new();
         let mut claims: BTreeMap<SlotId, (String, i64)> = BTreeMap::new();
         let mut formation = None;
         for kv in response.kvs() {
@@ -577,6 +610,11 @@ impl Inner {
                 cordons.insert(node.to_string(), cordon);
             } else if let Some(node) = rest.strip_prefix("nodes/") {
                 nodes.insert(node.to_string());
+                let record = serde_json::from_slice::<NodeRecord>(kv.value()).ok();
+                labels.insert(
+                    node.to_string(),
+                    record.map(|r| r.labels).unwrap_or_default(),
+                );
             } else if let Some(slot) = rest.strip_prefix("claims/") {
                 let Some((process, index)) = slot.rsplit_once('/') else {
                     continue;
@@ -634,13 +672,35 @@ impl Inner {
             .iter()
             .map(|(slot, (node, _))| (slot.clone(), node.clone()))
             .collect();
-        // Cordoned nodes keep what they hold but get nothing new.
-        let eligible: BTreeSet<String> = nodes
-            .iter()
-            .filter(|n| !cordons.contains_key(*n))
-            .cloned()
-            .collect();
-        let share = place::share(&counts, &eligible, &holders, me);
+        // Per type, the nodes that may get its new instances: not cordoned (they keep what
+        // they hold), with the labels of its `placement`.
+        let placement = self.supervisor.placement();
+        let mut eligible: BTreeMap<ProcessName, BTreeSet<String>> = BTreeMap::new();
+        let mut unplaced = BTreeMap::new();
+        let mut share = place::Share::default();
+        for (process, &count) in &counts {
+            let wants = placement.get(process).cloned().unwrap_or_default();
+            let fits: BTreeSet<String> = nodes
+                .iter()
+                .filter(|n| !cordons.contains_key(*n))
+                .filter(|n| {
+                    let has = labels.get(*n);
+                    wants
+                        .iter()
+                        .all(|(k, v)| has.and_then(|h| h.get(k)) == Some(v))
+                })
+                .cloned()
+                .collect();
+            if count > 0 && fits.is_empty() {
+                unplaced.insert(process.clone(), unplaced_reason(&nodes, &cordons, &wants));
+            }
+            let one = BTreeMap::from([(process.clone(), count)]);
+            let part = place::share(&one, &fits, &holders, me);
+            share.claim.extend(part.claim);
+            share.surplus.extend(part.surplus);
+            eligible.insert(process.clone(), fits);
+        }
+        self.report_unplaced(unplaced);
         for slot in share.claim {
             if !attempts.contains(&slot) {
                 attempts.push(slot);
@@ -676,7 +736,8 @@ impl Inner {
             if due && !draining && claims_state.giving_back.is_empty() {
                 let mut batch: BTreeMap<&ProcessName, u32> = BTreeMap::new();
                 for slot in share.surplus.iter().filter(|s| !singletons.contains(&s.0)) {
-                    let share_of_type = counts[&slot.0].div_ceil(eligible.len() as u32);
+                    let fits = eligible[&slot.0].len().max(1) as u32;
+                    let share_of_type = counts[&slot.0].div_ceil(fits);
                     let given = batch.entry(&slot.0).or_default();
                     if *given < share_of_type.div_ceil(4).max(1) {
                         *given += 1;
@@ -701,6 +762,20 @@ impl Inner {
         self.lock().mine = mine;
         self.hold(started);
         self.publish(lease).await
+    }
+
+    /// Logs each type that no node can take, once per reason, and keeps them for `ps`.
+    fn report_unplaced(&self, unplaced: BTreeMap<ProcessName, String>) {
+        let mut claims = self.lock();
+        for (process, why) in &unplaced {
+            if claims.unplaced.get(process) != Some(why) {
+                self.logs.host(format!(
+                    "cluster `{}`: `{process}` cannot be placed: {why}",
+                    self.options.app
+                ));
+            }
+        }
+        claims.unplaced = unplaced;
     }
 
     /// Tells the supervisor the slots it runs: the claimed ones, but those being given back,
@@ -960,7 +1035,7 @@ impl Inner {
             }
             nodes.push(serde_json::json!({
                 "node": record.node, "addr": record.addr, "pid": record.pid,
-                "instances": record.instances.len(),
+                "labels": record.labels, "instances": record.instances.len(),
             }));
         }
         Ok(serde_json::json!({
@@ -968,6 +1043,9 @@ impl Inner {
             "formation": self.supervisor.desired().to_json(),
             "nodes": nodes,
             "instances": instances,
+            "unplaced": self.lock().unplaced.iter()
+                .map(|(process, why)| (process.to_string(), why.clone()))
+                .collect::<BTreeMap<_, _>>(),
         }))
     }
 }

@@ -32,6 +32,19 @@ pub struct ClusterOptions {
     pub app: String,
     /// TTL of the node's lease: how long a lost node's instances take to come back elsewhere.
     pub lease_ttl: Duration,
+    /// The node's labels (`--label region=eu`), which a type's `placement` selects on.
+    pub labels: std::collections::BTreeMap<String, String>,
+}
+
+/// Parses `--label KEY=VALUE`.
+pub fn parse_label(text: &str) -> Result<(String, String), String> {
+    let (key, value) = text
+        .split_once('=')
+        .ok_or_else(|| format!("--label `{text}`: give KEY=VALUE, e.g. `region=eu`"))?;
+    for part in [key, value] {
+        crate::units::check_label(part).map_err(|e| format!("--label `{text}`: {e}"))?;
+    }
+    Ok((key.to_string(), value.to_string()))
 }
 
 /// The shortest lease etcd grants.

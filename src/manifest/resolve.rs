@@ -510,6 +510,18 @@ fn apply_settings(
         }
         spec.max_attempts = *max.get_ref();
     }
+    for (label, value) in &settings.placement {
+        for (part, span) in [
+            (label.get_ref(), label.span()),
+            (value.get_ref(), value.span()),
+        ] {
+            crate::units::check_label(part).map_err(|e| {
+                anyhow::anyhow!("{}: {key}.placement.{}: {e}", at(span), label.get_ref())
+            })?;
+        }
+        spec.placement
+            .insert(label.get_ref().clone(), value.get_ref().clone());
+    }
     Ok(())
 }
 

@@ -181,6 +181,9 @@ pub struct Process {
     pub consume: Option<Spanned<String>>,
     /// Deliveries of one message before it is dead-lettered (default 5).
     pub max_attempts: Option<Spanned<u32>>,
+    /// In a cluster: the labels a node must have (`up --label`) to run this type.
+    #[serde(default)]
+    pub placement: BTreeMap<Spanned<String>, Spanned<String>>,
 }
 
 /// `[processes.NAME.health]`.

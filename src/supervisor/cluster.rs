@@ -148,6 +148,16 @@ impl Supervisor {
             .collect()
     }
 
+    /// Each type's `placement`: the labels a node must have to run it.
+    pub fn placement(&self) -> BTreeMap<ProcessName, BTreeMap<String, String>> {
+        let state = self.lock();
+        state
+            .types
+            .values()
+            .map(|t| (t.spec.name.clone(), t.spec.placement.clone()))
+            .collect()
+    }
+
     /// The types that run at most one instance.
     pub fn singletons(&self) -> BTreeSet<ProcessName> {
         let state = self.lock();

@@ -581,6 +581,46 @@ fn a_cordoned_node_gets_nothing_new_and_a_drained_one_hands_its_instances_over()
 }
 
 #[test]
+fn a_types_placement_picks_the_nodes_with_its_labels_and_says_when_none_has_them() {
+    let etcd = Etcd::start();
+    let app = App::new("web: {guests}/test_web.wasm\napi: {guests}/hello.wasm\n");
+    app.write(
+        "wasmform.toml",
+        "[processes.web]\nplacement = { region = \"eu\" }\n\n[processes.api]\nplacement = { disk = \"ssd\" }\n",
+    );
+    let n1 = join(
+        &app,
+        &etcd,
+        "n1",
+        &["-m", "web=4,api=1", "--label", "region=eu"],
+    );
+    let _n2 = join(&app, &etcd, "n2", &["--label", "region=us"]);
+    let _n3 = join(&app, &etcd, "n3", &[]);
+    let ps = until(&app, &n1, Duration::from_secs(30), never_twice, |ps| {
+        up_instances(ps).len() == 4
+            && ps["unplaced"]["api"]
+                == "0 of 3 uncordoned nodes match disk=ssd (start a node with `--label disk=ssd`)"
+    });
+    assert_eq!(
+        per_node(&ps),
+        BTreeMap::from([("n1".to_string(), 4)]),
+        "{ps:#}"
+    );
+    n1.host.wait_for(
+        "`api` cannot be placed: 0 of 3 uncordoned nodes match disk=ssd",
+        Duration::from_secs(5),
+    );
+    let table = n1.cli(&app, &["ps", "--cluster"]);
+    assert!(table.stdout.contains("region=eu"), "{}", table.stdout);
+    // A node with the label takes the type.
+    let _n4 = join(&app, &etcd, "n4", &["--label", "disk=ssd"]);
+    until(&app, &n1, Duration::from_secs(30), never_twice, |ps| {
+        up_instances(ps).get("api.1").is_some_and(|n| n == &["n4"])
+            && ps["unplaced"].as_object().is_some_and(|u| u.is_empty())
+    });
+}
+
+#[test]
 fn cluster_mistakes_are_refused_with_what_to_do() {
     let etcd = Etcd::start();
     let app = App::new("web: {guests}/test_web.wasm\n");
@@ -629,6 +669,24 @@ fn cluster_mistakes_are_refused_with_what_to_do() {
     );
     let err = app.up_fails(&[&cluster[..], &["--node", "n/9"]].concat());
     assert!(err.contains("--node `n/9`: use 1 to 63 letters"), "{err}");
+    let err = app.up_fails(&[&cluster[..], &["--node", "n9", "--label", "region"]].concat());
+    assert!(
+        err.contains("--label `region`: give KEY=VALUE, e.g. `region=eu`"),
+        "{err}"
+    );
+    let labelled = App::new("web: {guests}/test_web.wasm\n");
+    labelled.write(
+        "wasmform.toml",
+        "[processes.web]\nplacement = { region = \"e u\" }\n",
+    );
+    let err = labelled.up_fails(&[]);
+    assert!(
+        err.contains("wasmform.toml:2:")
+            && err.contains(
+                "processes.web.placement.region: `e u` must be 1 to 63 of A-Z a-z 0-9 _ . -"
+            ),
+        "{err}"
+    );
     let err = app.up_fails(&[&cluster[..], &["--node", "n9", "--lease-ttl", "1s"]].concat());
     assert!(
         err.contains("invalid lease TTL `1s`: etcd grants whole seconds, at least 2s"),
