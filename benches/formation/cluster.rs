@@ -6,7 +6,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use crate::harness::{Host, ms};
+use crate::harness::{Host, ms, scale_at};
 use crate::tools::Etcd;
 
 /// Fresh clusters whose placement and recovery are measured (the median is printed).
@@ -90,16 +90,7 @@ pub fn rows(procfile: &Path) {
             })
             .collect();
         let started = Instant::now();
-        let output = Command::new(env!("CARGO_BIN_EXE_wasmform"))
-            .args(["scale", &format!("web={INSTANCES}"), "--state-dir"])
-            .arg(&states[0])
-            .output()
-            .unwrap();
-        assert!(
-            output.status.success(),
-            "{}",
-            String::from_utf8_lossy(&output.stderr)
-        );
+        scale_at("--state-dir", &states[0], &format!("web={INSTANCES}"));
         until(&states[0], |per| {
             per.len() == 3 && per.values().sum::<usize>() == INSTANCES
         });

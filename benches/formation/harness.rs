@@ -133,10 +133,16 @@ pub fn scale_api(dir: &Path, change: &str) -> Duration {
 }
 
 pub fn scale(dir: &Path, change: &str) -> Duration {
+    scale_at("--app", dir, change)
+}
+
+/// Runs `wasmform scale CHANGE FLAG PATH` (`--app DIR` or `--state-dir DIR`); how long it
+/// took.
+pub fn scale_at(flag: &str, path: &Path, change: &str) -> Duration {
     let started = Instant::now();
     let output = Command::new(env!("CARGO_BIN_EXE_wasmform"))
-        .args(["scale", change, "--app"])
-        .arg(dir)
+        .args(["scale", change, flag])
+        .arg(path)
         .output()
         .unwrap();
     assert!(

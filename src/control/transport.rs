@@ -512,14 +512,7 @@ pub async fn serve_metrics(
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) {
-    let listener = &listener;
-    serve_connections(
-        || async move { listener.accept().await.map(|(stream, _)| stream) },
-        &shutdown,
-        |_: &tokio::net::TcpStream| Gate::Open,
-        Routes::Metrics(supervisor, metrics),
-    )
-    .await;
+    serve_open(listener, Routes::Metrics(supervisor, metrics), shutdown).await;
 }
 
 /// Serves only `GET /health` on a TCP listener (`--health ADDR`) until `shutdown`: what a
@@ -530,12 +523,21 @@ pub async fn serve_health(
     routed: Option<ProcessName>,
     shutdown: CancellationToken,
 ) {
+    serve_open(listener, Routes::Health(supervisor, routed), shutdown).await;
+}
+
+/// Serves `routes`, which need no token, on a TCP listener until `shutdown`.
+async fn serve_open(
+    listener: tokio::net::TcpListener,
+    routes: Routes,
+    shutdown: CancellationToken,
+) {
     let listener = &listener;
     serve_connections(
         || async move { listener.accept().await.map(|(stream, _)| stream) },
         &shutdown,
         |_: &tokio::net::TcpStream| Gate::Open,
-        Routes::Health(supervisor, routed),
+        routes,
     )
     .await;
 }

@@ -262,6 +262,36 @@ fn killing_the_etcd_leader_during_a_scale_runs_no_slot_twice() {
     );
 }
 
+/// Node `name` of `app`'s cluster inside `netns`, reaching etcd over the namespace's first
+/// veth pair; started with formation `formation` (lease TTL 2 s).
+fn in_netns(netns: &Netns, etcd: &Etcd, app: &App, name: &str, formation: &str) -> Wasmform {
+    let state = app.path(&format!("state-{name}"));
+    let url = format!("etcd://{}:{}", netns.host_ips[0], etcd.port);
+    let procfile = app.procfile();
+    Wasmform::spawn_in_netns(
+        &netns.name,
+        &[
+            "up",
+            "-f",
+            procfile.to_str().unwrap(),
+            "-p",
+            "0",
+            "-m",
+            formation,
+            "--cluster",
+            &url,
+            "--node",
+            name,
+            "--app",
+            "shop",
+            "--lease-ttl",
+            "2s",
+            "--state-dir",
+            state.to_str().unwrap(),
+        ],
+    )
+}
+
 /// How many clock ticks a node's log holds.
 fn ticks(host: &Wasmform) -> usize {
     host.output().matches("clock.1 | tick").count()
@@ -275,31 +305,7 @@ fn a_partitioned_clock_stops_before_the_other_side_starts_it() {
     app.write("wasmform.toml", "[processes.clock]\nsingleton = true\n");
     // Node a runs in the namespace and reaches etcd over the veth pair; it starts first, so
     // the clock is its.
-    let a_state = app.path("state-a");
-    let a_url = format!("etcd://{}:{}", netns.host_ips[0], etcd.port);
-    let procfile = app.procfile();
-    let mut a = Wasmform::spawn_in_netns(
-        &netns.name,
-        &[
-            "up",
-            "-f",
-            procfile.to_str().unwrap(),
-            "-p",
-            "0",
-            "-m",
-            "web=1,clock=1",
-            "--cluster",
-            &a_url,
-            "--node",
-            "a",
-            "--app",
-            "shop",
-            "--lease-ttl",
-            "2s",
-            "--state-dir",
-            a_state.to_str().unwrap(),
-        ],
-    );
+    let mut a = in_netns(&netns, &etcd, &app, "a", "web=1,clock=1");
     a.wait_listening();
     a.wait_for("clock.1 | tick 1", Duration::from_secs(30));
     let b = join(&app, &etcd, "b", &[]);
@@ -396,31 +402,7 @@ fn clock_tenures_recorded_in_redis_never_overlap_across_a_partition_and_a_kill()
     app_a.write("wasmform.toml", &manifest(&netns.host_ips[1]));
     let app_b = App::new(procfile);
     app_b.write("wasmform.toml", &manifest("127.0.0.1"));
-    let a_state = app_a.path("state-a");
-    let a_url = format!("etcd://{}:{}", netns.host_ips[0], etcd.port);
-    let procfile_a = app_a.procfile();
-    let mut a = Wasmform::spawn_in_netns(
-        &netns.name,
-        &[
-            "up",
-            "-f",
-            procfile_a.to_str().unwrap(),
-            "-p",
-            "0",
-            "-m",
-            "web=1,clock=1",
-            "--cluster",
-            &a_url,
-            "--node",
-            "a",
-            "--app",
-            "shop",
-            "--lease-ttl",
-            "2s",
-            "--state-dir",
-            a_state.to_str().unwrap(),
-        ],
-    );
+    let mut a = in_netns(&netns, &etcd, &app_a, "a", "web=1,clock=1");
     a.wait_listening();
     a.wait_for("tenure 1 on a", Duration::from_secs(30));
     let b = join(&app_b, &etcd, "b", &[]);
