@@ -300,6 +300,8 @@ impl Node {
         // Renewed from now on: starting the formation may take longer than the TTL.
         let renewer = inner.clone();
         tokio::spawn(async move { renewer.renew().await });
+        let fence = inner.clone();
+        tokio::spawn(async move { fence.fence().await });
         let joined = async {
             let (formation, rev, first) = inner.formation_at_join(&supervisor.desired()).await?;
             inner.lock().formation_rev = rev;
@@ -342,8 +344,6 @@ impl Node {
     pub fn spawn(&self) {
         let inner = self.inner.clone();
         tokio::spawn(async move { inner.run().await });
-        let inner = self.inner.clone();
-        tokio::spawn(async move { inner.fence().await });
     }
 }
 
@@ -375,7 +375,7 @@ impl ClusterLink for Link {
             if !response.succeeded() {
                 inner.wake.notify_one();
                 return Err(
-                    "another node changed the cluster's formation at the same time: see `wasmform ps --cluster`, then scale again"
+                    "the cluster's formation changed since this node applied it (another node's scale, or one this node has not applied yet): see `wasmform ps --cluster`, then scale again"
                         .to_string(),
                 );
             }
@@ -566,8 +566,8 @@ impl Inner {
                 }
                 Err(e) if claims.reachable => {
                     claims.reachable = false;
-                    let held = claims.mine.len();
                     drop(claims);
+                    let held = self.supervisor.local_slots().len();
                     self.logs.host(format!(
                         "cluster `{}`: {e:#}: keeping this node's {held} instances, claiming nothing new until etcd answers",
                         self.options.app
@@ -578,11 +578,21 @@ impl Inner {
         }
     }
 
-    /// One round: read, apply the formation, claim, give back, release, hold, publish.
+    /// One round: read, apply the formation, claim, give back, release, hold, publish; read
+    /// again once if the node had to join again.
     async fn round(&self, started: bool) -> Result<()> {
         if self.lease().lost {
             self.rejoin().await?;
         }
+        if self.round_once(started).await? {
+            self.round_once(started).await?;
+        }
+        Ok(())
+    }
+
+    /// [`round`](Self::round) once; `true` if the node found its lease gone and joined again
+    /// (the state it read is stale then).
+    async fn round_once(&self, started: bool) -> Result<bool> {
         let lease = self.lease().id;
         let me = self.options.node.as_str();
         let prefix = &self.keys.prefix;
@@ -596,7 +606,8 @@ impl Inner {
         let mut nodes = BTreeSet::new();
         let mut cordons: BTreeMap<String, Cordon> = BTreeMap::new();
         let mut labels: BTreeMap<String, BTreeMap<String, String>> = BTreeMap::new();
-        let mut claims: BTreeMap<SlotId, (String, i64)> = BTreeMap::new();
+        // Slot → (holder, fencing token, the holder's lease).
+        let mut claims: BTreeMap<SlotId, (String, i64, i64)> = BTreeMap::new();
         let mut formation = None;
         for kv in response.kvs() {
             let Ok(key) = kv.key_str() else { continue };
@@ -623,7 +634,7 @@ impl Inner {
                     continue;
                 };
                 let holder = kv.value_str().unwrap_or_default().to_string();
-                claims.insert((process, index), (holder, kv.create_revision()));
+                claims.insert((process, index), (holder, kv.create_revision(), kv.lease()));
             }
         }
         // This node's key is gone: its lease expired (etcd was away longer than the TTL), its
@@ -631,17 +642,28 @@ impl Inner {
         // node still runs and nobody took.
         if !nodes.contains(me) {
             self.lease().lost = true;
-            return self.rejoin().await;
+            self.rejoin().await?;
+            return Ok(true);
         }
-        if let Some(kv) = formation {
-            let newer = kv.mod_revision() > self.lock().formation_rev;
-            if newer && let Ok(stored) = serde_json::from_slice::<StoredFormation>(kv.value()) {
-                let next = stored.over(&self.supervisor.desired());
-                self.lock().formation_rev = kv.mod_revision();
-                if started {
-                    self.supervisor.adopt(&next).await;
-                }
-            }
+        if let Some(kv) = formation
+            && started
+            && kv.mod_revision() > self.lock().formation_rev
+            && let Ok(stored) = serde_json::from_slice::<StoredFormation>(kv.value())
+        {
+            // Under the supervisor's formation lock, so that a scale through this node (which
+            // proposes against `formation_rev` under the same lock) and this apply cannot
+            // interleave; skipped while a change runs here, and tried again next round.
+            let rev = kv.mod_revision();
+            self.supervisor
+                .adopt(|current| {
+                    let mut claims = self.lock();
+                    if rev <= claims.formation_rev {
+                        return None;
+                    }
+                    claims.formation_rev = rev;
+                    Some(stored.over(current))
+                })
+                .await;
         }
         let desired = self.supervisor.desired();
         let counts: BTreeMap<ProcessName, u32> = desired
@@ -655,10 +677,12 @@ impl Inner {
             .into_iter()
             .map(|s| (s.process, s.index))
             .collect();
+        // This node's claims: under its lease (a claim under its name but another lease is a
+        // process that took the name after this one's lease expired).
         let mut mine: BTreeMap<SlotId, i64> = claims
             .iter()
-            .filter(|(_, (node, _))| node == me)
-            .map(|(slot, (_, fence))| (slot.clone(), *fence))
+            .filter(|(_, (node, _, held))| node == me && *held == lease)
+            .map(|(slot, (_, fence, _))| (slot.clone(), *fence))
             .collect();
         let draining = cordons.get(me).is_some_and(|c| c.drain);
         // Instances this node runs without a claim (its lease expired while etcd was away):
@@ -670,7 +694,7 @@ impl Inner {
             .collect();
         let holders: BTreeMap<SlotId, String> = claims
             .iter()
-            .map(|(slot, (node, _))| (slot.clone(), node.clone()))
+            .map(|(slot, (node, ..))| (slot.clone(), node.clone()))
             .collect();
         // Per type, the nodes that may get its new instances: not cordoned (they keep what
         // they hold), with the labels of its `placement`.
@@ -726,12 +750,15 @@ impl Inner {
                 .is_none_or(|t| t.elapsed() >= self.options.lease_ttl);
             // Draining: the health check fails at once; once a load balancer had the time to
             // notice, every instance is handed over.
-            let since = *claims_state.draining.get_or_insert_with(Instant::now);
-            if !draining {
-                claims_state.draining = None;
-            } else if since.elapsed() >= DRAIN_GRACE {
-                let all: Vec<SlotId> = mine.keys().cloned().collect();
-                claims_state.giving_back.extend(all);
+            if draining {
+                let since = *claims_state.draining.get_or_insert_with(Instant::now);
+                if since.elapsed() >= DRAIN_GRACE {
+                    let all: Vec<SlotId> = mine.keys().cloned().collect();
+                    claims_state.giving_back.extend(all);
+                }
+            } else if claims_state.draining.take().is_some() {
+                // A drain that ended (uncordon) gives nothing more back.
+                claims_state.giving_back.clear();
             }
             if due && !draining && claims_state.giving_back.is_empty() {
                 let mut batch: BTreeMap<&ProcessName, u32> = BTreeMap::new();
@@ -755,13 +782,32 @@ impl Inner {
                 .cloned()
                 .collect()
         };
+        // Out of the supervisor's hands first, so no reconcile can start a slot whose claim
+        // is going; then the claims go.
         for slot in &release {
-            self.release(slot, lease).await?;
             mine.remove(slot);
         }
-        self.lock().mine = mine;
+        {
+            let mut claims = self.lock();
+            claims.mine = mine;
+            // Only a round lifts the fence: it has just claimed again what this node runs.
+            if claims.fenced && !self.late() {
+                claims.fenced = false;
+            }
+        }
         self.hold(started);
-        self.publish(lease).await
+        for slot in &release {
+            self.release(slot, lease).await?;
+        }
+        self.publish(lease).await?;
+        Ok(false)
+    }
+
+    /// Whether the lease has not been renewed for TTL − [`margin`]: etcd may give this
+    /// node's claims away soon.
+    fn late(&self) -> bool {
+        let ttl = self.options.lease_ttl;
+        self.lease().renewed.elapsed() >= ttl.saturating_sub(margin(ttl))
     }
 
     /// Logs each type that no node can take, once per reason, and keeps them for `ps`.
@@ -860,16 +906,19 @@ impl Inner {
         let sent = Instant::now();
         let lease = timed("etcd", self.client.clone().lease_grant(ttl, None)).await?;
         self.register(lease.id()).await?;
+        // The old claims are gone: nothing is held until a round has claimed again, and the
+        // singletons stay stopped until then.
         {
-            let mut l = self.lease();
-            l.id = lease.id();
-            l.renewed = sent;
-            l.lost = false;
+            let mut claims = self.lock();
+            claims.mine.clear();
+            claims.published = None;
+            claims.fenced = true;
         }
-        let mut claims = self.lock();
-        claims.mine.clear();
-        claims.published = None;
-        drop(claims);
+        let mut l = self.lease();
+        l.id = lease.id();
+        l.renewed = sent;
+        l.lost = false;
+        drop(l);
         self.logs.host(format!(
             "cluster `{}`: node `{}` joined again with a new lease (the old one expired while etcd was away)",
             self.options.app, self.options.node
@@ -904,7 +953,11 @@ impl Inner {
                         }
                     }
                     Ok(Ok(Some(_))) => {
-                        self.lease().lost = true;
+                        let mut lease = self.lease();
+                        if lease.id == id {
+                            lease.lost = true;
+                        }
+                        drop(lease);
                         self.wake.notify_one();
                         break;
                     }
@@ -914,7 +967,11 @@ impl Inner {
                     return;
                 }
             }
-            // A new stream, and for a new lease once the agent registered again.
+            // A new stream (not at once: etcd may be away), and for a new lease once the
+            // agent registered again.
+            if self.sleep(every / 2).await {
+                return;
+            }
             while self.lease().lost {
                 if self.sleep(Duration::from_millis(100)).await {
                     return;
@@ -923,28 +980,28 @@ impl Inner {
         }
     }
 
-    /// Stops the singletons when the lease was not renewed in time; starts them again once
-    /// it is.
+    /// Stops the singletons as soon as the lease has not been renewed in time. Only a round
+    /// starts them again (it claims first what this node still runs).
     async fn fence(self: Arc<Self>) {
         let ttl = self.options.lease_ttl;
         loop {
             if self.sleep(Duration::from_millis(100)).await {
                 return;
             }
-            let late = self.lease().renewed.elapsed() >= ttl.saturating_sub(margin(ttl));
-            let mut claims = self.lock();
-            if claims.fenced == late {
+            if !self.late() {
                 continue;
             }
-            claims.fenced = late;
-            drop(claims);
-            if late {
-                self.logs.host(format!(
-                    "cluster `{}`: the lease was not renewed for {}: stopping this node's singletons before etcd can give them to another node",
-                    self.options.app,
-                    humanize(ttl.saturating_sub(margin(ttl)))
-                ));
+            let mut claims = self.lock();
+            if claims.fenced {
+                continue;
             }
+            claims.fenced = true;
+            drop(claims);
+            self.logs.host(format!(
+                "cluster `{}`: the lease was not renewed for {}: stopping this node's singletons before etcd can give them to another node",
+                self.options.app,
+                humanize(ttl.saturating_sub(margin(ttl)))
+            ));
             self.hold(true);
         }
     }

@@ -118,11 +118,13 @@ impl RunningHost {
             let _ = std::fs::remove_file(path);
         }
         let left = deadline.saturating_duration_since(Instant::now());
-        if !self.supervisor.shutdown(left).await {
+        let stopped = self.supervisor.shutdown(left).await;
+        if !stopped {
             tracing::warn!("some instances did not stop within the grace period");
         }
         // Only once every local instance has ended: a singleton must not run on two nodes.
-        if let Some(cluster) = self.supervisor.cluster() {
+        // Else the lease expires by itself once this process has exited.
+        if stopped && let Some(cluster) = self.supervisor.cluster() {
             cluster.leave().await;
         }
         self.logs.host("stopped");

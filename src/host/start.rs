@@ -93,8 +93,8 @@ impl Host {
             None => None,
         };
         if let Err(failure) = supervisor.start().await {
-            supervisor.shutdown(Duration::from_secs(5)).await;
-            if let Some(cluster) = supervisor.cluster() {
+            let stopped = supervisor.shutdown(Duration::from_secs(5)).await;
+            if stopped && let Some(cluster) = supervisor.cluster() {
                 cluster.leave().await;
             }
             bail!("{failure}");

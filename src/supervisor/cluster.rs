@@ -169,18 +169,24 @@ impl Supervisor {
             .collect()
     }
 
-    /// Applies the cluster's formation, changed by some node's `scale`. Types this node's
-    /// release does not have are left out (a node of another release), types the change does
-    /// not name keep their scale.
-    pub async fn adopt(self: &Arc<Self>, cluster: &Formation) {
-        let _op = self.ops.lock().await;
+    /// Applies the cluster's formation, changed by some node's `scale`: `next_of` gets this
+    /// node's desired formation and gives the cluster's over it (types this node's release
+    /// lacks left out), or `None` if there is nothing newer. It runs under the formation lock,
+    /// which a `scale` here holds while it proposes; while a change runs here (a roll may take
+    /// minutes) nothing is applied and `false` says to try again later.
+    pub async fn adopt(
+        self: &Arc<Self>,
+        next_of: impl FnOnce(&Formation) -> Option<Formation>,
+    ) -> bool {
+        let Ok(_op) = self.ops.try_lock() else {
+            return false;
+        };
         let current = self.desired();
-        let mut next = current.clone();
-        for (name, scale) in cluster.iter() {
-            next.set(name, scale);
-        }
+        let Some(next) = next_of(&current) else {
+            return true;
+        };
         if next == current {
-            return;
+            return true;
         }
         let named: Vec<ProcessName> = next
             .iter()
@@ -191,6 +197,7 @@ impl Supervisor {
             self.logs
                 .host(format!("cannot apply the cluster's formation: {e}"));
         }
+        true
     }
 }
 
