@@ -68,6 +68,9 @@ pub struct Fields {
     /// Events a follower missed (`events.skipped`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub skipped: Option<u64>,
+    /// `cluster.*`: this host's node name in its cluster.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
 }
 
 impl Fields {

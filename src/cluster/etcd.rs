@@ -39,6 +39,7 @@ use tokio_util::sync::CancellationToken;
 use super::ClusterOptions;
 use super::place::{self, SlotId};
 use crate::app::{ByteSize, ProcessName};
+use crate::events::{Events, Fields};
 use crate::formation::{Formation, Scale};
 use crate::logs::Logs;
 use crate::supervisor::{ClusterLink, Supervisor};
@@ -216,6 +217,8 @@ struct Inner {
     options: ClusterOptions,
     supervisor: Arc<Supervisor>,
     logs: Logs,
+    /// `cluster.*` events (`wasmform events`).
+    events: Events,
     addr: SocketAddr,
     lease: Mutex<Lease>,
     claims: Mutex<Claims>,
@@ -258,7 +261,7 @@ impl Node {
     pub async fn join(
         options: &ClusterOptions,
         supervisor: &Arc<Supervisor>,
-        logs: &Logs,
+        (logs, events): (&Logs, &Events),
         addr: SocketAddr,
     ) -> Result<Node> {
         let connect = ConnectOptions::new()
@@ -283,6 +286,7 @@ impl Node {
             options: options.clone(),
             supervisor: supervisor.clone(),
             logs: logs.clone(),
+            events: events.clone(),
             addr,
             lease: Mutex::new(Lease {
                 id: lease.id(),
@@ -317,6 +321,10 @@ impl Node {
                     " (the cluster's)"
                 }
             ));
+            inner.emit(
+                "cluster.joined",
+                format!("cluster `{}` over etcd {}", options.app, options.endpoints.join(", ")),
+            );
             supervisor.join_cluster(
                 Arc::new(Link {
                     inner: inner.clone(),
@@ -448,6 +456,18 @@ impl ClusterLink for Link {
 }
 
 impl Inner {
+    /// Tells `event` with this node's name and `reason`.
+    fn emit(&self, event: &str, reason: String) {
+        self.events.emit(
+            event,
+            Fields {
+                node: Some(self.options.node.clone()),
+                reason: Some(reason),
+                ..Fields::default()
+            },
+        );
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, Claims> {
         self.claims.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -563,6 +583,7 @@ impl Inner {
                         "cluster `{}`: etcd answers again",
                         self.options.app
                     ));
+                    self.emit("cluster.reachable", "etcd answers again".to_string());
                 }
                 Err(e) if claims.reachable => {
                     claims.reachable = false;
@@ -572,6 +593,7 @@ impl Inner {
                         "cluster `{}`: {e:#}: keeping this node's {held} instances, claiming nothing new until etcd answers",
                         self.options.app
                     ));
+                    self.emit("cluster.unreachable", format!("{e:#}"));
                 }
                 _ => {}
             }
@@ -819,6 +841,15 @@ impl Inner {
                     "cluster `{}`: `{process}` cannot be placed: {why}",
                     self.options.app
                 ));
+                self.events.emit(
+                    "cluster.unplaced",
+                    Fields {
+                        node: Some(self.options.node.clone()),
+                        process: Some(process.to_string()),
+                        reason: Some(why.clone()),
+                        ..Fields::default()
+                    },
+                );
             }
         }
         claims.unplaced = unplaced;
@@ -923,6 +954,10 @@ impl Inner {
             "cluster `{}`: node `{}` joined again with a new lease (the old one expired while etcd was away)",
             self.options.app, self.options.node
         ));
+        self.emit(
+            "cluster.rejoined",
+            "the lease expired while etcd was away".to_string(),
+        );
         Ok(())
     }
 
@@ -997,11 +1032,15 @@ impl Inner {
             }
             claims.fenced = true;
             drop(claims);
-            self.logs.host(format!(
-                "cluster `{}`: the lease was not renewed for {}: stopping this node's singletons before etcd can give them to another node",
-                self.options.app,
+            let why = format!(
+                "the lease was not renewed for {}",
                 humanize(ttl.saturating_sub(margin(ttl)))
+            );
+            self.logs.host(format!(
+                "cluster `{}`: {why}: stopping this node's singletons before etcd can give them to another node",
+                self.options.app
             ));
+            self.emit("cluster.fenced", why);
             self.hold(true);
         }
     }

@@ -88,7 +88,9 @@ impl Host {
         #[cfg(feature = "cluster")]
         let node = match &self.options.cluster {
             Some(options) => {
-                Some(crate::cluster::etcd::Node::join(options, &supervisor, &logs, addr).await?)
+                let node =
+                    crate::cluster::etcd::Node::join(options, &supervisor, (&logs, &events), addr);
+                Some(node.await?)
             }
             None => None,
         };

@@ -498,6 +498,23 @@ fn without_etcd_a_node_keeps_serving_and_stops_its_singleton_by_itself() {
         up_instances(ps).contains_key("clock.1")
     });
     assert_eq!(crate::support::get(health, "/health").status, 200);
+    // Each step is told on the event stream too.
+    let events = node.cli(&app, &["events", "--no-follow", "--json"]);
+    let kinds: Vec<String> = events
+        .stdout
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|e| e["node"] == "n1")
+        .map(|e| e["event"].as_str().unwrap().to_string())
+        .collect();
+    for kind in [
+        "cluster.joined",
+        "cluster.fenced",
+        "cluster.unreachable",
+        "cluster.reachable",
+    ] {
+        assert!(kinds.iter().any(|k| k == kind), "no {kind} in {kinds:?}");
+    }
 }
 
 /// Up instances per node.
