@@ -116,64 +116,12 @@ impl StateDir {
                 path.display()
             )
         };
-        let stored: StoredFormation =
-            serde_json::from_str(&text).map_err(|e| corrupt(e.to_string()))?;
-        if stored.version != 1 {
-            return Err(corrupt(format!("unknown version {}", stored.version)));
-        }
-        let mut formation = base.clone();
-        let mut dropped = Vec::new();
-        for (name, scale) in stored.types {
-            let memory = usize::try_from(scale.memory)
-                .ok()
-                .map(|m| ByteSize::bytes(m as u64))
-                .filter(|m| m.as_u64() >= 65536)
-                .ok_or_else(|| {
-                    corrupt(format!(
-                        "memory {} for `{name}` is out of range",
-                        scale.memory
-                    ))
-                })?;
-            if scale.count > crate::formation::MAX_COUNT {
-                return Err(corrupt(format!(
-                    "count {} for `{name}` is out of range",
-                    scale.count
-                )));
-            }
-            let known = ProcessName::new(&name).ok().is_some_and(|n| {
-                formation.set(
-                    &n,
-                    Scale {
-                        count: scale.count,
-                        memory,
-                    },
-                )
-            });
-            if !known {
-                dropped.push(name);
-            }
-        }
-        Ok(Some((formation, dropped)))
+        formation_from_json(&text, base).map(Some).map_err(corrupt)
     }
 
     /// Stores `formation` atomically.
     pub fn store_formation(&self, formation: &Formation) -> Result<()> {
-        let stored = StoredFormation {
-            version: 1,
-            types: formation
-                .iter()
-                .map(|(name, scale)| {
-                    (
-                        name.to_string(),
-                        StoredScale {
-                            count: scale.count,
-                            memory: scale.memory.as_u64(),
-                        },
-                    )
-                })
-                .collect(),
-        };
-        let mut text = serde_json::to_string_pretty(&stored).expect("formation serializes");
+        let mut text = formation_to_json(formation);
         text.push('\n');
         write_atomically(&self.formation_file(), text.as_bytes())
     }
@@ -198,6 +146,66 @@ pub(crate) fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
         std::fs::File::open(dir)?.sync_all()
     };
     write().with_context(|| format!("failed to write `{}`", path.display()))
+}
+
+/// A formation in its stored form (the state directory's `formation.json`, a cluster's
+/// `formation` key in etcd): `{"version": 1, "types": {"web": {"count", "memory"}}}`.
+pub(crate) fn formation_to_json(formation: &Formation) -> String {
+    let stored = StoredFormation {
+        version: 1,
+        types: formation
+            .iter()
+            .map(|(name, scale)| {
+                let scale = StoredScale {
+                    count: scale.count,
+                    memory: scale.memory.as_u64(),
+                };
+                (name.to_string(), scale)
+            })
+            .collect(),
+    };
+    serde_json::to_string_pretty(&stored).expect("formation serializes")
+}
+
+/// A stored formation over `base`, checked: the types `base` has take their stored scale,
+/// the others are returned (a type no longer in the app, or one a newer release of another
+/// node has). `Err`: why it is not a formation.
+pub(crate) fn formation_from_json(
+    text: &str,
+    base: &Formation,
+) -> Result<(Formation, Vec<String>), String> {
+    let stored: StoredFormation = serde_json::from_str(text).map_err(|e| e.to_string())?;
+    if stored.version != 1 {
+        return Err(format!("unknown version {}", stored.version));
+    }
+    let mut formation = base.clone();
+    let mut dropped = Vec::new();
+    for (name, scale) in stored.types {
+        let memory = usize::try_from(scale.memory)
+            .ok()
+            .map(|m| ByteSize::bytes(m as u64))
+            .filter(|m| m.as_u64() >= 65536)
+            .ok_or_else(|| format!("memory {} for `{name}` is out of range", scale.memory))?;
+        if scale.count > crate::formation::MAX_COUNT {
+            return Err(format!(
+                "count {} for `{name}` is out of range",
+                scale.count
+            ));
+        }
+        let known = ProcessName::new(&name).ok().is_some_and(|n| {
+            formation.set(
+                &n,
+                Scale {
+                    count: scale.count,
+                    memory,
+                },
+            )
+        });
+        if !known {
+            dropped.push(name);
+        }
+    }
+    Ok((formation, dropped))
 }
 
 #[cfg(test)]

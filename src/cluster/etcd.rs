@@ -38,9 +38,9 @@ use tokio_util::sync::CancellationToken;
 
 use super::ClusterOptions;
 use super::place::{self, SlotId};
-use crate::app::{ByteSize, ProcessName};
+use crate::app::ProcessName;
 use crate::events::{Events, Fields};
-use crate::formation::{Formation, Scale};
+use crate::formation::Formation;
 use crate::logs::Logs;
 use crate::supervisor::{ClusterLink, Supervisor};
 use crate::units::humanize;
@@ -56,6 +56,11 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(1);
 /// stop.
 fn margin(ttl: Duration) -> Duration {
     (ttl / 4).max(Duration::from_millis(500))
+}
+
+/// The lease's TTL as etcd grants it: whole seconds, at least 2.
+fn lease_seconds(options: &ClusterOptions) -> i64 {
+    options.lease_ttl.as_secs().max(2) as i64
 }
 
 /// The key layout of one app.
@@ -94,52 +99,6 @@ struct NodeRecord {
 struct InstanceRecord {
     id: String,
     state: String,
-}
-
-/// The formation's key.
-#[derive(Serialize, Deserialize)]
-struct StoredFormation {
-    types: BTreeMap<String, StoredScale>,
-}
-
-#[derive(Serialize, Deserialize)]
-struct StoredScale {
-    count: u32,
-    memory: u64,
-}
-
-impl StoredFormation {
-    fn of(formation: &Formation) -> Self {
-        let types = formation
-            .iter()
-            .map(|(name, scale)| {
-                let scale = StoredScale {
-                    count: scale.count,
-                    memory: scale.memory.as_u64(),
-                };
-                (name.to_string(), scale)
-            })
-            .collect();
-        StoredFormation { types }
-    }
-
-    /// Over `base`: the types `base` has take their stored scale; others are left out (a
-    /// node of another release).
-    fn over(&self, base: &Formation) -> Formation {
-        let mut formation = base.clone();
-        for (name, stored) in &self.types {
-            if let Ok(name) = ProcessName::new(name) {
-                formation.set(
-                    &name,
-                    Scale {
-                        count: stored.count,
-                        memory: ByteSize::bytes(stored.memory),
-                    },
-                );
-            }
-        }
-        formation
-    }
 }
 
 /// The node's lease, as the renewer keeps it.
@@ -271,7 +230,7 @@ impl Node {
         let mut client = Client::connect(&options.endpoints, Some(connect))
             .await
             .map_err(|e| unreachable(options, e))?;
-        let ttl = options.lease_ttl.as_secs().max(2) as i64;
+        let ttl = lease_seconds(options);
         let sent = Instant::now();
         let lease = tokio::time::timeout(Duration::from_secs(3), client.lease_grant(ttl, None))
             .await
@@ -369,7 +328,7 @@ impl ClusterLink for Link {
             let inner = &self.inner;
             let seen = inner.lock().formation_rev;
             let key = inner.keys.formation();
-            let value = serde_json::to_string(&StoredFormation::of(next)).expect("serializes");
+            let value = crate::state::formation_to_json(next);
             let txn = Txn::new()
                 .when([Compare::mod_revision(key.clone(), CompareOp::Equal, seen)])
                 .and_then([TxnOp::put(key, value, None)]);
@@ -414,11 +373,12 @@ impl ClusterLink for Link {
         if inner.lock().draining.is_some() {
             return Err("this node is being drained (`wasmform node drain`)".to_string());
         }
-        let ttl = inner.options.lease_ttl;
-        if lease.renewed.elapsed() >= ttl.saturating_sub(margin(ttl)) {
+        let since = lease.renewed.elapsed();
+        drop(lease);
+        if inner.late() {
             return Err(format!(
                 "this node has not renewed its lease for {}: etcd does not answer",
-                humanize(lease.renewed.elapsed())
+                humanize(since)
             ));
         }
         Ok(())
@@ -537,7 +497,7 @@ impl Inner {
     /// created it (the first node's formation becomes the cluster's).
     async fn formation_at_join(&self, local: &Formation) -> Result<(Formation, i64, bool)> {
         let key = self.keys.formation();
-        let value = serde_json::to_string(&StoredFormation::of(local)).expect("serializes");
+        let value = crate::state::formation_to_json(local);
         let txn = Txn::new()
             .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
             .and_then([TxnOp::put(key.clone(), value, None)])
@@ -557,10 +517,11 @@ impl Inner {
                 _ => None,
             })
             .ok_or_else(|| anyhow!("etcd: {key} vanished while joining; start again"))?;
-        let stored: StoredFormation = serde_json::from_slice(kv.value()).map_err(|e| {
+        let text = String::from_utf8_lossy(kv.value());
+        let (formation, _) = crate::state::formation_from_json(&text, local).map_err(|e| {
             anyhow!("etcd key {key} is not a wasmform formation ({e}): delete it with `etcdctl del {key}` to start from this node's")
         })?;
-        Ok((stored.over(local), kv.mod_revision(), false))
+        Ok((formation, kv.mod_revision(), false))
     }
 
     /// Rounds until the host stops: each reads the cluster's state and acts on it.
@@ -670,7 +631,6 @@ impl Inner {
         if let Some(kv) = formation
             && started
             && kv.mod_revision() > self.lock().formation_rev
-            && let Ok(stored) = serde_json::from_slice::<StoredFormation>(kv.value())
         {
             // Under the supervisor's formation lock, so that a scale through this node (which
             // proposes against `formation_rev` under the same lock) and this apply cannot
@@ -683,7 +643,10 @@ impl Inner {
                         return None;
                     }
                     claims.formation_rev = rev;
-                    Some(stored.over(current))
+                    let text = String::from_utf8_lossy(kv.value());
+                    crate::state::formation_from_json(&text, current)
+                        .ok()
+                        .map(|(next, _)| next)
                 })
                 .await;
         }
@@ -933,7 +896,7 @@ impl Inner {
     /// The lease expired (etcd was away longer than its TTL): a new lease, the node's key
     /// again. The old claims are gone; the next round claims again what it still runs.
     async fn rejoin(&self) -> Result<()> {
-        let ttl = self.options.lease_ttl.as_secs().max(2) as i64;
+        let ttl = lease_seconds(&self.options);
         let sent = Instant::now();
         let lease = timed("etcd", self.client.clone().lease_grant(ttl, None)).await?;
         self.register(lease.id()).await?;
